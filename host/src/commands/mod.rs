@@ -1,0 +1,3 @@
+//! One module per CLI verb, each with `pub fn run(args) -> anyhow::Result<()>`.
+
+pub mod variation;

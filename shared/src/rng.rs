@@ -1,0 +1,267 @@
+//! Seeded randomness: the xoshiro128++ generator, keyed streams and a ziggurat Gaussian.
+//!
+//! Every random number nvcim draws comes from a [`Xoshiro128PlusPlus`] created by
+//! [`stream`]`(seed, run, layer)`. A stream's state is derived from its key alone (SplitMix64
+//! over the three numbers), so Monte Carlo runs and layers can be sampled in any order, on any
+//! number of threads, on the host or on the Cortex-M, and give the same numbers.
+//!
+//! xoshiro128++ (Blackman & Vigna, 2019) is used because it needs only 32-bit operations, which
+//! the Cortex-M4 executes in one cycle each, and passes BigCrush. The Gaussian sampler is the
+//! ziggurat of Marsaglia & Tsang (2000) in Doornik's (2005) formulation, with 128 strips; its
+//! fast path (98.8% of draws) costs one 32-bit draw, a table look-up, a compare and a multiply.
+//! Strip index, sign and magnitude come from disjoint bits of the draw (bits 0-6, 7 and 9-31),
+//! which avoids the correlation of the original RNOR.
+//!
+//! ```
+//! use nvcim_shared::rng::{stream, standard_normal};
+//! use rand_core::RngCore;
+//! let mut a = stream(42, 0, 0);
+//! // Pinned: these values must never change, or every published result moves.
+//! assert_eq!([a.next_u32(), a.next_u32()], [0x4512_599d, 0xfcbe_198f]);
+//! let mut b = stream(42, 0, 0);
+//! let z = standard_normal(&mut b);
+//! assert_eq!(z.to_bits(), 0xbf0f_d6b8);
+//! ```
+
+use rand_core::{RngCore, SeedableRng, impls};
+
+include!(concat!(env!("OUT_DIR"), "/ziggurat.rs"));
+
+/// The xoshiro128++ generator: 128 bits of state, 32-bit outputs, period 2^128 - 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Xoshiro128PlusPlus {
+    s: [u32; 4],
+}
+
+impl Xoshiro128PlusPlus {
+    /// A generator from a 64-bit seed, expanded by SplitMix64 (never the all-zero state).
+    pub fn from_u64(seed: u64) -> Self {
+        let mut sm = SplitMix64(seed);
+        let a = sm.next();
+        let b = sm.next();
+        let mut s = [a as u32, (a >> 32) as u32, b as u32, (b >> 32) as u32];
+        if s == [0; 4] {
+            s[0] = 1;
+        }
+        Xoshiro128PlusPlus { s }
+    }
+
+    /// The raw state, for checkpoints.
+    pub fn state(&self) -> [u32; 4] {
+        self.s
+    }
+
+    /// Restores a state saved by [`Self::state`]; `None` for the invalid all-zero state.
+    pub fn from_state(s: [u32; 4]) -> Option<Self> {
+        (s != [0; 4]).then_some(Xoshiro128PlusPlus { s })
+    }
+
+    /// The next 32 bits.
+    #[inline(always)]
+    pub fn next(&mut self) -> u32 {
+        let s = &mut self.s;
+        let result = s[0].wrapping_add(s[3]).rotate_left(7).wrapping_add(s[0]);
+        let t = s[1] << 9;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(11);
+        result
+    }
+}
+
+impl RngCore for Xoshiro128PlusPlus {
+    #[inline(always)]
+    fn next_u32(&mut self) -> u32 {
+        self.next()
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        impls::next_u64_via_u32(self)
+    }
+
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        impls::fill_bytes_via_next(self, dst)
+    }
+}
+
+impl SeedableRng for Xoshiro128PlusPlus {
+    type Seed = [u8; 16];
+
+    fn from_seed(seed: [u8; 16]) -> Self {
+        let mut s = [0u32; 4];
+        for (w, c) in s.iter_mut().zip(seed.chunks_exact(4)) {
+            *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Self::from_state(s).unwrap_or_else(|| Self::from_u64(0))
+    }
+
+    fn seed_from_u64(state: u64) -> Self {
+        Self::from_u64(state)
+    }
+}
+
+/// SplitMix64 (Steele, Lea & Flood, 2014), used only to derive stream states.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix64(self.0)
+    }
+}
+
+/// SplitMix64's finalizer: a bijection on u64 with full avalanche.
+pub const fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What a stream is used for, so that unrelated uses of one (seed, run) never share numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Purpose {
+    /// Device variation of a layer's weights (Monte Carlo evaluation, firmware, training noise).
+    Variation = 0,
+    /// Anything on the host side that is not device variation (shuffles, splits, init).
+    Host = 1,
+}
+
+/// The stream for device variation of `layer` in Monte Carlo run `run` under `seed`.
+///
+/// Independent of the order in which streams are created or drawn.
+pub fn stream(seed: u64, run: u32, layer: u32) -> Xoshiro128PlusPlus {
+    stream_for(Purpose::Variation, seed, run, layer)
+}
+
+/// A stream keyed by purpose, seed, run and layer.
+pub fn stream_for(purpose: Purpose, seed: u64, run: u32, layer: u32) -> Xoshiro128PlusPlus {
+    let key = mix64(seed ^ 0x6e76_6369_6d00_0000) // "nvcim"
+        ^ mix64((u64::from(run) << 32 | u64::from(layer)) ^ 0x5851_f42d_4c95_7f2d);
+    Xoshiro128PlusPlus::from_u64(mix64(key ^ (purpose as u64) << 56))
+}
+
+/// A uniform `f32` in (0, 1]: 24 random bits, never 0 (safe under `ln`).
+#[inline]
+pub fn uniform_open01(rng: &mut impl RngCore) -> f32 {
+    ((rng.next_u32() >> 8) + 1) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// One standard normal sample (ziggurat).
+#[inline]
+pub fn standard_normal(rng: &mut impl RngCore) -> f32 {
+    let r = rng.next_u32();
+    let i = (r & 0x7f) as usize;
+    let m = r >> 9;
+    if m < ZIG_K[i] {
+        let x = (2 * m + 1) as f32 * ZIG_W[i];
+        return if r & 0x80 != 0 { -x } else { x };
+    }
+    normal_slow(rng, r)
+}
+
+/// The wedges and the tail of the ziggurat, entered with the rejected draw `r`.
+#[cold]
+fn normal_slow(rng: &mut impl RngCore, mut r: u32) -> f32 {
+    loop {
+        let i = (r & 0x7f) as usize;
+        let m = r >> 9;
+        let negative = r & 0x80 != 0;
+        if m < ZIG_K[i] {
+            let x = (2 * m + 1) as f32 * ZIG_W[i];
+            return if negative { -x } else { x };
+        }
+        if i == 0 {
+            // Tail beyond R (Marsaglia 1964).
+            loop {
+                let x = libm::logf(uniform_open01(rng)) / ZIG_R;
+                let y = libm::logf(uniform_open01(rng));
+                if -2.0 * y >= x * x {
+                    let v = ZIG_R - x;
+                    return if negative { -v } else { v };
+                }
+            }
+        }
+        let x = (2 * m + 1) as f32 * ZIG_W[i];
+        let xi = ZIG_X[i];
+        let xn = ZIG_X[i + 1];
+        let f0 = libm::expf(-0.5 * (xi * xi - x * x));
+        let f1 = libm::expf(-0.5 * (xn * xn - x * x));
+        if f1 + uniform_open01(rng) * (f0 - f1) < 1.0 {
+            return if negative { -x } else { x };
+        }
+        r = rng.next_u32();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference outputs of xoshiro128++ for state [1, 2, 3, 4] (the authors' C code).
+    #[test]
+    fn xoshiro_matches_reference_vector() {
+        let mut g = Xoshiro128PlusPlus::from_state([1, 2, 3, 4]).unwrap();
+        let got: [u32; 4] = core::array::from_fn(|_| g.next());
+        assert_eq!(got, [641, 1_573_767, 3_222_811_527, 3_517_856_514]);
+    }
+
+    #[test]
+    fn streams_do_not_depend_on_draw_order() {
+        let mut a = stream(7, 3, 1);
+        let first: Vec<u32> = (0..8).map(|_| a.next()).collect();
+        let mut other = stream(7, 3, 2);
+        for _ in 0..1000 {
+            other.next();
+        }
+        let mut b = stream(7, 3, 1);
+        let again: Vec<u32> = (0..8).map(|_| b.next()).collect();
+        assert_eq!(first, again);
+        let keys = [(7, 3, 1), (7, 1, 3), (7, 3, 2), (8, 3, 1), (7, 4, 1)];
+        for k in keys {
+            for l in keys {
+                if k != l {
+                    assert_ne!(stream(k.0, k.1, k.2).next(), stream(l.0, l.1, l.2).next());
+                }
+            }
+        }
+        assert_ne!(
+            stream_for(Purpose::Host, 1, 2, 3).next(),
+            stream_for(Purpose::Variation, 1, 2, 3).next()
+        );
+    }
+
+    #[test]
+    fn ziggurat_tables_are_consistent() {
+        assert_eq!(ZIG_X[1], ZIG_R);
+        assert_eq!(ZIG_X[ZIG_LAYERS], 0.0);
+        for i in 1..ZIG_LAYERS {
+            assert!(ZIG_X[i + 1] < ZIG_X[i]);
+        }
+        // Strip 0's rectangle is R / x[0] of it: about 0.9857.
+        let k0 = ZIG_K[0] as f64 / (1u32 << 23) as f64;
+        assert!((k0 - f64::from(ZIG_X[1] / ZIG_X[0])).abs() < 1e-6);
+        assert_eq!(ZIG_K[ZIG_LAYERS - 1], 0);
+    }
+
+    #[test]
+    fn uniform_is_in_open_closed_unit_interval() {
+        struct Fixed(u32);
+        impl RngCore for Fixed {
+            fn next_u32(&mut self) -> u32 {
+                self.0
+            }
+            fn next_u64(&mut self) -> u64 {
+                u64::from(self.0)
+            }
+            fn fill_bytes(&mut self, _: &mut [u8]) {}
+        }
+        assert_eq!(uniform_open01(&mut Fixed(0)), 1.0 / 16_777_216.0);
+        assert_eq!(uniform_open01(&mut Fixed(u32::MAX)), 1.0);
+    }
+}
