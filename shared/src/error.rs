@@ -72,10 +72,16 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Error::UnsupportedWeightBits { m_bits } => {
-                write!(f, "weight bits M = {m_bits} is not supported (use 2, 4, 6 or 8)")
+                write!(
+                    f,
+                    "weight bits M = {m_bits} is not supported (use 2, 4, 6 or 8)"
+                )
             }
             Error::UnsupportedDeviceBits { n_bits } => {
-                write!(f, "device bits N = {n_bits} is not supported (use 1, 2 or 4)")
+                write!(
+                    f,
+                    "device bits N = {n_bits} is not supported (use 1, 2 or 4)"
+                )
             }
             Error::BitsNotDivisible { m_bits, n_bits } => write!(
                 f,
@@ -89,7 +95,10 @@ impl fmt::Display for Error {
                 "quantization scale max|W| = {scale} is invalid (it must be finite and > 0)"
             ),
             Error::NonFiniteWeight { index } => write!(f, "weight {index} is NaN or infinite"),
-            Error::InvalidFaultRate { stuck_low, stuck_high } => write!(
+            Error::InvalidFaultRate {
+                stuck_low,
+                stuck_high,
+            } => write!(
                 f,
                 "stuck-at fault rates low = {stuck_low}, high = {stuck_high} are invalid \
                  (each must be in [0, 1] and their sum at most 1)"

@@ -58,6 +58,7 @@ impl Xoshiro128PlusPlus {
 
     /// The next 32 bits.
     #[inline(always)]
+    #[allow(clippy::should_implement_trait)] // an infinite generator, not an Iterator
     pub fn next(&mut self) -> u32 {
         let s = &mut self.s;
         let result = s[0].wrapping_add(s[3]).rotate_left(7).wrapping_add(s[0]);
@@ -109,6 +110,7 @@ pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
     /// The next 64 bits.
+    #[allow(clippy::should_implement_trait)] // an infinite generator, not an Iterator
     pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         mix64(self.0)
