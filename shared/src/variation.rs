@@ -204,6 +204,8 @@ pub struct VariationConfig {
     unit: SigmaUnit,
     profile: Profile,
     faults: Faults,
+    /// Per-device std in levels outside and inside the profile's band (derived, cached).
+    sd: [f32; 2],
 }
 
 impl VariationConfig {
@@ -218,12 +220,23 @@ impl VariationConfig {
         if !sigma.is_finite() || sigma < 0.0 {
             return Err(Error::InvalidSigma { sigma });
         }
+        let unit_levels = match unit {
+            SigmaUnit::Range => f32::from(quant.max_level()),
+            SigmaUnit::Level => 1.0,
+        };
+        // Representative magnitudes outside (0) and inside (half scale) the profile's band.
+        let half = quant.max_magnitude() / 2;
+        let sd = [
+            sigma * unit_levels * profile.factor(0, quant),
+            sigma * unit_levels * profile.factor(half, quant),
+        ];
         Ok(VariationConfig {
             quant,
             sigma,
             unit,
             profile,
             faults,
+            sd,
         })
     }
 
@@ -269,12 +282,9 @@ impl VariationConfig {
     }
 
     /// Per-device std in conductance levels for a weight of this magnitude.
+    #[inline]
     pub fn device_sigma(&self, magnitude: u16) -> f32 {
-        let unit = match self.unit {
-            SigmaUnit::Range => f32::from(self.quant.max_level()),
-            SigmaUnit::Level => 1.0,
-        };
-        self.sigma * unit * self.profile.factor(magnitude, self.quant)
+        self.sd[usize::from(self.profile.in_band(magnitude, self.quant))]
     }
 
     /// `sqrt(sum_j 4^(jN)) / (2^M - 1)`: weight std per unit device std, as a fraction of max|W|.
@@ -333,30 +343,39 @@ impl VariationConfig {
     #[inline]
     pub fn sample(&self, q: Quantized, rng: &mut impl RngCore) -> Readout {
         let cfg = self.quant;
-        let slices = slice_unchecked(q.magnitude, cfg);
+        let n = cfg.slices();
         let sd = self.device_sigma(q.magnitude);
-        let top = f32::from(cfg.max_level());
-        let faults = self.faults.any().then(|| self.faults.thresholds());
         let mut delta = [0.0f32; MAX_SLICES];
-        for (d, l) in delta.iter_mut().zip(slices.levels()) {
-            let g = f32::from(l.get());
-            if let Some((t_low, t_high)) = faults {
-                let u = u64::from(rng.next_u32());
-                if u < t_low {
-                    *d = -g;
-                    continue;
-                }
-                if u < t_high {
-                    *d = top - g;
-                    continue;
-                }
+        if !self.faults.any() {
+            for d in &mut delta[..n] {
+                *d = sd * standard_normal(rng);
             }
-            *d = sd * standard_normal(rng);
+            return Readout {
+                q,
+                delta,
+                len: n as u8,
+            };
+        }
+        let (t_low, t_high) = self.faults.thresholds();
+        let top = f32::from(cfg.max_level());
+        for (d, l) in delta
+            .iter_mut()
+            .zip(slice_unchecked(q.magnitude, cfg).levels())
+        {
+            let g = f32::from(l.get());
+            let u = u64::from(rng.next_u32());
+            *d = if u < t_low {
+                -g
+            } else if u < t_high {
+                top - g
+            } else {
+                sd * standard_normal(rng)
+            };
         }
         Readout {
             q,
             delta,
-            len: cfg.slices() as u8,
+            len: n as u8,
         }
     }
 
