@@ -145,7 +145,7 @@ mod smlad {
         let (a, b) = (&a[skip..n], &b[skip..n]);
         let blocks = a.len() / 8;
         if blocks > 0 {
-            if (a.as_ptr() as usize) % 4 == 0 && (b.as_ptr() as usize) % 4 == 0 {
+            if (a.as_ptr() as usize).is_multiple_of(4) && (b.as_ptr() as usize).is_multiple_of(4) {
                 // SAFETY: both pointers are word-aligned (checked above), as LDM requires; the
                 // loop reads exactly `16 * blocks <= 2 * len` bytes from each slice. Registers
                 // are named because LDM's list must ascend; r6, r7 (reserved by LLVM) are not
