@@ -7,7 +7,7 @@
 //! ```text
 //! PROGRAM [selftest [--seed N] [--cases N]]
 //! PROGRAM check
-//! PROGRAM crash panic|hardfault     (tests the fault paths and their exit codes)
+//! PROGRAM crash panic|hardfault|hang   (tests the fault paths, exit codes and timeouts)
 //! PROGRAM run [--mc N] [--sigma S] [--sigma-unit range|level] [--profile NAME] [--seed N]
 //!             [--m-bits M] [--n-bits N] [--tile-rows R] [--tile-cols C] [--adc-bits B]
 //! ```
@@ -49,6 +49,8 @@ pub enum Crash {
     Panic,
     /// A bus fault escalated to HardFault (a read from unmapped memory).
     HardFault,
+    /// Spin forever, for the host runner's timeout.
+    Hang,
 }
 
 /// Options of `selftest`.
@@ -166,6 +168,7 @@ pub fn parse(cmdline: &str) -> Result<Command, ArgError<'_>> {
             let kind = match words.next() {
                 Some("panic") => Crash::Panic,
                 Some("hardfault") => Crash::HardFault,
+                Some("hang") => Crash::Hang,
                 Some(v) => {
                     return Err(ArgError::BadValue {
                         flag: "crash",

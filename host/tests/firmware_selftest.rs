@@ -108,6 +108,22 @@ fn exit_codes_reach_the_shell() {
 }
 
 #[test]
+fn a_hung_firmware_is_killed_at_the_timeout() {
+    let Some(elf) = firmware() else { return };
+    let started = std::time::Instant::now();
+    let err = QemuRun::new(&elf)
+        .args(["crash", "hang"])
+        .timeout(Duration::from_secs(2))
+        .run()
+        .expect_err("a hang must time out");
+    assert!(
+        format!("{err:#}").contains("did not finish within 2s"),
+        "{err:#}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
 fn blob_is_validated_and_reported() {
     let Some(elf) = firmware() else { return };
     let dir = tempfile::tempdir().expect("temp dir");

@@ -60,6 +60,9 @@ fn main() -> ! {
             }
         },
         Ok(Command::Crash(Crash::Panic)) => panic!("crash requested on the command line"),
+        Ok(Command::Crash(Crash::Hang)) => loop {
+            core::hint::spin_loop();
+        },
         Ok(Command::Crash(Crash::HardFault)) => {
             // SAFETY: not safe and not meant to be: a read from unmapped memory, to test the
             // HardFault handler. 0xF000_0000 is outside every region of the mps2-an386 map.
@@ -209,8 +212,20 @@ fn bench_sampling(out: &mut Console, seed: u64) {
     const SAMPLES: u64 = 8192;
     let mut s = rng::stream(seed, 0, 0);
     let insns = counter::measure(|| {
+        let mut acc = 0u32;
+        for _ in 0..SAMPLES as u32 {
+            acc ^= s.next();
+        }
+        black_box(acc);
+    });
+    let _ = writeln!(
+        out,
+        "bench xoshiro128++ draws {SAMPLES} insn/draw {}",
+        per(insns, SAMPLES)
+    );
+    let insns = counter::measure(|| {
         let mut acc = 0.0f32;
-        for _ in 0..SAMPLES {
+        for _ in 0..SAMPLES as u32 {
             acc += rng::standard_normal(&mut s);
         }
         black_box(acc);
@@ -228,7 +243,7 @@ fn bench_sampling(out: &mut Console, seed: u64) {
     let mut s = rng::stream(seed, 0, 1);
     let insns = counter::measure(|| {
         let mut acc = 0.0f32;
-        for _ in 0..CALLS {
+        for _ in 0..CALLS as u32 {
             let r = codes.next();
             let q = Quantized {
                 negative: r & 0x100 != 0,
@@ -240,7 +255,26 @@ fn bench_sampling(out: &mut Console, seed: u64) {
     });
     let _ = writeln!(
         out,
-        "bench variation.sample m 8 n 2 sigma 0.4 range calls {CALLS} insn/call {} insn/device {}",
+        "bench variation.sample m 8 n 2 sigma 0.4 range config runtime calls {CALLS} insn/call {} insn/device {}",
+        per(insns, CALLS),
+        per(insns, devices)
+    );
+    // The same with the configuration a compile-time constant, as a specialised engine sees it.
+    let insns = counter::measure(|| {
+        let mut acc = 0.0f32;
+        for _ in 0..CALLS as u32 {
+            let r = codes.next();
+            let q = Quantized {
+                negative: r & 0x100 != 0,
+                magnitude: (r & 0xff) as u16,
+            };
+            acc += cfg.sample(q, &mut s).deltas()[0];
+        }
+        black_box(acc);
+    });
+    let _ = writeln!(
+        out,
+        "bench variation.sample m 8 n 2 sigma 0.4 range config constant calls {CALLS} insn/call {} insn/device {}",
         per(insns, CALLS),
         per(insns, devices)
     );
