@@ -173,7 +173,7 @@ pub fn parse(cmdline: &str) -> Result<Command, ArgError<'_>> {
                     return Err(ArgError::BadValue {
                         flag: "crash",
                         value: v,
-                        expected: "panic or hardfault",
+                        expected: "panic, hardfault or hang",
                     });
                 }
                 None => return Err(ArgError::MissingValue("crash")),

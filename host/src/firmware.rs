@@ -347,6 +347,54 @@ impl QemuRun {
     }
 }
 
+/// The firmware's memory report: `memory code C B ram R B stack S B psram P B`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// Flash image bytes (vector table, code, read-only data, initialised data).
+    pub code: u64,
+    /// Static RAM bytes (data, bss).
+    pub ram: u64,
+    /// Deepest stack use so far, bytes (from the painted stack).
+    pub stack: u64,
+    /// PSRAM bytes occupied by the blob.
+    pub psram: u64,
+}
+
+impl Memory {
+    /// The last memory report in the output (the one printed just before exit).
+    pub fn last(lines: &[String]) -> Option<Memory> {
+        lines.iter().rev().find_map(|l| Memory::parse(l))
+    }
+
+    /// Parses one memory line.
+    pub fn parse(line: &str) -> Option<Memory> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            [
+                "memory",
+                "code",
+                c,
+                "B",
+                "ram",
+                r,
+                "B",
+                "stack",
+                s,
+                "B",
+                "psram",
+                p,
+                "B",
+            ] => Some(Memory {
+                code: c.parse().ok()?,
+                ram: r.parse().ok()?,
+                stack: s.parse().ok()?,
+                psram: p.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// One `bench` line of the self-test: instructions per operation of a kernel or sampler.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bench {
@@ -420,6 +468,29 @@ mod tests {
                 .is_err()
         );
         assert!(QemuRun::new("/x y/fw").command(Path::new("qemu")).is_err());
+    }
+
+    #[test]
+    fn memory_lines_parse() {
+        let lines = vec![
+            "memory code 1 B ram 2 B stack 3 B psram 4 B".to_string(),
+            "memory code 82412 B ram 8 B stack 43288 B psram 1116 B".to_string(),
+            "exit 0 (ok)".to_string(),
+        ];
+        assert_eq!(
+            Memory::last(&lines),
+            Some(Memory {
+                code: 82_412,
+                ram: 8,
+                stack: 43_288,
+                psram: 1_116
+            })
+        );
+        assert_eq!(
+            Memory::parse("memory code x B ram 2 B stack 3 B psram 4 B"),
+            None
+        );
+        assert_eq!(Memory::last(&lines[2..]), None);
     }
 
     #[test]

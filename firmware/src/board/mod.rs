@@ -155,7 +155,13 @@ fn bench_kernels(out: &mut Console, seed: u64) {
         buf.a16[i] = (rng.next() as i16) >> 4;
         buf.b16[i] = (rng.next() & 0xff) as i16;
     }
-    for &(len, reps) in &[(4096usize, 16u64), (256, 256), (64, 1024), (27, 1024)] {
+    for &(len, reps) in &[
+        (4096usize, 16u64),
+        (256, 256),
+        (128, 512),
+        (64, 1024),
+        (27, 1024),
+    ] {
         let macs = len as u64 * reps;
         let (a8, b8) = (&buf.a8[..len], &buf.b8[..len]);
         let (a16, b16) = (&buf.a16[..len], &buf.b16[..len]);
