@@ -265,6 +265,20 @@ fn bench_sampling(out: &mut Console, seed: u64) {
         per(insns, CALLS),
         per(insns, devices)
     );
+    // The floor: the same number of Gaussian draws, scaled, without slicing or the readout.
+    let sd = cfg.device_sigma(0);
+    let insns = counter::measure(|| {
+        let mut acc = 0.0f32;
+        for _ in 0..devices as u32 {
+            acc += sd * rng::standard_normal(&mut s);
+        }
+        black_box(acc);
+    });
+    let _ = writeln!(
+        out,
+        "bench sd*standard_normal draws {devices} insn/device {} (floor of sample)",
+        per(insns, devices)
+    );
     // The same with the configuration a compile-time constant, as a specialised engine sees it.
     let insns = counter::measure(|| {
         let mut acc = 0.0f32;
