@@ -16,9 +16,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
 mod setup;
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|engine|all]>";
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|train|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -146,15 +147,11 @@ fn demo(root: &Path) -> Result<()> {
     ])
 }
 
-fn bench(_root: &Path, what: &[String]) -> Result<()> {
-    let what = what.first().map(String::as_str).unwrap_or("all");
-    let benches: &[(&str, &str)] = match what {
-        "variation" => &[("nvcim-shared", "variation")],
-        "all" => &[("nvcim-shared", "variation")],
+fn bench(root: &Path, what: &[String]) -> Result<()> {
+    match what.first().map(String::as_str).unwrap_or("all") {
+        "variation" => bench::variation(root),
+        "train" => bench::train(root),
+        "all" => bench::variation(root).and_then(|()| bench::train(root)),
         other => bail!("unknown benchmark `{other}`\n{USAGE}"),
-    };
-    for (package, bench) in benches {
-        cargo(&["bench", "-p", package, "--bench", bench])?;
     }
-    Ok(())
 }
