@@ -206,6 +206,8 @@ pub struct VariationConfig {
     faults: Faults,
     /// Per-device std in levels outside and inside the profile's band (derived, cached).
     sd: [f32; 2],
+    /// The fault draw thresholds (derived, cached: no `f64` work per sample on the M4F).
+    thresholds: (u64, u64),
 }
 
 impl VariationConfig {
@@ -356,7 +358,7 @@ impl VariationConfig {
                 len: n as u8,
             };
         }
-        let (t_low, t_high) = self.faults.thresholds();
+        let (t_low, t_high) = self.thresholds;
         let top = f32::from(cfg.max_level());
         for (d, l) in delta
             .iter_mut()
@@ -400,7 +402,7 @@ impl VariationConfig {
             }
             return acc;
         }
-        let (t_low, t_high) = self.faults.thresholds();
+        let (t_low, t_high) = self.thresholds;
         let top = i32::from(cfg.max_level());
         for (j, l) in slice_unchecked(q.magnitude, cfg)
             .levels()
