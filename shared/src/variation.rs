@@ -239,6 +239,7 @@ impl VariationConfig {
             profile,
             faults,
             sd,
+            thresholds: faults.thresholds(),
         })
     }
 
