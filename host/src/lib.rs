@@ -5,4 +5,8 @@
 
 pub mod cli;
 pub mod commands;
+pub mod mc;
 pub mod options;
+pub mod plot;
+pub mod results;
+pub mod stats;
