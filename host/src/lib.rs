@@ -10,3 +10,4 @@ pub mod options;
 pub mod plot;
 pub mod results;
 pub mod stats;
+pub mod sweep;
