@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod evaluation;
 pub mod mc;
 pub mod options;
 pub mod plot;

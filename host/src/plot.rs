@@ -210,6 +210,7 @@ pub fn histogram(path: &Path, title: &str, x_label: &str, values: &[f64]) -> Res
         .configure_mesh()
         .x_desc(x_label)
         .y_desc("runs")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(|e| err(&e))?;
