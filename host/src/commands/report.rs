@@ -669,6 +669,34 @@ mod tests {
     }
 
     #[test]
+    fn training_config_fills_missing_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = dir.path().join("cell/train");
+        fs::create_dir_all(train.join("best")).unwrap();
+        fs::write(
+            train.join("config.json"),
+            r#"{"method": "nft", "alpha": 0.1, "seed": 3, "variation": {"sigma": 0.6}, "drop_exit": 2}"#,
+        )
+        .unwrap();
+        let mut e = entry("nft", None, 0, None, &[(0.6, 90)]);
+        let c = &mut e.report.config;
+        (c.alpha, c.train_seed) = (None, None);
+        c.checkpoint = train.join("best/backbone.bpk").display().to_string();
+        let eval = dir.path().join("cell/eval");
+        fs::create_dir_all(&eval).unwrap();
+        crate::results::write_eval_outputs(&eval, &e.report).unwrap();
+        let got = load_runs(&[eval.clone()]).unwrap().remove(0).report.config;
+        assert_eq!(got.alpha, Some(0.1));
+        assert_eq!(got.train_sigma, Some(0.6));
+        assert_eq!(got.train_seed, Some(3));
+        assert_eq!(got.drop_exit, Some(2));
+        // A config.json that is not JSON is an error naming it.
+        fs::write(train.join("config.json"), "{").unwrap();
+        let err = format!("{:#}", load_runs(&[eval]).unwrap_err());
+        assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
     fn tables_4_and_5_need_their_runs() {
         let base = vec![entry("nft", Some(0.4), 0, None, &[(0.4, 90)])];
         assert!(table4(&base, Match::Train).unwrap().is_none());
