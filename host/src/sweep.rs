@@ -15,6 +15,9 @@
 //! sigmas = [0.2, 0.4, 0.6]
 //! mc = 50
 //! # optional: seed (0), engine ("float"), test_subset, args
+//!
+//! [slurm]                          # optional, for --emit slurm
+//! directives = ["--gres=gpu:1", "--time=48:00:00"]
 //! ```
 //!
 //! **Cells.** The grid is datasets x models x methods x training sigma x alpha x drop-exit x
@@ -95,6 +98,19 @@ pub struct Plan {
     pub train_args: Vec<String>,
     /// The evaluation of every cell.
     pub eval: EvalPlan,
+    /// Cluster options for `--emit slurm`.
+    #[serde(default)]
+    pub slurm: SlurmPlan,
+}
+
+/// The `[slurm]` table of a plan.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmPlan {
+    /// Extra `#SBATCH` options of each array task, e.g. `["--gres=gpu:1", "--time=48:00:00"]`
+    /// (default: `--cpus-per-task=8`).
+    #[serde(default)]
+    pub directives: Vec<String>,
 }
 
 fn default_unit() -> String {
@@ -237,6 +253,12 @@ impl Plan {
             e.test_subset != Some(0),
             "`eval.test_subset` must be at least 1"
         );
+        for d in &self.slurm.directives {
+            ensure!(
+                d.starts_with("--") && !d.contains('\n'),
+                "`slurm.directives` entry `{d}` must be one `--option[=value]`"
+            );
+        }
         Ok(())
     }
 
@@ -495,7 +517,12 @@ pub fn slurm_script(
     writeln!(w, "#SBATCH --job-name=nvcim-{}", plan.name)?;
     writeln!(w, "#SBATCH --array=0-{}", n_cells - 1)?;
     writeln!(w, "#SBATCH --output={out_arg}/slurm-%A_%a.out")?;
-    writeln!(w, "#SBATCH --cpus-per-task=8")?;
+    if plan.slurm.directives.is_empty() {
+        writeln!(w, "#SBATCH --cpus-per-task=8")?;
+    }
+    for d in &plan.slurm.directives {
+        writeln!(w, "#SBATCH {d}")?;
+    }
     writeln!(w, "set -euo pipefail")?;
     writeln!(
         w,
@@ -641,6 +668,26 @@ mc = 5
         assert_eq!(shell_quote("0.2,0.4"), "0.2,0.4");
     }
 
+    /// The eval command the sweep builds is accepted by `nvcim eval`'s flags.
+    #[test]
+    fn eval_command_parses_as_eval_flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Eval {
+            ckpt: String,
+            #[command(flatten)]
+            opts: crate::evaluation::EvalOptions,
+        }
+        let mut plan = Plan::parse(PLAN).unwrap();
+        plan.eval.test_subset = Some(100);
+        let args = eval_command(&plan, Path::new("/o/c"));
+        let e = Eval::try_parse_from(&args).unwrap();
+        assert_eq!(e.ckpt, "/o/c/train/best/backbone.bpk");
+        assert_eq!(e.opts.check().unwrap(), vec![0.2, 0.4, 0.6]);
+        assert_eq!((e.opts.mc, e.opts.test_subset), (5, Some(100)));
+        assert_eq!(e.opts.out, Path::new("/o/c/eval"));
+    }
+
     #[test]
     fn slurm_scripts() {
         let plan = Plan::parse(PLAN).unwrap();
@@ -664,6 +711,17 @@ mc = 5
             m.contains("/bin/nvcim report runs/t/*/eval --out runs/t/report"),
             "{m}"
         );
+        assert!(s.contains("#SBATCH --cpus-per-task=8\n"));
         assert!(slurm_script(&plan, Path::new("p"), Path::new("o"), "n", 0).is_err());
+        let gpu = Plan::parse(&format!(
+            "{PLAN}\n[slurm]\ndirectives = [\"--gres=gpu:1\"]\n"
+        ))
+        .unwrap();
+        let s = slurm_script(&gpu, Path::new("p"), Path::new("o"), "n", 3).unwrap();
+        assert!(
+            s.contains("#SBATCH --gres=gpu:1\n") && !s.contains("cpus-per-task"),
+            "{s}"
+        );
+        assert!(Plan::parse(&format!("{PLAN}\n[slurm]\ndirectives = [\"gres\"]\n")).is_err());
     }
 }
