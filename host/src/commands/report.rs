@@ -685,7 +685,11 @@ mod tests {
         let eval = dir.path().join("cell/eval");
         fs::create_dir_all(&eval).unwrap();
         crate::results::write_eval_outputs(&eval, &e.report).unwrap();
-        let got = load_runs(&[eval.clone()]).unwrap().remove(0).report.config;
+        let got = load_runs(std::slice::from_ref(&eval))
+            .unwrap()
+            .remove(0)
+            .report
+            .config;
         assert_eq!(got.alpha, Some(0.1));
         assert_eq!(got.train_sigma, Some(0.6));
         assert_eq!(got.train_seed, Some(3));
