@@ -224,8 +224,8 @@ pub fn evaluate_quiet<C: NoisyClassifier>(
         jobs: opts.jobs,
         progress: !opts.quiet,
     };
-    let t = Instant::now();
     let clean = engine.clean(data)?;
+    let t = Instant::now();
     let runs = monte_carlo(engine, data, &plan)?;
     let report = EvalReport::new(
         resolve(opts, info, sigmas),

@@ -119,6 +119,9 @@ pub struct EvalReport {
     pub results: Vec<SigmaResult>,
     /// Wall time of the Monte Carlo evaluation, seconds.
     pub wall_seconds: f64,
+    /// Monte Carlo throughput: runs x test examples classified per second of wall time.
+    #[serde(default)]
+    pub images_per_second: f64,
 }
 
 impl EvalReport {
@@ -152,11 +155,17 @@ impl EvalReport {
                 correct: r.correct.clone(),
             });
         }
+        let classified = (config.sigmas.len() * config.mc as usize * examples) as f64;
         Ok(EvalReport {
             nvcim_version: env!("CARGO_PKG_VERSION").to_string(),
-            config,
             test_examples: examples,
             clean_accuracy: percent(clean_correct, examples),
+            config,
+            images_per_second: if wall_seconds > 0.0 {
+                classified / wall_seconds
+            } else {
+                0.0
+            },
             results,
             wall_seconds,
         })
@@ -280,7 +289,12 @@ pub fn table(report: &EvalReport) -> String {
         report.test_examples
     )
     .expect("writing to a String");
-    writeln!(s, "clean accuracy {:.2}%", report.clean_accuracy).expect("writing to a String");
+    writeln!(
+        s,
+        "clean accuracy {:.2}%; {:.1} s, {:.0} images/s (runs x examples)",
+        report.clean_accuracy, report.wall_seconds, report.images_per_second
+    )
+    .expect("writing to a String");
     writeln!(
         s,
         "{:>8} {:>8} {:>7} {:>18} {:>8} {:>8}",
