@@ -13,6 +13,15 @@
 //!
 //! [`DenseNetwork`] is a Burn-free float engine over `nvcim_shared` for fully connected networks;
 //! the tests use it, and the Burn and integer engines implement the same [`NoisyClassifier`].
+//!
+//! **Adding an engine.** Implement [`NoisyClassifier`]: `Data` is the engine's test set (e.g.
+//! prepared batches, computed once — input pipelines and anything else that does not depend on
+//! the weights belong there, not in `run`); `run` must, for each backbone weight layer `l`, take
+//! the layer's clean weights in canonical order (conv `[out][in][kh][kw]`, linear `[out][in]`;
+//! transpose Burn's `[in, out]` first), quantize against the layer's scale and draw one
+//! `VariationConfig::sample` per weight from `stream(seed, run, l)` (`perturb_f32` does all of
+//! that for a float engine; an integer engine uses the same `Readout`s for its tile state), then
+//! classify `data`. Then call `crate::evaluation::evaluate` with the `nvcim eval` flags.
 
 use std::sync::{
     Mutex,

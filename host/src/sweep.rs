@@ -532,7 +532,8 @@ pub fn slurm_script(
     Ok(s)
 }
 
-/// The merge job: `nvcim report` over every cell's evaluation.
+/// The merge job: `nvcim report` over every cell's evaluation (cells that failed are skipped
+/// with a warning, so one failed array task does not lose the others' tables).
 pub fn merge_script(plan: &Plan, out: &Path, nvcim: &str) -> Result<String> {
     let out_arg = shell_quote(&out.display().to_string());
     let mut s = String::new();
@@ -548,7 +549,7 @@ pub fn merge_script(plan: &Plan, out: &Path, nvcim: &str) -> Result<String> {
     writeln!(w, "set -euo pipefail")?;
     writeln!(
         w,
-        "exec {} report {out_arg}/*/eval --out {out_arg}/report",
+        "exec {} report {out_arg}/*/eval --out {out_arg}/report --allow-missing",
         shell_quote(nvcim)
     )?;
     Ok(s)
@@ -708,7 +709,7 @@ mc = 5
         );
         let m = merge_script(&plan, Path::new("runs/t"), "/bin/nvcim").unwrap();
         assert!(
-            m.contains("/bin/nvcim report runs/t/*/eval --out runs/t/report"),
+            m.contains("/bin/nvcim report runs/t/*/eval --out runs/t/report --allow-missing"),
             "{m}"
         );
         assert!(s.contains("#SBATCH --cpus-per-task=8\n"));

@@ -200,4 +200,16 @@ fn report_names_the_file_with_missing_fields() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nothing-here"));
+    // With --allow-missing the unfinished run is skipped and the good one reported.
+    let o = Command::new(env!("CARGO_BIN_EXE_nvcim"))
+        .args(["report", "--allow-missing"])
+        .arg(dir.path().join("nothing-here"))
+        .arg(&out)
+        .arg("--out")
+        .arg(dir.path().join("rep2"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nothing-here"));
+    assert!(dir.path().join("rep2/report.md").is_file());
 }

@@ -60,6 +60,9 @@ pub struct ReportArgs {
     /// Which runs fill a sigma column.
     #[arg(long = "match", value_enum, default_value_t = Match::Train)]
     pub matching: Match,
+    /// Skip RUNS without an eval.json (unfinished cells) with a warning instead of failing.
+    #[arg(long)]
+    pub allow_missing: bool,
     /// Table III: points from the mean beyond which a run has not converged.
     #[arg(long, default_value_t = 5.0)]
     pub threshold: f64,
@@ -526,7 +529,18 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         args.threshold.is_finite() && args.threshold > 0.0,
         "--threshold must be > 0"
     );
-    let entries = load_runs(&args.runs)?;
+    let runs: Vec<PathBuf> = if args.allow_missing {
+        let (present, missing): (Vec<&PathBuf>, Vec<&PathBuf>) =
+            args.runs.iter().partition(|r| eval_json(r).is_file());
+        for m in missing {
+            eprintln!("warning: no {EVAL_JSON} in {}, skipped", m.display());
+        }
+        ensure!(!present.is_empty(), "none of the RUNS has an {EVAL_JSON}");
+        present.into_iter().cloned().collect()
+    } else {
+        args.runs.clone()
+    };
+    let entries = load_runs(&runs)?;
     let units: Vec<&str> = entries
         .iter()
         .map(|e| e.report.config.sigma_unit.as_str())
