@@ -18,6 +18,10 @@ pub struct Cli {
 pub enum Command {
     /// Relate sigma to weight noise: analytic and sampled effective weight-noise std.
     Variation(commands::variation::VariationArgs),
+    /// Run a grid of train + eval cells from a plan (locally, or emit a Slurm job array).
+    Sweep(commands::sweep::SweepArgs),
+    /// Merge evaluation results into the paper's tables (Markdown, CSV, PNG).
+    Report(commands::report::ReportArgs),
 }
 
 impl Cli {
@@ -25,6 +29,8 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Variation(args) => commands::variation::run(&args),
+            Command::Sweep(args) => commands::sweep::run(&args),
+            Command::Report(args) => commands::report::run(&args),
         }
     }
 }

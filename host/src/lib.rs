@@ -2,8 +2,19 @@
 //!
 //! The binary (`nvcim`) only parses arguments and dispatches to [`commands`]; every verb is a
 //! module there with a `run` function. The hardware model itself lives in `nvcim-shared`.
+//!
+//! Monte Carlo robustness evaluation (Algorithm 2): [`mc`] (the driver, generic over
+//! [`mc::NoisyClassifier`] engines, and a dense float engine), [`stats`] (mean, std, Student-t
+//! 95% interval), [`results`] (`eval.json`, CSVs, plots via [`plot`]), [`evaluation`] (the
+//! engine-independent `nvcim eval` pipeline) and [`sweep`] (experiment plans for `nvcim sweep`).
 
 pub mod cli;
 pub mod commands;
+pub mod evaluation;
 pub mod firmware;
+pub mod mc;
 pub mod options;
+pub mod plot;
+pub mod results;
+pub mod stats;
+pub mod sweep;

@@ -1,0 +1,733 @@
+//! `nvcim report RUNS...`: the paper's tables from evaluation results.
+//!
+//! Each RUN is an `nvcim eval --out` directory (or its `eval.json`). The training `config.json`
+//! beside the checkpoint, when present, fills in training fields the evaluation did not record
+//! (method, alpha, training sigma and seed, dropped exit).
+//!
+//! - **Table II** (methods x sigma): mean noisy accuracy ± 95% interval. A row is a (dataset,
+//!   model, method[, alpha]) setting. With `--match train` (default) the column at sigma takes
+//!   the runs trained at that sigma, plus runs trained without noise (as in the paper, where each
+//!   column's models were trained at its sigma); `--match any` takes every run. One run: its
+//!   Monte Carlo mean ± its interval. Several runs (seeds): the mean of their means ± the 95%
+//!   interval over runs, and the run count.
+//! - **Table III** (convergence): per setting (including its training sigma), the runs whose
+//!   mean noisy accuracy is more than `--threshold` (5) points from the mean over the setting's
+//!   runs, out of the number of runs.
+//! - **Table IV**: nft with and without noise injection (training sigma > 0 versus 0, or the
+//!   recorded `noise_injection`).
+//! - **Table V**: nft with all exits versus each dropped exit (`drop_exit`).
+//!
+//! Output: `report.md` (also printed), `table2.csv` ... `table5.csv` (long format) and
+//! `table2.png` ... `table5.png` in `--out`. Tables without data (no ablation runs, ...) are
+//! skipped with a note.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Args, ValueEnum};
+use serde_json::Value;
+
+use crate::{
+    plot::{self, Point, Series},
+    results::{EVAL_JSON, EvalReport, read_eval_report},
+    stats::summarize,
+};
+
+/// Which runs fill a sigma column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Match {
+    /// Runs trained at the column's sigma, and runs trained without noise.
+    #[default]
+    Train,
+    /// Every run, whatever its training sigma.
+    Any,
+}
+
+/// Arguments of `nvcim report`.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Evaluation directories (or their eval.json files).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Output directory of the tables and plots.
+    #[arg(long, value_name = "DIR", default_value = "report")]
+    pub out: PathBuf,
+    /// Which runs fill a sigma column.
+    #[arg(long = "match", value_enum, default_value_t = Match::Train)]
+    pub matching: Match,
+    /// Skip RUNS without an eval.json (unfinished cells) with a warning instead of failing.
+    #[arg(long)]
+    pub allow_missing: bool,
+    /// Table III: points from the mean beyond which a run has not converged.
+    #[arg(long, default_value_t = 5.0)]
+    pub threshold: f64,
+}
+
+/// One evaluation with its (merged) training fields.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The eval.json it came from.
+    pub path: PathBuf,
+    /// Its contents, training fields filled from the training config where missing.
+    pub report: EvalReport,
+}
+
+impl Entry {
+    fn train_sigma(&self) -> f32 {
+        self.report.config.train_sigma.unwrap_or(0.0)
+    }
+
+    /// Whether training injected noise.
+    pub fn noise_injection(&self) -> bool {
+        let c = &self.report.config;
+        c.noise_injection
+            .unwrap_or(c.method != "vanilla" && self.train_sigma() > 0.0)
+    }
+
+    fn uses_sigma(&self, sigma: f32, m: Match) -> bool {
+        m == Match::Any || !self.noise_injection() || (self.train_sigma() - sigma).abs() < 1e-6
+    }
+
+    fn mean_at(&self, sigma: f32) -> Option<f64> {
+        self.report.at(sigma).map(|r| r.summary.mean)
+    }
+}
+
+/// Resolves RUN to its eval.json.
+fn eval_json(run: &Path) -> PathBuf {
+    if run.is_dir() {
+        run.join(EVAL_JSON)
+    } else {
+        run.to_path_buf()
+    }
+}
+
+/// Looks a key up at the top level or under any of `parents`.
+fn lookup<'a>(v: &'a Value, key: &str, parents: &[&str]) -> Option<&'a Value> {
+    v.get(key)
+        .or_else(|| parents.iter().find_map(|p| v.get(p)?.get(key)))
+        .filter(|x| !x.is_null())
+}
+
+/// Fills missing training fields of `report` from the training `config.json` beside its
+/// checkpoint (the checkpoint's directory or its parents up to two levels), if there is one.
+fn merge_training_config(report: &mut EvalReport, eval_path: &Path) -> Result<()> {
+    let ckpt = PathBuf::from(&report.config.checkpoint);
+    let ckpt = if ckpt.is_relative() && !ckpt.exists() {
+        // A relative path recorded by a run in another directory: try beside the eval.
+        eval_path.parent().map_or(ckpt.clone(), |p| p.join(&ckpt))
+    } else {
+        ckpt
+    };
+    let Some(cfg_path) = ckpt
+        .ancestors()
+        .take(4)
+        .map(|d| d.join("config.json"))
+        .find(|p| p.is_file())
+    else {
+        return Ok(());
+    };
+    let text =
+        fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", cfg_path.display()))?;
+    let c = &mut report.config;
+    if c.alpha.is_none() && c.method.starts_with("nft") {
+        c.alpha = lookup(&v, "alpha", &["train"]).and_then(Value::as_f64);
+    }
+    if c.train_sigma.is_none() {
+        c.train_sigma = lookup(&v, "sigma", &["variation", "train"])
+            .and_then(Value::as_f64)
+            .map(|s| s as f32);
+    }
+    if c.train_seed.is_none() {
+        c.train_seed = lookup(&v, "seed", &["train"]).and_then(Value::as_u64);
+    }
+    if c.drop_exit.is_none() {
+        c.drop_exit = lookup(&v, "drop_exit", &["train"])
+            .and_then(Value::as_u64)
+            .map(|d| d as usize);
+    }
+    if c.noise_injection.is_none() {
+        c.noise_injection = lookup(&v, "noise_injection", &["train"]).and_then(Value::as_bool);
+    }
+    Ok(())
+}
+
+/// Reads every run.
+pub fn load_runs(runs: &[PathBuf]) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    for run in runs {
+        let path = eval_json(run);
+        ensure!(
+            path.is_file(),
+            "no {EVAL_JSON} in {} (is it an `nvcim eval --out` directory?)",
+            run.display()
+        );
+        let mut report = read_eval_report(&path)?;
+        merge_training_config(&mut report, &path)?;
+        out.push(Entry { path, report });
+    }
+    Ok(out)
+}
+
+/// A cell of a table: the aggregate of the runs that fill it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CellValue {
+    /// Mean accuracy (percent).
+    pub mean: f64,
+    /// Half width of the 95% interval, if defined.
+    pub ci: Option<f64>,
+    /// Runs aggregated.
+    pub runs: usize,
+}
+
+impl CellValue {
+    fn text(&self) -> String {
+        let mut s = format!("{:.2}", self.mean);
+        if let Some(h) = self.ci {
+            write!(s, " ± {h:.2}").expect("writing to a String");
+        }
+        if self.runs > 1 {
+            write!(s, " (n={})", self.runs).expect("writing to a String");
+        }
+        s
+    }
+}
+
+/// Aggregates runs at one sigma (see the module docs).
+fn aggregate(entries: &[&Entry], sigma: f32) -> Result<Option<CellValue>> {
+    let results: Vec<_> = entries.iter().filter_map(|e| e.report.at(sigma)).collect();
+    Ok(match results.len() {
+        0 => None,
+        1 => Some(CellValue {
+            mean: results[0].summary.mean,
+            ci: results[0].summary.ci95_half_width,
+            runs: 1,
+        }),
+        n => {
+            let means: Vec<f64> = results.iter().map(|r| r.summary.mean).collect();
+            let s = summarize(&means)?;
+            Some(CellValue {
+                mean: s.mean,
+                ci: s.ci95_half_width,
+                runs: n,
+            })
+        }
+    })
+}
+
+/// A table: row labels x sigma columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    /// Title (Markdown heading).
+    pub title: String,
+    /// What a cell holds.
+    pub note: String,
+    /// Column sigma values.
+    pub sigmas: Vec<f32>,
+    /// Rows: label and one text per column.
+    pub rows: Vec<(String, Vec<Option<String>>)>,
+    /// Numeric series for the CSV and the plot: label, sigma, value, interval half width, runs.
+    pub values: Vec<(String, f32, f64, Option<f64>, usize)>,
+    /// The y axis of the plot.
+    pub y_label: String,
+}
+
+impl Table {
+    /// Markdown text.
+    pub fn markdown(&self) -> String {
+        let mut s = format!("## {}\n\n{}\n\n| setting |", self.title, self.note);
+        for sg in &self.sigmas {
+            write!(s, " σ = {sg} |").expect("writing to a String");
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---|".repeat(self.sigmas.len()));
+        s.push('\n');
+        for (label, cells) in &self.rows {
+            write!(s, "| {label} |").expect("writing to a String");
+            for c in cells {
+                write!(s, " {} |", c.as_deref().unwrap_or("–")).expect("writing to a String");
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Long-format CSV: setting, sigma, value, ci95_half_width, runs.
+    pub fn csv(&self) -> String {
+        let mut s = String::from("setting,sigma,value,ci95_half_width,runs\n");
+        for (label, sigma, v, ci, n) in &self.values {
+            let ci = ci.map(|c| c.to_string()).unwrap_or_default();
+            writeln!(s, "\"{}\",{sigma},{v},{ci},{n}", label.replace('"', "\"\""))
+                .expect("writing to a String");
+        }
+        s
+    }
+
+    fn plot(&self, path: &Path, unit: &str) -> Result<()> {
+        let mut series: BTreeMap<&str, Vec<Point>> = BTreeMap::new();
+        for (label, sigma, v, ci, _) in &self.values {
+            series.entry(label).or_default().push(Point {
+                x: f64::from(*sigma),
+                y: *v,
+                band: ci.map(|h| (v - h, v + h)),
+            });
+        }
+        let order: Vec<&str> = self.rows.iter().map(|r| r.0.as_str()).collect();
+        let series: Vec<Series> = order
+            .iter()
+            .filter_map(|l| {
+                series.get(l).map(|p| Series {
+                    name: (*l).to_string(),
+                    points: p.clone(),
+                })
+            })
+            .collect();
+        plot::lines(
+            path,
+            &self.title,
+            &format!("sigma ({unit})"),
+            &self.y_label,
+            &series,
+        )
+    }
+}
+
+fn sigma_columns(entries: &[&Entry]) -> Vec<f32> {
+    let mut s: Vec<f32> = entries
+        .iter()
+        .flat_map(|e| e.report.config.sigmas.iter().copied())
+        .collect();
+    s.sort_by(f32::total_cmp);
+    s.dedup_by(|a, b| (*a - *b).abs() < 1e-6);
+    s
+}
+
+/// Rows of mean accuracy per group, one column per sigma.
+fn accuracy_table(
+    title: &str,
+    note: &str,
+    groups: &[(String, Vec<&Entry>)],
+    m: Match,
+) -> Result<Table> {
+    let all: Vec<&Entry> = groups.iter().flat_map(|g| g.1.iter().copied()).collect();
+    let sigmas = sigma_columns(&all);
+    let mut rows = Vec::new();
+    let mut values = Vec::new();
+    for (label, entries) in groups {
+        let mut cells = Vec::new();
+        for &sg in &sigmas {
+            let fill: Vec<&Entry> = entries
+                .iter()
+                .copied()
+                .filter(|e| e.uses_sigma(sg, m))
+                .collect();
+            let v = aggregate(&fill, sg)?;
+            if let Some(v) = v {
+                values.push((label.clone(), sg, v.mean, v.ci, v.runs));
+            }
+            cells.push(v.map(|v| v.text()));
+        }
+        rows.push((label.clone(), cells));
+    }
+    Ok(Table {
+        title: title.into(),
+        note: note.into(),
+        sigmas,
+        rows,
+        values,
+        y_label: "mean noisy accuracy (%)".into(),
+    })
+}
+
+fn method_label(e: &Entry) -> String {
+    let c = &e.report.config;
+    let mut s = format!("{} {} {}", c.dataset, c.model, c.method);
+    if let Some(a) = c.alpha {
+        write!(s, " α={a}").expect("writing to a String");
+    }
+    if c.method != "vanilla" && !e.noise_injection() {
+        s.push_str(" w/o noise injection");
+    }
+    s
+}
+
+/// Groups entries by a label, keeping first-seen order.
+fn group_by<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+    key: impl Fn(&Entry) -> String,
+) -> Vec<(String, Vec<&'a Entry>)> {
+    let mut out: Vec<(String, Vec<&Entry>)> = Vec::new();
+    for e in entries {
+        let k = key(e);
+        match out.iter_mut().find(|g| g.0 == k) {
+            Some(g) => g.1.push(e),
+            None => out.push((k, vec![e])),
+        }
+    }
+    out
+}
+
+/// Table II.
+pub fn table2(entries: &[Entry], m: Match) -> Result<Table> {
+    let groups = group_by(
+        entries
+            .iter()
+            .filter(|e| e.report.config.drop_exit.is_none()),
+        method_label,
+    );
+    ensure!(!groups.is_empty(), "no runs for Table II");
+    accuracy_table(
+        "Table II: mean noisy accuracy (%) by method and sigma",
+        &format!(
+            "Mean ± 95% CI of the Monte Carlo runs; with n runs, the mean of their means ± the 95% CI over runs. Columns: {}.",
+            match m {
+                Match::Train => "runs trained at that sigma, and runs trained without noise",
+                Match::Any => "every run",
+            }
+        ),
+        &groups,
+        m,
+    )
+}
+
+/// Table III: non-converging runs out of N per setting, at each sigma.
+pub fn table3(entries: &[Entry], m: Match, threshold: f64) -> Result<Table> {
+    let groups = group_by(
+        entries
+            .iter()
+            .filter(|e| e.report.config.drop_exit.is_none()),
+        |e| {
+            let mut s = method_label(e);
+            if e.noise_injection() {
+                write!(s, " trained σ={}", e.train_sigma()).expect("writing to a String");
+            }
+            s
+        },
+    );
+    ensure!(!groups.is_empty(), "no runs for Table III");
+    let all: Vec<&Entry> = groups.iter().flat_map(|g| g.1.iter().copied()).collect();
+    let sigmas = sigma_columns(&all);
+    let mut rows = Vec::new();
+    let mut values = Vec::new();
+    for (label, group) in &groups {
+        let mut cells = Vec::new();
+        for &sg in &sigmas {
+            let means: Vec<f64> = group
+                .iter()
+                .filter(|e| e.uses_sigma(sg, m))
+                .filter_map(|e| e.mean_at(sg))
+                .collect();
+            if means.is_empty() {
+                cells.push(None);
+                continue;
+            }
+            let (bad, n) = non_converged(&means, threshold);
+            values.push((label.clone(), sg, bad as f64, None, n));
+            cells.push(Some(format!("{bad}/{n}")));
+        }
+        rows.push((label.clone(), cells));
+    }
+    Ok(Table {
+        title: "Table III: non-converging trainings".into(),
+        note: format!(
+            "Runs whose mean noisy accuracy is more than {threshold} points from the mean over the setting's independent runs, out of the number of runs."
+        ),
+        sigmas,
+        rows,
+        values,
+        y_label: "non-converging runs".into(),
+    })
+}
+
+/// `(runs more than threshold points from the mean, runs)`.
+pub fn non_converged(means: &[f64], threshold: f64) -> (usize, usize) {
+    let mean = means.iter().sum::<f64>() / means.len() as f64;
+    (
+        means
+            .iter()
+            .filter(|&&x| (x - mean).abs() > threshold)
+            .count(),
+        means.len(),
+    )
+}
+
+/// Table IV: nft with and without noise injection; `None` without runs of both kinds.
+pub fn table4(entries: &[Entry], m: Match) -> Result<Option<Table>> {
+    let nft: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| {
+            e.report.config.method.starts_with("nft") && e.report.config.drop_exit.is_none()
+        })
+        .collect();
+    if !(nft.iter().any(|e| e.noise_injection()) && nft.iter().any(|e| !e.noise_injection())) {
+        return Ok(None);
+    }
+    let groups = group_by(nft.into_iter(), |e| {
+        let c = &e.report.config;
+        format!(
+            "{} {} {} {}",
+            c.dataset,
+            c.model,
+            c.method,
+            if e.noise_injection() {
+                "with noise injection"
+            } else {
+                "without noise injection"
+            }
+        )
+    });
+    accuracy_table(
+        "Table IV: nft with and without noise injection",
+        "Mean noisy accuracy (%) ± 95% CI.",
+        &groups,
+        m,
+    )
+    .map(Some)
+}
+
+/// Table V: nft with all exits and with one exit dropped; `None` without ablation runs.
+pub fn table5(entries: &[Entry], m: Match) -> Result<Option<Table>> {
+    let nft: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.report.config.method == "nft")
+        .collect();
+    if !nft.iter().any(|e| e.report.config.drop_exit.is_some()) {
+        return Ok(None);
+    }
+    let groups = group_by(nft.into_iter(), |e| {
+        let c = &e.report.config;
+        let exits = match c.drop_exit {
+            Some(d) => format!("without exit {d}"),
+            None => "all exits".into(),
+        };
+        let ni = if e.noise_injection() {
+            ""
+        } else {
+            " w/o noise injection"
+        };
+        format!("{} {} nft{ni} {exits}", c.dataset, c.model)
+    });
+    accuracy_table(
+        "Table V: dropping one exit (ablation)",
+        "Mean noisy accuracy (%) ± 95% CI.",
+        &groups,
+        m,
+    )
+    .map(Some)
+}
+
+/// Runs `nvcim report`.
+pub fn run(args: &ReportArgs) -> Result<()> {
+    ensure!(
+        args.threshold.is_finite() && args.threshold > 0.0,
+        "--threshold must be > 0"
+    );
+    let runs: Vec<PathBuf> = if args.allow_missing {
+        let (present, missing): (Vec<&PathBuf>, Vec<&PathBuf>) =
+            args.runs.iter().partition(|r| eval_json(r).is_file());
+        for m in missing {
+            eprintln!("warning: no {EVAL_JSON} in {}, skipped", m.display());
+        }
+        ensure!(!present.is_empty(), "none of the RUNS has an {EVAL_JSON}");
+        present.into_iter().cloned().collect()
+    } else {
+        args.runs.clone()
+    };
+    let entries = load_runs(&runs)?;
+    let units: Vec<&str> = entries
+        .iter()
+        .map(|e| e.report.config.sigma_unit.as_str())
+        .collect();
+    let unit = units[0];
+    if let Some(e) = entries.iter().find(|e| e.report.config.sigma_unit != unit) {
+        bail!(
+            "{} uses sigma unit `{}` but {} uses `{unit}`; report runs of one convention together",
+            e.path.display(),
+            e.report.config.sigma_unit,
+            entries[0].path.display()
+        );
+    }
+    fs::create_dir_all(&args.out).with_context(|| {
+        format!(
+            "cannot create the report directory --out {}",
+            args.out.display()
+        )
+    })?;
+    let tables: Vec<(&str, Option<Table>)> = vec![
+        ("table2", Some(table2(&entries, args.matching)?)),
+        (
+            "table3",
+            Some(table3(&entries, args.matching, args.threshold)?),
+        ),
+        ("table4", table4(&entries, args.matching)?),
+        ("table5", table5(&entries, args.matching)?),
+    ];
+    let mut md = format!(
+        "# nvcim report\n\n{} evaluations; sigma in the `{unit}` convention; accuracies in percent.\n\n",
+        entries.len()
+    );
+    for (name, t) in &tables {
+        match t {
+            Some(t) => {
+                md.push_str(&t.markdown());
+                md.push('\n');
+                let csv = args.out.join(format!("{name}.csv"));
+                fs::write(&csv, t.csv()).with_context(|| format!("writing {}", csv.display()))?;
+                if !t.values.is_empty() {
+                    t.plot(&args.out.join(format!("{name}.png")), unit)?;
+                }
+            }
+            None => {
+                let what = if *name == "table4" {
+                    "no nft runs both with and without noise injection"
+                } else {
+                    "no runs with a dropped exit"
+                };
+                writeln!(md, "_{name}: skipped, {what}._\n").expect("writing to a String");
+            }
+        }
+    }
+    let p = args.out.join("report.md");
+    fs::write(&p, &md).with_context(|| format!("writing {}", p.display()))?;
+    print!("{md}");
+    eprintln!("report written to {}", args.out.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{mc::SigmaRuns, results::tests::config};
+
+    fn entry(
+        method: &str,
+        train_sigma: Option<f32>,
+        seed: u64,
+        drop: Option<usize>,
+        means: &[(f32, usize)],
+    ) -> Entry {
+        let sigmas: Vec<f32> = means.iter().map(|m| m.0).collect();
+        let mut c = config(&sigmas, 2);
+        c.method = method.into();
+        c.train_sigma = train_sigma;
+        c.train_seed = Some(seed);
+        c.drop_exit = drop;
+        c.alpha = method.starts_with("nft").then_some(0.01);
+        let runs: Vec<SigmaRuns> = means
+            .iter()
+            .map(|&(s, k)| SigmaRuns {
+                sigma: s,
+                correct: vec![k - 1, k + 1],
+                examples: 100,
+            })
+            .collect();
+        Entry {
+            path: PathBuf::from(format!("{method}{seed}")),
+            report: EvalReport::new(c, 100, &runs, 0.0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn table2_matches_training_sigma() {
+        let e = vec![
+            entry("vanilla", None, 0, None, &[(0.2, 80), (0.4, 40)]),
+            entry("nft", Some(0.2), 0, None, &[(0.2, 95), (0.4, 90)]),
+            entry("nft", Some(0.4), 0, None, &[(0.2, 97), (0.4, 93)]),
+        ];
+        let t = table2(&e, Match::Train).unwrap();
+        assert_eq!(t.sigmas, vec![0.2, 0.4]);
+        assert_eq!(t.rows.len(), 2);
+        let nft = &t.rows[1].1;
+        // sigma 0.2 from the run trained at 0.2; 0.4 from the one trained at 0.4.
+        // Runs 94 and 96 -> mean 95, std sqrt(2), CI 12.7062.
+        assert_eq!(nft[0].as_deref(), Some("95.00 ± 12.71"));
+        assert_eq!(nft[1].as_deref(), Some("93.00 ± 12.71"));
+        let any = table2(&e, Match::Any).unwrap();
+        assert_eq!(any.rows[1].1[0].as_deref(), Some("96.00 ± 12.71 (n=2)"));
+        assert!(
+            t.markdown()
+                .contains("| synthetic dense vanilla | 80.00 ± 12.71 | 40.00 ± 12.71 |"),
+            "{}",
+            t.markdown()
+        );
+        assert_eq!(t.csv().lines().count(), 5);
+    }
+
+    #[test]
+    fn table3_counts_runs_far_from_the_mean() {
+        // Mean 86.25: only 60 is more than 5 points away.
+        assert_eq!(
+            non_converged(&[90.0, 91.0, 89.0, 90.0, 91.0, 89.0, 90.0, 60.0], 5.0),
+            (1, 8)
+        );
+        // One outlier in four drags the mean (82.5) more than 5 points from every run.
+        assert_eq!(non_converged(&[90.0, 91.0, 89.0, 60.0], 5.0), (4, 4));
+        assert_eq!(non_converged(&[90.0, 91.0], 5.0), (0, 2));
+        let mut e: Vec<Entry> = (0..4)
+            .map(|s| entry("noise", Some(0.6), s, None, &[(0.6, 90)]))
+            .collect();
+        e.push(entry("noise", Some(0.6), 9, None, &[(0.6, 30)]));
+        let t = table3(&e, Match::Train, 5.0).unwrap();
+        assert_eq!(t.rows[0].1[0].as_deref(), Some("5/5"));
+        // mean 78: the four at 90 are 12 points off too; with a tighter group only the outlier.
+        e.extend((10..20).map(|s| entry("noise", Some(0.6), s, None, &[(0.6, 90)])));
+        let t = table3(&e, Match::Train, 5.0).unwrap();
+        assert_eq!(t.rows[0].1[0].as_deref(), Some("1/15"));
+    }
+
+    #[test]
+    fn training_config_fills_missing_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = dir.path().join("cell/train");
+        fs::create_dir_all(train.join("best")).unwrap();
+        fs::write(
+            train.join("config.json"),
+            r#"{"method": "nft", "alpha": 0.1, "seed": 3, "variation": {"sigma": 0.6}, "drop_exit": 2}"#,
+        )
+        .unwrap();
+        let mut e = entry("nft", None, 0, None, &[(0.6, 90)]);
+        let c = &mut e.report.config;
+        (c.alpha, c.train_seed) = (None, None);
+        c.checkpoint = train.join("best/backbone.bpk").display().to_string();
+        let eval = dir.path().join("cell/eval");
+        fs::create_dir_all(&eval).unwrap();
+        crate::results::write_eval_outputs(&eval, &e.report).unwrap();
+        let got = load_runs(std::slice::from_ref(&eval))
+            .unwrap()
+            .remove(0)
+            .report
+            .config;
+        assert_eq!(got.alpha, Some(0.1));
+        assert_eq!(got.train_sigma, Some(0.6));
+        assert_eq!(got.train_seed, Some(3));
+        assert_eq!(got.drop_exit, Some(2));
+        // A config.json that is not JSON is an error naming it.
+        fs::write(train.join("config.json"), "{").unwrap();
+        let err = format!("{:#}", load_runs(&[eval]).unwrap_err());
+        assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn tables_4_and_5_need_their_runs() {
+        let base = vec![entry("nft", Some(0.4), 0, None, &[(0.4, 90)])];
+        assert!(table4(&base, Match::Train).unwrap().is_none());
+        assert!(table5(&base, Match::Train).unwrap().is_none());
+        let mut more = base.clone();
+        more.push(entry("nft", Some(0.0), 0, None, &[(0.4, 70)]));
+        more.push(entry("nft", Some(0.4), 0, Some(1), &[(0.4, 85)]));
+        let t4 = table4(&more, Match::Train).unwrap().unwrap();
+        assert_eq!(t4.rows.len(), 2);
+        assert!(t4.rows[1].0.contains("without noise injection"));
+        assert_eq!(t4.rows[1].1[0].as_deref(), Some("70.00 ± 12.71"));
+        let t5 = table5(&more, Match::Train).unwrap().unwrap();
+        assert_eq!(t5.rows.len(), 3);
+        assert!(t5.rows.iter().any(|r| r.0.ends_with("without exit 1")));
+    }
+}

@@ -1,0 +1,238 @@
+//! The engine-independent part of `nvcim eval`: its flags, and the pipeline from a
+//! [`NoisyClassifier`] to the result files.
+//!
+//! A verb that has loaded a checkpoint into an engine calls [`evaluate`] with the flags and the
+//! checkpoint's description ([`ModelInfo`]); everything else — the sigma list, the device model,
+//! the Monte Carlo runs, the summary, the files in `--out`, the table or JSON on stdout — is here.
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::{Result, ensure};
+use clap::{Args, ValueEnum};
+use nvcim_shared::{quant::ScaleMode, variation::Profile};
+
+use crate::{
+    mc::{McPlan, NoisyClassifier, monte_carlo},
+    options::{DeviceArgs, parse_sigmas},
+    results::{EvalConfig, EvalReport, TileOptions, table, write_eval_outputs},
+};
+
+/// The inference engine of a Monte Carlo evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Engine {
+    /// Float inference with perturbed weights.
+    #[default]
+    Float,
+    /// The shared integer CiM engine (what the firmware computes).
+    Int,
+}
+
+impl Engine {
+    /// The name in result files.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Engine::Float => "float",
+            Engine::Int => "int",
+        }
+    }
+}
+
+/// The flags of `nvcim eval` other than the checkpoint.
+#[derive(Debug, Clone, Args)]
+pub struct EvalOptions {
+    /// Comma-separated sigma values, in the unit of --sigma-unit.
+    #[arg(
+        long,
+        default_value = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8",
+        allow_hyphen_values = true
+    )]
+    pub sigma: String,
+    /// Monte Carlo runs per sigma.
+    #[arg(long, default_value_t = 200)]
+    pub mc: u32,
+    /// Seed of the variation streams.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The device model.
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Quantize each layer against its own max|W| (`layer`) or the model's (`model`).
+    #[arg(long, value_parser = ["layer", "model"], default_value = "layer")]
+    pub scale: String,
+    /// The inference engine.
+    #[arg(long, value_enum, default_value_t = Engine::Float)]
+    pub engine: Engine,
+    /// Crossbar rows per tile (int engine).
+    #[arg(long, default_value_t = 128)]
+    pub tile_rows: usize,
+    /// Crossbar columns per tile (int engine).
+    #[arg(long, default_value_t = 128)]
+    pub tile_cols: usize,
+    /// ADC resolution in bits (int engine; default: ideal ADC).
+    #[arg(long, value_name = "BITS")]
+    pub adc_bits: Option<u8>,
+    /// Evaluate on the first N test examples only (a quick look).
+    #[arg(long, value_name = "N")]
+    pub test_subset: Option<usize>,
+    /// Worker threads for the Monte Carlo runs.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Output directory of eval.json, eval.csv, runs.csv and the plots.
+    #[arg(long, value_name = "DIR", default_value = "runs/eval")]
+    pub out: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl EvalOptions {
+    /// The quantization scale mode.
+    pub fn scale_mode(&self) -> ScaleMode {
+        if self.scale == "model" {
+            ScaleMode::PerModel
+        } else {
+            ScaleMode::PerLayer
+        }
+    }
+
+    /// Checks the flags that do not need the model.
+    pub fn check(&self) -> Result<Vec<f32>> {
+        let sigmas = parse_sigmas(&self.sigma)?;
+        ensure!(self.mc > 0, "--mc must be at least 1");
+        ensure!(self.jobs > 0, "--jobs must be at least 1");
+        ensure!(
+            self.test_subset != Some(0),
+            "--test-subset must be at least 1"
+        );
+        if self.engine == Engine::Int {
+            ensure!(
+                self.tile_rows > 0 && self.tile_cols > 0,
+                "--tile-rows and --tile-cols must be at least 1"
+            );
+        }
+        self.device.variation(0.0)?;
+        Ok(sigmas)
+    }
+}
+
+/// What the checkpoint says about the model and its training.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelInfo {
+    /// The checkpoint path, as given.
+    pub checkpoint: String,
+    /// Model name.
+    pub model: String,
+    /// Dataset name.
+    pub dataset: String,
+    /// Training method.
+    pub method: String,
+    /// Alpha (negative feedback methods).
+    pub alpha: Option<f64>,
+    /// Training sigma.
+    pub train_sigma: Option<f32>,
+    /// Training seed.
+    pub train_seed: Option<u64>,
+    /// Dropped exit.
+    pub drop_exit: Option<usize>,
+    /// Whether training injected noise, when the training config says so.
+    pub noise_injection: Option<bool>,
+}
+
+/// The resolved configuration of an evaluation.
+pub fn resolve(opts: &EvalOptions, info: &ModelInfo, sigmas: Vec<f32>) -> EvalConfig {
+    let d = &opts.device;
+    EvalConfig {
+        checkpoint: info.checkpoint.clone(),
+        model: info.model.clone(),
+        dataset: info.dataset.clone(),
+        method: info.method.clone(),
+        alpha: info.alpha,
+        train_sigma: info.train_sigma,
+        train_seed: info.train_seed,
+        drop_exit: info.drop_exit,
+        noise_injection: info.noise_injection,
+        sigma_unit: nvcim_shared::variation::SigmaUnit::from(d.unit)
+            .name()
+            .to_string(),
+        profile: Profile::from(d.profile).name().to_string(),
+        m_bits: d.m_bits,
+        n_bits: d.n_bits,
+        stuck_low: d.stuck_low,
+        stuck_high: d.stuck_high,
+        scale_mode: opts.scale_mode().name().to_string(),
+        engine: opts.engine.name().to_string(),
+        tile: (opts.engine == Engine::Int).then_some(TileOptions {
+            rows: opts.tile_rows,
+            cols: opts.tile_cols,
+            adc_bits: opts.adc_bits,
+        }),
+        sigmas,
+        mc: opts.mc,
+        seed: opts.seed,
+        test_subset: opts.test_subset,
+    }
+}
+
+/// Runs the Monte Carlo evaluation of `engine` on `data` (already cut to `--test-subset`),
+/// writes the result files into `--out` and prints the table (or JSON) on stdout.
+pub fn evaluate<C: NoisyClassifier>(
+    opts: &EvalOptions,
+    info: &ModelInfo,
+    engine: &C,
+    data: &C::Data,
+) -> Result<EvalReport> {
+    let report = evaluate_quiet(opts, info, engine, data)?;
+    if opts.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("a report serialises")
+        );
+    } else {
+        print!("{}", table(&report));
+        eprintln!(
+            "results in {} ({:.1} s)",
+            opts.out.display(),
+            report.wall_seconds
+        );
+    }
+    Ok(report)
+}
+
+/// [`evaluate`] without printing.
+pub fn evaluate_quiet<C: NoisyClassifier>(
+    opts: &EvalOptions,
+    info: &ModelInfo,
+    engine: &C,
+    data: &C::Data,
+) -> Result<EvalReport> {
+    let sigmas = opts.check()?;
+    // Fail on an unwritable --out before spending the Monte Carlo time.
+    std::fs::create_dir_all(&opts.out).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the output directory --out {}: {e}",
+            opts.out.display()
+        )
+    })?;
+    let plan = McPlan {
+        variation: opts.device.variation(0.0)?,
+        sigmas: sigmas.clone(),
+        mc: opts.mc,
+        seed: opts.seed,
+        jobs: opts.jobs,
+        progress: !opts.quiet,
+    };
+    let clean = engine.clean(data)?;
+    let t = Instant::now();
+    let runs = monte_carlo(engine, data, &plan)?;
+    let report = EvalReport::new(
+        resolve(opts, info, sigmas),
+        clean,
+        &runs,
+        t.elapsed().as_secs_f64(),
+    )?;
+    write_eval_outputs(&opts.out, &report)?;
+    Ok(report)
+}
