@@ -25,10 +25,17 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(any(feature = "alloc", test))]
+extern crate alloc;
+
+pub mod crc;
 pub mod error;
+pub mod exec;
+pub mod format;
 pub mod quant;
 pub mod rng;
 pub mod slice;
+pub mod tile;
 pub mod variation;
 
 pub use error::{Error, Result};
