@@ -183,6 +183,11 @@ impl Shape {
         self.c * self.h * self.w
     }
 
+    /// Number of elements in `u64` (no overflow on 32-bit targets for any `u16` dimensions).
+    pub const fn len_u64(&self) -> u64 {
+        self.c as u64 * self.h as u64 * self.w as u64
+    }
+
     /// Whether the shape has no elements.
     pub const fn is_empty(&self) -> bool {
         self.len() == 0
@@ -449,7 +454,7 @@ impl<'a> Model<'a> {
         check_scale("header.input_scale", input_scale)?;
 
         // Section layout, in u64 so that no field can overflow the arithmetic on a 32-bit target.
-        let image_len = (input.c * input.h * input.w) as u64;
+        let image_len = input.len_u64();
         let sizes = [
             input.c as u64 * 256,
             n_ops as u64 * OP_LEN as u64,
@@ -538,7 +543,7 @@ impl<'a> Model<'a> {
 
     fn validate_ops(&self) -> Result<()> {
         ensure(
-            self.input_off as u64 + self.input.len() as u64 <= self.act_bytes as u64,
+            self.input_off as u64 + self.input.len_u64() <= self.act_bytes as u64,
             "header.input_off",
             self.input_off,
         )?;
@@ -573,7 +578,7 @@ impl<'a> Model<'a> {
                         let ok = out_dim(x.shape.h, op.kh, op.stride, op.pad) == Some(o.h)
                             && out_dim(x.shape.w, op.kw, op.stride, op.pad) == Some(o.w);
                         ensure(ok, "op.conv_shape", i)?;
-                        x.shape.c * op.kh * op.kw
+                        x.shape.c as u64 * op.kh as u64 * op.kw as u64
                     } else {
                         ensure(o.h == 1 && o.w == 1, "op.linear_shape", i)?;
                         ensure(
@@ -581,9 +586,14 @@ impl<'a> Model<'a> {
                             "op.linear_kernel",
                             i,
                         )?;
-                        x.shape.len()
+                        x.shape.len_u64()
                     };
-                    ensure((1..=MAX_FAN_IN).contains(&fan_in), "op.fan_in", fan_in)?;
+                    ensure(
+                        (1..=MAX_FAN_IN as u64).contains(&fan_in),
+                        "op.fan_in",
+                        fan_in,
+                    )?;
+                    let fan_in = fan_in as usize;
                     max_fan_in = max_fan_in.max(fan_in);
                     ensure(
                         op.layer == Some(layers),
@@ -638,8 +648,8 @@ impl<'a> Model<'a> {
                         }
                         OpKind::GlobalAvgPool => {
                             ensure(o.c == x.shape.c && o.h == 1 && o.w == 1, "op.gap_shape", i)?;
-                            let window = x.shape.h * x.shape.w;
-                            ensure(window <= MAX_POOL_WINDOW, "op.pool_window", window)?;
+                            let window = x.shape.h as u64 * x.shape.w as u64;
+                            ensure(window <= MAX_POOL_WINDOW as u64, "op.pool_window", window)?;
                             n_params = 1;
                         }
                         OpKind::Add => {
@@ -663,7 +673,7 @@ impl<'a> Model<'a> {
             )?;
             params += n_params;
             if op.out_kind != ActKind::I32 {
-                let end = op.out_off as u64 + o.len() as u64;
+                let end = op.out_off as u64 + o.len_u64();
                 ensure(end <= self.act_bytes as u64, "op.out_off", op.out_off)?;
                 // The output must not overwrite any tensor that this op or a later one reads.
                 let out = (op.out_off, op.out_off + o.len());
@@ -833,6 +843,16 @@ impl<'a> Model<'a> {
         };
         let start = op.weights_start;
         (start..start + n).map(move |i| self.weight(i))
+    }
+
+    /// Crossbar tiles a weighted op occupies, `ceil(fan_in / rows) * ceil(outputs / cols)`
+    /// (0 for other ops).
+    pub fn tile_count(&self, op: &Op) -> usize {
+        let k = self.fan_in(op);
+        if k == 0 {
+            return 0;
+        }
+        k.div_ceil(self.tile_rows) * op.out.c.div_ceil(self.tile_cols)
     }
 
     /// Fan-in of a weighted op (`in * kh * kw`, or the flattened input), 0 for others.

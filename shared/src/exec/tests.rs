@@ -961,52 +961,57 @@ fn exercise(bytes: &[u8]) -> bool {
     if s.act_bytes > 1 << 22 || model.weight_count() > 1 << 20 {
         return true;
     }
-    let mut state = vec![0i16; model.state_len(Path::Collapsed)];
-    program(&model, &var, 1, 0, Path::Collapsed, &mut state).unwrap();
     let (mut act, mut patch, mut logits) = (
         vec![0u8; s.act_bytes],
         vec![0i16; s.patch],
         vec![0i32; s.logits],
     );
     let img = vec![77u8; model.input_shape().len()];
-    infer(
-        &model,
+    for path in [
         Path::Collapsed,
-        &state,
-        &img,
-        &mut Scratch {
+        Path::Sliced(Adc::Quantized { bits: 5, step: 100 }),
+    ] {
+        let mut state = vec![0i16; model.state_len(path)];
+        program(&model, &var, 1, 0, path, &mut state).unwrap();
+        let mut scratch = Scratch {
             act: &mut act,
             patch: &mut patch,
-        },
-        &mut logits,
-    )
-    .unwrap();
+        };
+        let class = infer(&model, path, &state, &img, &mut scratch, &mut logits).unwrap();
+        assert!(class < model.classes());
+    }
     true
 }
 
-#[test]
-fn fuzz_resealed_mutations_of_a_valid_model() {
-    // Bounded-time fuzz inside `cargo test`: 4000 mutants (1-4 random byte writes, CRC fixed up)
-    // of the small model's header and tables, plus random bytes behind a valid magic.
+/// Runs `cases` mutants of the small model (1-4 random byte writes, CRC fixed up, all over the
+/// blob but mostly in the header and tables) and `cases / 2` random blobs behind a valid magic,
+/// version and length; returns how many mutants parsed.
+fn fuzz(cases: u64, salt: u64) -> usize {
     let blob = small_blob();
     let model = Model::parse(&blob).unwrap();
     let tables_end =
         crate::format::HEADER_LEN + 256 + model.op_count() * crate::format::OP_LEN + 16 * 40;
     let mut accepted = 0;
-    for case in 0..4000u64 {
+    for case in 0..cases {
         let mut b = blob.clone();
-        let edits = 1 + (mix64(case) % 4) as usize;
+        let seed = mix64(case ^ salt << 40);
+        let edits = 1 + (seed % 4) as usize;
         for e in 0..edits {
-            let r = mix64(case << 8 | e as u64);
-            let at = (r as usize) % tables_end.min(b.len() - 4);
+            let r = mix64(seed ^ (e as u64 + 1) << 56);
+            let span = if r >> 62 == 0 {
+                b.len() - 4
+            } else {
+                tables_end.min(b.len() - 4)
+            };
+            let at = (r as usize) % span;
             b[at] = (r >> 32) as u8;
         }
         reseal(&mut b);
         accepted += usize::from(exercise(&b));
     }
-    for case in 0..2000u64 {
-        let len = (mix64(case) % 400) as usize;
-        let mut b = rand_bytes(case, len.max(90));
+    for case in 0..cases / 2 {
+        let seed = mix64(case ^ salt << 40 ^ 0xF00D);
+        let mut b = rand_bytes(seed, 90 + (seed % 400) as usize);
         b[..8].copy_from_slice(&crate::format::MAGIC);
         b[8..10].copy_from_slice(&crate::format::VERSION.to_le_bytes());
         let total = b.len() as u32;
@@ -1014,8 +1019,36 @@ fn fuzz_resealed_mutations_of_a_valid_model() {
         reseal(&mut b);
         exercise(&b);
     }
-    // Some mutations (scales, weights, LUT entries) are legal; most are not.
+    accepted
+}
+
+#[test]
+fn fuzz_resealed_mutations_of_a_valid_model() {
+    // Bounded-time fuzz inside `cargo test`. Some mutations (scales, weights, table entries) are
+    // legal and must then program and run; most are not.
+    let accepted = fuzz(4000, 0);
     assert!(accepted < 4000, "{accepted}");
+}
+
+/// The long run: `NVCIM_FUZZ_CASES=1000000 cargo test --release -p nvcim-shared fuzz_long -- --ignored`.
+#[test]
+#[ignore = "long fuzz run; see the doc comment"]
+fn fuzz_long() {
+    let cases = std::env::var("NVCIM_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let salt = std::env::var("NVCIM_FUZZ_SALT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let t = std::time::Instant::now();
+    let accepted = fuzz(cases, salt);
+    std::eprintln!(
+        "fuzz: {cases} mutants + {} random blobs, {accepted} mutants parsed and ran, {:.1} s",
+        cases / 2,
+        t.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -1031,4 +1064,10 @@ fn test_batch_round_trips() {
     assert!(model.test_image(3).is_none());
     assert_eq!(model.layer_count(), 5);
     assert_eq!(model.tile_rows(), 16);
+    // The last linear: fan-in 12 on 16-row tiles, 4 outputs on 4-column tiles.
+    let last = model.op(model.op_count() - 1).unwrap();
+    assert_eq!(model.tile_count(&last), 1);
+    // The first conv: fan-in 9, 6 outputs on 4 columns.
+    assert_eq!(model.tile_count(&model.op(0).unwrap()), 2);
+    assert_eq!(model.tile_count(&model.op(1).unwrap()), 0);
 }
