@@ -1071,3 +1071,32 @@ fn test_batch_round_trips() {
     assert_eq!(model.tile_count(&model.op(0).unwrap()), 2);
     assert_eq!(model.tile_count(&model.op(1).unwrap()), 0);
 }
+
+#[test]
+fn paths_agree_under_faults_profiles_and_large_sigma() {
+    use crate::quant::QuantConfig;
+    use crate::variation::{Faults, Profile, SigmaUnit};
+    let blob = small_blob();
+    let model = Model::parse(&blob).unwrap();
+    let (img, _) = model.test_image(2).unwrap();
+    for (sigma, unit, profile, faults) in [
+        (
+            1.0,
+            SigmaUnit::Range,
+            Profile::Fefet6,
+            Faults::new(0.05, 0.05).unwrap(),
+        ),
+        (3.0, SigmaUnit::Level, Profile::Uniform, Faults::NONE),
+        (
+            0.0,
+            SigmaUnit::Range,
+            Profile::Rram4,
+            Faults::new(0.0, 1.0).unwrap(),
+        ),
+    ] {
+        let var = VariationConfig::new(QuantConfig::DEFAULT, sigma, unit, profile, faults).unwrap();
+        let (a, ca, _) = run_int(&model, Path::Collapsed, &var, 8, 2, img);
+        let (b, cb, _) = run_int(&model, Path::Sliced(Adc::Ideal), &var, 8, 2, img);
+        assert_eq!((a, ca), (b, cb), "{sigma} {unit:?} {profile:?}");
+    }
+}
