@@ -1,5 +1,5 @@
 //! The packed model format: one self-describing, checksummed, little-endian blob that the host
-//! writes (`nvcim pack`, [`build::pack`] behind the `alloc` feature) and the firmware reads in
+//! writes (`nvcim pack`, `build::pack` behind the `alloc` feature) and the firmware reads in
 //! place, without copying or allocating ([`Model::parse`]).
 //!
 //! # Layout (version 1)

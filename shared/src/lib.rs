@@ -11,7 +11,7 @@
 //! - [`tile`]: crossbar tiles programmed in fixed point, the collapsed (ideal-ADC) and per-slice
 //!   (ADC) matrix-vector products and their overflow bounds;
 //! - [`format`]: the versioned, CRC-checked packed model that the host writes
-//!   ([`format::build`], feature `alloc`) and the firmware parses in place;
+//!   (`format::build`, feature `alloc`) and the firmware parses in place;
 //! - [`exec`]: the integer executor (conv, linear, ReLU, max/avg/global-avg pool, residual add,
 //!   flatten), with caller-provided state and scratch;
 //! - [`crc`]: CRC-32 (IEEE).
@@ -91,7 +91,7 @@
 //!   [`tile`] and [`exec`], tested with all-max inputs and weights.
 //! - *Determinism*: only integer arithmetic in [`exec::infer`]; programming uses the crate's
 //!   `f32` sampling (IEEE, no fused multiply-add), so x86-64 and Cortex-M4F agree bit for bit.
-//! - *Float reference* ([`format::build::forward`] with [`format::build::noisy_weights`]): the
+//! - *Float reference* (`format::build::forward` with `format::build::noisy_weights`): the
 //!   same noisy network in `f64` from the same draws. With activation scales calibrated on noisy
 //!   runs, the integer logits stay within 3 % of the largest |logit| of the reference that reads
 //!   the devices in the tile's fixed point, and within 8 % of the one with exact devices (the

@@ -6,7 +6,7 @@
 //! outputs; a tile's column produces one partial sum per device slice.
 //!
 //! **Device state in fixed point.** Each device's read conductance `g_j + dg_j` (in levels) is
-//! kept with [`FRAC_BITS`] = 4 fractional bits, from [`Readout::devices_fixed`], and saturated to
+//! kept with [`FRAC_BITS`] = 4 fractional bits, from [`crate::variation::Readout::devices_fixed`], and saturated to
 //! `±device_limit(cfg)` so that the collapsed weight always fits an `i16`:
 //! `device_limit = floor(32767 / sum_j 2^(jN))` (385 = 24.06 levels for M = 8, N = 2; about
 //! `8 (2^N - 1)` levels for M = 8 in general, i.e. 8 standard deviations of the noise at
