@@ -278,7 +278,7 @@ impl ScratchSizes {
 }
 
 /// A parsed, fully validated packed model borrowing its bytes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Model<'a> {
     bytes: &'a [u8],
     var: VariationConfig,
@@ -302,6 +302,22 @@ pub struct Model<'a> {
     weights_at: usize,
     images_at: usize,
     labels_at: usize,
+}
+
+impl core::fmt::Debug for Model<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Model")
+            .field("bytes", &self.bytes.len())
+            .field("variation", &self.var)
+            .field("tiles", &(self.tile_rows, self.tile_cols))
+            .field("input", &self.input)
+            .field("classes", &self.classes)
+            .field("ops", &self.n_ops)
+            .field("layers", &self.n_layers)
+            .field("weights", &self.n_weights)
+            .field("test_images", &self.n_test)
+            .finish_non_exhaustive()
+    }
 }
 
 fn rd<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
