@@ -1100,3 +1100,17 @@ fn paths_agree_under_faults_profiles_and_large_sigma() {
         assert_eq!((a, ca), (b, cb), "{sigma} {unit:?} {profile:?}");
     }
 }
+
+/// Pins the packed bytes and the noisy logits of the small model (seed 42, run 0, image 0): any
+/// change to quantization, packing, the draw order or the integer arithmetic shows up here, and
+/// a port (the firmware) can check itself against these numbers.
+#[test]
+fn golden_blob_and_logits() {
+    let blob = small_blob();
+    assert_eq!((blob.len(), crate::crc::crc32(&blob)), (2662, 0x2144_df1c));
+    let model = Model::parse(&blob).unwrap();
+    let (img, _) = model.test_image(0).unwrap();
+    let (logits, class, _) = run_int(&model, Path::Collapsed, &model.variation(), 42, 0, img);
+    assert_eq!(logits, [-319_471, 571_610, 43_040, 1_289_744]);
+    assert_eq!(class, 3);
+}
