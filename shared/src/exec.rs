@@ -218,6 +218,27 @@ pub fn infer(
     Ok(best)
 }
 
+/// Classifies every test image packed with the model on the programmed `state` and returns how
+/// many match their labels (one Monte Carlo run's accuracy is `correct / model.test_len()`).
+pub fn count_correct(
+    model: &Model<'_>,
+    path: Path,
+    state: &[i16],
+    scratch: &mut Scratch<'_>,
+    logits: &mut [i32],
+) -> Result<usize> {
+    let mut correct = 0;
+    for i in 0..model.test_len() {
+        let (image, label) = model.test_image(i).ok_or(Error::InvalidField {
+            field: "test.index",
+            value: i as i64,
+        })?;
+        correct +=
+            usize::from(infer(model, path, state, image, scratch, logits)? == usize::from(label));
+    }
+    Ok(correct)
+}
+
 /// Splits the arena into the op's inputs and its output (disjoint: checked at parse time).
 fn split<'s>(
     act: &'s mut [u8],

@@ -1113,4 +1113,98 @@ fn golden_blob_and_logits() {
     let (logits, class, _) = run_int(&model, Path::Collapsed, &model.variation(), 42, 0, img);
     assert_eq!(logits, [-319_471, 571_610, 43_040, 1_289_744]);
     assert_eq!(class, 3);
+    // The test batch: labels 0, 3, 1; count_correct agrees with per-image inference.
+    let mut state = vec![0i16; model.state_len(Path::Collapsed)];
+    program(
+        &model,
+        &model.variation(),
+        42,
+        0,
+        Path::Collapsed,
+        &mut state,
+    )
+    .unwrap();
+    let s = model.scratch();
+    let (mut act, mut patch, mut logits) = (
+        vec![0u8; s.act_bytes],
+        vec![0i16; s.patch],
+        vec![0i32; s.logits],
+    );
+    let mut scratch = Scratch {
+        act: &mut act,
+        patch: &mut patch,
+    };
+    let mut expected = 0;
+    for i in 0..model.test_len() {
+        let (img, label) = model.test_image(i).unwrap();
+        expected += usize::from(
+            infer(
+                &model,
+                Path::Collapsed,
+                &state,
+                img,
+                &mut scratch,
+                &mut logits,
+            )
+            .unwrap()
+                == usize::from(label),
+        );
+    }
+    assert_eq!(
+        count_correct(&model, Path::Collapsed, &state, &mut scratch, &mut logits).unwrap(),
+        expected
+    );
+}
+
+#[test]
+fn count_correct_counts_matching_labels() {
+    // Label the test images with the classes the noiseless engine predicts: all match; then
+    // shift every label by one class: none match.
+    let (net, classes) = small_vgg(7, 1, 8);
+    let desc = small_vgg_nodes(&net, 1, 8, classes);
+    let images = rand_bytes(13, 6 * 64);
+    let desc = calibrated(&desc, &images);
+    let cfg = PackConfig {
+        tile_rows: 16,
+        tile_cols: 4,
+        ..PackConfig::new(VariationConfig::paper(0.0).unwrap())
+    };
+    let plain = pack(&desc, &cfg, None).unwrap();
+    let model = Model::parse(&plain).unwrap();
+    let labels: Vec<u16> = images
+        .chunks(64)
+        .map(|img| run_int(&model, Path::Collapsed, &cfg.variation, 0, 0, img).1 as u16)
+        .collect();
+    for (shift, want) in [(0, 6), (1, 0)] {
+        let l: Vec<u16> = labels
+            .iter()
+            .map(|&c| (c + shift) % classes as u16)
+            .collect();
+        let blob = pack(
+            &desc,
+            &cfg,
+            Some(TestBatch {
+                images: &images,
+                labels: &l,
+            }),
+        )
+        .unwrap();
+        let model = Model::parse(&blob).unwrap();
+        let mut state = vec![0i16; model.state_len(Path::Collapsed)];
+        program(&model, &cfg.variation, 0, 0, Path::Collapsed, &mut state).unwrap();
+        let s = model.scratch();
+        let (mut act, mut patch, mut logits) = (
+            vec![0u8; s.act_bytes],
+            vec![0i16; s.patch],
+            vec![0i32; s.logits],
+        );
+        let mut scratch = Scratch {
+            act: &mut act,
+            patch: &mut patch,
+        };
+        assert_eq!(
+            count_correct(&model, Path::Collapsed, &state, &mut scratch, &mut logits).unwrap(),
+            want
+        );
+    }
 }
