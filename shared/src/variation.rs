@@ -83,13 +83,8 @@ pub enum Profile {
 
 impl Profile {
     /// Every profile, in order.
-    pub const ALL: [Profile; 5] = [
-        Profile::Uniform,
-        Profile::Rram1,
-        Profile::Fefet2,
-        Profile::Rram4,
-        Profile::Fefet6,
-    ];
+    pub const ALL: [Profile; 5] =
+        [Profile::Uniform, Profile::Rram1, Profile::Fefet2, Profile::Rram4, Profile::Fefet6];
 
     /// The name used on command lines and in result files.
     pub const fn name(self) -> &'static str {
@@ -104,9 +99,7 @@ impl Profile {
 
     /// Parses a profile name (case-insensitive).
     pub fn from_name(s: &str) -> Option<Self> {
-        Profile::ALL
-            .into_iter()
-            .find(|p| p.name().eq_ignore_ascii_case(s))
+        Profile::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(s))
     }
 
     /// The mid-range multiplier `s`, or `None` for [`Profile::Uniform`].
@@ -133,11 +126,7 @@ impl Profile {
             None => 1.0,
             Some(s) => {
                 let norm = libm::sqrtf(0.4 * s * s + 0.6);
-                if self.in_band(magnitude, cfg) {
-                    s / norm
-                } else {
-                    1.0 / norm
-                }
+                if self.in_band(magnitude, cfg) { s / norm } else { 1.0 / norm }
             }
         }
     }
@@ -152,24 +141,15 @@ pub struct Faults {
 
 impl Faults {
     /// No faults.
-    pub const NONE: Faults = Faults {
-        stuck_low: 0.0,
-        stuck_high: 0.0,
-    };
+    pub const NONE: Faults = Faults { stuck_low: 0.0, stuck_high: 0.0 };
 
     /// Checks that both rates are in [0, 1] and sum to at most 1.
     pub fn new(stuck_low: f32, stuck_high: f32) -> Result<Self> {
         let ok = |r: f32| r.is_finite() && (0.0..=1.0).contains(&r);
         if ok(stuck_low) && ok(stuck_high) && stuck_low + stuck_high <= 1.0 {
-            Ok(Faults {
-                stuck_low,
-                stuck_high,
-            })
+            Ok(Faults { stuck_low, stuck_high })
         } else {
-            Err(Error::InvalidFaultRate {
-                stuck_low,
-                stuck_high,
-            })
+            Err(Error::InvalidFaultRate { stuck_low, stuck_high })
         }
     }
 
@@ -218,24 +198,12 @@ impl VariationConfig {
         if !sigma.is_finite() || sigma < 0.0 {
             return Err(Error::InvalidSigma { sigma });
         }
-        Ok(VariationConfig {
-            quant,
-            sigma,
-            unit,
-            profile,
-            faults,
-        })
+        Ok(VariationConfig { quant, sigma, unit, profile, faults })
     }
 
     /// The paper's default (M = 8, N = 2, `range`, uniform, no faults) at `sigma`.
     pub fn paper(sigma: f32) -> Result<Self> {
-        Self::new(
-            QuantConfig::DEFAULT,
-            sigma,
-            SigmaUnit::Range,
-            Profile::Uniform,
-            Faults::NONE,
-        )
+        Self::new(QuantConfig::DEFAULT, sigma, SigmaUnit::Range, Profile::Uniform, Faults::NONE)
     }
 
     /// The quantization this variation applies to.
@@ -280,9 +248,7 @@ impl VariationConfig {
     /// `sqrt(sum_j 4^(jN)) / (2^M - 1)`: weight std per unit device std, as a fraction of max|W|.
     pub fn slice_gain(&self) -> f64 {
         let n = u32::from(self.quant.n_bits());
-        let sum: f64 = (0..self.quant.slices() as u32)
-            .map(|j| libm::pow(4.0, f64::from(j * n)))
-            .sum();
+        let sum: f64 = (0..self.quant.slices() as u32).map(|j| libm::pow(4.0, f64::from(j * n))).sum();
         libm::sqrt(sum) / f64::from(self.quant.max_magnitude())
     }
 
@@ -306,18 +272,11 @@ impl VariationConfig {
     /// [`Self::weight_std`].
     pub fn weight_rms(&self, magnitude: u16) -> f64 {
         let sd = f64::from(self.device_sigma(magnitude));
-        let (pl, ph) = (
-            f64::from(self.faults.stuck_low),
-            f64::from(self.faults.stuck_high),
-        );
+        let (pl, ph) = (f64::from(self.faults.stuck_low), f64::from(self.faults.stuck_high));
         let top = f64::from(self.quant.max_level());
         let n = u32::from(self.quant.n_bits());
         let (mut var, mut mean) = (0.0f64, 0.0f64);
-        for (j, l) in slice_unchecked(magnitude, self.quant)
-            .levels()
-            .iter()
-            .enumerate()
-        {
+        for (j, l) in slice_unchecked(magnitude, self.quant).levels().iter().enumerate() {
             let g = f64::from(l.get());
             let w = libm::pow(2.0, f64::from(j as u32 * n));
             let mu = -pl * g + ph * (top - g);
@@ -353,11 +312,7 @@ impl VariationConfig {
             }
             *d = sd * standard_normal(rng);
         }
-        Readout {
-            q,
-            delta,
-            len: cfg.slices() as u8,
-        }
+        Readout { q, delta, len: cfg.slices() as u8 }
     }
 
     /// Perturbs a float layer in place of `out`: `out[i] = w[i] + delta_i`, where `delta_i` is
@@ -373,10 +328,7 @@ impl VariationConfig {
     ) -> Result<()> {
         crate::quant::check_scale(scale)?;
         if out.len() != weights.len() {
-            return Err(Error::LengthMismatch {
-                expected: weights.len(),
-                found: out.len(),
-            });
+            return Err(Error::LengthMismatch { expected: weights.len(), found: out.len() });
         }
         for (index, (o, &w)) in out.iter_mut().zip(weights).enumerate() {
             if !w.is_finite() {
@@ -398,10 +350,7 @@ impl VariationConfig {
     ) -> Result<()> {
         crate::quant::check_scale(scale)?;
         if out.len() != q.len() {
-            return Err(Error::LengthMismatch {
-                expected: q.len(),
-                found: out.len(),
-            });
+            return Err(Error::LengthMismatch { expected: q.len(), found: out.len() });
         }
         for (o, &qi) in out.iter_mut().zip(q) {
             *o = self.sample(qi, rng).read_weight(scale, self.quant);
@@ -471,11 +420,7 @@ mod tests {
     #[test]
     fn closed_form_constants_of_the_design() {
         let range = VariationConfig::paper(1.0).unwrap();
-        assert!(
-            (range.weight_std(0) - 0.7776).abs() < 1e-4,
-            "{}",
-            range.weight_std(0)
-        );
+        assert!((range.weight_std(0) - 0.7776).abs() < 1e-4, "{}", range.weight_std(0));
         let level = VariationConfig::new(
             QuantConfig::DEFAULT,
             1.0,
@@ -517,25 +462,16 @@ mod tests {
     #[test]
     fn bad_configs_are_typed_errors() {
         for s in [-0.1, f32::NAN, f32::INFINITY] {
-            assert!(matches!(
-                VariationConfig::paper(s),
-                Err(Error::InvalidSigma { .. })
-            ));
+            assert!(matches!(VariationConfig::paper(s), Err(Error::InvalidSigma { .. })));
         }
         for (l, h) in [(-0.1, 0.0), (0.0, 1.1), (0.6, 0.6), (f32::NAN, 0.0)] {
-            assert!(matches!(
-                Faults::new(l, h),
-                Err(Error::InvalidFaultRate { .. })
-            ));
+            assert!(matches!(Faults::new(l, h), Err(Error::InvalidFaultRate { .. })));
         }
         let v = VariationConfig::paper(0.1).unwrap();
         let mut out = [0.0; 2];
         let mut rng = stream(1, 0, 0);
         assert!(v.perturb_f32(&[0.1, 0.2], 0.0, &mut rng, &mut out).is_err());
-        assert!(
-            v.perturb_f32(&[0.1, f32::NAN], 1.0, &mut rng, &mut out)
-                .is_err()
-        );
+        assert!(v.perturb_f32(&[0.1, f32::NAN], 1.0, &mut rng, &mut out).is_err());
         assert!(v.perturb_f32(&[0.1], 1.0, &mut rng, &mut out).is_err());
     }
 
@@ -544,24 +480,11 @@ mod tests {
         let v = VariationConfig::paper(0.0).unwrap();
         let w = [0.3f32, -0.9, 0.0, 1.0];
         let mut out = [0.0; 4];
-        v.perturb_f32(&w, 1.0, &mut stream(3, 0, 0), &mut out)
-            .unwrap();
+        v.perturb_f32(&w, 1.0, &mut stream(3, 0, 0), &mut out).unwrap();
         assert_eq!(out, w);
-        let r = v.sample(
-            Quantized {
-                negative: true,
-                magnitude: 200,
-            },
-            &mut stream(3, 0, 0),
-        );
-        assert_eq!(
-            r.read_weight(1.0, QuantConfig::DEFAULT),
-            -(200.0 * (1.0 / 255.0))
-        );
-        assert_eq!(
-            r.devices_fixed(QuantConfig::DEFAULT, 8)[..4],
-            [0, 512, 0, 768]
-        );
+        let r = v.sample(Quantized { negative: true, magnitude: 200 }, &mut stream(3, 0, 0));
+        assert_eq!(r.read_weight(1.0, QuantConfig::DEFAULT), -(200.0 * (1.0 / 255.0)));
+        assert_eq!(r.devices_fixed(QuantConfig::DEFAULT, 8)[..4], [0, 512, 0, 768]);
     }
 
     #[test]
@@ -572,8 +495,7 @@ mod tests {
         let s = crate::quant::quantize_layer(&w, None, v.quant(), &mut q).unwrap();
         let (mut a, mut b) = (vec![0.0; 50], vec![0.0; 50]);
         v.perturb_f32(&w, s, &mut stream(9, 2, 1), &mut a).unwrap();
-        v.perturb_quantized(&q, s, &mut stream(9, 2, 1), &mut b)
-            .unwrap();
+        v.perturb_quantized(&q, s, &mut stream(9, 2, 1), &mut b).unwrap();
         for i in 0..50 {
             // a = w + delta, b = dequant(q) + delta: they differ by the quantization error only.
             let qerr = w[i] - q[i].dequantize(s, v.quant());
@@ -584,26 +506,9 @@ mod tests {
     #[test]
     fn every_device_stuck_gives_the_stuck_level() {
         let c = QuantConfig::DEFAULT;
-        let all_low = VariationConfig::new(
-            c,
-            0.5,
-            SigmaUnit::Range,
-            Profile::Uniform,
-            Faults::new(1.0, 0.0).unwrap(),
-        )
-        .unwrap();
-        let all_high = VariationConfig::new(
-            c,
-            0.5,
-            SigmaUnit::Range,
-            Profile::Uniform,
-            Faults::new(0.0, 1.0).unwrap(),
-        )
-        .unwrap();
-        let q = Quantized {
-            negative: false,
-            magnitude: 0b01_10_11_00,
-        };
+        let all_low = VariationConfig::new(c, 0.5, SigmaUnit::Range, Profile::Uniform, Faults::new(1.0, 0.0).unwrap()).unwrap();
+        let all_high = VariationConfig::new(c, 0.5, SigmaUnit::Range, Profile::Uniform, Faults::new(0.0, 1.0).unwrap()).unwrap();
+        let q = Quantized { negative: false, magnitude: 0b01_10_11_00 };
         let mut rng = stream(1, 1, 1);
         assert_eq!(all_low.sample(q, &mut rng).read_weight(255.0, c), 0.0);
         assert_eq!(all_high.sample(q, &mut rng).read_weight(255.0, c), 255.0);
