@@ -33,20 +33,35 @@ fn main() {
     )
     .unwrap();
     writeln!(src, "const ZIG_R: f32 = {:?}f32;", R as f32).unwrap();
+    // Tables are indexed by the low 8 bits of the draw: bits 0-6 pick the strip, bit 7 the sign,
+    // so the sign costs nothing on the fast path (entries 128..255 mirror 0..127 with W negated).
     // Accept the rectangle when the 23-bit magnitude m satisfies (2m+1)/2^24 < x[i+1]/x[i].
-    write!(src, "const ZIG_K: [u32; {LAYERS}] = [").unwrap();
-    for i in 0..LAYERS {
+    write!(src, "const ZIG_K: [u32; {}] = [", 2 * LAYERS).unwrap();
+    for i in 0..2 * LAYERS {
+        let i = i % LAYERS;
         let ratio = x[i + 1] / x[i];
         let k = libm::ceil((ratio * scale - 1.0) / 2.0).clamp(0.0, f64::from(1u32 << MAG_BITS));
         write!(src, "{},", k as u32).unwrap();
     }
     writeln!(src, "];").unwrap();
-    // x = (2m+1) * W[i] with W[i] = x[i] / 2^24.
-    write!(src, "const ZIG_W: [f32; {LAYERS}] = [").unwrap();
-    for xi in x.iter().take(LAYERS) {
-        write!(src, "{:?}f32,", (xi / scale) as f32).unwrap();
+    // x = (2m+1) * W[i] with W[i] = ±x[i] / 2^24.
+    write!(src, "const ZIG_W: [f32; {}] = [", 2 * LAYERS).unwrap();
+    for i in 0..2 * LAYERS {
+        let sign = if i < LAYERS { 1.0 } else { -1.0 };
+        write!(src, "{:?}f32,", (sign * x[i % LAYERS] / scale) as f32).unwrap();
     }
     writeln!(src, "];").unwrap();
+    // f(x[i]) = exp(-x[i]^2 / 2): the density at each strip's edge, for the wedge test.
+    write!(src, "const ZIG_F: [f32; {}] = [", LAYERS + 1).unwrap();
+    for xi in &x {
+        write!(src, "{:?}f32,", f(*xi) as f32).unwrap();
+    }
+    writeln!(src, "];").unwrap();
+    writeln!(
+        src,
+        "#[allow(dead_code)] // the strip edges themselves: used by the tests"
+    )
+    .unwrap();
     write!(src, "const ZIG_X: [f32; {}] = [", LAYERS + 1).unwrap();
     for xi in &x {
         write!(src, "{:?}f32,", *xi as f32).unwrap();

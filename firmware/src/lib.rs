@@ -1,2 +1,23 @@
-//! nvcim firmware (work in progress): the board support arrives with the firmware issue.
-#![no_std]
+//! nvcim firmware: Monte Carlo noisy integer inference on a Cortex-M4F (QEMU `mps2-an386`).
+//!
+//! This library is the portable half of the firmware; it builds and unit-tests on the host:
+//! - [`args`]: the semihosting command line, parsed into a typed [`args::Command`];
+//! - [`blob`]: validation of the blob QEMU loads into PSRAM (the model parser's plug-in point);
+//! - [`kernel`]: integer dot products, SMLAD on the M4 and plain Rust as the reference;
+//! - [`selftest`]: the bit-exactness check of the kernels;
+//! - [`stats`]: output lines and the Monte Carlo summary in integers / fixed point;
+//! - [`exit`]: every exit code, documented in one place.
+//!
+//! The binary (`src/main.rs`) is the board: semihosting I/O and exit, the FPGAIO counter, the
+//! memory report and the fault handlers. Build it with
+//! `cargo build -p nvcim-firmware --target thumbv7em-none-eabihf --profile firmware`;
+//! the host runner is `nvcim::firmware`.
+#![cfg_attr(not(test), no_std)]
+#![deny(missing_docs)]
+
+pub mod args;
+pub mod blob;
+pub mod exit;
+pub mod kernel;
+pub mod selftest;
+pub mod stats;

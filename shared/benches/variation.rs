@@ -28,7 +28,9 @@ fn gaussian(c: &mut Criterion) {
 
 fn noisy_weights(c: &mut Criterion) {
     const N: usize = 1 << 16;
-    let w: Vec<f32> = (0..N).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+    let w: Vec<f32> = (0..N)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
     let mut q = vec![Quantized::default(); N];
     let s = quantize_layer(&w, None, QuantConfig::DEFAULT, &mut q).unwrap();
     let var = VariationConfig::paper(0.4).unwrap();
@@ -37,7 +39,10 @@ fn noisy_weights(c: &mut Criterion) {
     g.throughput(Throughput::Elements(N as u64));
     g.bench_function("m8_n2_f32", |b| {
         let mut rng = stream(1, 0, 0);
-        b.iter(|| var.perturb_f32(black_box(&w), s, &mut rng, &mut out).unwrap())
+        b.iter(|| {
+            var.perturb_f32(black_box(&w), s, &mut rng, &mut out)
+                .unwrap()
+        })
     });
     g.finish();
 }

@@ -24,7 +24,10 @@ pub struct QuantConfig {
 
 impl QuantConfig {
     /// The paper's setting: 8-bit magnitudes on four 2-bit devices.
-    pub const DEFAULT: QuantConfig = QuantConfig { m_bits: 8, n_bits: 2 };
+    pub const DEFAULT: QuantConfig = QuantConfig {
+        m_bits: 8,
+        n_bits: 2,
+    };
 
     /// Checks that M is in {2, 4, 6, 8}, N in {1, 2, 4} and M a multiple of N.
     ///
@@ -40,7 +43,7 @@ impl QuantConfig {
         if !matches!(n_bits, 1 | 2 | 4) {
             return Err(Error::UnsupportedDeviceBits { n_bits });
         }
-        if m_bits % n_bits != 0 {
+        if !m_bits.is_multiple_of(n_bits) {
             return Err(Error::BitsNotDivisible { m_bits, n_bits });
         }
         Ok(QuantConfig { m_bits, n_bits })
@@ -110,7 +113,11 @@ pub struct Quantized {
 impl Quantized {
     /// The signed integer value, `±magnitude`.
     pub const fn signed(self) -> i32 {
-        if self.negative { -(self.magnitude as i32) } else { self.magnitude as i32 }
+        if self.negative {
+            -(self.magnitude as i32)
+        } else {
+            self.magnitude as i32
+        }
     }
 
     /// The weight this code stands for, `±magnitude * scale / (2^M - 1)`.
@@ -121,7 +128,11 @@ impl Quantized {
 
 /// Checks that a scale is finite and positive.
 pub fn check_scale(scale: f32) -> Result<f32> {
-    if scale.is_finite() && scale > 0.0 { Ok(scale) } else { Err(Error::InvalidScale { scale }) }
+    if scale.is_finite() && scale > 0.0 {
+        Ok(scale)
+    } else {
+        Err(Error::InvalidScale { scale })
+    }
 }
 
 /// `max|W|` of a layer. Fails on a NaN or infinite weight and on an all-zero layer.
@@ -156,7 +167,10 @@ pub fn quantize_unchecked(w: f32, scale: f32, cfg: QuantConfig) -> Quantized {
     let max = cfg.max_magnitude();
     let q = libm::roundf(libm::fabsf(w) / scale * f32::from(max));
     let magnitude = if q >= f32::from(max) { max } else { q as u16 };
-    Quantized { negative: w < 0.0, magnitude }
+    Quantized {
+        negative: w < 0.0,
+        magnitude,
+    }
 }
 
 /// Quantizes a layer into `out` and returns its scale (`max|W|` unless `scale` is given).
@@ -167,7 +181,10 @@ pub fn quantize_layer(
     out: &mut [Quantized],
 ) -> Result<f32> {
     if out.len() != weights.len() {
-        return Err(Error::LengthMismatch { expected: weights.len(), found: out.len() });
+        return Err(Error::LengthMismatch {
+            expected: weights.len(),
+            found: out.len(),
+        });
     }
     let own = layer_scale(weights);
     let scale = match scale {
@@ -192,16 +209,40 @@ mod tests {
                 assert_eq!(QuantConfig::new(m, n).is_ok(), ok, "M={m} N={n}");
             }
         }
-        assert_eq!(QuantConfig::new(6, 4), Err(Error::BitsNotDivisible { m_bits: 6, n_bits: 4 }));
-        assert_eq!(QuantConfig::new(2, 4), Err(Error::BitsNotDivisible { m_bits: 2, n_bits: 4 }));
+        assert_eq!(
+            QuantConfig::new(6, 4),
+            Err(Error::BitsNotDivisible {
+                m_bits: 6,
+                n_bits: 4
+            })
+        );
+        assert_eq!(
+            QuantConfig::new(2, 4),
+            Err(Error::BitsNotDivisible {
+                m_bits: 2,
+                n_bits: 4
+            })
+        );
     }
 
     #[test]
     fn rounding_and_extremes() {
         let c = QuantConfig::DEFAULT;
         assert_eq!(quantize(1.0, 1.0, c).unwrap().magnitude, 255);
-        assert_eq!(quantize(-1.0, 1.0, c).unwrap(), Quantized { negative: true, magnitude: 255 });
-        assert_eq!(quantize(0.0, 1.0, c).unwrap(), Quantized { negative: false, magnitude: 0 });
+        assert_eq!(
+            quantize(-1.0, 1.0, c).unwrap(),
+            Quantized {
+                negative: true,
+                magnitude: 255
+            }
+        );
+        assert_eq!(
+            quantize(0.0, 1.0, c).unwrap(),
+            Quantized {
+                negative: false,
+                magnitude: 0
+            }
+        );
         assert!(!quantize(-0.0, 1.0, c).unwrap().negative);
         // 0.5/255 rounds up to 1, just below it rounds down to 0.
         assert_eq!(quantize(0.5 / 255.0, 1.0, c).unwrap().magnitude, 1);
@@ -214,11 +255,23 @@ mod tests {
     fn bad_scales_and_weights() {
         let c = QuantConfig::DEFAULT;
         for s in [0.0, -1.0, f32::NAN, f32::INFINITY] {
-            assert!(matches!(quantize(0.1, s, c), Err(Error::InvalidScale { .. })), "{s}");
+            assert!(
+                matches!(quantize(0.1, s, c), Err(Error::InvalidScale { .. })),
+                "{s}"
+            );
         }
-        assert_eq!(quantize(f32::NAN, 1.0, c), Err(Error::NonFiniteWeight { index: 0 }));
-        assert_eq!(layer_scale(&[0.0, 0.0]), Err(Error::InvalidScale { scale: 0.0 }));
-        assert_eq!(layer_scale(&[0.1, f32::NAN]), Err(Error::NonFiniteWeight { index: 1 }));
+        assert_eq!(
+            quantize(f32::NAN, 1.0, c),
+            Err(Error::NonFiniteWeight { index: 0 })
+        );
+        assert_eq!(
+            layer_scale(&[0.0, 0.0]),
+            Err(Error::InvalidScale { scale: 0.0 })
+        );
+        assert_eq!(
+            layer_scale(&[0.1, f32::NAN]),
+            Err(Error::NonFiniteWeight { index: 1 })
+        );
         assert_eq!(layer_scale(&[0.1, -0.3]), Ok(0.3));
     }
 

@@ -58,6 +58,7 @@ impl Xoshiro128PlusPlus {
 
     /// The next 32 bits.
     #[inline(always)]
+    #[allow(clippy::should_implement_trait)] // an infinite generator, not an Iterator
     pub fn next(&mut self) -> u32 {
         let s = &mut self.s;
         let result = s[0].wrapping_add(s[3]).rotate_left(7).wrapping_add(s[0]);
@@ -109,6 +110,7 @@ pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
     /// The next 64 bits.
+    #[allow(clippy::should_implement_trait)] // an infinite generator, not an Iterator
     pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         mix64(self.0)
@@ -153,27 +155,28 @@ pub fn uniform_open01(rng: &mut impl RngCore) -> f32 {
 }
 
 /// One standard normal sample (ziggurat).
-#[inline]
+///
+/// Fast path: bits 0-7 of one draw index the signed tables, bits 9-31 are the magnitude `m`,
+/// and `(r >> 8) | 1 == 2m + 1` is exact in `f32` (24 bits).
+#[inline(always)]
 pub fn standard_normal(rng: &mut impl RngCore) -> f32 {
     let r = rng.next_u32();
-    let i = (r & 0x7f) as usize;
-    let m = r >> 9;
-    if m < ZIG_K[i] {
-        let x = (2 * m + 1) as f32 * ZIG_W[i];
-        return if r & 0x80 != 0 { -x } else { x };
+    let i = (r & 0xff) as usize;
+    if (r >> 9) < ZIG_K[i] {
+        return ((r >> 8) | 1) as f32 * ZIG_W[i];
     }
     normal_slow(rng, r)
 }
 
 /// The wedges and the tail of the ziggurat, entered with the rejected draw `r`.
 #[cold]
+#[inline(never)]
 fn normal_slow(rng: &mut impl RngCore, mut r: u32) -> f32 {
     loop {
         let i = (r & 0x7f) as usize;
-        let m = r >> 9;
         let negative = r & 0x80 != 0;
-        if m < ZIG_K[i] {
-            let x = (2 * m + 1) as f32 * ZIG_W[i];
+        if (r >> 9) < ZIG_K[i] {
+            let x = ((r >> 8) | 1) as f32 * ZIG_W[i];
             return if negative { -x } else { x };
         }
         if i == 0 {
@@ -187,16 +190,38 @@ fn normal_slow(rng: &mut impl RngCore, mut r: u32) -> f32 {
                 }
             }
         }
-        let x = (2 * m + 1) as f32 * ZIG_W[i];
-        let xi = ZIG_X[i];
-        let xn = ZIG_X[i + 1];
-        let f0 = libm::expf(-0.5 * (xi * xi - x * x));
-        let f1 = libm::expf(-0.5 * (xn * xn - x * x));
-        if f1 + uniform_open01(rng) * (f0 - f1) < 1.0 {
+        let x = ((r >> 8) | 1) as f32 * ZIG_W[i];
+        // Wedge: accept when a uniform height between f(x[i]) and f(x[i+1]) lies under f(x).
+        let (f_out, f_in) = (ZIG_F[i], ZIG_F[i + 1]);
+        if f_out + uniform_open01(rng) * (f_in - f_out) < exp_nonpositive(-0.5 * x * x) {
             return if negative { -x } else { x };
         }
         r = rng.next_u32();
     }
+}
+
+/// `e^x` for `-80 <= x <= 0` in pure `f32` arithmetic (relative error below 3e-7).
+///
+/// The wedge test needs `f(x)` only to about the resolution of a 24-bit uniform, and
+/// `libm::expf` computes in `f64`, which the Cortex-M4F emulates in software (hundreds of
+/// instructions). Range reduction `x = k ln2 + r`, `|r| <= ln2 / 2`, then a degree-7 Taylor
+/// polynomial in Horner form; the same operations on every target give the same bits.
+#[inline]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = core::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that k * LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = if x < -80.0 { -80.0 } else { x };
+    let k = (x * LOG2E - 0.5) as i32; // round to nearest for x <= 0 (truncation toward zero)
+    let kf = k as f32;
+    let r = (x - kf * LN2_HI) - kf * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((127 + k) as u32) << 23)
 }
 
 #[cfg(test)]
@@ -247,6 +272,10 @@ mod tests {
         let k0 = ZIG_K[0] as f64 / (1u32 << 23) as f64;
         assert!((k0 - f64::from(ZIG_X[1] / ZIG_X[0])).abs() < 1e-6);
         assert_eq!(ZIG_K[ZIG_LAYERS - 1], 0);
+        for i in 0..ZIG_LAYERS {
+            assert_eq!(ZIG_K[i], ZIG_K[i + ZIG_LAYERS]);
+            assert_eq!(ZIG_W[i], -ZIG_W[i + ZIG_LAYERS]);
+        }
     }
 
     #[test]
@@ -263,5 +292,19 @@ mod tests {
         }
         assert_eq!(uniform_open01(&mut Fixed(0)), 1.0 / 16_777_216.0);
         assert_eq!(uniform_open01(&mut Fixed(u32::MAX)), 1.0);
+    }
+
+    #[test]
+    fn fast_exp_is_accurate_on_its_domain() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -8.0 * i as f32 / 200_000.0;
+            let want = libm::exp(f64::from(x));
+            let got = f64::from(exp_nonpositive(x));
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert!(exp_nonpositive(-1000.0) > 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 }

@@ -21,7 +21,11 @@ impl Level {
     /// assert_eq!(Level::new(4, 2), None);
     /// ```
     pub const fn new(v: u8, n_bits: u8) -> Option<Level> {
-        if n_bits <= 8 && (v as u16) < (1u16 << n_bits) { Some(Level(v)) } else { None }
+        if n_bits <= 8 && (v as u16) < (1u16 << n_bits) {
+            Some(Level(v))
+        } else {
+            None
+        }
     }
 
     /// The level as a number.
@@ -46,12 +50,20 @@ impl Slices {
     /// Builds slices from raw levels, checking each against the device width.
     pub fn from_levels(levels: &[u8], cfg: QuantConfig) -> Result<Slices> {
         if levels.len() != cfg.slices() {
-            return Err(Error::LengthMismatch { expected: cfg.slices(), found: levels.len() });
+            return Err(Error::LengthMismatch {
+                expected: cfg.slices(),
+                found: levels.len(),
+            });
         }
-        let mut out = Slices { levels: [Level(0); MAX_SLICES], len: levels.len() as u8 };
+        let mut out = Slices {
+            levels: [Level(0); MAX_SLICES],
+            len: levels.len() as u8,
+        };
         for (o, &v) in out.levels.iter_mut().zip(levels) {
-            *o = Level::new(v, cfg.n_bits())
-                .ok_or(Error::LevelOutOfRange { level: v, n_bits: cfg.n_bits() })?;
+            *o = Level::new(v, cfg.n_bits()).ok_or(Error::LevelOutOfRange {
+                level: v,
+                n_bits: cfg.n_bits(),
+            })?;
         }
         Ok(out)
     }
@@ -76,7 +88,10 @@ impl Slices {
 /// ```
 pub fn slice(magnitude: u16, cfg: QuantConfig) -> Result<Slices> {
     if magnitude > cfg.max_magnitude() {
-        return Err(Error::MagnitudeOutOfRange { magnitude, m_bits: cfg.m_bits() });
+        return Err(Error::MagnitudeOutOfRange {
+            magnitude,
+            m_bits: cfg.m_bits(),
+        });
     }
     Ok(slice_unchecked(magnitude, cfg))
 }
@@ -89,7 +104,10 @@ pub fn slice_unchecked(magnitude: u16, cfg: QuantConfig) -> Slices {
     for (j, l) in levels.iter_mut().take(cfg.slices()).enumerate() {
         *l = Level(((magnitude >> (j as u32 * n)) & mask) as u8);
     }
-    Slices { levels, len: cfg.slices() as u8 }
+    Slices {
+        levels,
+        len: cfg.slices() as u8,
+    }
 }
 
 /// The two sides of a differential pair for one weight.
@@ -107,9 +125,15 @@ impl DifferentialPair {
         let on = slice(q.magnitude, cfg)?;
         let off = slice_unchecked(0, cfg);
         Ok(if q.negative {
-            DifferentialPair { positive: off, negative: on }
+            DifferentialPair {
+                positive: off,
+                negative: on,
+            }
         } else {
-            DifferentialPair { positive: on, negative: off }
+            DifferentialPair {
+                positive: on,
+                negative: off,
+            }
         })
     }
 
@@ -123,8 +147,17 @@ impl DifferentialPair {
 mod tests {
     use super::*;
 
-    const CONFIGS: [(u8, u8); 9] =
-        [(2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (6, 1), (6, 2), (8, 1), (8, 2)];
+    const CONFIGS: [(u8, u8); 9] = [
+        (2, 1),
+        (2, 2),
+        (4, 1),
+        (4, 2),
+        (4, 4),
+        (6, 1),
+        (6, 2),
+        (8, 1),
+        (8, 2),
+    ];
 
     #[test]
     fn every_magnitude_round_trips_for_every_config_and_sign() {
@@ -138,10 +171,17 @@ mod tests {
                 assert!(s.levels().iter().all(|l| l.get() <= cfg.max_level()));
                 assert_eq!(s.magnitude(cfg), mag, "M={m} N={n}");
                 for negative in [false, true] {
-                    let q = Quantized { negative, magnitude: mag };
+                    let q = Quantized {
+                        negative,
+                        magnitude: mag,
+                    };
                     let pair = DifferentialPair::new(q, cfg).unwrap();
                     assert_eq!(pair.signed(cfg), q.signed());
-                    let idle = if negative { pair.positive } else { pair.negative };
+                    let idle = if negative {
+                        pair.positive
+                    } else {
+                        pair.negative
+                    };
                     assert_eq!(idle.magnitude(cfg), 0);
                 }
             }
@@ -152,10 +192,18 @@ mod tests {
     #[test]
     fn from_levels_checks_width_and_count() {
         let cfg = QuantConfig::DEFAULT;
-        assert_eq!(Slices::from_levels(&[3, 0, 1, 2], cfg).unwrap().magnitude(cfg), 3 + 16 + 128);
+        assert_eq!(
+            Slices::from_levels(&[3, 0, 1, 2], cfg)
+                .unwrap()
+                .magnitude(cfg),
+            3 + 16 + 128
+        );
         assert_eq!(
             Slices::from_levels(&[4, 0, 0, 0], cfg),
-            Err(Error::LevelOutOfRange { level: 4, n_bits: 2 })
+            Err(Error::LevelOutOfRange {
+                level: 4,
+                n_bits: 2
+            })
         );
         assert!(Slices::from_levels(&[1, 2], cfg).is_err());
     }

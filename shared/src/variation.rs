@@ -83,8 +83,13 @@ pub enum Profile {
 
 impl Profile {
     /// Every profile, in order.
-    pub const ALL: [Profile; 5] =
-        [Profile::Uniform, Profile::Rram1, Profile::Fefet2, Profile::Rram4, Profile::Fefet6];
+    pub const ALL: [Profile; 5] = [
+        Profile::Uniform,
+        Profile::Rram1,
+        Profile::Fefet2,
+        Profile::Rram4,
+        Profile::Fefet6,
+    ];
 
     /// The name used on command lines and in result files.
     pub const fn name(self) -> &'static str {
@@ -99,7 +104,9 @@ impl Profile {
 
     /// Parses a profile name (case-insensitive).
     pub fn from_name(s: &str) -> Option<Self> {
-        Profile::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(s))
+        Profile::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
     }
 
     /// The mid-range multiplier `s`, or `None` for [`Profile::Uniform`].
@@ -126,7 +133,11 @@ impl Profile {
             None => 1.0,
             Some(s) => {
                 let norm = libm::sqrtf(0.4 * s * s + 0.6);
-                if self.in_band(magnitude, cfg) { s / norm } else { 1.0 / norm }
+                if self.in_band(magnitude, cfg) {
+                    s / norm
+                } else {
+                    1.0 / norm
+                }
             }
         }
     }
@@ -141,15 +152,24 @@ pub struct Faults {
 
 impl Faults {
     /// No faults.
-    pub const NONE: Faults = Faults { stuck_low: 0.0, stuck_high: 0.0 };
+    pub const NONE: Faults = Faults {
+        stuck_low: 0.0,
+        stuck_high: 0.0,
+    };
 
     /// Checks that both rates are in [0, 1] and sum to at most 1.
     pub fn new(stuck_low: f32, stuck_high: f32) -> Result<Self> {
         let ok = |r: f32| r.is_finite() && (0.0..=1.0).contains(&r);
         if ok(stuck_low) && ok(stuck_high) && stuck_low + stuck_high <= 1.0 {
-            Ok(Faults { stuck_low, stuck_high })
+            Ok(Faults {
+                stuck_low,
+                stuck_high,
+            })
         } else {
-            Err(Error::InvalidFaultRate { stuck_low, stuck_high })
+            Err(Error::InvalidFaultRate {
+                stuck_low,
+                stuck_high,
+            })
         }
     }
 
@@ -184,6 +204,10 @@ pub struct VariationConfig {
     unit: SigmaUnit,
     profile: Profile,
     faults: Faults,
+    /// Per-device std in levels outside and inside the profile's band (derived, cached).
+    sd: [f32; 2],
+    /// The fault draw thresholds (derived, cached: no `f64` work per sample on the M4F).
+    thresholds: (u64, u64),
 }
 
 impl VariationConfig {
@@ -198,12 +222,36 @@ impl VariationConfig {
         if !sigma.is_finite() || sigma < 0.0 {
             return Err(Error::InvalidSigma { sigma });
         }
-        Ok(VariationConfig { quant, sigma, unit, profile, faults })
+        let unit_levels = match unit {
+            SigmaUnit::Range => f32::from(quant.max_level()),
+            SigmaUnit::Level => 1.0,
+        };
+        // Representative magnitudes outside (0) and inside (half scale) the profile's band.
+        let half = quant.max_magnitude() / 2;
+        let sd = [
+            sigma * unit_levels * profile.factor(0, quant),
+            sigma * unit_levels * profile.factor(half, quant),
+        ];
+        Ok(VariationConfig {
+            quant,
+            sigma,
+            unit,
+            profile,
+            faults,
+            sd,
+            thresholds: faults.thresholds(),
+        })
     }
 
     /// The paper's default (M = 8, N = 2, `range`, uniform, no faults) at `sigma`.
     pub fn paper(sigma: f32) -> Result<Self> {
-        Self::new(QuantConfig::DEFAULT, sigma, SigmaUnit::Range, Profile::Uniform, Faults::NONE)
+        Self::new(
+            QuantConfig::DEFAULT,
+            sigma,
+            SigmaUnit::Range,
+            Profile::Uniform,
+            Faults::NONE,
+        )
     }
 
     /// The quantization this variation applies to.
@@ -237,18 +285,17 @@ impl VariationConfig {
     }
 
     /// Per-device std in conductance levels for a weight of this magnitude.
+    #[inline]
     pub fn device_sigma(&self, magnitude: u16) -> f32 {
-        let unit = match self.unit {
-            SigmaUnit::Range => f32::from(self.quant.max_level()),
-            SigmaUnit::Level => 1.0,
-        };
-        self.sigma * unit * self.profile.factor(magnitude, self.quant)
+        self.sd[usize::from(self.profile.in_band(magnitude, self.quant))]
     }
 
     /// `sqrt(sum_j 4^(jN)) / (2^M - 1)`: weight std per unit device std, as a fraction of max|W|.
     pub fn slice_gain(&self) -> f64 {
         let n = u32::from(self.quant.n_bits());
-        let sum: f64 = (0..self.quant.slices() as u32).map(|j| libm::pow(4.0, f64::from(j * n))).sum();
+        let sum: f64 = (0..self.quant.slices() as u32)
+            .map(|j| libm::pow(4.0, f64::from(j * n)))
+            .sum();
         libm::sqrt(sum) / f64::from(self.quant.max_magnitude())
     }
 
@@ -272,11 +319,18 @@ impl VariationConfig {
     /// [`Self::weight_std`].
     pub fn weight_rms(&self, magnitude: u16) -> f64 {
         let sd = f64::from(self.device_sigma(magnitude));
-        let (pl, ph) = (f64::from(self.faults.stuck_low), f64::from(self.faults.stuck_high));
+        let (pl, ph) = (
+            f64::from(self.faults.stuck_low),
+            f64::from(self.faults.stuck_high),
+        );
         let top = f64::from(self.quant.max_level());
         let n = u32::from(self.quant.n_bits());
         let (mut var, mut mean) = (0.0f64, 0.0f64);
-        for (j, l) in slice_unchecked(magnitude, self.quant).levels().iter().enumerate() {
+        for (j, l) in slice_unchecked(magnitude, self.quant)
+            .levels()
+            .iter()
+            .enumerate()
+        {
             let g = f64::from(l.get());
             let w = libm::pow(2.0, f64::from(j as u32 * n));
             let mu = -pl * g + ph * (top - g);
@@ -292,27 +346,82 @@ impl VariationConfig {
     #[inline]
     pub fn sample(&self, q: Quantized, rng: &mut impl RngCore) -> Readout {
         let cfg = self.quant;
-        let slices = slice_unchecked(q.magnitude, cfg);
+        let n = cfg.slices();
         let sd = self.device_sigma(q.magnitude);
-        let top = f32::from(cfg.max_level());
-        let faults = self.faults.any().then(|| self.faults.thresholds());
         let mut delta = [0.0f32; MAX_SLICES];
-        for (d, l) in delta.iter_mut().zip(slices.levels()) {
-            let g = f32::from(l.get());
-            if let Some((t_low, t_high)) = faults {
-                let u = u64::from(rng.next_u32());
-                if u < t_low {
-                    *d = -g;
-                    continue;
-                }
-                if u < t_high {
-                    *d = top - g;
-                    continue;
-                }
+        if !self.faults.any() {
+            for d in &mut delta[..n] {
+                *d = sd * standard_normal(rng);
             }
-            *d = sd * standard_normal(rng);
+            return Readout {
+                q,
+                delta,
+                len: n as u8,
+            };
         }
-        Readout { q, delta, len: cfg.slices() as u8 }
+        let (t_low, t_high) = self.thresholds;
+        let top = f32::from(cfg.max_level());
+        for (d, l) in delta
+            .iter_mut()
+            .zip(slice_unchecked(q.magnitude, cfg).levels())
+        {
+            let g = f32::from(l.get());
+            let u = u64::from(rng.next_u32());
+            *d = if u < t_low {
+                -g
+            } else if u < t_high {
+                top - g
+            } else {
+                sd * standard_normal(rng)
+            };
+        }
+        Readout {
+            q,
+            delta,
+            len: n as u8,
+        }
+    }
+
+    /// The collapsed fixed-point magnitude read back from one weight's devices,
+    /// `sum_j 2^(jN) * ((g_j << F) + round(dg_j * 2^F))`, without the sign: the same draws and
+    /// the same bits as `self.sample(q, rng).devices_fixed(cfg, F)` summed, but without building
+    /// a [`Readout`] (this is the tile-programming hot path on the Cortex-M).
+    ///
+    /// Bound: `|result| <= (2^M - 1 + sum_j 2^(jN) |dg_j|) * 2^F`. With M <= 8 and F <= 16 it
+    /// fits `i32` while `sum_j 2^(jN) |dg_j| < 2^14` levels; a realistic sample is a few levels
+    /// per device (sigma = 1 in `range` is 3 levels, so 10 sigma on every device of an 8/2 weight
+    /// is 2550). Beyond that the sum wraps instead of panicking.
+    #[inline]
+    pub fn collapsed_fixed(&self, q: Quantized, rng: &mut impl RngCore, frac_bits: u32) -> i32 {
+        let cfg = self.quant;
+        let n = u32::from(cfg.n_bits());
+        let scaled_sd = self.device_sigma(q.magnitude) * (1u32 << frac_bits) as f32;
+        let mut acc = i32::from(q.magnitude) << frac_bits;
+        if !self.faults.any() {
+            for j in 0..cfg.slices() as u32 {
+                acc = acc.wrapping_add(round_fixed(scaled_sd * standard_normal(rng)) << (j * n));
+            }
+            return acc;
+        }
+        let (t_low, t_high) = self.thresholds;
+        let top = i32::from(cfg.max_level());
+        for (j, l) in slice_unchecked(q.magnitude, cfg)
+            .levels()
+            .iter()
+            .enumerate()
+        {
+            let g = i32::from(l.get());
+            let u = u64::from(rng.next_u32());
+            let d = if u < t_low {
+                -g << frac_bits
+            } else if u < t_high {
+                (top - g) << frac_bits
+            } else {
+                round_fixed(scaled_sd * standard_normal(rng))
+            };
+            acc = acc.wrapping_add(d << (j as u32 * n));
+        }
+        acc
     }
 
     /// Perturbs a float layer in place of `out`: `out[i] = w[i] + delta_i`, where `delta_i` is
@@ -328,7 +437,10 @@ impl VariationConfig {
     ) -> Result<()> {
         crate::quant::check_scale(scale)?;
         if out.len() != weights.len() {
-            return Err(Error::LengthMismatch { expected: weights.len(), found: out.len() });
+            return Err(Error::LengthMismatch {
+                expected: weights.len(),
+                found: out.len(),
+            });
         }
         for (index, (o, &w)) in out.iter_mut().zip(weights).enumerate() {
             if !w.is_finite() {
@@ -350,7 +462,10 @@ impl VariationConfig {
     ) -> Result<()> {
         crate::quant::check_scale(scale)?;
         if out.len() != q.len() {
-            return Err(Error::LengthMismatch { expected: q.len(), found: out.len() });
+            return Err(Error::LengthMismatch {
+                expected: q.len(),
+                found: out.len(),
+            });
         }
         for (o, &qi) in out.iter_mut().zip(q) {
             *o = self.sample(qi, rng).read_weight(scale, self.quant);
@@ -399,17 +514,25 @@ impl Readout {
     }
 
     /// Each device's read conductance `g_j + dg_j` in fixed point with `frac_bits` fractional
-    /// bits, rounded half away from zero (the integer engine's tile state). The rounding error
-    /// is at most `2^-(frac_bits+1)` level per device.
+    /// bits: `(g_j << F) + round(dg_j * 2^F)`, rounding half away from zero (see [`round_fixed`]).
+    /// This is the integer engine's tile state; the error is at most `2^-(F+1)` level per device.
     pub fn devices_fixed(&self, cfg: QuantConfig, frac_bits: u32) -> [i32; MAX_SLICES] {
         let one = (1u32 << frac_bits) as f32;
         let levels = slice_unchecked(self.q.magnitude, cfg);
         let mut out = [0i32; MAX_SLICES];
         for ((o, d), l) in out.iter_mut().zip(self.deltas()).zip(levels.levels()) {
-            *o = libm::roundf((f32::from(l.get()) + d) * one) as i32;
+            *o = (i32::from(l.get()) << frac_bits) + round_fixed(d * one);
         }
         out
     }
+}
+
+/// Rounds half away from zero to `i32`, as `trunc(v ± 0.5)` in `f32` with a saturating cast:
+/// one compare, one add and one `VCVT` on the Cortex-M4F (which has no rounding instruction).
+/// Host and firmware use this same formula, so their fixed-point tiles are bit-identical.
+#[inline(always)]
+pub fn round_fixed(v: f32) -> i32 {
+    (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
 }
 
 #[cfg(test)]
@@ -420,7 +543,11 @@ mod tests {
     #[test]
     fn closed_form_constants_of_the_design() {
         let range = VariationConfig::paper(1.0).unwrap();
-        assert!((range.weight_std(0) - 0.7776).abs() < 1e-4, "{}", range.weight_std(0));
+        assert!(
+            (range.weight_std(0) - 0.7776).abs() < 1e-4,
+            "{}",
+            range.weight_std(0)
+        );
         let level = VariationConfig::new(
             QuantConfig::DEFAULT,
             1.0,
@@ -462,16 +589,25 @@ mod tests {
     #[test]
     fn bad_configs_are_typed_errors() {
         for s in [-0.1, f32::NAN, f32::INFINITY] {
-            assert!(matches!(VariationConfig::paper(s), Err(Error::InvalidSigma { .. })));
+            assert!(matches!(
+                VariationConfig::paper(s),
+                Err(Error::InvalidSigma { .. })
+            ));
         }
         for (l, h) in [(-0.1, 0.0), (0.0, 1.1), (0.6, 0.6), (f32::NAN, 0.0)] {
-            assert!(matches!(Faults::new(l, h), Err(Error::InvalidFaultRate { .. })));
+            assert!(matches!(
+                Faults::new(l, h),
+                Err(Error::InvalidFaultRate { .. })
+            ));
         }
         let v = VariationConfig::paper(0.1).unwrap();
         let mut out = [0.0; 2];
         let mut rng = stream(1, 0, 0);
         assert!(v.perturb_f32(&[0.1, 0.2], 0.0, &mut rng, &mut out).is_err());
-        assert!(v.perturb_f32(&[0.1, f32::NAN], 1.0, &mut rng, &mut out).is_err());
+        assert!(
+            v.perturb_f32(&[0.1, f32::NAN], 1.0, &mut rng, &mut out)
+                .is_err()
+        );
         assert!(v.perturb_f32(&[0.1], 1.0, &mut rng, &mut out).is_err());
     }
 
@@ -480,11 +616,24 @@ mod tests {
         let v = VariationConfig::paper(0.0).unwrap();
         let w = [0.3f32, -0.9, 0.0, 1.0];
         let mut out = [0.0; 4];
-        v.perturb_f32(&w, 1.0, &mut stream(3, 0, 0), &mut out).unwrap();
+        v.perturb_f32(&w, 1.0, &mut stream(3, 0, 0), &mut out)
+            .unwrap();
         assert_eq!(out, w);
-        let r = v.sample(Quantized { negative: true, magnitude: 200 }, &mut stream(3, 0, 0));
-        assert_eq!(r.read_weight(1.0, QuantConfig::DEFAULT), -(200.0 * (1.0 / 255.0)));
-        assert_eq!(r.devices_fixed(QuantConfig::DEFAULT, 8)[..4], [0, 512, 0, 768]);
+        let r = v.sample(
+            Quantized {
+                negative: true,
+                magnitude: 200,
+            },
+            &mut stream(3, 0, 0),
+        );
+        assert_eq!(
+            r.read_weight(1.0, QuantConfig::DEFAULT),
+            -(200.0 * (1.0 / 255.0))
+        );
+        assert_eq!(
+            r.devices_fixed(QuantConfig::DEFAULT, 8)[..4],
+            [0, 512, 0, 768]
+        );
     }
 
     #[test]
@@ -495,7 +644,8 @@ mod tests {
         let s = crate::quant::quantize_layer(&w, None, v.quant(), &mut q).unwrap();
         let (mut a, mut b) = (vec![0.0; 50], vec![0.0; 50]);
         v.perturb_f32(&w, s, &mut stream(9, 2, 1), &mut a).unwrap();
-        v.perturb_quantized(&q, s, &mut stream(9, 2, 1), &mut b).unwrap();
+        v.perturb_quantized(&q, s, &mut stream(9, 2, 1), &mut b)
+            .unwrap();
         for i in 0..50 {
             // a = w + delta, b = dequant(q) + delta: they differ by the quantization error only.
             let qerr = w[i] - q[i].dequantize(s, v.quant());
@@ -506,12 +656,52 @@ mod tests {
     #[test]
     fn every_device_stuck_gives_the_stuck_level() {
         let c = QuantConfig::DEFAULT;
-        let all_low = VariationConfig::new(c, 0.5, SigmaUnit::Range, Profile::Uniform, Faults::new(1.0, 0.0).unwrap()).unwrap();
-        let all_high = VariationConfig::new(c, 0.5, SigmaUnit::Range, Profile::Uniform, Faults::new(0.0, 1.0).unwrap()).unwrap();
-        let q = Quantized { negative: false, magnitude: 0b01_10_11_00 };
+        let all_low = VariationConfig::new(
+            c,
+            0.5,
+            SigmaUnit::Range,
+            Profile::Uniform,
+            Faults::new(1.0, 0.0).unwrap(),
+        )
+        .unwrap();
+        let all_high = VariationConfig::new(
+            c,
+            0.5,
+            SigmaUnit::Range,
+            Profile::Uniform,
+            Faults::new(0.0, 1.0).unwrap(),
+        )
+        .unwrap();
+        let q = Quantized {
+            negative: false,
+            magnitude: 0b01_10_11_00,
+        };
         let mut rng = stream(1, 1, 1);
         assert_eq!(all_low.sample(q, &mut rng).read_weight(255.0, c), 0.0);
         assert_eq!(all_high.sample(q, &mut rng).read_weight(255.0, c), 255.0);
         assert!((all_low.weight_rms(q.magnitude) - f64::from(q.magnitude) / 255.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn collapsed_fixed_equals_the_readout_path() {
+        let c = QuantConfig::DEFAULT;
+        for faults in [Faults::NONE, Faults::new(0.1, 0.05).unwrap()] {
+            let var =
+                VariationConfig::new(c, 0.5, SigmaUnit::Range, Profile::Fefet2, faults).unwrap();
+            let (mut a, mut b) = (stream(5, 1, 0), stream(5, 1, 0));
+            for m in 0..=255u16 {
+                let q = Quantized {
+                    negative: m % 3 == 0,
+                    magnitude: m,
+                };
+                let dev = var.sample(q, &mut a).devices_fixed(c, 6);
+                let want: i32 = dev[..4].iter().enumerate().map(|(j, d)| d << (2 * j)).sum();
+                assert_eq!(var.collapsed_fixed(q, &mut b, 6), want, "{m}");
+            }
+        }
+        assert_eq!(round_fixed(2.5), 3);
+        assert_eq!(round_fixed(-2.5), -3);
+        assert_eq!(round_fixed(-0.4), 0);
+        assert_eq!(round_fixed(1e12), i32::MAX);
     }
 }

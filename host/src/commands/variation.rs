@@ -23,7 +23,11 @@ use crate::options::{DeviceArgs, parse_sigmas};
 #[derive(Debug, Clone, Args)]
 pub struct VariationArgs {
     /// Comma-separated sigma values, in the unit of --sigma-unit.
-    #[arg(long, default_value = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")]
+    #[arg(
+        long,
+        default_value = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8",
+        allow_hyphen_values = true
+    )]
     pub sigma: String,
     /// The device model.
     #[command(flatten)]
@@ -120,7 +124,11 @@ pub fn row(var: &VariationConfig, samples: u64, seed: u64) -> Row {
         analytic_std: analytic,
         empirical_std: empirical,
         empirical_mean: s1 / n,
-        relative_error: if analytic > 0.0 { empirical / analytic - 1.0 } else { 0.0 },
+        relative_error: if analytic > 0.0 {
+            empirical / analytic - 1.0
+        } else {
+            0.0
+        },
     }
 }
 

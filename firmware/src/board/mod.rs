@@ -1,0 +1,329 @@
+//! Everything that needs the board: entry point, verbs, fault handlers.
+
+mod counter;
+mod memory;
+mod semihosting;
+
+use core::{fmt::Write, hint::black_box, panic::PanicInfo, sync::atomic::AtomicBool};
+
+use cortex_m_rt::{ExceptionFrame, entry, exception};
+use nvcim_firmware::{
+    args::{self, Command, Crash, SelfTestArgs},
+    blob,
+    exit::ExitCode,
+    kernel, selftest,
+    stats::Fixed2,
+};
+use nvcim_shared::{
+    quant::Quantized,
+    rng::{self, Xoshiro128PlusPlus},
+    variation::VariationConfig,
+};
+
+use semihosting::{Console, exit};
+
+/// Command line buffer; QEMU rejects a longer command line.
+const CMDLINE_LEN: usize = 1024;
+
+#[entry]
+fn main() -> ! {
+    let mut out = Console::open();
+    let mut buf = [0u8; CMDLINE_LEN];
+    let Some(cmdline) = semihosting::command_line(&mut buf) else {
+        let _ = writeln!(
+            out,
+            "error: the semihosting command line is longer than {CMDLINE_LEN} bytes"
+        );
+        exit(ExitCode::CommandLineTooLong);
+    };
+    let _ = writeln!(
+        out,
+        "nvcim-firmware {} on mps2-an386",
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = writeln!(out, "{}", memory::report());
+    let code = match args::parse(cmdline) {
+        Err(e) => {
+            let _ = writeln!(out, "error: {e}");
+            ExitCode::BadArguments
+        }
+        Ok(Command::SelfTest(a)) => self_test(&mut out, a),
+        Ok(Command::Check) => check(&mut out).err().unwrap_or(ExitCode::Ok),
+        Ok(Command::Run(_)) => match check(&mut out) {
+            Err(code) => code,
+            Ok(()) => {
+                let _ = writeln!(
+                    out,
+                    "error: `run` needs the integer CiM engine, not in this build yet"
+                );
+                ExitCode::Unsupported
+            }
+        },
+        Ok(Command::Crash(Crash::Panic)) => panic!("crash requested on the command line"),
+        Ok(Command::Crash(Crash::Hang)) => loop {
+            core::hint::spin_loop();
+        },
+        Ok(Command::Crash(Crash::HardFault)) => {
+            // SAFETY: not safe and not meant to be: a read from unmapped memory, to test the
+            // HardFault handler. 0xF000_0000 is outside every region of the mps2-an386 map.
+            let v = unsafe { core::ptr::read_volatile(0xF000_0000 as *const u32) };
+            let _ = writeln!(out, "error: read of unmapped memory returned {v:#x}");
+            ExitCode::Ok
+        }
+    };
+    let _ = writeln!(out, "{}", memory::report());
+    let _ = writeln!(out, "exit {} ({})", code.code(), code.describe());
+    exit(code)
+}
+
+/// `check`: validate the blob in PSRAM and report its size.
+#[inline(never)]
+fn check(out: &mut Console) -> Result<(), ExitCode> {
+    match blob::validate(memory::psram()) {
+        Ok(b) => {
+            let _ = writeln!(
+                out,
+                "blob ok version {} payload {} B",
+                b.header.version,
+                b.payload.len()
+            );
+            memory::set_psram_used(b.bytes_used());
+            Ok(())
+        }
+        Err(e) => {
+            let _ = writeln!(out, "error: blob: {e}");
+            Err(if e.is_too_large() {
+                ExitCode::DoesNotFit
+            } else {
+                ExitCode::BlobInvalid
+            })
+        }
+    }
+}
+
+/// Instructions per operation over `ops` operations, as `insn/op X.XX`.
+fn per(insns: u64, ops: u64) -> Fixed2 {
+    Fixed2::ratio(insns, ops).unwrap_or(Fixed2(0))
+}
+
+#[inline(never)]
+fn self_test(out: &mut Console, a: SelfTestArgs) -> ExitCode {
+    let _ = writeln!(
+        out,
+        "selftest seed {} cases {} lengths {:?}",
+        a.seed,
+        a.cases,
+        selftest::LENGTHS
+    );
+    match selftest::check_kernels(a.seed, a.cases) {
+        Ok(c) => {
+            let _ = writeln!(out, "selftest dot_i8 {} comparisons bit-exact", c.dot_i8);
+            let _ = writeln!(out, "selftest dot_i16 {} comparisons bit-exact", c.dot_i16);
+        }
+        Err(m) => {
+            let _ = writeln!(out, "selftest FAILED: {m}");
+            return ExitCode::SelfTestFailed;
+        }
+    }
+    bench_kernels(out, a.seed);
+    bench_sampling(out, a.seed);
+    let _ = writeln!(out, "selftest ok");
+    ExitCode::Ok
+}
+
+/// Instructions per MAC of each kernel at a few lengths, `reps` calls each.
+fn bench_kernels(out: &mut Console, seed: u64) {
+    const LEN: usize = 4096;
+    // Word alignment so that the i16 kernel takes its LDM path, as the engine's buffers will.
+    #[repr(C, align(4))]
+    struct Buffers {
+        a8: [i8; LEN],
+        b8: [i8; LEN],
+        a16: [i16; LEN],
+        b16: [i16; LEN],
+    }
+    let mut rng = Xoshiro128PlusPlus::from_u64(seed);
+    let mut buf = Buffers {
+        a8: [0; LEN],
+        b8: [0; LEN],
+        a16: [0; LEN],
+        b16: [0; LEN],
+    };
+    for i in 0..LEN {
+        buf.a8[i] = rng.next() as i8;
+        buf.b8[i] = rng.next() as i8;
+        buf.a16[i] = (rng.next() as i16) >> 4;
+        buf.b16[i] = (rng.next() & 0xff) as i16;
+    }
+    for &(len, reps) in &[
+        (4096usize, 16u64),
+        (256, 256),
+        (128, 512),
+        (64, 1024),
+        (27, 1024),
+    ] {
+        let macs = len as u64 * reps;
+        let (a8, b8) = (&buf.a8[..len], &buf.b8[..len]);
+        let (a16, b16) = (&buf.a16[..len], &buf.b16[..len]);
+        let runs: [(&str, &str, u64); 4] = [
+            (
+                "dot_i8",
+                "plain",
+                counter::measure(|| {
+                    (0..reps).for_each(|_| {
+                        black_box(kernel::dot_i8_plain(black_box(a8), black_box(b8)));
+                    })
+                }),
+            ),
+            (
+                "dot_i8",
+                "smlad",
+                counter::measure(|| {
+                    (0..reps).for_each(|_| {
+                        black_box(kernel::dot_i8(black_box(a8), black_box(b8)));
+                    })
+                }),
+            ),
+            (
+                "dot_i16",
+                "plain",
+                counter::measure(|| {
+                    (0..reps).for_each(|_| {
+                        black_box(kernel::dot_i16_plain(black_box(a16), black_box(b16)));
+                    })
+                }),
+            ),
+            (
+                "dot_i16",
+                "smlad",
+                counter::measure(|| {
+                    (0..reps).for_each(|_| {
+                        black_box(kernel::dot_i16(black_box(a16), black_box(b16)));
+                    })
+                }),
+            ),
+        ];
+        for (name, kind, insns) in runs {
+            let _ = writeln!(
+                out,
+                "bench {name} {kind} len {len} calls {reps} insn/mac {}",
+                per(insns, macs)
+            );
+        }
+    }
+}
+
+/// Instructions per Gaussian sample and per device deviation of `VariationConfig::sample`.
+fn bench_sampling(out: &mut Console, seed: u64) {
+    const SAMPLES: u64 = 8192;
+    let mut s = rng::stream(seed, 0, 0);
+    let insns = counter::measure(|| {
+        let mut acc = 0u32;
+        for _ in 0..SAMPLES as u32 {
+            acc ^= s.next();
+        }
+        black_box(acc);
+    });
+    let _ = writeln!(
+        out,
+        "bench xoshiro128++ draws {SAMPLES} insn/draw {}",
+        per(insns, SAMPLES)
+    );
+    let insns = counter::measure(|| {
+        let mut acc = 0.0f32;
+        for _ in 0..SAMPLES as u32 {
+            acc += rng::standard_normal(&mut s);
+        }
+        black_box(acc);
+    });
+    let _ = writeln!(
+        out,
+        "bench standard_normal samples {SAMPLES} insn/sample {}",
+        per(insns, SAMPLES)
+    );
+
+    const CALLS: u64 = 4096;
+    let cfg = VariationConfig::paper(0.4).expect("sigma 0.4 is valid");
+    let devices = CALLS * cfg.quant().slices() as u64;
+    let mut codes = Xoshiro128PlusPlus::from_u64(seed ^ 0x5eed);
+    let mut s = rng::stream(seed, 0, 1);
+    let insns = counter::measure(|| {
+        let mut acc = 0.0f32;
+        for _ in 0..CALLS as u32 {
+            let r = codes.next();
+            let q = Quantized {
+                negative: r & 0x100 != 0,
+                magnitude: (r & 0xff) as u16,
+            };
+            acc += black_box(cfg).sample(q, &mut s).deltas()[0];
+        }
+        black_box(acc);
+    });
+    let _ = writeln!(
+        out,
+        "bench variation.sample m 8 n 2 sigma 0.4 range config runtime calls {CALLS} insn/call {} insn/device {}",
+        per(insns, CALLS),
+        per(insns, devices)
+    );
+    // The floor: the same number of Gaussian draws, scaled, without slicing or the readout.
+    let sd = cfg.device_sigma(0);
+    let insns = counter::measure(|| {
+        let mut acc = 0.0f32;
+        for _ in 0..devices as u32 {
+            acc += sd * rng::standard_normal(&mut s);
+        }
+        black_box(acc);
+    });
+    let _ = writeln!(
+        out,
+        "bench sd*standard_normal draws {devices} insn/device {} (floor of sample)",
+        per(insns, devices)
+    );
+    // The same with the configuration a compile-time constant, as a specialised engine sees it.
+    let insns = counter::measure(|| {
+        let mut acc = 0.0f32;
+        for _ in 0..CALLS as u32 {
+            let r = codes.next();
+            let q = Quantized {
+                negative: r & 0x100 != 0,
+                magnitude: (r & 0xff) as u16,
+            };
+            acc += cfg.sample(q, &mut s).deltas()[0];
+        }
+        black_box(acc);
+    });
+    let _ = writeln!(
+        out,
+        "bench variation.sample m 8 n 2 sigma 0.4 range config constant calls {CALLS} insn/call {} insn/device {}",
+        per(insns, CALLS),
+        per(insns, devices)
+    );
+}
+
+static PANICKING: AtomicBool = AtomicBool::new(false);
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    // A panic while printing the panic exits without printing again.
+    if !PANICKING.swap(true, core::sync::atomic::Ordering::Relaxed) {
+        let _ = writeln!(Console::open(), "panic: {info}");
+    }
+    exit(ExitCode::Panic)
+}
+
+#[exception]
+unsafe fn HardFault(ef: &ExceptionFrame) -> ! {
+    let _ = writeln!(
+        Console::open(),
+        "HardFault at pc {:#010x} lr {:#010x}",
+        ef.pc(),
+        ef.lr()
+    );
+    exit(ExitCode::HardFault)
+}
+
+#[exception]
+unsafe fn DefaultHandler(irqn: i16) {
+    let _ = writeln!(Console::open(), "unexpected exception or interrupt {irqn}");
+    exit(ExitCode::UnexpectedException)
+}

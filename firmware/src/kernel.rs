@@ -1,0 +1,253 @@
+//! Integer dot products: plain-Rust references and the Cortex-M4's SIMD multiply-accumulate.
+//!
+//! Two kernels, each in two versions that agree bit for bit:
+//! - `i8 x i8 -> i32` ([`dot_i8`], reference [`dot_i8_plain`]): SXTB16 splits four bytes into
+//!   two halfword pairs, SMLAD multiplies and accumulates a pair per instruction;
+//! - `i16 x i16 -> i32` ([`dot_i16`], reference [`dot_i16_plain`]): SMLAD straight on halfword
+//!   pairs loaded four words at a time by LDM. This is the engine's kernel for `i16` weights
+//!   times `u8` activations: widen the activation vector once per layer with [`widen_u8`] and
+//!   reuse it for every output row.
+//!
+//! Integer semantics: products are exact in `i32` (`|i8 * i8| <= 2^14`, `|i16 * i16| <= 2^30`);
+//! the accumulator is `i32` and **wraps** (two's complement, as SMLAD does; SMLAD's Q flag is
+//! ignored). A caller that needs an exact sum bounds it: with `|w| <= 2^11` and `x <= 255`,
+//! 2^31 / (2^11 * 255) = 4112 MACs cannot overflow. Both versions wrap identically, so the
+//! results are bit-exact even past that bound.
+//!
+//! The vectors are the common prefix of the two slices (as `zip`): `n = min(a.len(), b.len())`.
+//! The SMLAD versions exist on `target_arch = "arm", target_os = "none"` (the firmware's
+//! thumbv7em target, Armv7E-M with the DSP extension); elsewhere [`dot_i8`] and [`dot_i16`]
+//! are the plain versions, so this module builds and tests on the host.
+//!
+//! ```
+//! use nvcim_firmware::kernel::{dot_i16, dot_i16_plain, widen_u8};
+//! let w: [i16; 5] = [-300, 2, 7, 1000, -1];
+//! let mut x = [0i16; 5];
+//! widen_u8(&[255, 1, 0, 3, 200], &mut x);
+//! assert_eq!(dot_i16(&w, &x), -300 * 255 + 2 + 3000 - 200);
+//! assert_eq!(dot_i16(&w, &x), dot_i16_plain(&w, &x));
+//! ```
+
+/// `sum a[i] * b[i]` over the common prefix, plain Rust (the reference).
+#[inline(never)]
+pub fn dot_i8_plain(a: &[i8], b: &[i8]) -> i32 {
+    a.iter().zip(b).fold(0i32, |acc, (&x, &y)| {
+        acc.wrapping_add(i32::from(x) * i32::from(y))
+    })
+}
+
+/// `sum a[i] * b[i]` over the common prefix, plain Rust (the reference).
+#[inline(never)]
+pub fn dot_i16_plain(a: &[i16], b: &[i16]) -> i32 {
+    a.iter().zip(b).fold(0i32, |acc, (&x, &y)| {
+        acc.wrapping_add(i32::from(x) * i32::from(y))
+    })
+}
+
+/// Widens `u8` activations into `i16` lanes for [`dot_i16`]: `dst[i] = src[i]` over the common
+/// prefix.
+pub fn widen_u8(src: &[u8], dst: &mut [i16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = i16::from(s);
+    }
+}
+
+/// `sum a[i] * b[i]` over the common prefix; SMLAD on the Cortex-M4, [`dot_i8_plain`] elsewhere.
+#[inline]
+pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    #[cfg(all(target_arch = "arm", target_os = "none"))]
+    {
+        smlad::dot_i8(a, b)
+    }
+    #[cfg(not(all(target_arch = "arm", target_os = "none")))]
+    {
+        dot_i8_plain(a, b)
+    }
+}
+
+/// `sum a[i] * b[i]` over the common prefix; SMLAD on the Cortex-M4, [`dot_i16_plain`] elsewhere.
+///
+/// Fastest when both slices start at the same offset modulo 4 bytes (then the main loop loads
+/// with LDM); otherwise it falls back to single-word loads.
+#[inline]
+pub fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
+    #[cfg(all(target_arch = "arm", target_os = "none"))]
+    {
+        smlad::dot_i16(a, b)
+    }
+    #[cfg(not(all(target_arch = "arm", target_os = "none")))]
+    {
+        dot_i16_plain(a, b)
+    }
+}
+
+#[cfg(all(target_arch = "arm", target_os = "none"))]
+mod smlad {
+    use core::arch::asm;
+
+    /// The few leftover MACs (fewer than 8) after the SIMD loop, inlined: a call to the plain
+    /// kernel costs more than the MACs themselves on short vectors.
+    #[inline(always)]
+    fn tail<T: Copy + Into<i32>>(mut acc: i32, a: &[T], b: &[T]) -> i32 {
+        for (&x, &y) in a.iter().zip(b) {
+            acc = acc.wrapping_add(x.into() * y.into());
+        }
+        acc
+    }
+
+    /// 8 MACs per loop iteration: 4 LDR, 8 SXTB16, 4 SMLAD, SUBS, BNE (2.25 instructions/MAC).
+    #[inline(never)]
+    pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+        let n = a.len().min(b.len());
+        let blocks = n / 8;
+        let mut acc = 0i32;
+        if blocks > 0 {
+            // SAFETY: the loop reads exactly `8 * blocks <= n` bytes from the start of each
+            // slice, with single-word LDRs, which Armv7-M permits at any alignment
+            // (CCR.UNALIGN_TRP is clear at reset and the firmware never sets it). It writes only
+            // the named registers and the flags, and touches no stack.
+            unsafe {
+                asm!(
+                    "2:",
+                    "ldr {x}, [{pa}], #4",
+                    "ldr {y}, [{pb}], #4",
+                    "sxtb16 {s}, {x}",
+                    "sxtb16 {t}, {y}",
+                    "smlad {acc}, {s}, {t}, {acc}",
+                    "sxtb16 {s}, {x}, ror #8",
+                    "sxtb16 {t}, {y}, ror #8",
+                    "smlad {acc}, {s}, {t}, {acc}",
+                    "ldr {x}, [{pa}], #4",
+                    "ldr {y}, [{pb}], #4",
+                    "sxtb16 {s}, {x}",
+                    "sxtb16 {t}, {y}",
+                    "smlad {acc}, {s}, {t}, {acc}",
+                    "sxtb16 {s}, {x}, ror #8",
+                    "sxtb16 {t}, {y}, ror #8",
+                    "smlad {acc}, {s}, {t}, {acc}",
+                    "subs {n}, {n}, #1",
+                    "bne 2b",
+                    pa = inout(reg) a.as_ptr() => _,
+                    pb = inout(reg) b.as_ptr() => _,
+                    n = inout(reg) blocks => _,
+                    acc = inout(reg) acc,
+                    x = out(reg) _,
+                    y = out(reg) _,
+                    s = out(reg) _,
+                    t = out(reg) _,
+                    options(pure, readonly, nostack),
+                );
+            }
+        }
+        let done = blocks * 8;
+        tail(acc, &a[done..n], &b[done..n])
+    }
+
+    /// 8 MACs per loop iteration when aligned: 2 LDM of four words, 4 SMLAD, SUBS, BNE
+    /// (1.0 instruction/MAC); otherwise 8 LDR, 4 SMLAD, SUBS, BNE (1.75).
+    #[inline(never)]
+    pub fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr() as usize, b.as_ptr() as usize);
+        // Peel one element when both start at 2 mod 4, so that both become word-aligned.
+        let skip = usize::from(pa % 4 == 2 && pb % 4 == 2 && n > 0);
+        let mut acc = tail(0, &a[..skip], &b[..skip]);
+        let (a, b) = (&a[skip..n], &b[skip..n]);
+        let blocks = a.len() / 8;
+        if blocks > 0 {
+            if (a.as_ptr() as usize).is_multiple_of(4) && (b.as_ptr() as usize).is_multiple_of(4) {
+                // SAFETY: both pointers are word-aligned (checked above), as LDM requires; the
+                // loop reads exactly `16 * blocks <= 2 * len` bytes from each slice. Registers
+                // are named because LDM's list must ascend; r6, r7 (reserved by LLVM) are not
+                // among them. Writes only those registers and the flags; no stack.
+                unsafe {
+                    asm!(
+                        "2:",
+                        "ldm r0!, {{r4, r5, r8, r9}}",
+                        "ldm r1!, {{r10, r11, r12, lr}}",
+                        "smlad r3, r4, r10, r3",
+                        "smlad r3, r5, r11, r3",
+                        "smlad r3, r8, r12, r3",
+                        "smlad r3, r9, lr, r3",
+                        "subs r2, r2, #1",
+                        "bne 2b",
+                        inout("r0") a.as_ptr() => _,
+                        inout("r1") b.as_ptr() => _,
+                        inout("r2") blocks => _,
+                        inout("r3") acc,
+                        out("r4") _,
+                        out("r5") _,
+                        out("r8") _,
+                        out("r9") _,
+                        out("r10") _,
+                        out("r11") _,
+                        out("r12") _,
+                        out("lr") _,
+                        options(pure, readonly, nostack),
+                    );
+                }
+            } else {
+                // SAFETY: the loop reads exactly `16 * blocks <= 2 * len` bytes from each
+                // slice with single-word LDRs, which Armv7-M permits at any alignment
+                // (CCR.UNALIGN_TRP stays clear). Writes only the named registers and the flags.
+                unsafe {
+                    asm!(
+                        "2:",
+                        "ldr {x}, [{pa}], #4",
+                        "ldr {y}, [{pb}], #4",
+                        "smlad {acc}, {x}, {y}, {acc}",
+                        "ldr {x}, [{pa}], #4",
+                        "ldr {y}, [{pb}], #4",
+                        "smlad {acc}, {x}, {y}, {acc}",
+                        "ldr {x}, [{pa}], #4",
+                        "ldr {y}, [{pb}], #4",
+                        "smlad {acc}, {x}, {y}, {acc}",
+                        "ldr {x}, [{pa}], #4",
+                        "ldr {y}, [{pb}], #4",
+                        "smlad {acc}, {x}, {y}, {acc}",
+                        "subs {n}, {n}, #1",
+                        "bne 2b",
+                        pa = inout(reg) a.as_ptr() => _,
+                        pb = inout(reg) b.as_ptr() => _,
+                        n = inout(reg) blocks => _,
+                        acc = inout(reg) acc,
+                        x = out(reg) _,
+                        y = out(reg) _,
+                        options(pure, readonly, nostack),
+                    );
+                }
+            }
+        }
+        let done = blocks * 8;
+        tail(acc, &a[done..], &b[done..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_on_known_values() {
+        assert_eq!(dot_i8_plain(&[], &[]), 0);
+        assert_eq!(
+            dot_i8_plain(&[-128, 127, 3], &[-128, 127, -2, 99]),
+            16_384 + 16_129 - 6
+        );
+        assert_eq!(
+            dot_i16_plain(&[i16::MIN, i16::MIN], &[i16::MIN, i16::MIN]),
+            i32::MIN
+        );
+        assert_eq!(
+            dot_i16_plain(&[i16::MIN; 3], &[i16::MIN; 3]),
+            i32::MIN + (1 << 30)
+        );
+    }
+
+    #[test]
+    fn widen() {
+        let mut d = [7i16; 4];
+        widen_u8(&[0, 255, 128], &mut d);
+        assert_eq!(d, [0, 255, 128, 7]);
+    }
+}

@@ -1,0 +1,194 @@
+//! `cargo xtask bench [WHAT]`: criterion benchmarks, and the Python references they are compared
+//! with side by side in the same run.
+//!
+//! Each benchmark prints a short summary after criterion's own output and writes it to
+//! `target/bench/<what>.json`, so the README's figures can be traced to a run.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Where the PyTorch reference environment lives (created on demand, never by the tests).
+const BENCH_VENV: &str = ".venv-bench";
+
+/// Mean time in nanoseconds of one criterion benchmark, from its `estimates.json`.
+pub fn criterion_mean_ns(target_dir: &Path, group: &str, id: &str) -> Result<f64> {
+    let path = target_dir
+        .join("criterion")
+        .join(group)
+        .join(id)
+        .join("new")
+        .join("estimates.json");
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("reading criterion's estimates {}", path.display()))?;
+    let v = json_number_after(&text, "\"mean\"", "\"point_estimate\"")
+        .with_context(|| format!("no mean.point_estimate in {}", path.display()))?;
+    Ok(v)
+}
+
+/// Finds `"key2": <number>` after the first occurrence of `key1` (criterion's flat JSON).
+fn json_number_after(text: &str, key1: &str, key2: &str) -> Option<f64> {
+    let rest = &text[text.find(key1)?..];
+    let rest = &rest[rest.find(key2)? + key2.len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let end = rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))?;
+    rest[..end].parse().ok()
+}
+
+/// The cargo target directory in use.
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// The Python of the benchmark venv, created with `packages` installed when missing.
+pub fn bench_python(root: &Path, packages: &[&str]) -> Result<PathBuf> {
+    let venv = root.join(BENCH_VENV);
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        crate::step(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            &format!("python3 -m venv {BENCH_VENV}"),
+        )?;
+    }
+    let probe = format!(
+        "import {}",
+        packages
+            .iter()
+            .map(|p| p.replace('-', "_"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let ok = Command::new(&python)
+        .args(["-c", &probe])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        crate::step(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "-q"])
+                .args(packages),
+            &format!(
+                "pip install {} (benchmark reference only)",
+                packages.join(" ")
+            ),
+        )?;
+    }
+    Ok(python)
+}
+
+/// Runs a Python reference script that prints one JSON object on its last stdout line.
+pub fn python_reference(python: &Path, script: &Path, args: &[String]) -> Result<String> {
+    eprintln!("\n==> {} {}", script.display(), args.join(" "));
+    let out = Command::new(python)
+        .arg(script)
+        .args(args)
+        .env("OMP_NUM_THREADS", "2")
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .last()
+        .map(str::to_string)
+        .context("the reference printed nothing")
+}
+
+/// Writes a benchmark summary to `target/bench/<name>.json` and prints it.
+pub fn record(root: &Path, name: &str, json: &str) -> Result<()> {
+    let dir = target_dir(root).join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.json"));
+    fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    println!("{json}");
+    eprintln!("    summary written to {}", path.display());
+    Ok(())
+}
+
+/// `cargo xtask bench variation`: Gaussian samples/s and noisy weights/s on one core.
+pub fn variation(root: &Path) -> Result<()> {
+    crate::cargo(&["bench", "-p", "nvcim-shared", "--bench", "variation"])?;
+    let t = target_dir(root);
+    let n = 65536.0;
+    let gauss = n / criterion_mean_ns(&t, "gaussian", "ziggurat_f32")? * 1e3;
+    let noisy = n / criterion_mean_ns(&t, "noisy_weights", "m8_n2_f32")? * 1e3;
+    record(
+        root,
+        "variation",
+        &format!(
+            "{{\"gaussian_msamples_per_s\": {gauss:.1}, \"noisy_weights_m_per_s\": {noisy:.1}, \
+             \"target_gaussian_msamples_per_s\": 100}}"
+        ),
+    )
+}
+
+/// `cargo xtask bench train`: nvcim's training step against PyTorch's, same model, loss and
+/// noise injection, batch 128, at the demo width and at width 1.0, in one run.
+pub fn train(root: &Path) -> Result<()> {
+    let python = bench_python(root, &["torch", "numpy"])?;
+    let script = root.join("bench/reference/train_step.py");
+    crate::cargo(&["bench", "-p", "nvcim", "--bench", "train_step"])?;
+    let t = target_dir(root);
+    let mut rows = Vec::new();
+    for (width, id) in [("0.25", "vgg8_w0.25_b128_nft"), ("1.0", "vgg8_w1_b128_nft")] {
+        let ours_ms = criterion_mean_ns(&t, "train_step", id)? / 1e6;
+        let line = python_reference(
+            &python,
+            &script,
+            &[
+                "--width".into(),
+                width.into(),
+                "--batch".into(),
+                "128".into(),
+            ],
+        )?;
+        let torch_ms = json_number_after(&line, "{", "\"ms_per_step\"")
+            .with_context(|| format!("no ms_per_step in the reference's output: {line}"))?;
+        rows.push(format!(
+            "{{\"width\": {width}, \"nvcim_ms\": {ours_ms:.2}, \"pytorch_ms\": {torch_ms:.2}, \"ratio\": {:.3}}}",
+            ours_ms / torch_ms
+        ));
+    }
+    record(
+        root,
+        "train",
+        &format!(
+            "{{\"train_step_batch128_nft\": [{}], \"target_ratio_max\": 1.0}}",
+            rows.join(", ")
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_criterion_estimates() {
+        let text = r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":3.0},"point_estimate":2.5e3,"standard_error":0.1},"median":{"point_estimate":9.0}}"#;
+        assert_eq!(
+            json_number_after(text, "\"mean\"", "\"point_estimate\""),
+            Some(2500.0)
+        );
+        assert_eq!(
+            json_number_after(text, "\"median\"", "\"point_estimate\""),
+            Some(9.0)
+        );
+        assert_eq!(
+            json_number_after(text, "\"mode\"", "\"point_estimate\""),
+            None
+        );
+    }
+}

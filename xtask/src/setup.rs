@@ -1,0 +1,124 @@
+//! `cargo xtask setup`: installs what a fresh Debian machine lacks, idempotently.
+//!
+//! - Debian packages `qemu-system-arm` (the Cortex-M4F board for the firmware) and
+//!   `dataset-fashion-mnist` (the demo's data) through apt-get, as root; otherwise it prints the
+//!   exact command and fails.
+//! - The rustup target `thumbv7em-none-eabihf` for the pinned toolchain (rustup does not add the
+//!   targets of `rust-toolchain.toml` to a toolchain that is already installed).
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the project needs, with what each is for.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    (
+        "qemu-system-arm",
+        "QEMU's mps2-an386 board for the Cortex-M4F firmware",
+    ),
+    (
+        "dataset-fashion-mnist",
+        "Fashion-MNIST under /usr/share/datasets/fashion-mnist",
+    ),
+];
+
+const TARGET: &str = "thumbv7em-none-eabihf";
+
+/// Runs the whole setup.
+pub fn run(_root: &Path) -> Result<()> {
+    eprintln!("==> setup");
+    apt()?;
+    rust_target()?;
+    eprintln!("<== setup: everything is in place");
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(p, _)| !dpkg_installed(p))
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        eprintln!(
+            "    apt: {} already installed",
+            APT_PACKAGES
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(());
+    }
+    for (p, why) in APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        eprintln!("    apt: missing {p} ({why})");
+    }
+    let cmd = format!("apt-get update && apt-get install -y {}", missing.join(" "));
+    if !is_root() {
+        bail!(
+            "these Debian packages are missing and installing them needs root; run:\n    sudo sh -c '{cmd}'\nthen run the xtask again"
+        );
+    }
+    crate::step(
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-get update",
+    )?;
+    crate::step(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        &format!("apt-get install {}", missing.join(" ")),
+    )?;
+    eprintln!("    apt: installed {}", missing.join(", "));
+    Ok(())
+}
+
+fn rust_target() -> Result<()> {
+    let toolchain = toolchain()?;
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed", "--toolchain", &toolchain])
+        .output()
+        .context("running `rustup target list` (is rustup installed?)")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
+        eprintln!("    rustup: {TARGET} already installed for {toolchain}");
+        return Ok(());
+    }
+    crate::step(
+        Command::new("rustup").args(["target", "add", TARGET, "--toolchain", &toolchain]),
+        &format!("rustup target add {TARGET} --toolchain {toolchain}"),
+    )
+}
+
+/// The channel pinned in rust-toolchain.toml.
+fn toolchain() -> Result<String> {
+    let text =
+        std::fs::read_to_string("rust-toolchain.toml").context("reading rust-toolchain.toml")?;
+    text.lines()
+        .find_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("channel")
+                .and_then(|r| r.trim().strip_prefix('='))
+                .map(|v| v.trim().trim_matches('"').to_string())
+        })
+        .context("rust-toolchain.toml names no channel")
+}
