@@ -66,6 +66,43 @@ pub enum Error {
         /// The length given.
         found: usize,
     },
+    /// A packed model does not start with the format's magic bytes.
+    BadMagic,
+    /// A packed model has a format version this build does not read.
+    UnsupportedVersion {
+        /// The version found.
+        version: u16,
+    },
+    /// A packed model is shorter than its header or layout says it must be.
+    Truncated {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes present.
+        found: usize,
+    },
+    /// The CRC-32 stored at the end of a packed model does not match its contents.
+    ChecksumMismatch {
+        /// The checksum stored in the model.
+        stored: u32,
+        /// The checksum computed over the model.
+        computed: u32,
+    },
+    /// A field of a packed model (or of a model description) has a value that is not allowed.
+    InvalidField {
+        /// Which field, e.g. `"op.kernel"`.
+        field: &'static str,
+        /// The rejected value (floats as their bit pattern).
+        value: i64,
+    },
+    /// A caller-provided buffer is too small.
+    BufferTooSmall {
+        /// Which buffer.
+        what: &'static str,
+        /// Elements needed.
+        needed: usize,
+        /// Elements given.
+        found: usize,
+    },
 }
 
 impl fmt::Display for Error {
@@ -115,6 +152,36 @@ impl fmt::Display for Error {
             ),
             Error::LengthMismatch { expected, found } => {
                 write!(f, "length mismatch: expected {expected}, found {found}")
+            }
+            Error::BadMagic => write!(f, "not a packed nvcim model (bad magic bytes)"),
+            Error::UnsupportedVersion { version } => write!(
+                f,
+                "packed model format version {version} is not supported (this build reads {})",
+                crate::format::VERSION
+            ),
+            Error::Truncated { needed, found } => {
+                write!(
+                    f,
+                    "packed model is truncated: needs {needed} bytes, has {found}"
+                )
+            }
+            Error::ChecksumMismatch { stored, computed } => write!(
+                f,
+                "packed model is corrupt: CRC-32 {computed:#010x} does not match the stored \
+                 {stored:#010x}"
+            ),
+            Error::InvalidField { field, value } => {
+                write!(f, "invalid value {value} for `{field}`")
+            }
+            Error::BufferTooSmall {
+                what,
+                needed,
+                found,
+            } => {
+                write!(
+                    f,
+                    "buffer `{what}` too small: needs {needed} elements, has {found}"
+                )
             }
         }
     }

@@ -1,0 +1,468 @@
+//! The integer executor: programs a parsed [`Model`]'s tiles for one Monte Carlo run, then runs
+//! images through it with caller-provided scratch, allocating nothing.
+//!
+//! - [`program`] draws layer `l`'s deviations from `stream(seed, run, l)`, one
+//!   [`VariationConfig::sample`] per weight in canonical order, into the state buffer
+//!   ([`Model::state_len`] `i16`s).
+//! - [`infer`] maps the raw `u8` pixels through the per-channel input table, runs the ops and
+//!   writes `i32` logits; it returns the class (the first index of the largest logit).
+//!
+//! Only integer arithmetic runs in [`infer`]; [`program`] uses the crate's `f32` sampling, whose
+//! operations are IEEE-exact and never fused, so x86-64 and the Cortex-M4F program the same bits.
+//!
+//! **Requantization** of an accumulator `acc` (see [`crate::tile`] for its bound, `|acc| < 2^39`
+//! on the ideal paths; a non-ideal ADC's accumulator is saturated to `±2^39` first) with a record
+//! `(m, shift, bias)`, `|m| < 2^23`, `|bias| < 2^61`: `acc * m` is below `2^62` and the sum with
+//! the bias and the rounding term below `2^63`, so `i64` never overflows; the result is rounded
+//! half up (arithmetic shift), then saturated to the output type (`u8` 0..=255, `i8`
+//! -127..=127, `i32`). Pooling sums at most 65536 values of at most 255 (`< 2^24`), the add's
+//! two products are below `2^31` each: `i64` throughout.
+
+use crate::error::{Error, Result};
+use crate::format::{ActKind, Model, Op, OpKind, Requant, Shape, Tensor};
+use crate::rng::stream;
+use crate::tile::{ACC_LIMIT, Path, dot_collapsed, dot_sliced, program_layer};
+use crate::variation::VariationConfig;
+
+/// Caller-provided working memory for [`infer`]; sizes from [`Model::scratch`].
+#[derive(Debug)]
+pub struct Scratch<'s> {
+    /// The activation arena, at least `scratch().act_bytes` bytes.
+    pub act: &'s mut [u8],
+    /// The patch (one im2col row), at least `scratch().patch` elements.
+    pub patch: &'s mut [i16],
+}
+
+fn need(what: &'static str, needed: usize, found: usize) -> Result<()> {
+    if found < needed {
+        Err(Error::BufferTooSmall {
+            what,
+            needed,
+            found,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Programs the tiles of every weight layer for Monte Carlo run `run` under `seed`.
+///
+/// `var` is usually [`Model::variation`] (or it with another sigma); its M and N must be the
+/// model's. `state` must hold exactly [`Model::state_len`]`(path)` elements.
+pub fn program(
+    model: &Model<'_>,
+    var: &VariationConfig,
+    seed: u64,
+    run: u32,
+    path: Path,
+    state: &mut [i16],
+) -> Result<()> {
+    if var.quant() != model.quant() {
+        return Err(Error::InvalidField {
+            field: "variation.quant",
+            value: i64::from(var.quant().m_bits()),
+        });
+    }
+    if let Path::Sliced(adc) = path {
+        adc.validate()?;
+    }
+    let expected = model.state_len(path);
+    if state.len() != expected {
+        return Err(Error::LengthMismatch {
+            expected,
+            found: state.len(),
+        });
+    }
+    let per = path.state_per_weight(model.quant());
+    for i in 0..model.op_count() {
+        let op = model.op(i)?;
+        let Some(layer) = op.layer else { continue };
+        let fan_in = model.fan_in(&op);
+        let start = op.weights_start * per;
+        let len = op.out.c * fan_in * per;
+        let out = state
+            .get_mut(start..start + len)
+            .ok_or(Error::LengthMismatch {
+                expected: start + len,
+                found: expected,
+            })?;
+        let mut rng = stream(seed, run, layer as u32);
+        program_layer(var, model.layer_weights(&op), fan_in, path, &mut rng, out)?;
+    }
+    Ok(())
+}
+
+/// Runs one image (`C*H*W` raw pixels) through the programmed model, writes the logits
+/// ([`Model::classes`] of them) and returns the class.
+///
+/// `state` is what [`program`] wrote for the same `path`.
+pub fn infer(
+    model: &Model<'_>,
+    path: Path,
+    state: &[i16],
+    image: &[u8],
+    scratch: &mut Scratch<'_>,
+    logits: &mut [i32],
+) -> Result<usize> {
+    let sizes = model.scratch();
+    need("act", sizes.act_bytes, scratch.act.len())?;
+    need("patch", sizes.patch, scratch.patch.len())?;
+    need("logits", sizes.logits, logits.len())?;
+    if state.len() != model.state_len(path) {
+        return Err(Error::LengthMismatch {
+            expected: model.state_len(path),
+            found: state.len(),
+        });
+    }
+    if let Path::Sliced(adc) = path {
+        adc.validate()?;
+    }
+    let input = model.input_shape();
+    if image.len() != input.len() {
+        return Err(Error::LengthMismatch {
+            expected: input.len(),
+            found: image.len(),
+        });
+    }
+    let x0 = model.tensor(0)?;
+    let plane = input.h * input.w;
+    let dst = scratch
+        .act
+        .get_mut(x0.off..x0.off + input.len())
+        .ok_or(Error::BufferTooSmall {
+            what: "act",
+            needed: x0.off + input.len(),
+            found: sizes.act_bytes,
+        })?;
+    for (c, (d, px)) in dst.chunks_mut(plane).zip(image.chunks(plane)).enumerate() {
+        let lut = model.input_table(c);
+        for (o, &p) in d.iter_mut().zip(px) {
+            *o = lut.get(usize::from(p)).copied().unwrap_or(0);
+        }
+    }
+    let per = path.state_per_weight(model.quant());
+    for i in 0..model.op_count() {
+        let op = model.op(i)?;
+        let x = model.tensor(op.src)?;
+        let y = if op.kind == OpKind::Add {
+            Some(model.tensor(op.src2)?)
+        } else {
+            None
+        };
+        let (out_off, out_len) = if op.out_kind == ActKind::I32 {
+            (0, 0)
+        } else {
+            (op.out_off, op.out.len())
+        };
+        let (xs, ys, out) = split(scratch.act, &x, y.as_ref(), out_off, out_len)?;
+        let mut sink = match op.out_kind {
+            ActKind::I32 => Sink::Logits(&mut logits[..op.out.c.min(sizes.logits)]),
+            kind => Sink::Bytes(out, kind),
+        };
+        match op.kind {
+            OpKind::Conv | OpKind::Linear => {
+                let fan_in = model.fan_in(&op);
+                let start = op.weights_start * per;
+                let w = state
+                    .get(start..start + op.out.c * fan_in * per)
+                    .unwrap_or(&[]);
+                let layer = Layer {
+                    model,
+                    path,
+                    weights: w,
+                    fan_in,
+                    params: op.params_start,
+                };
+                if op.kind == OpKind::Conv {
+                    conv(&layer, &op, xs, &x, scratch.patch, &mut sink);
+                } else {
+                    linear(&layer, &op, xs, &x, scratch.patch, &mut sink);
+                }
+            }
+            OpKind::Relu => {
+                for (k, &v) in xs.iter().enumerate() {
+                    sink.put(k, i64::from(value(x.kind, v)).max(0));
+                }
+            }
+            OpKind::MaxPool => max_pool(&op, xs, &x, &mut sink),
+            OpKind::AvgPool => avg_pool(&op, xs, &x, model.record(op.params_start), &mut sink),
+            OpKind::GlobalAvgPool => {
+                let r = model.record(op.params_start);
+                let hw = x.shape.h * x.shape.w;
+                for (c, ch) in xs.chunks(hw.max(1)).enumerate().take(x.shape.c) {
+                    let sum: i64 = ch.iter().map(|&v| i64::from(value(x.kind, v))).sum();
+                    sink.put(c, requant(sum, r));
+                }
+            }
+            OpKind::Add => {
+                let (ra, rb) = (
+                    model.record(op.params_start),
+                    model.record(op.params_start + 1),
+                );
+                let yk = y.map_or(ActKind::U8, |t| t.kind);
+                for (k, (&a, &b)) in xs.iter().zip(ys).enumerate() {
+                    let acc = i64::from(value(x.kind, a)) * i64::from(ra.m)
+                        + i64::from(value(yk, b)) * i64::from(rb.m);
+                    sink.put(k, shift_round(acc + ra.bias, ra.shift));
+                }
+            }
+        }
+    }
+    let classes = &logits[..sizes.logits];
+    let mut best = 0;
+    for (k, &v) in classes.iter().enumerate() {
+        if v > classes[best] {
+            best = k;
+        }
+    }
+    Ok(best)
+}
+
+/// Classifies every test image packed with the model on the programmed `state` and returns how
+/// many match their labels (one Monte Carlo run's accuracy is `correct / model.test_len()`).
+pub fn count_correct(
+    model: &Model<'_>,
+    path: Path,
+    state: &[i16],
+    scratch: &mut Scratch<'_>,
+    logits: &mut [i32],
+) -> Result<usize> {
+    let mut correct = 0;
+    for i in 0..model.test_len() {
+        let (image, label) = model.test_image(i).ok_or(Error::InvalidField {
+            field: "test.index",
+            value: i as i64,
+        })?;
+        correct +=
+            usize::from(infer(model, path, state, image, scratch, logits)? == usize::from(label));
+    }
+    Ok(correct)
+}
+
+/// Splits the arena into the op's inputs and its output (disjoint: checked at parse time).
+fn split<'s>(
+    act: &'s mut [u8],
+    x: &Tensor,
+    y: Option<&Tensor>,
+    out_off: usize,
+    out_len: usize,
+) -> Result<(&'s [u8], &'s [u8], &'s mut [u8])> {
+    let corrupt = Error::InvalidField {
+        field: "op.out_off",
+        value: out_off as i64,
+    };
+    let (lo, hi) = act.split_at_mut_checked(out_off).ok_or(corrupt)?;
+    let (out, rest) = hi.split_at_mut_checked(out_len).ok_or(corrupt)?;
+    let (lo, rest) = (&*lo, &*rest);
+    let out_end = out_off + out_len;
+    let view = |t: &Tensor| -> Result<&'s [u8]> {
+        let (a, b) = (t.off, t.off + t.shape.len());
+        if b <= out_off {
+            lo.get(a..b).ok_or(corrupt)
+        } else if a >= out_end {
+            rest.get(a - out_end..b - out_end).ok_or(corrupt)
+        } else {
+            Err(corrupt)
+        }
+    };
+    let xs = view(x)?;
+    let ys = match y {
+        Some(t) => view(t)?,
+        None => &[],
+    };
+    Ok((xs, ys, out))
+}
+
+#[inline]
+fn value(kind: ActKind, b: u8) -> i16 {
+    match kind {
+        ActKind::U8 => i16::from(b),
+        _ => i16::from(b as i8),
+    }
+}
+
+#[inline]
+fn shift_round(v: i64, shift: u32) -> i64 {
+    if shift == 0 {
+        v
+    } else {
+        (v + (1i64 << (shift - 1))) >> shift
+    }
+}
+
+/// `(clamp(acc, ±2^39) * m + bias + 2^(shift-1)) >> shift` (see the module docs for the bound).
+#[inline]
+pub fn requant(acc: i64, r: Requant) -> i64 {
+    shift_round(
+        acc.clamp(-ACC_LIMIT, ACC_LIMIT) * i64::from(r.m) + r.bias,
+        r.shift,
+    )
+}
+
+/// Where an op's outputs go: the arena (saturated to `u8` or `i8`) or the logits.
+enum Sink<'s> {
+    Bytes(&'s mut [u8], ActKind),
+    Logits(&'s mut [i32]),
+}
+
+impl Sink<'_> {
+    #[inline]
+    fn put(&mut self, k: usize, v: i64) {
+        match self {
+            Sink::Bytes(out, kind) => {
+                let b = match kind {
+                    ActKind::U8 => v.clamp(0, 255) as u8,
+                    _ => v.clamp(-127, 127) as i8 as u8,
+                };
+                if let Some(o) = out.get_mut(k) {
+                    *o = b;
+                }
+            }
+            Sink::Logits(out) => {
+                if let Some(o) = out.get_mut(k) {
+                    *o = v.clamp(-i64::from(i32::MAX), i64::from(i32::MAX)) as i32;
+                }
+            }
+        }
+    }
+}
+
+/// A weighted op's programmed state and records.
+struct Layer<'m, 's> {
+    model: &'m Model<'m>,
+    path: Path,
+    weights: &'s [i16],
+    fan_in: usize,
+    params: usize,
+}
+
+impl Layer<'_, '_> {
+    /// Output channel `o`'s accumulator over the patch, requantized.
+    #[inline]
+    fn output(&self, o: usize, patch: &[i16]) -> i64 {
+        let rows = self.model.tile_rows();
+        let k = self.fan_in;
+        let acc = match self.path {
+            Path::Collapsed => dot_collapsed(
+                self.weights.get(o * k..(o + 1) * k).unwrap_or(&[]),
+                patch,
+                rows,
+            ),
+            Path::Sliced(adc) => {
+                let q = self.model.quant();
+                let s = q.slices();
+                let w = self.weights.get(o * s * k..(o + 1) * s * k).unwrap_or(&[]);
+                dot_sliced(w, patch, s, q.n_bits(), rows, adc)
+            }
+        };
+        requant(acc, self.model.record(self.params + o))
+    }
+}
+
+/// Convolution: for each output pixel, gathers the `in * kh * kw` patch (zero padding) in
+/// canonical order, then one tile dot product per output channel.
+fn conv(l: &Layer<'_, '_>, op: &Op, xs: &[u8], x: &Tensor, patch: &mut [i16], sink: &mut Sink<'_>) {
+    let Shape {
+        c: ic,
+        h: ih,
+        w: iw,
+    } = x.shape;
+    let Shape {
+        c: oc,
+        h: oh,
+        w: ow,
+    } = op.out;
+    let patch = match patch.get_mut(..l.fan_in) {
+        Some(p) => p,
+        None => return,
+    };
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let mut k = 0;
+            for c in 0..ic {
+                for ky in 0..op.kh {
+                    let iy = (oy * op.stride + ky).wrapping_sub(op.pad);
+                    for kx in 0..op.kw {
+                        let ix = (ox * op.stride + kx).wrapping_sub(op.pad);
+                        let v = if iy < ih && ix < iw {
+                            xs.get((c * ih + iy) * iw + ix)
+                                .map_or(0, |&b| value(x.kind, b))
+                        } else {
+                            0
+                        };
+                        if let Some(p) = patch.get_mut(k) {
+                            *p = v;
+                        }
+                        k += 1;
+                    }
+                }
+            }
+            for o in 0..oc {
+                sink.put((o * oh + oy) * ow + ox, l.output(o, patch));
+            }
+        }
+    }
+}
+
+/// Fully connected layer over the flattened input.
+fn linear(
+    l: &Layer<'_, '_>,
+    op: &Op,
+    xs: &[u8],
+    x: &Tensor,
+    patch: &mut [i16],
+    sink: &mut Sink<'_>,
+) {
+    let patch = match patch.get_mut(..l.fan_in) {
+        Some(p) => p,
+        None => return,
+    };
+    for (p, &b) in patch.iter_mut().zip(xs) {
+        *p = value(x.kind, b);
+    }
+    for o in 0..op.out.c {
+        sink.put(o, l.output(o, patch));
+    }
+}
+
+fn windows(op: &Op, x: &Tensor, mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>)) {
+    let Shape {
+        c: ic,
+        h: ih,
+        w: iw,
+    } = x.shape;
+    let Shape { h: oh, w: ow, .. } = op.out;
+    for c in 0..ic {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut it = (0..op.kh).flat_map(move |ky| {
+                    (0..op.kw)
+                        .map(move |kx| (c * ih + oy * op.stride + ky) * iw + ox * op.stride + kx)
+                });
+                f((c * oh + oy) * ow + ox, &mut it);
+            }
+        }
+    }
+}
+
+fn max_pool(op: &Op, xs: &[u8], x: &Tensor, sink: &mut Sink<'_>) {
+    windows(op, x, |o, it| {
+        let m = it
+            .map(|i| xs.get(i).map_or(i16::MIN, |&b| value(x.kind, b)))
+            .max()
+            .unwrap_or(0);
+        sink.put(o, i64::from(m));
+    });
+}
+
+fn avg_pool(op: &Op, xs: &[u8], x: &Tensor, r: Requant, sink: &mut Sink<'_>) {
+    windows(op, x, |o, it| {
+        let sum: i64 = it
+            .map(|i| xs.get(i).map_or(0, |&b| i64::from(value(x.kind, b))))
+            .sum();
+        sink.put(o, requant(sum, r));
+    });
+}
+
+#[cfg(test)]
+mod tests;

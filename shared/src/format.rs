@@ -1,0 +1,936 @@
+//! The packed model format: one self-describing, checksummed, little-endian blob that the host
+//! writes (`nvcim pack`, `build::pack` behind the `alloc` feature) and the firmware reads in
+//! place, without copying or allocating ([`Model::parse`]).
+//!
+//! # Layout (version 1)
+//!
+//! All integers are little-endian, floats are IEEE-754 `f32` bit patterns. Sections follow the
+//! 80-byte header back to back, in this order, with no padding:
+//!
+//! | offset | type | field |
+//! |---|---|---|
+//! | 0 | `[u8; 8]` | magic `b"NVCIMPK\0"` |
+//! | 8 | `u16` | format version, 1 |
+//! | 10 | `u8`, `u8` | M (magnitude bits), N (device bits) |
+//! | 12 | `f32` | sigma the model was packed for |
+//! | 16 | `u8` | sigma unit: 0 `range`, 1 `level` |
+//! | 17 | `u8` | profile: 0 uniform, 1 rram1, 2 fefet2, 3 rram4, 4 fefet6 |
+//! | 18 | `u8` | scale mode: 0 per layer, 1 per model |
+//! | 19 | `u8` | reserved, 0 |
+//! | 20 | `f32`, `f32` | stuck-at-low and stuck-at-high fault rates |
+//! | 28 | `u16`, `u16` | tile rows (1..=256), tile columns (>= 1) |
+//! | 32 | `u16` x 3 | input channels, height, width |
+//! | 38 | `u16` | class count |
+//! | 40 | `u16`, `u16` | op count (1..=256), weight-layer count |
+//! | 44 | `u32` | activation arena bytes (scratch) |
+//! | 48 | `u32` | patch length (`i16` elements of scratch, >= the largest fan-in) |
+//! | 52 | `u32`, `u32` | weight count, requantization record count |
+//! | 60 | `u32` | test images |
+//! | 64 | `u32`, `f32` | input tensor's arena offset, input scale |
+//! | 72 | `u32` | total length in bytes, CRC included |
+//! | 76 | `u32` | reserved, 0 |
+//! | 80 | `i8 [C][256]` | per-channel input lookup table: raw pixel -> normalized `i8` |
+//! | | `[op; n]` | op table, 40 bytes per op (below) |
+//! | | `[record; r]` | requantization records, 16 bytes: `m: i32`, `shift: u32`, `bias: i64` |
+//! | | `u16 [w]` | quantized weights: bit 15 sign (negative array), bits 0..8 magnitude |
+//! | | `u8 [t][C][H][W]` | test images (raw pixels) |
+//! | | `u16 [t]` | test labels |
+//! | | `u32` | CRC-32 (IEEE) of every preceding byte |
+//!
+//! **Op record (40 bytes):** `kind u8` (1 conv, 2 linear, 3 relu, 4 max-pool, 5 avg-pool,
+//! 6 global avg-pool, 7 add), `out_kind u8` (0 `u8`, 1 `i8`, 2 `i32` logits), `kh u8`, `kw u8`,
+//! `stride u8`, `pad u8`, reserved `u16` = 0, `src u16`, `src2 u16` (tensor ids; tensor 0 is the
+//! input, tensor `i + 1` the output of op `i`), `out_c u16`, `out_h u16`, `out_w u16`,
+//! `layer u16` (weight-layer index or `0xFFFF`), `out_off u32` (arena byte offset),
+//! `weights_start u32`, `params_start u32`, `out_scale f32`, `w_scale f32` (`max|W|`).
+//!
+//! Weight layers appear in forward order with consecutive `layer` indices and consecutive weight
+//! ranges, each in PyTorch's canonical order. Conv/linear ops take one record per output channel
+//! (`y = (acc * m + bias + 2^(shift-1)) >> shift`, saturated to the output type), avg-pools one
+//! (`m`, `shift`, bias 0), add two (`m_a`, `shift`, `bias`; `m_b`). The last op, and only it,
+//! writes `i32` logits (a conv or linear with `out = (classes, 1, 1)`).
+//!
+//! # Validation
+//!
+//! [`Model::parse`] checks the magic, version, length and CRC first, then every header field,
+//! every op (kinds, tensor references, shape arithmetic, fan-in `<= 65536`, weight and record
+//! ranges, arena regions in bounds and never overwriting a tensor that is still to be read),
+//! every record (`shift <= 62`, `|m| < 2^23`, `|bias| < 2^61`), every weight magnitude and every
+//! label. Any violation is a typed [`Error`]; it never panics and never indexes out of bounds
+//! (every read goes through a checked accessor).
+
+#[cfg(any(feature = "alloc", test))]
+pub mod build;
+
+use crate::crc::crc32;
+use crate::error::{Error, Result};
+use crate::quant::{QuantConfig, Quantized, ScaleMode};
+use crate::tile::{MAX_FAN_IN, MAX_TILE_ROWS, Path};
+use crate::variation::{Faults, Profile, SigmaUnit, VariationConfig};
+
+/// The magic bytes of a packed model.
+pub const MAGIC: [u8; 8] = *b"NVCIMPK\0";
+/// The format version this build reads and writes.
+pub const VERSION: u16 = 1;
+/// Bytes of the fixed header.
+pub const HEADER_LEN: usize = 80;
+/// Bytes of one op record.
+pub const OP_LEN: usize = 40;
+/// Bytes of one requantization record.
+pub const RECORD_LEN: usize = 16;
+/// Largest op count.
+pub const MAX_OPS: usize = 256;
+/// Largest number of values one pooling window or global pool sums.
+pub const MAX_POOL_WINDOW: usize = 65536;
+
+/// What an op computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// 2-D convolution with zero padding (weights `[out][in][kh][kw]`).
+    Conv,
+    /// Fully connected layer over the flattened `C*H*W` input (weights `[out][in]`).
+    Linear,
+    /// `max(x, 0)`, `i8` or `u8` in, `u8` out, same scale.
+    Relu,
+    /// Max pooling, no padding; same type and scale as its input.
+    MaxPool,
+    /// Average pooling, no padding; requantized by one record.
+    AvgPool,
+    /// Mean over `H x W` per channel; requantized by one record.
+    GlobalAvgPool,
+    /// Residual add of two tensors of one shape, each rescaled to the output scale.
+    Add,
+}
+
+impl OpKind {
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            1 => OpKind::Conv,
+            2 => OpKind::Linear,
+            3 => OpKind::Relu,
+            4 => OpKind::MaxPool,
+            5 => OpKind::AvgPool,
+            6 => OpKind::GlobalAvgPool,
+            7 => OpKind::Add,
+            _ => return None,
+        })
+    }
+
+    /// The code stored in the op table.
+    pub const fn code(self) -> u8 {
+        match self {
+            OpKind::Conv => 1,
+            OpKind::Linear => 2,
+            OpKind::Relu => 3,
+            OpKind::MaxPool => 4,
+            OpKind::AvgPool => 5,
+            OpKind::GlobalAvgPool => 6,
+            OpKind::Add => 7,
+        }
+    }
+
+    /// Whether the op has weights on crossbar tiles.
+    pub const fn is_weighted(self) -> bool {
+        matches!(self, OpKind::Conv | OpKind::Linear)
+    }
+}
+
+/// The element type of an activation tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActKind {
+    /// Unsigned 8-bit (after ReLU), `0..=255`.
+    U8,
+    /// Signed 8-bit, `-127..=127` (the first layer's input reaches -128 through its table).
+    I8,
+    /// Signed 32-bit logits, written to the caller's logits buffer.
+    I32,
+}
+
+impl ActKind {
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            0 => ActKind::U8,
+            1 => ActKind::I8,
+            2 => ActKind::I32,
+            _ => return None,
+        })
+    }
+
+    /// The code stored in the op table.
+    pub const fn code(self) -> u8 {
+        match self {
+            ActKind::U8 => 0,
+            ActKind::I8 => 1,
+            ActKind::I32 => 2,
+        }
+    }
+}
+
+/// A tensor shape, channels x height x width (`CHW` layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shape {
+    /// Channels.
+    pub c: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+}
+
+impl Shape {
+    /// Number of elements.
+    pub const fn len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Number of elements in `u64` (no overflow on 32-bit targets for any `u16` dimensions).
+    pub const fn len_u64(&self) -> u64 {
+        self.c as u64 * self.h as u64 * self.w as u64
+    }
+
+    /// Whether the shape has no elements.
+    pub const fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One decoded op record (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Op {
+    /// What it computes.
+    pub kind: OpKind,
+    /// Its output's element type.
+    pub out_kind: ActKind,
+    /// Kernel height (conv, pools).
+    pub kh: usize,
+    /// Kernel width (conv, pools).
+    pub kw: usize,
+    /// Stride (conv, pools).
+    pub stride: usize,
+    /// Zero padding on every side (conv).
+    pub pad: usize,
+    /// Input tensor id.
+    pub src: usize,
+    /// Second input tensor id (add).
+    pub src2: usize,
+    /// Output shape.
+    pub out: Shape,
+    /// Weight-layer index (conv, linear).
+    pub layer: Option<usize>,
+    /// Byte offset of the output in the activation arena.
+    pub out_off: usize,
+    /// First weight of the layer in the weight section.
+    pub weights_start: usize,
+    /// First requantization record.
+    pub params_start: usize,
+    /// Real value of one output unit.
+    pub out_scale: f32,
+    /// The layer's quantization scale `max|W|` (weighted ops).
+    pub w_scale: f32,
+}
+
+/// A requantization record: `y = (acc * m + bias + 2^(shift-1)) >> shift`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Requant {
+    /// Multiplier, `|m| < 2^23`.
+    pub m: i32,
+    /// Right shift, `0..=62`.
+    pub shift: u32,
+    /// Bias in units of `2^-shift` output units, `|bias| < 2^61`.
+    pub bias: i64,
+}
+
+/// A tensor of the op graph: where it lives and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tensor {
+    /// Shape.
+    pub shape: Shape,
+    /// Element type.
+    pub kind: ActKind,
+    /// Byte offset in the arena (`U8`/`I8`).
+    pub off: usize,
+    /// Real value of one unit.
+    pub scale: f32,
+}
+
+impl Tensor {
+    fn region(&self) -> Option<(usize, usize)> {
+        (self.kind != ActKind::I32).then_some((self.off, self.off + self.shape.len()))
+    }
+}
+
+/// Scratch requirements of a model, all in elements of the named type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScratchSizes {
+    /// `u8` activation arena.
+    pub act_bytes: usize,
+    /// `i16` patch (im2col row) buffer.
+    pub patch: usize,
+    /// `i32` logits.
+    pub logits: usize,
+}
+
+impl ScratchSizes {
+    /// Total bytes of scratch (activations, patch and logits).
+    pub const fn total_bytes(&self) -> usize {
+        self.act_bytes + 2 * self.patch + 4 * self.logits
+    }
+}
+
+/// A parsed, fully validated packed model borrowing its bytes.
+#[derive(Clone, Copy)]
+pub struct Model<'a> {
+    bytes: &'a [u8],
+    var: VariationConfig,
+    scale_mode: ScaleMode,
+    tile_rows: usize,
+    tile_cols: usize,
+    input: Shape,
+    classes: usize,
+    n_ops: usize,
+    n_layers: usize,
+    act_bytes: usize,
+    patch_len: usize,
+    n_weights: usize,
+    n_params: usize,
+    n_test: usize,
+    input_off: usize,
+    input_scale: f32,
+    lut_at: usize,
+    ops_at: usize,
+    params_at: usize,
+    weights_at: usize,
+    images_at: usize,
+    labels_at: usize,
+}
+
+impl core::fmt::Debug for Model<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Model")
+            .field("bytes", &self.bytes.len())
+            .field("variation", &self.var)
+            .field("tiles", &(self.tile_rows, self.tile_cols))
+            .field("input", &self.input)
+            .field("classes", &self.classes)
+            .field("ops", &self.n_ops)
+            .field("layers", &self.n_layers)
+            .field("weights", &self.n_weights)
+            .field("test_images", &self.n_test)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rd<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Some(s) = b.get(at..at.saturating_add(N)) {
+        out.copy_from_slice(s);
+    }
+    out
+}
+fn u8_at(b: &[u8], at: usize) -> u8 {
+    b.get(at).copied().unwrap_or(0)
+}
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(rd(b, at))
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(rd(b, at))
+}
+fn i32_at(b: &[u8], at: usize) -> i32 {
+    i32::from_le_bytes(rd(b, at))
+}
+fn i64_at(b: &[u8], at: usize) -> i64 {
+    i64::from_le_bytes(rd(b, at))
+}
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_bits(u32_at(b, at))
+}
+
+fn bad(field: &'static str, value: impl TryInto<i64>) -> Error {
+    Error::InvalidField {
+        field,
+        value: value.try_into().unwrap_or(i64::MAX),
+    }
+}
+
+fn ensure(ok: bool, field: &'static str, value: impl TryInto<i64>) -> Result<()> {
+    if ok { Ok(()) } else { Err(bad(field, value)) }
+}
+
+fn check_scale(field: &'static str, s: f32) -> Result<()> {
+    ensure(s.is_finite() && s > 0.0, field, i64::from(s.to_bits()))
+}
+
+/// Output size of a window sliding over `n` (with `pad` on each side), or `None` when the window
+/// does not fit.
+fn out_dim(n: usize, k: usize, stride: usize, pad: usize) -> Option<usize> {
+    let padded = n + 2 * pad;
+    (k >= 1 && stride >= 1 && padded >= k).then(|| (padded - k) / stride + 1)
+}
+
+fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1
+}
+
+impl<'a> Model<'a> {
+    /// Parses and validates a packed model (see the module docs for what is checked).
+    pub fn parse(bytes: &'a [u8]) -> Result<Model<'a>> {
+        if bytes.len() < 8 {
+            return Err(Error::Truncated {
+                needed: HEADER_LEN + 4,
+                found: bytes.len(),
+            });
+        }
+        if rd::<8>(bytes, 0) != MAGIC {
+            return Err(Error::BadMagic);
+        }
+        if bytes.len() < HEADER_LEN + 4 {
+            return Err(Error::Truncated {
+                needed: HEADER_LEN + 4,
+                found: bytes.len(),
+            });
+        }
+        let b = bytes;
+        let version = u16_at(b, 8);
+        if version != VERSION {
+            return Err(Error::UnsupportedVersion { version });
+        }
+        let total = u32_at(b, 72) as usize;
+        if b.len() < total {
+            return Err(Error::Truncated {
+                needed: total,
+                found: b.len(),
+            });
+        }
+        ensure(
+            total == b.len() && total >= HEADER_LEN + 4,
+            "header.total_len",
+            total,
+        )?;
+        let stored = u32_at(b, total - 4);
+        let computed = crc32(b.get(..total - 4).unwrap_or(&[]));
+        if stored != computed {
+            return Err(Error::ChecksumMismatch { stored, computed });
+        }
+
+        let quant = QuantConfig::new(u8_at(b, 10), u8_at(b, 11))?;
+        let unit = match u8_at(b, 16) {
+            0 => SigmaUnit::Range,
+            1 => SigmaUnit::Level,
+            v => return Err(bad("header.sigma_unit", v)),
+        };
+        let profile = match u8_at(b, 17) {
+            0 => Profile::Uniform,
+            1 => Profile::Rram1,
+            2 => Profile::Fefet2,
+            3 => Profile::Rram4,
+            4 => Profile::Fefet6,
+            v => return Err(bad("header.profile", v)),
+        };
+        let scale_mode = match u8_at(b, 18) {
+            0 => ScaleMode::PerLayer,
+            1 => ScaleMode::PerModel,
+            v => return Err(bad("header.scale_mode", v)),
+        };
+        ensure(u8_at(b, 19) == 0, "header.reserved", u8_at(b, 19))?;
+        ensure(u32_at(b, 76) == 0, "header.reserved", u32_at(b, 76))?;
+        let faults = Faults::new(f32_at(b, 20), f32_at(b, 24))?;
+        let var = VariationConfig::new(quant, f32_at(b, 12), unit, profile, faults)?;
+        let tile_rows = usize::from(u16_at(b, 28));
+        let tile_cols = usize::from(u16_at(b, 30));
+        ensure(
+            (1..=MAX_TILE_ROWS).contains(&tile_rows),
+            "header.tile_rows",
+            tile_rows,
+        )?;
+        ensure(tile_cols >= 1, "header.tile_cols", tile_cols)?;
+        let input = Shape {
+            c: usize::from(u16_at(b, 32)),
+            h: usize::from(u16_at(b, 34)),
+            w: usize::from(u16_at(b, 36)),
+        };
+        ensure(
+            input.c >= 1 && input.h >= 1 && input.w >= 1,
+            "header.input_shape",
+            0,
+        )?;
+        let classes = usize::from(u16_at(b, 38));
+        ensure(classes >= 1, "header.classes", classes)?;
+        let n_ops = usize::from(u16_at(b, 40));
+        ensure((1..=MAX_OPS).contains(&n_ops), "header.op_count", n_ops)?;
+        let n_layers = usize::from(u16_at(b, 42));
+        let act_bytes = u32_at(b, 44) as usize;
+        let patch_len = u32_at(b, 48) as usize;
+        ensure(patch_len <= MAX_FAN_IN, "header.patch_len", patch_len)?;
+        let n_weights = u32_at(b, 52) as usize;
+        let n_params = u32_at(b, 56) as usize;
+        let n_test = u32_at(b, 60) as usize;
+        let input_off = u32_at(b, 64) as usize;
+        let input_scale = f32_at(b, 68);
+        check_scale("header.input_scale", input_scale)?;
+
+        // Section layout, in u64 so that no field can overflow the arithmetic on a 32-bit target.
+        let image_len = input.len_u64();
+        let sizes = [
+            input.c as u64 * 256,
+            n_ops as u64 * OP_LEN as u64,
+            n_params as u64 * RECORD_LEN as u64,
+            n_weights as u64 * 2,
+            n_test as u64 * image_len,
+            n_test as u64 * 2,
+        ];
+        let mut at = [0usize; 6];
+        let mut end = HEADER_LEN as u64;
+        for (a, s) in at.iter_mut().zip(sizes) {
+            *a = end as usize;
+            end += s;
+            if end + 4 > total as u64 {
+                return Err(Error::Truncated {
+                    needed: (end + 4).min(usize::MAX as u64) as usize,
+                    found: total,
+                });
+            }
+        }
+        ensure(end + 4 == total as u64, "header.total_len", total)?;
+        let m = Model {
+            bytes,
+            var,
+            scale_mode,
+            tile_rows,
+            tile_cols,
+            input,
+            classes,
+            n_ops,
+            n_layers,
+            act_bytes,
+            patch_len,
+            n_weights,
+            n_params,
+            n_test,
+            input_off,
+            input_scale,
+            lut_at: at[0],
+            ops_at: at[1],
+            params_at: at[2],
+            weights_at: at[3],
+            images_at: at[4],
+            labels_at: at[5],
+        };
+        m.validate_ops()?;
+        m.validate_records()?;
+        m.validate_weights()?;
+        for i in 0..n_test {
+            let label = u16_at(b, m.labels_at + 2 * i);
+            ensure(usize::from(label) < classes, "test.label", label)?;
+        }
+        Ok(m)
+    }
+
+    fn decode_op(&self, i: usize) -> Result<Op> {
+        let b = self.bytes;
+        let at = self.ops_at + i * OP_LEN;
+        let kind = OpKind::from_code(u8_at(b, at)).ok_or(bad("op.kind", u8_at(b, at)))?;
+        let out_kind =
+            ActKind::from_code(u8_at(b, at + 1)).ok_or(bad("op.out_kind", u8_at(b, at + 1)))?;
+        ensure(u16_at(b, at + 6) == 0, "op.reserved", u16_at(b, at + 6))?;
+        let layer = u16_at(b, at + 18);
+        Ok(Op {
+            kind,
+            out_kind,
+            kh: usize::from(u8_at(b, at + 2)),
+            kw: usize::from(u8_at(b, at + 3)),
+            stride: usize::from(u8_at(b, at + 4)),
+            pad: usize::from(u8_at(b, at + 5)),
+            src: usize::from(u16_at(b, at + 8)),
+            src2: usize::from(u16_at(b, at + 10)),
+            out: Shape {
+                c: usize::from(u16_at(b, at + 12)),
+                h: usize::from(u16_at(b, at + 14)),
+                w: usize::from(u16_at(b, at + 16)),
+            },
+            layer: (layer != 0xFFFF).then_some(usize::from(layer)),
+            out_off: u32_at(b, at + 20) as usize,
+            weights_start: u32_at(b, at + 24) as usize,
+            params_start: u32_at(b, at + 28) as usize,
+            out_scale: f32_at(b, at + 32),
+            w_scale: f32_at(b, at + 36),
+        })
+    }
+
+    fn validate_ops(&self) -> Result<()> {
+        ensure(
+            self.input_off as u64 + self.input.len_u64() <= self.act_bytes as u64,
+            "header.input_off",
+            self.input_off,
+        )?;
+        let (mut layers, mut weights, mut params, mut max_fan_in) =
+            (0usize, 0usize, 0usize, 0usize);
+        for i in 0..self.n_ops {
+            let op = self.decode_op(i)?;
+            ensure(op.src <= i, "op.src", op.src)?;
+            let x = self.tensor_unchecked(op.src)?;
+            ensure(x.kind != ActKind::I32, "op.src", op.src)?;
+            let last = i + 1 == self.n_ops;
+            ensure(
+                (op.out_kind == ActKind::I32) == last,
+                "op.out_kind",
+                op.out_kind.code(),
+            )?;
+            check_scale("op.out_scale", op.out_scale)?;
+            let o = op.out;
+            ensure(o.c >= 1 && o.h >= 1 && o.w >= 1, "op.out_shape", 0)?;
+            let same_window = |k: usize, s: usize, p: usize| {
+                out_dim(x.shape.h, k, s, p) == Some(o.h) && out_dim(x.shape.w, k, s, p) == Some(o.w)
+            };
+            let mut n_params = 0;
+            match op.kind {
+                OpKind::Conv | OpKind::Linear => {
+                    let fan_in = if op.kind == OpKind::Conv {
+                        ensure(
+                            op.pad < op.kh.max(1) && op.pad < op.kw.max(1),
+                            "op.pad",
+                            op.pad,
+                        )?;
+                        let ok = out_dim(x.shape.h, op.kh, op.stride, op.pad) == Some(o.h)
+                            && out_dim(x.shape.w, op.kw, op.stride, op.pad) == Some(o.w);
+                        ensure(ok, "op.conv_shape", i)?;
+                        x.shape.c as u64 * op.kh as u64 * op.kw as u64
+                    } else {
+                        ensure(o.h == 1 && o.w == 1, "op.linear_shape", i)?;
+                        ensure(
+                            op.kh == 1 && op.kw == 1 && op.stride == 1 && op.pad == 0,
+                            "op.linear_kernel",
+                            i,
+                        )?;
+                        x.shape.len_u64()
+                    };
+                    ensure(
+                        (1..=MAX_FAN_IN as u64).contains(&fan_in),
+                        "op.fan_in",
+                        fan_in,
+                    )?;
+                    let fan_in = fan_in as usize;
+                    max_fan_in = max_fan_in.max(fan_in);
+                    ensure(
+                        op.layer == Some(layers),
+                        "op.layer",
+                        op.layer.map_or(-1, |l| l as i64),
+                    )?;
+                    layers += 1;
+                    ensure(
+                        op.weights_start == weights,
+                        "op.weights_start",
+                        op.weights_start,
+                    )?;
+                    weights = weights.saturating_add(o.c.saturating_mul(fan_in));
+                    check_scale("op.w_scale", op.w_scale)?;
+                    if last {
+                        ensure(
+                            o.c == self.classes && o.h == 1 && o.w == 1,
+                            "op.logits_shape",
+                            o.c,
+                        )?;
+                    }
+                    n_params = o.c;
+                }
+                _ => {
+                    ensure(
+                        op.layer.is_none(),
+                        "op.layer",
+                        op.layer.map_or(-1, |l| l as i64),
+                    )?;
+                    ensure(
+                        op.out_kind != ActKind::I32,
+                        "op.out_kind",
+                        op.out_kind.code(),
+                    )?;
+                    match op.kind {
+                        OpKind::Relu => {
+                            ensure(o == x.shape && op.out_kind == ActKind::U8, "op.relu", i)?;
+                        }
+                        OpKind::MaxPool | OpKind::AvgPool => {
+                            ensure(
+                                o.c == x.shape.c && op.kh == op.kw && op.pad == 0,
+                                "op.pool",
+                                i,
+                            )?;
+                            ensure(same_window(op.kh, op.stride, 0), "op.pool_shape", i)?;
+                            ensure(op.kh * op.kw <= MAX_POOL_WINDOW, "op.pool_window", op.kh)?;
+                            if op.kind == OpKind::MaxPool {
+                                ensure(op.out_kind == x.kind, "op.out_kind", op.out_kind.code())?;
+                            } else {
+                                n_params = 1;
+                            }
+                        }
+                        OpKind::GlobalAvgPool => {
+                            ensure(o.c == x.shape.c && o.h == 1 && o.w == 1, "op.gap_shape", i)?;
+                            let window = x.shape.h as u64 * x.shape.w as u64;
+                            ensure(window <= MAX_POOL_WINDOW as u64, "op.pool_window", window)?;
+                            n_params = 1;
+                        }
+                        OpKind::Add => {
+                            ensure(op.src2 <= i, "op.src2", op.src2)?;
+                            let y = self.tensor_unchecked(op.src2)?;
+                            ensure(
+                                y.kind != ActKind::I32 && y.shape == x.shape && o == x.shape,
+                                "op.add_shape",
+                                i,
+                            )?;
+                            n_params = 2;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            ensure(
+                op.params_start == params,
+                "op.params_start",
+                op.params_start,
+            )?;
+            params += n_params;
+            if op.out_kind != ActKind::I32 {
+                let end = op.out_off as u64 + o.len_u64();
+                ensure(end <= self.act_bytes as u64, "op.out_off", op.out_off)?;
+                // The output must not overwrite any tensor that this op or a later one reads.
+                let out = (op.out_off, op.out_off + o.len());
+                for k in i..self.n_ops {
+                    let later = self.decode_op(k)?;
+                    let inputs = [
+                        Some(later.src),
+                        (later.kind == OpKind::Add).then_some(later.src2),
+                    ];
+                    for t in inputs.into_iter().flatten().filter(|&t| t <= i) {
+                        if let Some(r) = self.tensor_unchecked(t)?.region() {
+                            ensure(!overlaps(out, r), "op.out_off", op.out_off)?;
+                        }
+                    }
+                }
+            }
+        }
+        ensure(layers == self.n_layers, "header.layer_count", self.n_layers)?;
+        ensure(
+            weights == self.n_weights,
+            "header.weight_count",
+            self.n_weights,
+        )?;
+        ensure(
+            params == self.n_params,
+            "header.record_count",
+            self.n_params,
+        )?;
+        ensure(
+            self.patch_len >= max_fan_in,
+            "header.patch_len",
+            self.patch_len,
+        )?;
+        Ok(())
+    }
+
+    fn validate_records(&self) -> Result<()> {
+        for i in 0..self.n_params {
+            let r = self.record(i);
+            ensure(r.shift <= 62, "record.shift", r.shift)?;
+            ensure(r.m.unsigned_abs() < 1 << 23, "record.m", r.m)?;
+            ensure(r.bias.unsigned_abs() < 1 << 61, "record.bias", r.bias)?;
+        }
+        Ok(())
+    }
+
+    fn validate_weights(&self) -> Result<()> {
+        let max = self.var.quant().max_magnitude();
+        for i in 0..self.n_weights {
+            let v = u16_at(self.bytes, self.weights_at + 2 * i);
+            ensure(v & 0x7FFF <= max, "weight.magnitude", v)?;
+        }
+        Ok(())
+    }
+
+    fn tensor_unchecked(&self, t: usize) -> Result<Tensor> {
+        if t == 0 {
+            return Ok(Tensor {
+                shape: self.input,
+                kind: ActKind::I8,
+                off: self.input_off,
+                scale: self.input_scale,
+            });
+        }
+        let op = self.decode_op(t - 1)?;
+        Ok(Tensor {
+            shape: op.out,
+            kind: op.out_kind,
+            off: op.out_off,
+            scale: op.out_scale,
+        })
+    }
+
+    /// The variation configuration the model was packed for.
+    pub fn variation(&self) -> VariationConfig {
+        self.var
+    }
+
+    /// The quantization configuration (M, N) of the weights.
+    pub fn quant(&self) -> QuantConfig {
+        self.var.quant()
+    }
+
+    /// Whether `max|W|` was taken per layer or per model.
+    pub fn scale_mode(&self) -> ScaleMode {
+        self.scale_mode
+    }
+
+    /// Crossbar tile rows (inputs per tile column).
+    pub fn tile_rows(&self) -> usize {
+        self.tile_rows
+    }
+
+    /// Crossbar tile columns.
+    pub fn tile_cols(&self) -> usize {
+        self.tile_cols
+    }
+
+    /// Input shape (`C, H, W`); an image is `C*H*W` raw `u8` pixels in `CHW` order.
+    pub fn input_shape(&self) -> Shape {
+        self.input
+    }
+
+    /// Number of classes (logits).
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Number of ops.
+    pub fn op_count(&self) -> usize {
+        self.n_ops
+    }
+
+    /// Number of weight layers (conv and linear).
+    pub fn layer_count(&self) -> usize {
+        self.n_layers
+    }
+
+    /// Number of weights over all layers.
+    pub fn weight_count(&self) -> usize {
+        self.n_weights
+    }
+
+    /// Op `i` (validated at parse time).
+    pub fn op(&self, i: usize) -> Result<Op> {
+        ensure(i < self.n_ops, "op.index", i)?;
+        self.decode_op(i)
+    }
+
+    /// Tensor `t`: 0 is the input, `i + 1` the output of op `i`.
+    pub fn tensor(&self, t: usize) -> Result<Tensor> {
+        ensure(t <= self.n_ops, "tensor.index", t)?;
+        self.tensor_unchecked(t)
+    }
+
+    /// Requantization record `i` (zeroes when out of range).
+    pub fn record(&self, i: usize) -> Requant {
+        let at = self.params_at + i * RECORD_LEN;
+        if i >= self.n_params {
+            return Requant::default();
+        }
+        Requant {
+            m: i32_at(self.bytes, at),
+            shift: u32_at(self.bytes, at + 4),
+            bias: i64_at(self.bytes, at + 8),
+        }
+    }
+
+    /// Quantized weight `i` of the whole model (zero when out of range).
+    pub fn weight(&self, i: usize) -> Quantized {
+        if i >= self.n_weights {
+            return Quantized::default();
+        }
+        let v = u16_at(self.bytes, self.weights_at + 2 * i);
+        Quantized {
+            negative: v & 0x8000 != 0,
+            magnitude: v & 0x7FFF,
+        }
+    }
+
+    /// The quantized weights of a weighted op, in canonical order.
+    pub fn layer_weights(&self, op: &Op) -> impl Iterator<Item = Quantized> + '_ {
+        let n = if op.kind.is_weighted() {
+            op.out.c * self.fan_in(op)
+        } else {
+            0
+        };
+        let start = op.weights_start;
+        (start..start + n).map(move |i| self.weight(i))
+    }
+
+    /// Crossbar tiles a weighted op occupies, `ceil(fan_in / rows) * ceil(outputs / cols)`
+    /// (0 for other ops).
+    pub fn tile_count(&self, op: &Op) -> usize {
+        let k = self.fan_in(op);
+        if k == 0 {
+            return 0;
+        }
+        k.div_ceil(self.tile_rows) * op.out.c.div_ceil(self.tile_cols)
+    }
+
+    /// Fan-in of a weighted op (`in * kh * kw`, or the flattened input), 0 for others.
+    pub fn fan_in(&self, op: &Op) -> usize {
+        let x = self
+            .tensor_unchecked(op.src)
+            .map(|t| t.shape)
+            .unwrap_or_default();
+        match op.kind {
+            OpKind::Conv => x.c * op.kh * op.kw,
+            OpKind::Linear => x.len(),
+            _ => 0,
+        }
+    }
+
+    /// Channel `c`'s input table: raw pixel -> `i8` input code (scale [`Self::input_scale`]).
+    pub fn input_table(&self, c: usize) -> &'a [u8] {
+        let at = self.lut_at + 256 * c;
+        if c >= self.input.c {
+            return &[];
+        }
+        self.bytes.get(at..at + 256).unwrap_or(&[])
+    }
+
+    /// Real value of one unit of the input code.
+    pub fn input_scale(&self) -> f32 {
+        self.input_scale
+    }
+
+    /// Number of test images packed with the model.
+    pub fn test_len(&self) -> usize {
+        self.n_test
+    }
+
+    /// Test image `i` (raw pixels, `CHW`) and its label.
+    pub fn test_image(&self, i: usize) -> Option<(&'a [u8], u16)> {
+        if i >= self.n_test {
+            return None;
+        }
+        let len = self.input.len();
+        let img = self
+            .bytes
+            .get(self.images_at + i * len..self.images_at + (i + 1) * len)?;
+        Some((img, u16_at(self.bytes, self.labels_at + 2 * i)))
+    }
+
+    /// `i16` elements of programmed state for `path`.
+    pub fn state_len(&self, path: Path) -> usize {
+        self.n_weights * path.state_per_weight(self.quant())
+    }
+
+    /// The scratch [`crate::exec::infer`] needs.
+    pub fn scratch(&self) -> ScratchSizes {
+        ScratchSizes {
+            act_bytes: self.act_bytes,
+            patch: self.patch_len,
+            logits: self.classes,
+        }
+    }
+
+    /// The model's bytes.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+}

@@ -1,0 +1,491 @@
+//! Programmed crossbar tiles and their matrix-vector products.
+//!
+//! A weight layer is a matrix of `K` inputs (fan-in: `in` for a linear layer, `in * kh * kw` for
+//! a convolution) by `O` outputs, stored output-major in PyTorch's canonical order
+//! (`[out][in]`, `[out][in][kh][kw]`). It is cut into crossbar tiles of `rows` inputs by `cols`
+//! outputs; a tile's column produces one partial sum per device slice.
+//!
+//! **Device state in fixed point.** Each device's read conductance `g_j + dg_j` (in levels) is
+//! kept with [`FRAC_BITS`] = 4 fractional bits, from [`crate::variation::Readout::devices_fixed`], and saturated to
+//! `±device_limit(cfg)` so that the collapsed weight always fits an `i16`:
+//! `device_limit = floor(32767 / sum_j 2^(jN))` (385 = 24.06 levels for M = 8, N = 2; about
+//! `8 (2^N - 1)` levels for M = 8 in general, i.e. 8 standard deviations of the noise at
+//! sigma = 1 in the `range` convention, beyond what the Gaussian sampler produces in practice).
+//! **Rounding error:** at most `2^-5` level per device (half a fixed-point step), an rms of
+//! `2^-4 / sqrt(12) = 0.018` level, against a noise std of `0.3` level at sigma = 0.1 (`range`,
+//! N = 2): the rounding adds 0.36 % to the noise variance, so the sampled noise is not rounded
+//! away. With sigma = 0 the state is exact (levels are integers).
+//!
+//! **Collapsed path** (ideal ADC): one `i16` per weight (2 bytes of programmed state),
+//! `W = ±sum_j 2^(jN) * d_j` where `d_j` are the fixed-point devices, which is exact integer
+//! arithmetic. **Sliced path**: `M/N` `i16` per weight, laid out `[out][slice][in]`; each tile
+//! column's per-slice partial sum goes through the [`Adc`], then the slices are shifted by
+//! `2^(jN)` and added, and the tiles are added. With [`Adc::Ideal`] the two paths agree bit for
+//! bit, since `sum_j 2^(jN) sum_i x_i d_ij = sum_i x_i W_i` exactly.
+//!
+//! **Accumulator bounds** (the format enforces `rows <= 256` and `K <= 65536`): inputs satisfy
+//! `|x| <= 255`, collapsed weights `|W| <= 32767`, so one tile's column sum is at most
+//! `255 * 32767 * 256 < 2^31` and is accumulated in `i32` (the inner loop uses wrapping adds
+//! that provably never wrap, which lets it vectorize); the sum over tiles is `i64`, at most
+//! `65536 * 255 * 32767 < 2^39` ([`ACC_LIMIT`]).
+
+use rand_core::RngCore;
+
+use crate::error::{Error, Result};
+use crate::quant::{MAX_SLICES, QuantConfig, Quantized};
+use crate::variation::VariationConfig;
+
+/// Fractional bits of a device conductance in the programmed state.
+pub const FRAC_BITS: u32 = 4;
+
+/// Largest number of tile rows (inputs summed by one tile column) the engine accepts.
+pub const MAX_TILE_ROWS: usize = 256;
+
+/// Largest fan-in of a layer the engine accepts.
+pub const MAX_FAN_IN: usize = 65536;
+
+/// Bound on `|accumulator|` of a layer on the ideal paths: `65536 * 255 * 32767 < 2^39`.
+/// A non-ideal ADC can exceed it; the executor saturates the accumulator to `±ACC_LIMIT` before
+/// requantization (which keeps `acc * multiplier` inside `i64`).
+pub const ACC_LIMIT: i64 = 1 << 39;
+
+/// The saturation bound of one fixed-point device, `floor(32767 / sum_j 2^(jN))`.
+pub fn device_limit(cfg: QuantConfig) -> i32 {
+    let n = u32::from(cfg.n_bits());
+    let gain: i32 = (0..cfg.slices() as u32).map(|j| 1i32 << (j * n)).sum();
+    32767 / gain
+}
+
+/// The analog-to-digital converter that reads a tile column's per-slice partial sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Adc {
+    /// Exact read-out (the collapsed fast path gives the same numbers).
+    #[default]
+    Ideal,
+    /// A symmetric mid-tread ADC: `code = clamp(round_half_away(p / step), -L, L)` with
+    /// `L = 2^(bits-1) - 1`, read back as `code * step`. Its full-scale range is `±L * step`
+    /// (in units of one input LSB times `2^-FRAC_BITS` level).
+    Quantized {
+        /// Resolution in bits, 2..=16.
+        bits: u8,
+        /// The value of one code, at least 1.
+        step: u32,
+    },
+}
+
+impl Adc {
+    /// A `bits`-bit ADC whose largest code reads `full_scale` (rounded up to a multiple of the
+    /// code count). Fails unless `2 <= bits <= 16` and `1 <= full_scale < 2^31`.
+    pub fn with_full_scale(bits: u8, full_scale: u32) -> Result<Adc> {
+        if !(2..=16).contains(&bits) {
+            return Err(Error::InvalidField {
+                field: "adc.bits",
+                value: i64::from(bits),
+            });
+        }
+        let levels = (1u32 << (bits - 1)) - 1;
+        if full_scale == 0 || full_scale >= 1 << 31 {
+            return Err(Error::InvalidField {
+                field: "adc.full_scale",
+                value: i64::from(full_scale),
+            });
+        }
+        Ok(Adc::Quantized {
+            bits,
+            step: full_scale.div_ceil(levels),
+        })
+    }
+
+    /// Checks the fields of an [`Adc::Quantized`] built by hand.
+    pub fn validate(self) -> Result<Adc> {
+        if let Adc::Quantized { bits, step } = self {
+            if !(2..=16).contains(&bits) {
+                return Err(Error::InvalidField {
+                    field: "adc.bits",
+                    value: i64::from(bits),
+                });
+            }
+            let levels = (1u64 << (bits - 1)) - 1;
+            if step == 0 || levels * u64::from(step) >= 1 << 31 {
+                return Err(Error::InvalidField {
+                    field: "adc.step",
+                    value: i64::from(step),
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// Converts one partial sum. Exact for [`Adc::Ideal`]; otherwise `|result| < 2^31`.
+    #[inline]
+    pub fn convert(self, p: i64) -> i64 {
+        match self {
+            Adc::Ideal => p,
+            Adc::Quantized { bits, step } => {
+                let step = i64::from(step);
+                let levels = (1i64 << (bits - 1)) - 1;
+                let code = ((2 * p.abs() + step) / (2 * step)).min(levels);
+                if p < 0 { -code * step } else { code * step }
+            }
+        }
+    }
+}
+
+/// Which programmed state a model runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Path {
+    /// One effective `i16` per weight; ideal ADC only.
+    #[default]
+    Collapsed,
+    /// `M/N` `i16` devices per weight, read per slice through the ADC.
+    Sliced(Adc),
+}
+
+impl Path {
+    /// `i16` elements of programmed state per weight.
+    pub const fn state_per_weight(self, cfg: QuantConfig) -> usize {
+        match self {
+            Path::Collapsed => 1,
+            Path::Sliced(_) => cfg.slices(),
+        }
+    }
+}
+
+/// Programs one layer of `outputs x fan_in` quantized weights (canonical order) into `state`,
+/// drawing one [`VariationConfig::sample`] per weight, in order, from `rng` (the layer's
+/// `stream(seed, run, layer)`). `state` must hold `weights.len() * path.state_per_weight()`.
+pub fn program_layer(
+    var: &VariationConfig,
+    weights: impl Iterator<Item = Quantized>,
+    fan_in: usize,
+    path: Path,
+    rng: &mut impl RngCore,
+    state: &mut [i16],
+) -> Result<()> {
+    let cfg = var.quant();
+    let slices = cfg.slices();
+    let n = u32::from(cfg.n_bits());
+    let lim = device_limit(cfg);
+    let per = path.state_per_weight(cfg);
+    let mut count = 0usize;
+    for (i, q) in weights.enumerate() {
+        let devices = device_state(var, q, rng, lim);
+        let sign = if q.negative { -1 } else { 1 };
+        match path {
+            Path::Collapsed => {
+                let w: i32 = devices
+                    .iter()
+                    .take(slices)
+                    .enumerate()
+                    .map(|(j, &d)| d << (j as u32 * n))
+                    .sum();
+                let slot = state.get_mut(i).ok_or(Error::BufferTooSmall {
+                    what: "tile state",
+                    needed: i + 1,
+                    found: i,
+                })?;
+                // |w| <= lim * sum_j 2^(jN) <= 32767 by the choice of `lim`.
+                *slot = (sign * w) as i16;
+            }
+            Path::Sliced(_) => {
+                let (o, k) = (i / fan_in.max(1), i % fan_in.max(1));
+                for (j, &d) in devices.iter().take(slices).enumerate() {
+                    let idx = (o * slices + j) * fan_in + k;
+                    let slot = state.get_mut(idx).ok_or(Error::BufferTooSmall {
+                        what: "tile state",
+                        needed: idx + 1,
+                        found: idx,
+                    })?;
+                    *slot = (sign * d) as i16;
+                }
+            }
+        }
+        count = i + 1;
+    }
+    if count * per != state.len() {
+        return Err(Error::LengthMismatch {
+            expected: count * per,
+            found: state.len(),
+        });
+    }
+    Ok(())
+}
+
+/// The fixed-point devices of one weight, saturated to `±lim`.
+#[inline]
+fn device_state(
+    var: &VariationConfig,
+    q: Quantized,
+    rng: &mut impl RngCore,
+    lim: i32,
+) -> [i32; MAX_SLICES] {
+    let mut d = var.sample(q, rng).devices_fixed(var.quant(), FRAC_BITS);
+    for x in d.iter_mut() {
+        *x = (*x).clamp(-lim, lim);
+    }
+    d
+}
+
+/// Dot product of one collapsed weight row with the inputs, summed per tile of `rows` inputs.
+///
+/// **Bound:** with `|x| <= 255`, `|w| <= 32767` and `rows <= 256`, one tile's sum is below
+/// `2^31` (`i32`, wrapping adds that never wrap); tiles add in `i64`, below `2^39` for
+/// `len <= 65536`. Lengths: `w.len() == x.len()`; extra elements of the longer are ignored.
+#[inline]
+pub fn dot_collapsed(w: &[i16], x: &[i16], rows: usize) -> i64 {
+    let rows = rows.clamp(1, MAX_TILE_ROWS);
+    let mut acc = 0i64;
+    for (wc, xc) in w.chunks(rows).zip(x.chunks(rows)) {
+        acc += i64::from(dot_i16(wc, xc));
+    }
+    acc
+}
+
+/// One tile column: `sum w_i x_i` in `i32` with wrapping adds (callers keep it below `2^31`).
+#[inline]
+pub fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
+    // A plain reduction: LLVM turns it into `pmaddwd` on x86 (and `SMLAD` on the M4 with DSP).
+    w.iter().zip(x).fold(0i32, |s, (&a, &b)| {
+        s.wrapping_add(i32::from(a) * i32::from(b))
+    })
+}
+
+/// Dot product of one output's sliced devices (`[slice][fan_in]`, `slices * x.len()` values)
+/// with the inputs: per tile of `rows` inputs and per slice, the column sum goes through `adc`,
+/// is shifted by `2^(jN)` and added.
+///
+/// **Bound:** a slice column sum is at most `255 * 32767 * 256 < 2^31` (devices are below
+/// `32767 / sum_j 2^(jN)`), `i32`; ADC outputs are below `2^31`, shifted by at most `2^7`, over at
+/// most 8 slices and 65536 tiles: below `2^57`, `i64`.
+#[inline]
+pub fn dot_sliced(dev: &[i16], x: &[i16], slices: usize, n_bits: u8, rows: usize, adc: Adc) -> i64 {
+    let k = x.len();
+    let rows = rows.clamp(1, MAX_TILE_ROWS);
+    let mut acc = 0i64;
+    for j in 0..slices {
+        let row = dev.get(j * k..(j + 1) * k).unwrap_or(&[]);
+        let shift = j as u32 * u32::from(n_bits);
+        for (wc, xc) in row.chunks(rows).zip(x.chunks(rows)) {
+            acc += adc.convert(i64::from(dot_i16(wc, xc))) << shift;
+        }
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::stream;
+    use crate::variation::{Faults, Profile, SigmaUnit};
+    use proptest::prelude::*;
+
+    fn naive(w: &[i16], x: &[i16]) -> i64 {
+        w.iter()
+            .zip(x)
+            .map(|(&a, &b)| i64::from(a) * i64::from(b))
+            .sum()
+    }
+
+    #[test]
+    fn device_limits() {
+        assert_eq!(device_limit(QuantConfig::DEFAULT), 385);
+        assert_eq!(device_limit(QuantConfig::new(8, 1).unwrap()), 128);
+        assert_eq!(device_limit(QuantConfig::new(8, 4).unwrap()), 1927);
+        // The noiseless top magnitude fits: 255 << 4 = 4080.
+        for (m, n) in [(8, 1), (8, 2), (8, 4), (4, 2), (2, 1), (6, 2)] {
+            let c = QuantConfig::new(m, n).unwrap();
+            assert!(device_limit(c) >= i32::from(c.max_level()) << FRAC_BITS);
+        }
+    }
+
+    #[test]
+    fn all_max_inputs_and_weights_do_not_overflow() {
+        let w = vec![i16::MAX; MAX_TILE_ROWS * 4];
+        let x = vec![255i16; MAX_TILE_ROWS * 4];
+        assert_eq!(dot_collapsed(&w, &x, MAX_TILE_ROWS), naive(&w, &x));
+        assert!(i64::from(i16::MAX) * 255 * MAX_TILE_ROWS as i64 <= i64::from(i32::MAX));
+        let wn = vec![i16::MIN + 1; MAX_TILE_ROWS];
+        assert_eq!(
+            dot_collapsed(&wn, &x[..MAX_TILE_ROWS], MAX_TILE_ROWS),
+            naive(&wn, &x)
+        );
+        // The whole-layer bound.
+        let big = MAX_FAN_IN as i64 * 255 * i64::from(i16::MAX);
+        assert!(big < ACC_LIMIT);
+        let w = vec![i16::MAX; MAX_FAN_IN];
+        let x = vec![255i16; MAX_FAN_IN];
+        assert_eq!(dot_collapsed(&w, &x, MAX_TILE_ROWS), big);
+        let lim = device_limit(QuantConfig::DEFAULT) as i16;
+        let dev = vec![lim; 4 * MAX_TILE_ROWS];
+        let got = dot_sliced(&dev, &x[..MAX_TILE_ROWS], 4, 2, MAX_TILE_ROWS, Adc::Ideal);
+        assert_eq!(got, 85 * i64::from(lim) * 255 * MAX_TILE_ROWS as i64);
+    }
+
+    #[test]
+    fn adc_rounds_half_away_and_clips() {
+        let adc = Adc::Quantized { bits: 4, step: 10 };
+        let cases = [
+            (0, 0),
+            (4, 0),
+            (5, 10),
+            (14, 10),
+            (15, 20),
+            (-5, -10),
+            (-4, 0),
+            (69, 70),
+            (75, 70),
+            (1000, 70),
+            (-1000, -70),
+        ];
+        for (p, want) in cases {
+            assert_eq!(adc.convert(p), want, "{p}");
+        }
+        assert_eq!(Adc::with_full_scale(4, 70).unwrap(), adc);
+        assert!(Adc::with_full_scale(1, 70).is_err());
+        assert!(
+            Adc::Quantized {
+                bits: 16,
+                step: 1 << 16
+            }
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            Adc::Quantized {
+                bits: 16,
+                step: 1 << 17
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(Adc::Quantized { bits: 8, step: 0 }.validate().is_err());
+    }
+
+    fn program(
+        var: &VariationConfig,
+        q: &[Quantized],
+        k: usize,
+        path: Path,
+        seed: u64,
+    ) -> Vec<i16> {
+        let mut st = vec![0i16; q.len() * path.state_per_weight(var.quant())];
+        program_layer(
+            var,
+            q.iter().copied(),
+            k,
+            path,
+            &mut stream(seed, 0, 0),
+            &mut st,
+        )
+        .unwrap();
+        st
+    }
+
+    #[test]
+    fn four_bit_adc_hand_computed() {
+        // M = 4, N = 2, sigma = 0: devices are exact levels (x16 in fixed point).
+        let var = VariationConfig::new(
+            QuantConfig::new(4, 2).unwrap(),
+            0.0,
+            SigmaUnit::Range,
+            Profile::Uniform,
+            Faults::NONE,
+        )
+        .unwrap();
+        // One output, fan-in 2, tile rows 2. Magnitudes 6 = (2, 1) and 13 = (1, 3), both positive.
+        let q = [
+            Quantized {
+                negative: false,
+                magnitude: 6,
+            },
+            Quantized {
+                negative: false,
+                magnitude: 13,
+            },
+        ];
+        let x = [3i16, 1];
+        let st = program(&var, &q, 2, Path::Sliced(Adc::Ideal), 1);
+        assert_eq!(st, [32, 16, 16, 48]); // [slice 0: 2, 1][slice 1: 1, 3] levels * 16
+        // Slice 0: 3*32 + 1*16 = 112; slice 1: 3*16 + 1*48 = 96. Ideal: 112 + 4*96 = 496 = 16*31.
+        assert_eq!(dot_sliced(&st, &x, 2, 2, 2, Adc::Ideal), 496);
+        // 4-bit ADC, step 20 (full scale 140): 112 -> code 6 (5.6) -> 120; 96 -> 5 (4.8) -> 100.
+        // Total: 120 + 4 * 100 = 520.
+        let adc = Adc::Quantized { bits: 4, step: 20 };
+        assert_eq!(dot_sliced(&st, &x, 2, 2, 2, adc), 520);
+        // Step 10 (full scale 70): both clip at 7 -> 70: 70 + 4*70 = 350.
+        assert_eq!(
+            dot_sliced(&st, &x, 2, 2, 2, Adc::Quantized { bits: 4, step: 10 }),
+            350
+        );
+        // Tiles of one row: slice 0 sums 96, 16 and slice 1 sums 48, 48 separately.
+        // step 20: 96->100, 16->20, 48->40, 48->40: 120 + 4*80 = 440.
+        assert_eq!(dot_sliced(&st, &x, 2, 2, 1, adc), 440);
+    }
+
+    proptest! {
+        #[test]
+        fn collapsed_matches_naive(
+            w in proptest::collection::vec(any::<i16>(), 0..700),
+            seed in any::<u64>(),
+            rows in 1usize..=256,
+        ) {
+            let x: Vec<i16> = (0..w.len()).map(|i| ((crate::rng::mix64(seed ^ i as u64) % 511) as i16) - 255).collect();
+            let w: Vec<i16> = w.iter().map(|&v| v.max(-i16::MAX)).collect();
+            prop_assert_eq!(dot_collapsed(&w, &x, rows), naive(&w, &x));
+        }
+
+        #[test]
+        fn ideal_sliced_equals_collapsed(
+            mags in proptest::collection::vec((any::<bool>(), 0u16..=255), 1..300),
+            sigma in 0.0f32..1.5,
+            seed in any::<u64>(),
+            rows in 1usize..=64,
+        ) {
+            let var = VariationConfig::paper(sigma).unwrap();
+            let q: Vec<Quantized> = mags.iter().map(|&(negative, magnitude)| Quantized { negative, magnitude }).collect();
+            let k = q.len();
+            let c = program(&var, &q, k, Path::Collapsed, seed);
+            let s = program(&var, &q, k, Path::Sliced(Adc::Ideal), seed);
+            let x: Vec<i16> = (0..k).map(|i| (crate::rng::mix64(seed ^ i as u64) % 256) as i16).collect();
+            prop_assert_eq!(dot_collapsed(&c, &x, rows), dot_sliced(&s, &x, 4, 2, rows, Adc::Ideal));
+            for i in 0..k {
+                let collapsed: i32 = (0..4).map(|j| i32::from(s[j * k + i]) << (2 * j)).sum();
+                prop_assert_eq!(i32::from(c[i]), collapsed);
+            }
+        }
+    }
+
+    #[test]
+    fn state_matches_the_readout_within_rounding() {
+        let var = VariationConfig::paper(0.3).unwrap();
+        let q: Vec<Quantized> = (0..200)
+            .map(|i| Quantized {
+                negative: i % 3 == 0,
+                magnitude: (i * 37 % 256) as u16,
+            })
+            .collect();
+        let st = program(&var, &q, 200, Path::Collapsed, 5);
+        let mut rng = stream(5, 0, 0);
+        for (i, &qi) in q.iter().enumerate() {
+            let r = var.sample(qi, &mut rng).read_weight(255.0, var.quant());
+            let fixed = f32::from(st[i]) / 16.0;
+            // 85 devices-weights of half a step each: at most 85 / 32 magnitude LSB.
+            assert!(
+                (fixed - r).abs() <= 85.0 / 32.0 + 1e-3,
+                "{i}: {fixed} vs {r}"
+            );
+        }
+        let mut short = vec![0i16; 10];
+        assert!(
+            program_layer(
+                &var,
+                q.iter().copied(),
+                200,
+                Path::Collapsed,
+                &mut stream(5, 0, 0),
+                &mut short
+            )
+            .is_err()
+        );
+    }
+}
