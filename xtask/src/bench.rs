@@ -30,6 +30,20 @@ pub fn criterion_mean_ns(target_dir: &Path, group: &str, id: &str) -> Result<f64
     Ok(v)
 }
 
+/// The throughput in elements that a criterion benchmark declared (its `benchmark.json`).
+pub fn criterion_elements(target_dir: &Path, group: &str, id: &str) -> Result<f64> {
+    let path = target_dir
+        .join("criterion")
+        .join(group)
+        .join(id)
+        .join("new")
+        .join("benchmark.json");
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("reading criterion's benchmark record {}", path.display()))?;
+    json_number_after(&text, "\"throughput\"", "\"Elements\"")
+        .with_context(|| format!("no Elements throughput in {}", path.display()))
+}
+
 /// Finds `"key2": <number>` after the first occurrence of `key1` (criterion's flat JSON).
 fn json_number_after(text: &str, key1: &str, key2: &str) -> Option<f64> {
     let rest = &text[text.find(key1)?..];
@@ -130,6 +144,30 @@ pub fn variation(root: &Path) -> Result<()> {
         &format!(
             "{{\"gaussian_msamples_per_s\": {gauss:.1}, \"noisy_weights_m_per_s\": {noisy:.1}, \
              \"target_gaussian_msamples_per_s\": 100}}"
+        ),
+    )
+}
+
+/// `cargo xtask bench engine`: MAC/s of the integer engine's collapsed path on VGG-8 at width
+/// 0.25, against an int8 dot product in L1 compiled with the same flags (the bench prints the
+/// MAC count, programmed state per weight and peak scratch).
+pub fn engine(root: &Path) -> Result<()> {
+    crate::cargo(&["bench", "-p", "nvcim-shared", "--bench", "engine"])?;
+    let t = target_dir(root);
+    let per_ns = |group: &str, id: &str| -> Result<(f64, f64)> {
+        let ns = criterion_mean_ns(&t, group, id)?;
+        Ok((criterion_elements(&t, group, id)? / ns, ns))
+    };
+    let (engine, image_ns) = per_ns("vgg8_w025", "collapsed")?;
+    let (peak, _) = per_ns("kernel", "int8_peak_dot_1152")?;
+    record(
+        root,
+        "engine",
+        &format!(
+            "{{\"vgg8_w025_collapsed_gmac_per_s\": {engine:.2}, \"int8_dot_gmac_per_s\": {peak:.2}, \
+             \"ratio\": {:.2}, \"ms_per_image\": {:.2}}}",
+            engine / peak,
+            image_ns / 1e6
         ),
     )
 }

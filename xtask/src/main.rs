@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 mod bench;
 mod setup;
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|train|all]>";
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|engine|train|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -150,8 +150,11 @@ fn demo(root: &Path) -> Result<()> {
 fn bench(root: &Path, what: &[String]) -> Result<()> {
     match what.first().map(String::as_str).unwrap_or("all") {
         "variation" => bench::variation(root),
+        "engine" => bench::engine(root),
         "train" => bench::train(root),
-        "all" => bench::variation(root).and_then(|()| bench::train(root)),
+        "all" => bench::variation(root)
+            .and_then(|()| bench::engine(root))
+            .and_then(|()| bench::train(root)),
         other => bail!("unknown benchmark `{other}`\n{USAGE}"),
     }
 }
