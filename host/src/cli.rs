@@ -18,6 +18,10 @@ pub struct Cli {
 pub enum Command {
     /// Relate sigma to weight noise: analytic and sampled effective weight-noise std.
     Variation(commands::variation::VariationArgs),
+    /// Train VGG-8 / ResNet-18 with vanilla, noise injection, NFT or NFT-OVF.
+    Train(commands::train::TrainArgs),
+    /// Search the feedback weight alpha over {1, 0.1, 0.01, 0.001, 0.0001} by noisy validation accuracy.
+    AlphaSearch(commands::alpha_search::AlphaSearchArgs),
 }
 
 impl Cli {
@@ -25,6 +29,8 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Variation(args) => commands::variation::run(&args),
+            Command::Train(args) => commands::train::run(&args),
+            Command::AlphaSearch(args) => commands::alpha_search::run(&args),
         }
     }
 }

@@ -1,3 +1,5 @@
 //! One module per CLI verb, each with `pub fn run(args) -> anyhow::Result<()>`.
 
+pub mod alpha_search;
+pub mod train;
 pub mod variation;
