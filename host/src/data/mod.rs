@@ -356,7 +356,9 @@ mod tests {
         assert_ne!(va, va3);
         let mut firsts: Vec<u8> = tr.images.chunks(6).chain(va.images.chunks(6)).map(|c| c[0]).collect();
         firsts.sort_unstable();
-        assert_eq!(firsts, (0..100).map(|i| (i * 6) as u8).collect::<Vec<_>>());
+        let mut all: Vec<u8> = (0..100).map(|i| (i * 6) as u8).collect();
+        all.sort_unstable();
+        assert_eq!(firsts, all);
         assert!(split_validation(&d, 1.0, 7).is_err());
     }
 
@@ -384,7 +386,8 @@ mod tests {
         let allowed: Vec<f32> =
             (6..12).map(|v| (v as f32 / 255.0 - 0.1307) / 0.3081).chain([pad]).collect();
         assert!(a.images.iter().all(|v| allowed.iter().any(|x| (x - v).abs() < 1e-6)));
-        assert_ne!(a.images[..6], a.images[6..12], "augmentation should vary (20 draws)");
+        let first = &a.images[..6];
+        assert!(a.images.chunks(6).any(|c| c != first), "augmentation should vary (20 draws)");
     }
 
     #[test]

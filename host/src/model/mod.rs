@@ -538,6 +538,7 @@ impl Backbone {
                         w.len()
                     );
                     let new = Tensor::<4>::from_data(TensorData::new(w.clone(), shape), &t.device());
+                    let new = if t.is_require_grad() { new.require_grad() } else { new };
                     c.conv.weight = c.conv.weight.clone().map(|_| new);
                 }
                 LayerMut::Linear(l) => {
@@ -551,6 +552,7 @@ impl Backbone {
                     );
                     let new = Tensor::<2>::from_data(TensorData::new(w.clone(), [dout, din]), &t.device())
                         .transpose();
+                    let new = if t.is_require_grad() { new.detach().require_grad() } else { new };
                     l.weight = l.weight.clone().map(|_| new);
                 }
             }
