@@ -25,8 +25,17 @@ fn bench(c: &mut Criterion) {
     for width in widths {
         let ad = Device::flex().autodiff();
         ad.seed(0);
-        let spec = ModelSpec { arch: Arch::Vgg8, width, in_channels: 1, image_size: 32, num_classes: 10 };
-        let mut model = TrainModel { backbone: spec.init_backbone(&ad), exits: spec.init_exits(&ad) };
+        let spec = ModelSpec {
+            arch: Arch::Vgg8,
+            width,
+            in_channels: 1,
+            image_size: 32,
+            num_classes: 10,
+        };
+        let mut model = TrainModel {
+            backbone: spec.init_backbone(&ad),
+            exits: spec.init_exits(&ad),
+        };
         let mut optim = AdamConfig::new().init();
         let noise = TrainingNoise::new(VariationConfig::paper(0.4).expect("valid sigma"));
         let x = Tensor::<4>::random([128, 1, 32, 32], Distribution::Normal(0.0, 1.0), &ad);
@@ -34,7 +43,8 @@ fn bench(c: &mut Criterion) {
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [128]), &ad);
         group.bench_function(format!("vgg8_w{width}_b128_nft"), |b| {
             b.iter(|| {
-                let (out, fb) = step_forward(&model, Method::Nft, &noise, x.clone()).expect("forward");
+                let (out, fb) =
+                    step_forward(&model, Method::Nft, &noise, x.clone()).expect("forward");
                 let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1);
                 black_box(loss.clone().into_scalar::<f32>());
                 let grads = GradientsParams::from_grads(loss.backward(), &model);

@@ -83,18 +83,26 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// The quantization these flags describe.
     pub fn quant(&self) -> Result<QuantConfig> {
-        QuantConfig::new(self.m_bits, self.n_bits).with_context(|| {
-            format!("invalid --m {} / --n {}", self.m_bits, self.n_bits)
-        })
+        QuantConfig::new(self.m_bits, self.n_bits)
+            .with_context(|| format!("invalid --m {} / --n {}", self.m_bits, self.n_bits))
     }
 
     /// The variation model at `sigma`.
     pub fn variation(&self, sigma: f32) -> Result<VariationConfig> {
         let faults = Faults::new(self.stuck_low, self.stuck_high).with_context(|| {
-            format!("invalid --stuck-low {} / --stuck-high {}", self.stuck_low, self.stuck_high)
+            format!(
+                "invalid --stuck-low {} / --stuck-high {}",
+                self.stuck_low, self.stuck_high
+            )
         })?;
-        VariationConfig::new(self.quant()?, sigma, self.unit.into(), self.profile.into(), faults)
-            .with_context(|| format!("invalid --sigma {sigma}"))
+        VariationConfig::new(
+            self.quant()?,
+            sigma,
+            self.unit.into(),
+            self.profile.into(),
+            faults,
+        )
+        .with_context(|| format!("invalid --sigma {sigma}"))
     }
 }
 
@@ -110,7 +118,10 @@ pub fn parse_sigmas(list: &str) -> Result<Vec<f32>> {
         }
         out.push(v);
     }
-    ensure!(!out.is_empty(), "--sigma needs at least one value, e.g. --sigma 0.2,0.4");
+    ensure!(
+        !out.is_empty(),
+        "--sigma needs at least one value, e.g. --sigma 0.2,0.4"
+    );
     Ok(out)
 }
 

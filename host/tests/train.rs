@@ -23,21 +23,37 @@ fn write_idx(dir: &Path, train: usize, test: usize) {
             lab.push(k as u8);
             for y in 0..28 {
                 for _x in 0..28 {
-                    let base = if (2 * k + 3..2 * k + 7).contains(&y) { 200 } else { 20 };
+                    let base = if (2 * k + 4..2 * k + 6).contains(&y) {
+                        215
+                    } else {
+                        20
+                    };
                     img.push((base + next() % 40) as u8);
                 }
             }
         }
-        std::fs::write(dir.join(format!("{stem}-images-idx3-ubyte")), idx::encode(&[n, 28, 28], &img)).unwrap();
-        std::fs::write(dir.join(format!("{stem}-labels-idx1-ubyte")), idx::encode(&[n], &lab)).unwrap();
+        std::fs::write(
+            dir.join(format!("{stem}-images-idx3-ubyte")),
+            idx::encode(&[n, 28, 28], &img),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{stem}-labels-idx1-ubyte")),
+            idx::encode(&[n], &lab),
+        )
+        .unwrap();
     }
 }
 
 fn nvcim(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nvcim")).args(args).output().expect("runs nvcim")
+    Command::new(env!("CARGO_BIN_EXE_nvcim"))
+        .args(args)
+        .output()
+        .expect("runs nvcim")
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let epochs_given = extra.contains(&"--epochs");
     let mut args = vec![
         "train",
         "--dataset",
@@ -49,9 +65,9 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
         "--width",
         "0.125",
         "--batch-size",
-        "32",
-        "--epochs",
-        "1",
+        "16",
+        "--lr",
+        "0.002",
         "--mc-val",
         "2",
         "--sigma",
@@ -59,29 +75,55 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
         "--quiet",
         "--json",
     ];
+    if !epochs_given {
+        args.extend(["--epochs", "1"]);
+    }
     args.extend_from_slice(extra);
     nvcim(&args)
 }
 
 fn summary(o: &Output) -> serde_json::Value {
-    assert!(o.status.success(), "nvcim failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "nvcim failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(o.stdout.trim_ascii()).expect("JSON summary on stdout")
 }
 
 fn check_run(out: &Path, s: &serde_json::Value, epochs: usize) {
-    for f in ["config.json", "model.json", "metrics.jsonl", "checkpoint/model.bpk", "checkpoint/optimizer.bpk", "checkpoint/state.json", "best/backbone.bpk", "best/model.json"] {
+    for f in [
+        "config.json",
+        "model.json",
+        "metrics.jsonl",
+        "checkpoint/model.bpk",
+        "checkpoint/optimizer.bpk",
+        "checkpoint/state.json",
+        "best/backbone.bpk",
+        "best/model.json",
+    ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), epochs);
     let m: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
-    for k in ["train_loss", "train_acc", "val_clean_acc", "val_noisy_acc", "images_per_s"] {
+    for k in [
+        "train_loss",
+        "train_acc",
+        "val_clean_acc",
+        "val_noisy_acc",
+        "images_per_s",
+    ] {
         assert!(m[k].is_number(), "metrics lack {k}: {m}");
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["variation"]["sigma_unit"], "range");
     let acc = s["best_val_clean_acc"].as_f64().unwrap();
-    assert!(acc > 0.3, "clean validation accuracy {acc} is not better than chance (0.1)");
+    assert!(
+        acc > 0.3,
+        "clean validation accuracy {acc} is not better than chance (0.1)"
+    );
 }
 
 #[test]
@@ -102,9 +144,50 @@ fn tiny_resnet18_with_nft() {
     let data = tempfile::tempdir().unwrap();
     write_idx(data.path(), 512, 64);
     let out = tempfile::tempdir().unwrap();
-    let o = train(data.path(), out.path(), &["--model", "resnet18", "--method", "nft", "--no-pad"]);
+    let o = train(
+        data.path(),
+        out.path(),
+        &["--model", "resnet18", "--method", "nft", "--no-pad"],
+    );
     let s = summary(&o);
     check_run(out.path(), &s, 1);
+}
+
+/// Every parameter, BN statistic and exit weight of the checkpoint in `out`.
+fn final_weights(out: &Path) -> Vec<Vec<f32>> {
+    use burn::module::Module;
+    let spec: nvcim::model::ModelSpec =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let device = burn::tensor::Device::flex();
+    let record = burn::store::ModuleRecord::load(out.join("checkpoint/model.bpk")).unwrap();
+    let m = nvcim::model::TrainModel {
+        backbone: spec.init_backbone(&device),
+        exits: spec.init_exits(&device),
+    }
+    .try_load_record(record)
+    .unwrap();
+    let mut v = Vec::new();
+    for l in m.backbone.weight_layers() {
+        v.push(l.weights);
+        v.extend(l.bias);
+        if let Some(bn) = l.bn {
+            v.extend([bn.gamma, bn.beta, bn.mean, bn.var]);
+        }
+    }
+    for e in &m.exits {
+        v.push(e.fc1.weight.val().into_data().try_to_vec::<f32>().unwrap());
+        v.push(
+            e.fc2
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap(),
+        );
+    }
+    v
 }
 
 #[test]
@@ -123,9 +206,20 @@ fn interrupt_and_resume_gives_the_same_weights() {
     resume.push("--resume");
     let s = summary(&train(data.path(), b.path(), &resume));
     assert_eq!(s["epochs_done"], 3);
-    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
-    assert!(read(a.path(), "checkpoint/model.bpk") == read(b.path(), "checkpoint/model.bpk"), "final weights differ");
-    assert_eq!(read(a.path(), "metrics.jsonl").len(), read(b.path(), "metrics.jsonl").len());
+    let (wa, wb) = (final_weights(a.path()), final_weights(b.path()));
+    assert!(wa.len() > 10 && wa == wb, "final weights differ");
+    let losses = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(losses(a.path()), losses(b.path()));
     // A resume with other flags is refused.
     let mut other = flags.to_vec();
     other.extend(["--resume", "--alpha", "0.5"]);
@@ -140,7 +234,10 @@ fn bad_data_gives_errors_that_name_the_file() {
     let out = tempfile::tempdir().unwrap();
     let o = train(data.path(), out.path(), &[]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success() && err.contains("no MNIST found") && err.contains("--data-dir"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("no MNIST found") && err.contains("--data-dir"),
+        "{err}"
+    );
 
     write_idx(data.path(), 20, 10);
     let p = data.path().join("train-images-idx3-ubyte");
@@ -148,17 +245,38 @@ fn bad_data_gives_errors_that_name_the_file() {
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
     let o = train(data.path(), out.path(), &[]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(err.contains("train-images-idx3-ubyte") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("train-images-idx3-ubyte") && err.contains("truncated"),
+        "{err}"
+    );
 
     write_idx(data.path(), 20, 10);
-    std::fs::write(data.path().join("t10k-labels-idx1-ubyte"), idx::encode(&[9], &[0; 9])).unwrap();
+    std::fs::write(
+        data.path().join("t10k-labels-idx1-ubyte"),
+        idx::encode(&[9], &[0; 9]),
+    )
+    .unwrap();
     let o = train(data.path(), out.path(), &[]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(err.contains("10 images") && err.contains("9 labels") && err.contains("t10k-labels"), "{err}");
+    assert!(
+        err.contains("10 images") && err.contains("9 labels") && err.contains("t10k-labels"),
+        "{err}"
+    );
 
     let cifar = tempfile::tempdir().unwrap();
     std::fs::write(cifar.path().join("data_batch_1.bin"), [0u8; 100]).unwrap();
-    let o = nvcim(&["train", "--dataset", "cifar10", "--data-dir", cifar.path().to_str().unwrap(), "--out", out.path().to_str().unwrap()]);
+    let o = nvcim(&[
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar.path().to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(err.contains("data_batch_1.bin") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("data_batch_1.bin") && err.contains("truncated"),
+        "{err}"
+    );
 }

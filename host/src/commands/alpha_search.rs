@@ -54,8 +54,13 @@ pub struct AlphaRow {
 fn parse_alphas(list: &str) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let a: f64 = p.parse().with_context(|| format!("--alphas: `{p}` is not a number"))?;
-        ensure!(a.is_finite() && a >= 0.0, "--alphas: {p} must be finite and >= 0");
+        let a: f64 = p
+            .parse()
+            .with_context(|| format!("--alphas: `{p}` is not a number"))?;
+        ensure!(
+            a.is_finite() && a >= 0.0,
+            "--alphas: {p} must be finite and >= 0"
+        );
         out.push(a);
     }
     ensure!(!out.is_empty(), "--alphas needs at least one value");
@@ -65,7 +70,10 @@ fn parse_alphas(list: &str) -> Result<Vec<f64>> {
 /// Runs `nvcim alpha-search`.
 pub fn run(args: &AlphaSearchArgs) -> Result<()> {
     if !args.flags.method.negative_feedback() {
-        bail!("--method {:?} has no alpha; alpha-search needs nft or nft-ovf", args.flags.method);
+        bail!(
+            "--method {:?} has no alpha; alpha-search needs nft or nft-ovf",
+            args.flags.method
+        );
     }
     let alphas = parse_alphas(&args.alphas)?;
     let mut rows = Vec::new();
@@ -77,8 +85,14 @@ pub fn run(args: &AlphaSearchArgs) -> Result<()> {
         if !args.quiet {
             eprintln!("alpha-search: alpha = {alpha} -> {}", dir.display());
         }
-        let opts = RunOptions { out: dir.clone(), resume: args.resume, stop_after: None, quiet: args.quiet };
-        let s = training::train(&cfg, &opts).with_context(|| format!("training with alpha {alpha}"))?;
+        let opts = RunOptions {
+            out: dir.clone(),
+            resume: args.resume,
+            stop_after: None,
+            quiet: args.quiet,
+        };
+        let s =
+            training::train(&cfg, &opts).with_context(|| format!("training with alpha {alpha}"))?;
         rows.push(AlphaRow {
             alpha,
             val_noisy_acc: s.best_val_noisy_acc,
@@ -100,7 +114,8 @@ pub fn run(args: &AlphaSearchArgs) -> Result<()> {
         "rows": rows,
         "best_alpha": best.alpha,
     });
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     crate::training::checkpoint::write_json_atomic(&args.out.join("alpha-search.json"), &report)?;
     if args.json {
         println!("{report}");
@@ -114,9 +129,16 @@ pub fn run(args: &AlphaSearchArgs) -> Result<()> {
         cfg.variation.unit().name(),
         cfg.mc_val
     );
-    println!("{:>8}  {:>14}  {:>14}  {:>5}", "alpha", "val noisy %", "val clean %", "epoch");
+    println!(
+        "{:>8}  {:>14}  {:>14}  {:>5}",
+        "alpha", "val noisy %", "val clean %", "epoch"
+    );
     for r in &rows {
-        let mark = if r.alpha == best.alpha { "  <- best" } else { "" };
+        let mark = if r.alpha == best.alpha {
+            "  <- best"
+        } else {
+            ""
+        };
         println!(
             "{:>8}  {:>14.2}  {:>14.2}  {:>5}{mark}",
             r.alpha,

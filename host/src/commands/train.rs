@@ -74,10 +74,17 @@ pub struct TrainFlags {
 impl TrainFlags {
     /// The resolved configuration.
     pub fn config(&self) -> Result<TrainConfig> {
-        ensure!(self.alpha.is_finite() && self.alpha >= 0.0, "--alpha must be >= 0, got {}", self.alpha);
+        ensure!(
+            self.alpha.is_finite() && self.alpha >= 0.0,
+            "--alpha must be >= 0, got {}",
+            self.alpha
+        );
         let pad32 = !self.no_pad && !self.dataset.augments();
         let native = if self.dataset.augments() { 32 } else { 28 };
-        let data_dir = self.data_dir.clone().unwrap_or_else(|| self.dataset.default_dir());
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dataset.default_dir());
         Ok(TrainConfig {
             dataset: self.dataset,
             data_dir,
@@ -130,17 +137,32 @@ pub struct TrainArgs {
 /// Prints a summary for people.
 pub fn print_summary(cfg: &TrainConfig, s: &TrainSummary) {
     println!("method          {:?}", cfg.method);
-    println!("model           {:?} width {}", cfg.model.arch, cfg.model.width);
+    println!(
+        "model           {:?} width {}",
+        cfg.model.arch, cfg.model.width
+    );
     println!(
         "sigma           {} ({}), profile {}",
         cfg.variation.sigma(),
         cfg.variation.unit().name(),
         cfg.variation.profile().name()
     );
-    println!("epochs done     {}{}", s.epochs_done, if s.interrupted { " (stopped early)" } else { "" });
+    println!(
+        "epochs done     {}{}",
+        s.epochs_done,
+        if s.interrupted {
+            " (stopped early)"
+        } else {
+            ""
+        }
+    );
     println!("best epoch      {}", s.best_epoch);
     println!("val clean acc   {:.2}%", 100.0 * s.best_val_clean_acc);
-    println!("val noisy acc   {:.2}% ({} runs)", 100.0 * s.best_val_noisy_acc, cfg.mc_val);
+    println!(
+        "val noisy acc   {:.2}% ({} runs)",
+        100.0 * s.best_val_noisy_acc,
+        cfg.mc_val
+    );
     println!("test clean acc  {:.2}%", 100.0 * s.test_clean_acc);
     println!("best backbone   {}", s.best_backbone.display());
     println!("wall time       {:.1} s", s.wall_seconds);

@@ -120,7 +120,11 @@ pub fn row(var: &VariationConfig, samples: u64, seed: u64) -> Row {
         analytic_std: analytic,
         empirical_std: empirical,
         empirical_mean: s1 / n,
-        relative_error: if analytic > 0.0 { empirical / analytic - 1.0 } else { 0.0 },
+        relative_error: if analytic > 0.0 {
+            empirical / analytic - 1.0
+        } else {
+            0.0
+        },
     }
 }
 

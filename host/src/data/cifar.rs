@@ -107,9 +107,19 @@ pub fn read_files(dir: &Path, names: &[&str], variant: Variant) -> Result<(Vec<u
     for name in names {
         let p = dir.join(name);
         let bytes = std::fs::read(&p).with_context(|| {
-            format!("reading {}; is the {} archive fully unpacked?", p.display(), variant.subdir())
+            format!(
+                "reading {}; is the {} archive fully unpacked?",
+                p.display(),
+                variant.subdir()
+            )
         })?;
-        parse_into(&bytes, variant, &p.display().to_string(), &mut images, &mut labels)?;
+        parse_into(
+            &bytes,
+            variant,
+            &p.display().to_string(),
+            &mut images,
+            &mut labels,
+        )?;
     }
     Ok((images, labels))
 }
@@ -138,7 +148,10 @@ mod tests {
             let bytes = encode(variant, &images, &labels);
             let (mut im, mut la) = (Vec::new(), Vec::new());
             parse_into(&bytes, variant, "f", &mut im, &mut la).unwrap();
-            assert_eq!((im.as_slice(), la.as_slice()), (images.as_slice(), &labels[..]));
+            assert_eq!(
+                (im.as_slice(), la.as_slice()),
+                (images.as_slice(), &labels[..])
+            );
         }
     }
 

@@ -22,9 +22,14 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).with_context(|| {
-            format!("{} is a corrupt or truncated gzip file; download it again", path.display())
-        })?;
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut out)
+            .with_context(|| {
+                format!(
+                    "{} is a corrupt or truncated gzip file; download it again",
+                    path.display()
+                )
+            })?;
         Ok(out)
     } else {
         Ok(raw)
@@ -47,9 +52,15 @@ pub fn parse(bytes: &[u8], what: &str) -> Result<IdxArray> {
         bytes[2]
     );
     let ndim = usize::from(bytes[3]);
-    ensure!((1..=4).contains(&ndim), "{what}: IDX file with {ndim} dimensions is not supported");
+    ensure!(
+        (1..=4).contains(&ndim),
+        "{what}: IDX file with {ndim} dimensions is not supported"
+    );
     let header = 4 + 4 * ndim;
-    ensure!(bytes.len() >= header, "{what}: truncated IDX header; download the file again");
+    ensure!(
+        bytes.len() >= header,
+        "{what}: truncated IDX header; download the file again"
+    );
     let dims: Vec<usize> = bytes[4..header]
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
@@ -61,9 +72,16 @@ pub fn parse(bytes: &[u8], what: &str) -> Result<IdxArray> {
         found == expected,
         "{what}: {} IDX file: dimensions {dims:?} need {expected} data bytes, found {found}; \
          download the file again",
-        if found < expected { "truncated" } else { "oversized" }
+        if found < expected {
+            "truncated"
+        } else {
+            "oversized"
+        }
     );
-    Ok(IdxArray { dims, data: bytes[header..].to_vec() })
+    Ok(IdxArray {
+        dims,
+        data: bytes[header..].to_vec(),
+    })
 }
 
 /// Reads an IDX file (plain or .gz).
@@ -146,14 +164,27 @@ mod tests {
         let bytes = encode(&[2, 2, 2], &[1; 8]);
         let err = parse(&bytes[..10], "f").unwrap_err().to_string();
         assert!(err.contains("truncated IDX header"), "{err}");
-        let err = parse(&bytes[..bytes.len() - 1], "f").unwrap_err().to_string();
-        assert!(err.contains("truncated") && err.contains("found 7"), "{err}");
-        assert!(parse(&[1, 2, 3, 4, 5], "f").unwrap_err().to_string().contains("not an IDX"));
+        let err = parse(&bytes[..bytes.len() - 1], "f")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("truncated") && err.contains("found 7"),
+            "{err}"
+        );
+        assert!(
+            parse(&[1, 2, 3, 4, 5], "f")
+                .unwrap_err()
+                .to_string()
+                .contains("not an IDX")
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.gz");
         std::fs::write(&p, [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
         let err = format!("{:#}", read(&p).unwrap_err());
-        assert!(err.contains("corrupt or truncated gzip") && err.contains("x.gz"), "{err}");
+        assert!(
+            err.contains("corrupt or truncated gzip") && err.contains("x.gz"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -163,6 +194,9 @@ mod tests {
         std::fs::write(&i, encode(&[3, 2, 2], &[0; 12])).unwrap();
         std::fs::write(&l, encode(&[2], &[0; 2])).unwrap();
         let err = read_pair(&i, &l).unwrap_err().to_string();
-        assert!(err.contains("3 images") && err.contains("2 labels") && err.contains("lab"), "{err}");
+        assert!(
+            err.contains("3 images") && err.contains("2 labels") && err.contains("lab"),
+            "{err}"
+        );
     }
 }

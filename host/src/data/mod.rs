@@ -166,7 +166,8 @@ impl Dataset {
         );
         let (top, left) = ((size - self.height) / 2, (size - self.width) / 2);
         let mut images = vec![0u8; self.len() * self.channels * size * size];
-        for (src, dst) in images_iter(self).zip(images.chunks_exact_mut(self.channels * size * size))
+        for (src, dst) in
+            images_iter(self).zip(images.chunks_exact_mut(self.channels * size * size))
         {
             for c in 0..self.channels {
                 for y in 0..self.height {
@@ -176,9 +177,14 @@ impl Dataset {
                 }
             }
         }
-        Ok(Dataset { images, height: size, width: size, labels: self.labels.clone(), ..self.clone_header() })
+        Ok(Dataset {
+            images,
+            height: size,
+            width: size,
+            labels: self.labels.clone(),
+            ..self.clone_header()
+        })
     }
-
 }
 
 fn images_iter(d: &Dataset) -> impl Iterator<Item = &[u8]> {
@@ -208,8 +214,15 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<(Dataset, Dataset)> {
             }
             let set = |i: &Path, l: &Path| -> Result<Dataset> {
                 let (img, labels) = idx::read_pair(i, l)?;
-                if let Some(bad) = labels.iter().position(|&x| usize::from(x) >= kind.classes()) {
-                    bail!("{}: label {} at {bad} is not a class 0..10", l.display(), labels[bad]);
+                if let Some(bad) = labels
+                    .iter()
+                    .position(|&x| usize::from(x) >= kind.classes())
+                {
+                    bail!(
+                        "{}: label {} at {bad} is not a class 0..10",
+                        l.display(),
+                        labels[bad]
+                    );
                 }
                 Ok(Dataset {
                     kind,
@@ -230,11 +243,23 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<(Dataset, Dataset)> {
             };
             let (train_files, test_file) = variant.files();
             let base = variant.locate(dir).ok_or_else(|| {
-                missing(&format!("{} or {}/{}", train_files[0], variant.subdir(), train_files[0]))
+                missing(&format!(
+                    "{} or {}/{}",
+                    train_files[0],
+                    variant.subdir(),
+                    train_files[0]
+                ))
             })?;
             let set = |names: &[&str]| -> Result<Dataset> {
                 let (images, labels) = cifar::read_files(&base, names, variant)?;
-                Ok(Dataset { kind, channels: 3, height: 32, width: 32, images, labels })
+                Ok(Dataset {
+                    kind,
+                    channels: 3,
+                    height: 32,
+                    width: 32,
+                    images,
+                    labels,
+                })
             };
             Ok((set(&train_files)?, set(&[test_file])?))
         }
@@ -261,7 +286,10 @@ pub fn split_validation(train: &Dataset, fraction: f64, seed: u64) -> Result<(Da
         (0.0..1.0).contains(&fraction),
         "--val-fraction must be in [0, 1), got {fraction}"
     );
-    let perm = permutation(train.len(), &mut stream_for(Purpose::Host, seed, 0, tags::SPLIT));
+    let perm = permutation(
+        train.len(),
+        &mut stream_for(Purpose::Host, seed, 0, tags::SPLIT),
+    );
     let n_val = (train.len() as f64 * fraction).round() as usize;
     let (val, tr) = perm.split_at(n_val);
     let (mut val, mut tr) = (val.to_vec(), tr.to_vec());
@@ -296,9 +324,11 @@ pub fn make_batch(
         let src = &data.images[i * b..(i + 1) * b];
         // Offsets into the image padded by 4 (crop) and the flip, for this image.
         let (dy, dx, flip) = match augment.as_deref_mut() {
-            Some(rng) => {
-                (below(rng, 9) as isize - 4, below(rng, 9) as isize - 4, rng.next_u32() & 1 == 1)
-            }
+            Some(rng) => (
+                below(rng, 9) as isize - 4,
+                below(rng, 9) as isize - 4,
+                rng.next_u32() & 1 == 1,
+            ),
             None => (0, 0, false),
         };
         for ch in 0..c {
@@ -354,7 +384,12 @@ mod tests {
         assert_eq!((&tr, &va), (&tr2, &va2));
         let (_, va3) = split_validation(&d, 0.1, 8).unwrap();
         assert_ne!(va, va3);
-        let mut firsts: Vec<u8> = tr.images.chunks(6).chain(va.images.chunks(6)).map(|c| c[0]).collect();
+        let mut firsts: Vec<u8> = tr
+            .images
+            .chunks(6)
+            .chain(va.images.chunks(6))
+            .map(|c| c[0])
+            .collect();
         firsts.sort_unstable();
         let mut all: Vec<u8> = (0..100).map(|i| (i * 6) as u8).collect();
         all.sort_unstable();
@@ -367,7 +402,10 @@ mod tests {
         let d = tiny(2).pad_to(4).unwrap();
         assert_eq!((d.height, d.width, d.images.len()), (4, 4, 32));
         // 2x3 in 4x4: top 1, left 0.
-        assert_eq!(&d.images[..16], &[0, 0, 0, 0, 0, 1, 2, 0, 3, 4, 5, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &d.images[..16],
+            &[0, 0, 0, 0, 0, 1, 2, 0, 3, 4, 5, 0, 0, 0, 0, 0]
+        );
         assert_eq!(d.labels, vec![0, 1]);
     }
 
@@ -383,19 +421,35 @@ mod tests {
         let mut rng = stream_for(Purpose::Host, 1, 0, tags::AUGMENT);
         let a = make_batch(&d, &[1; 20], Some(&mut rng));
         let pad = (0.0 - 0.1307) / 0.3081;
-        let allowed: Vec<f32> =
-            (6..12).map(|v| (v as f32 / 255.0 - 0.1307) / 0.3081).chain([pad]).collect();
-        assert!(a.images.iter().all(|v| allowed.iter().any(|x| (x - v).abs() < 1e-6)));
+        let allowed: Vec<f32> = (6..12)
+            .map(|v| (v as f32 / 255.0 - 0.1307) / 0.3081)
+            .chain([pad])
+            .collect();
+        assert!(
+            a.images
+                .iter()
+                .all(|v| allowed.iter().any(|x| (x - v).abs() < 1e-6))
+        );
         let first = &a.images[..6];
-        assert!(a.images.chunks(6).any(|c| c != first), "augmentation should vary (20 draws)");
+        assert!(
+            a.images.chunks(6).any(|c| c != first),
+            "augmentation should vary (20 draws)"
+        );
     }
 
     #[test]
     fn missing_dir_says_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load(DatasetKind::FashionMnist, dir.path()).unwrap_err().to_string();
-        assert!(err.contains("no Fashion-MNIST found") && err.contains("--data-dir"), "{err}");
-        let err = load(DatasetKind::Cifar10, dir.path()).unwrap_err().to_string();
+        let err = load(DatasetKind::FashionMnist, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no Fashion-MNIST found") && err.contains("--data-dir"),
+            "{err}"
+        );
+        let err = load(DatasetKind::Cifar10, dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no CIFAR-10 found"), "{err}");
     }
 
@@ -405,27 +459,51 @@ mod tests {
         let p = dir.path();
         for (stem, n) in [("train", 5usize), ("t10k", 3)] {
             let img: Vec<u8> = (0..n * 4).map(|i| i as u8).collect();
-            std::fs::write(p.join(format!("{stem}-images-idx3-ubyte")), idx::encode(&[n, 2, 2], &img))
-                .unwrap();
+            std::fs::write(
+                p.join(format!("{stem}-images-idx3-ubyte")),
+                idx::encode(&[n, 2, 2], &img),
+            )
+            .unwrap();
             let lab: Vec<u8> = (0..n as u8).collect();
-            std::fs::write(p.join(format!("{stem}-labels-idx1-ubyte")), idx::encode(&[n], &lab))
-                .unwrap();
+            std::fs::write(
+                p.join(format!("{stem}-labels-idx1-ubyte")),
+                idx::encode(&[n], &lab),
+            )
+            .unwrap();
         }
         let (tr, te) = load(DatasetKind::Mnist, p).unwrap();
         assert_eq!((tr.len(), te.len(), tr.height), (5, 3, 2));
         let sub = p.join(cifar::Variant::Cifar10.subdir());
         std::fs::create_dir(&sub).unwrap();
         let img = vec![7u8; cifar::IMAGE_BYTES * 2];
-        for f in ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin"] {
-            std::fs::write(sub.join(f), cifar::encode(cifar::Variant::Cifar10, &img, &[1, 2])).unwrap();
+        for f in [
+            "data_batch_1.bin",
+            "data_batch_2.bin",
+            "data_batch_3.bin",
+            "data_batch_4.bin",
+        ] {
+            std::fs::write(
+                sub.join(f),
+                cifar::encode(cifar::Variant::Cifar10, &img, &[1, 2]),
+            )
+            .unwrap();
         }
         let err = format!("{:#}", load(DatasetKind::Cifar10, p).unwrap_err());
         assert!(err.contains("data_batch_5.bin"), "{err}");
-        std::fs::write(sub.join("data_batch_5.bin"), cifar::encode(cifar::Variant::Cifar10, &img, &[1, 2]))
-            .unwrap();
-        std::fs::write(sub.join("test_batch.bin"), &cifar::encode(cifar::Variant::Cifar10, &img, &[3, 4])[..50])
-            .unwrap();
+        std::fs::write(
+            sub.join("data_batch_5.bin"),
+            cifar::encode(cifar::Variant::Cifar10, &img, &[1, 2]),
+        )
+        .unwrap();
+        std::fs::write(
+            sub.join("test_batch.bin"),
+            &cifar::encode(cifar::Variant::Cifar10, &img, &[3, 4])[..50],
+        )
+        .unwrap();
         let err = format!("{:#}", load(DatasetKind::Cifar10, p).unwrap_err());
-        assert!(err.contains("test_batch.bin") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("test_batch.bin") && err.contains("truncated"),
+            "{err}"
+        );
     }
 }

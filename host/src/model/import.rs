@@ -50,7 +50,11 @@ pub fn key_patterns(arch: Arch) -> Vec<(String, String)> {
 /// Loads the backbone `spec` describes from `path` (`.pt`, `.pth`, `.safetensors`).
 pub fn import_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result<Backbone> {
     spec.validate()?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     ensure_file(path)?;
     let mut backbone = spec.init_backbone(device);
     let patterns = key_patterns(spec.arch);
@@ -63,14 +67,20 @@ pub fn import_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result
             for (f, t) in &patterns {
                 store = store.with_key_remapping(f, t.clone());
             }
-            backbone.load_from(&mut store).map_err(|e| anyhow::anyhow!("{e}"))
+            backbone
+                .load_from(&mut store)
+                .map_err(|e| anyhow::anyhow!("{e}"))
         }
         "pt" | "pth" => {
-            let mut store = PytorchStore::from_file(path).skip_enum_variants(true).allow_partial(true);
+            let mut store = PytorchStore::from_file(path)
+                .skip_enum_variants(true)
+                .allow_partial(true);
             for (f, t) in &patterns {
                 store = store.with_key_remapping(f, t.clone());
             }
-            backbone.load_from(&mut store).map_err(|e| anyhow::anyhow!("{e}"))
+            backbone
+                .load_from(&mut store)
+                .map_err(|e| anyhow::anyhow!("{e}"))
         }
         _ => bail!(
             "{}: unknown weight format `.{ext}`; expected .pt, .pth or .safetensors",
@@ -109,7 +119,10 @@ mod tests {
     /// Writes the authors' VGG-8 state dict (PyTorch layouts) with known values; returns the
     /// canonical weights it holds.
     fn write_authors_vgg8(path: &Path, spec: &ModelSpec) -> Vec<Vec<f32>> {
-        let chans: Vec<usize> = [64, 128, 256, 256, 512, 512].iter().map(|&c| spec.ch(c)).collect();
+        let chans: Vec<usize> = [64, 128, 256, 256, 512, 512]
+            .iter()
+            .map(|&c| spec.ch(c))
+            .collect();
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         let mut weights = Vec::new();
         let mut cin = spec.in_channels;
@@ -117,16 +130,32 @@ mod tests {
         for (i, &c) in chans.iter().enumerate() {
             let n = c * cin * 9;
             let w: Vec<f32> = (0..n).map(|k| val(i, k)).collect();
-            tensors.push((format!("conv{}.weight", i + 1), vec![c, cin, 3, 3], w.clone()));
+            tensors.push((
+                format!("conv{}.weight", i + 1),
+                vec![c, cin, 3, 3],
+                w.clone(),
+            ));
             weights.push(w);
-            for (name, v) in [("weight", 1.5f32), ("bias", 0.25), ("running_mean", 0.125), ("running_var", 2.0)] {
+            for (name, v) in [
+                ("weight", 1.5f32),
+                ("bias", 0.25),
+                ("running_mean", 0.125),
+                ("running_var", 2.0),
+            ] {
                 tensors.push((format!("bn{}.{name}", i + 1), vec![c], vec![v; c]));
             }
-            tensors.push((format!("bn{}.num_batches_tracked", i + 1), vec![], vec![0.0]));
+            tensors.push((
+                format!("bn{}.num_batches_tracked", i + 1),
+                vec![],
+                vec![0.0],
+            ));
             cin = c;
         }
         let side = spec.image_size / 8;
-        let dims = [(cin * side * side, spec.ch(1024)), (spec.ch(1024), spec.num_classes)];
+        let dims = [
+            (cin * side * side, spec.ch(1024)),
+            (spec.ch(1024), spec.num_classes),
+        ];
         for (j, (din, dout)) in dims.into_iter().enumerate() {
             let w: Vec<f32> = (0..din * dout).map(|k| val(6 + j, k)).collect();
             tensors.push((format!("fc{}.weight", j + 1), vec![dout, din], w.clone()));
@@ -136,11 +165,22 @@ mod tests {
         tensors.push(("irs_block1.fc1.weight".into(), vec![2, 2], vec![9.0; 4]));
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
             .into_iter()
-            .map(|(n, s, v)| (format!("module.{n}"), s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .map(|(n, s, v)| {
+                (
+                    format!("module.{n}"),
+                    s,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
             .collect();
         let views: Vec<(String, TensorView<'_>)> = bytes
             .iter()
-            .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
         std::fs::write(path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
         weights
@@ -150,7 +190,13 @@ mod tests {
     fn authors_safetensors_load_into_vgg8() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("vgg8.safetensors");
-        let spec = ModelSpec { arch: Arch::Vgg8, width: 0.125, in_channels: 1, image_size: 32, num_classes: 10 };
+        let spec = ModelSpec {
+            arch: Arch::Vgg8,
+            width: 0.125,
+            in_channels: 1,
+            image_size: 32,
+            num_classes: 10,
+        };
         let expect = write_authors_vgg8(&p, &spec);
         let b = import_backbone(&p, &spec, &Device::flex()).unwrap();
         let layers = b.weight_layers();
@@ -162,10 +208,19 @@ mod tests {
         assert!(bn.mean.iter().all(|&x| x == 0.125) && bn.var.iter().all(|&x| x == 2.0));
         assert!(layers[7].bias.as_ref().unwrap().iter().all(|&x| x == 0.5));
 
-        let wrong = ModelSpec { width: 0.25, ..spec.clone() };
-        let err = format!("{:#}", import_backbone(&p, &wrong, &Device::flex()).unwrap_err());
+        let wrong = ModelSpec {
+            width: 0.25,
+            ..spec.clone()
+        };
+        let err = format!(
+            "{:#}",
+            import_backbone(&p, &wrong, &Device::flex()).unwrap_err()
+        );
         assert!(err.contains("vgg8.safetensors"), "{err}");
-        let err = format!("{:#}", import_backbone(&dir.path().join("x.onnx"), &spec, &Device::flex()).unwrap_err());
+        let err = format!(
+            "{:#}",
+            import_backbone(&dir.path().join("x.onnx"), &spec, &Device::flex()).unwrap_err()
+        );
         assert!(err.contains("x.onnx"), "{err}");
     }
 }

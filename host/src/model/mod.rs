@@ -56,7 +56,10 @@ pub struct ModelSpec {
 
 /// Kaiming-normal, fan-out, ReLU gain: `kaiming_normal_(mode='fan_out', nonlinearity='relu')`.
 fn kaiming() -> Initializer {
-    Initializer::KaimingNormal { gain: std::f64::consts::SQRT_2, fan_out_only: true }
+    Initializer::KaimingNormal {
+        gain: std::f64::consts::SQRT_2,
+        fan_out_only: true,
+    }
 }
 
 fn scaled(base: usize, width: f64) -> usize {
@@ -76,7 +79,11 @@ impl ModelSpec {
             "input images must have 1 or 3 channels, found {}",
             self.in_channels
         );
-        ensure!(self.num_classes >= 2, "need at least 2 classes, found {}", self.num_classes);
+        ensure!(
+            self.num_classes >= 2,
+            "need at least 2 classes, found {}",
+            self.num_classes
+        );
         ensure!(
             self.image_size >= 8,
             "images of {0}x{0} are too small for {1:?} (at least 8x8)",
@@ -96,7 +103,12 @@ impl ModelSpec {
         match self.arch {
             Arch::Vgg8 => vec![(self.ch(64), 6), (self.ch(128), 4), (self.ch(256), 3)],
             Arch::Resnet18 => {
-                vec![(self.ch(64), 6), (self.ch(64), 6), (self.ch(128), 4), (self.ch(256), 3)]
+                vec![
+                    (self.ch(64), 6),
+                    (self.ch(64), 6),
+                    (self.ch(128), 4),
+                    (self.ch(256), 3),
+                ]
             }
         }
     }
@@ -159,7 +171,15 @@ struct ZeroBias;
 
 impl burn::module::ModuleMapper for ZeroBias {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if D == 1 { param.map(|t| t.zeros_like()) } else { param }
+        if D != 1 {
+            return param;
+        }
+        // A fresh leaf: `zeros_like` alone would drop the gradient requirement.
+        param.map(|t| {
+            let trainable = t.is_require_grad();
+            let z = t.zeros_like().detach();
+            if trainable { z.require_grad() } else { z }
+        })
     }
 }
 
@@ -233,7 +253,8 @@ impl BasicBlock {
         BasicBlock {
             conv1: ConvBn::new(cin, cout, 3, stride, device),
             conv2: ConvBn::new(cout, cout, 3, 1, device),
-            shortcut: (stride != 1 || cin != cout).then(|| ConvBn::new(cin, cout, 1, stride, device)),
+            shortcut: (stride != 1 || cin != cout)
+                .then(|| ConvBn::new(cin, cout, 1, stride, device)),
         }
     }
 
@@ -380,7 +401,10 @@ pub struct WeightLayer {
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("float tensors convert to f32")
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("float tensors convert to f32")
 }
 
 /// A borrowed weight layer (conv-BN block or linear), in forward order.
@@ -457,6 +481,19 @@ impl Backbone {
             }
         }
         out
+    }
+
+    /// Folds every BN's pending running-statistics update into its stored value (Burn's
+    /// `RunningState` lags one update behind until synced), so that saving, evaluating and
+    /// resuming all see the latest statistics.
+    pub fn sync_running_stats(&mut self) {
+        for l in self.layers_mut() {
+            if let LayerMut::Conv(c) = l {
+                // `value_sync` folds this thread's pending update into the stored value.
+                let _ = c.bn.running_mean.value_sync();
+                let _ = c.bn.running_var.value_sync();
+            }
+        }
     }
 
     /// Number of weight layers.
@@ -537,8 +574,13 @@ impl Backbone {
                         shape.iter().product::<usize>(),
                         w.len()
                     );
-                    let new = Tensor::<4>::from_data(TensorData::new(w.clone(), shape), &t.device());
-                    let new = if t.is_require_grad() { new.require_grad() } else { new };
+                    let new =
+                        Tensor::<4>::from_data(TensorData::new(w.clone(), shape), &t.device());
+                    let new = if t.is_require_grad() {
+                        new.require_grad()
+                    } else {
+                        new
+                    };
                     c.conv.weight = c.conv.weight.clone().map(|_| new);
                 }
                 LayerMut::Linear(l) => {
@@ -550,9 +592,16 @@ impl Backbone {
                         din * dout,
                         w.len()
                     );
-                    let new = Tensor::<2>::from_data(TensorData::new(w.clone(), [dout, din]), &t.device())
-                        .transpose();
-                    let new = if t.is_require_grad() { new.detach().require_grad() } else { new };
+                    let new = Tensor::<2>::from_data(
+                        TensorData::new(w.clone(), [dout, din]),
+                        &t.device(),
+                    )
+                    .transpose();
+                    let new = if t.is_require_grad() {
+                        new.detach().require_grad()
+                    } else {
+                        new
+                    };
                     l.weight = l.weight.clone().map(|_| new);
                 }
             }
@@ -574,14 +623,24 @@ impl TrainModel {
     /// Backbone logits and exit logits (shallowest first).
     pub fn forward(&self, x: Tensor<4>) -> (Tensor<2>, Vec<Tensor<2>>) {
         let (logits, taps) = self.backbone.forward_taps(x, !self.exits.is_empty());
-        let outs = self.exits.iter().zip(taps).map(|(e, t)| e.forward(t)).collect();
+        let outs = self
+            .exits
+            .iter()
+            .zip(taps)
+            .map(|(e, t)| e.forward(t))
+            .collect();
         (logits, outs)
     }
 }
 
 /// Fraction of `labels` the arg-max of `logits` gets right, as a count.
 pub fn correct(logits: Tensor<2>, labels: &[i64]) -> usize {
-    let pred = logits.argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("int argmax");
+    let pred = logits
+        .argmax(1)
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .expect("int argmax");
     pred.iter().zip(labels).filter(|(p, l)| p == l).count()
 }
 
@@ -590,7 +649,13 @@ mod tests {
     use super::*;
 
     fn spec(arch: Arch, channels: usize) -> ModelSpec {
-        ModelSpec { arch, width: 0.125, in_channels: channels, image_size: 32, num_classes: 10 }
+        ModelSpec {
+            arch,
+            width: 0.125,
+            in_channels: channels,
+            image_size: 32,
+            num_classes: 10,
+        }
     }
 
     #[test]
@@ -599,7 +664,10 @@ mod tests {
         for (arch, layers, exits) in [(Arch::Vgg8, 8, 3), (Arch::Resnet18, 21, 4)] {
             for ch in [1, 3] {
                 let s = spec(arch, ch);
-                let m = TrainModel { backbone: s.init_backbone(&device), exits: s.init_exits(&device) };
+                let m = TrainModel {
+                    backbone: s.init_backbone(&device),
+                    exits: s.init_exits(&device),
+                };
                 let (y, outs) = m.forward(Tensor::zeros([2, ch, 32, 32], &device));
                 assert_eq!(y.dims(), [2, 10]);
                 assert_eq!(outs.len(), exits);
@@ -611,10 +679,16 @@ mod tests {
 
     #[test]
     fn exits_match_table_one_at_full_width() {
-        let s = ModelSpec { width: 1.0, ..spec(Arch::Vgg8, 3) };
+        let s = ModelSpec {
+            width: 1.0,
+            ..spec(Arch::Vgg8, 3)
+        };
         let ins: Vec<usize> = s.exit_taps().iter().map(|(c, k)| c * k * k).collect();
         assert_eq!(ins, vec![2304, 2048, 2304]);
-        let s = ModelSpec { arch: Arch::Resnet18, ..s };
+        let s = ModelSpec {
+            arch: Arch::Resnet18,
+            ..s
+        };
         let ins: Vec<usize> = s.exit_taps().iter().map(|(c, k)| c * k * k).collect();
         assert_eq!(ins, vec![2304, 2304, 2048, 2304]);
     }

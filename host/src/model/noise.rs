@@ -50,13 +50,18 @@ impl TrainingNoise {
         let scale: Tensor<D> = w.clone().abs().max().clamp_min(1e-30).unsqueeze::<D>();
         let profiled = self.cfg.profile().multiplier().is_some();
         // The quantized magnitude, only when something depends on it.
-        let magnitude = (profiled || self.cfg.faults().any())
-            .then(|| (w.clone().abs() / scale.clone()).mul_scalar(max_mag).round());
+        let magnitude = (profiled || self.cfg.faults().any()).then(|| {
+            (w.clone().abs() / scale.clone())
+                .mul_scalar(max_mag)
+                .round()
+        });
         // A magnitude inside the profile band, and one outside, for the two closed-form stds.
         let (in_band, out_band) = (quant.max_magnitude() / 2, 0u16);
         let band = |m: &Tensor<D>| {
             let m4 = m.clone().mul_scalar(4.0);
-            m4.clone().greater_elem(max_mag).bool_and(m4.lower_elem(3.0 * max_mag))
+            m4.clone()
+                .greater_elem(max_mag)
+                .bool_and(m4.lower_elem(3.0 * max_mag))
         };
         // Per-weight value of `f(magnitude)` for a function constant on each band.
         let per_weight = |f: &dyn Fn(u16) -> f64| -> Option<Tensor<D>> {
@@ -79,7 +84,10 @@ impl TrainingNoise {
         let n = u32::from(quant.n_bits());
         let levels = f32::from(quant.max_level()) + 1.0;
         let top = f32::from(quant.max_level());
-        let (p_low, p_high) = (self.cfg.faults().stuck_low(), self.cfg.faults().stuck_high());
+        let (p_low, p_high) = (
+            self.cfg.faults().stuck_low(),
+            self.cfg.faults().stuck_high(),
+        );
         let sd0 = self.cfg.device_sigma(out_band);
         let mut dmag = Tensor::<D>::zeros(shape.clone(), &device);
         for j in 0..quant.slices() as u32 {
@@ -118,7 +126,11 @@ pub struct NoiseMapper<'a> {
 impl<'a> NoiseMapper<'a> {
     /// A mapper drawing from `noise`.
     pub fn new(noise: &'a TrainingNoise) -> Self {
-        NoiseMapper { noise, stack: Vec::new(), perturbed: 0 }
+        NoiseMapper {
+            noise,
+            stack: Vec::new(),
+            perturbed: 0,
+        }
     }
 }
 
@@ -130,7 +142,8 @@ fn is_weight(stack: &[(String, String)]) -> bool {
 
 impl ModuleMapper for NoiseMapper<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack.push((name.to_string(), container_type.to_string()));
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -171,7 +184,12 @@ mod tests {
         let n = w.len();
         let t = Tensor::<1>::from_data(TensorData::new(w, [n]), &device);
         let d = TrainingNoise::new(cfg).sample(t);
-        d.into_data().try_to_vec::<f32>().unwrap().into_iter().map(f64::from).collect()
+        d.into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
     }
 
     fn cfg(sigma: f32, unit: SigmaUnit, profile: Profile, faults: Faults) -> VariationConfig {
@@ -180,7 +198,9 @@ mod tests {
 
     /// Weights of scale 2.0 (one weight pins max|W|), the rest at `|w| = frac * 2` with random signs.
     fn weights(n: usize, frac: f32) -> Vec<f32> {
-        let mut w: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { -2.0 * frac } else { 2.0 * frac }).collect();
+        let mut w: Vec<f32> = (0..n)
+            .map(|i| if i % 3 == 0 { -2.0 * frac } else { 2.0 * frac })
+            .collect();
         w[0] = 2.0;
         w
     }
@@ -195,7 +215,10 @@ mod tests {
             let sq: Vec<f64> = d.iter().map(|x| (x / 2.0) * (x / 2.0)).collect();
             let (ms, se) = mean_se(&sq);
             let expect = c.weight_std(0).powi(2);
-            assert!((ms - expect).abs() < 5.0 * se, "{unit:?}: {ms} vs {expect} (se {se})");
+            assert!(
+                (ms - expect).abs() < 5.0 * se,
+                "{unit:?}: {ms} vs {expect} (se {se})"
+            );
         }
     }
 
@@ -209,9 +232,15 @@ mod tests {
             let sq: Vec<f64> = d[1..].iter().map(|x| (x / 2.0) * (x / 2.0)).collect();
             let (ms, se) = mean_se(&sq);
             let expect = c.weight_std(q).powi(2);
-            assert!((ms - expect).abs() < 5.0 * se, "frac {frac}: {ms} vs {expect} (se {se})");
+            assert!(
+                (ms - expect).abs() < 5.0 * se,
+                "frac {frac}: {ms} vs {expect} (se {se})"
+            );
         }
-        assert!(c.weight_std(128) > 3.0 * c.weight_std(10), "the band must matter in this test");
+        assert!(
+            c.weight_std(128) > 3.0 * c.weight_std(10),
+            "the band must matter in this test"
+        );
     }
 
     #[test]
@@ -228,18 +257,26 @@ mod tests {
             let sq: Vec<f64> = e.iter().map(|x| x * x).collect();
             let (ms, se) = mean_se(&sq);
             let expect = c.weight_rms(q).powi(2);
-            assert!((ms - expect).abs() < 5.0 * se, "{frac}: {ms} vs {expect} (se {se})");
+            assert!(
+                (ms - expect).abs() < 5.0 * se,
+                "{frac}: {ms} vs {expect} (se {se})"
+            );
             // The mean error: sum_j 4^j mu_j / 255 with mu = -p_low g + p_high (3 - g), signed.
             let levels = [q & 3, (q >> 2) & 3, (q >> 4) & 3, (q >> 6) & 3];
             let mu: f64 = levels
                 .iter()
                 .enumerate()
-                .map(|(j, &g)| 4f64.powi(j as i32) * (-0.1 * f64::from(g) + 0.05 * (3.0 - f64::from(g))))
+                .map(|(j, &g)| {
+                    4f64.powi(j as i32) * (-0.1 * f64::from(g) + 0.05 * (3.0 - f64::from(g)))
+                })
                 .sum::<f64>()
                 / 255.0
                 * f64::from(frac.signum());
             let (m, se) = mean_se(&e);
-            assert!((m - mu).abs() < 5.0 * se, "{frac}: mean {m} vs {mu} (se {se})");
+            assert!(
+                (m - mu).abs() < 5.0 * se,
+                "{frac}: mean {m} vs {mu} (se {se})"
+            );
         }
     }
 

@@ -57,12 +57,14 @@ pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
@@ -75,7 +77,13 @@ pub fn ensure_same_config(saved: &serde_json::Value, now: &serde_json::Value) ->
         .keys()
         .chain(b.keys())
         .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| format!("{k}: saved {} now {}", a.get(k).unwrap_or(&serde_json::Value::Null), b.get(k).unwrap_or(&serde_json::Value::Null)))
+        .map(|k| {
+            format!(
+                "{k}: saved {} now {}",
+                a.get(k).unwrap_or(&serde_json::Value::Null),
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
         .collect();
     if !differ.is_empty() {
         bail!(
@@ -94,7 +102,14 @@ pub fn load_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result<B
     spec.init_backbone(device)
         .try_load_record(record)
         .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .with_context(|| format!("{} does not fit a {:?} of width {}", path.display(), spec.arch, spec.width))
+        .with_context(|| {
+            format!(
+                "{} does not fit a {:?} of width {}",
+                path.display(),
+                spec.arch,
+                spec.width
+            )
+        })
 }
 
 fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
@@ -105,7 +120,8 @@ fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
     }
-    std::fs::rename(tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    std::fs::rename(tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
@@ -128,7 +144,9 @@ fn rec_err(e: burn::store::RecordError) -> anyhow::Error {
 impl Checkpoint {
     /// The checkpoints of `out`.
     pub fn new(out: &Path) -> Self {
-        Checkpoint { out: out.to_path_buf() }
+        Checkpoint {
+            out: out.to_path_buf(),
+        }
     }
 
     fn dir(&self) -> PathBuf {
@@ -148,15 +166,30 @@ impl Checkpoint {
     /// crash hit between the two renames of a swap).
     pub fn latest(&self) -> Option<PathBuf> {
         let d = self.dir();
-        [d.clone(), d.with_extension("old")].into_iter().find(|p| p.join("state.json").is_file())
+        [d.clone(), d.with_extension("old")]
+            .into_iter()
+            .find(|p| p.join("state.json").is_file())
     }
 
     /// Saves model, optimizer and state, and rewrites `metrics.jsonl`.
-    pub fn save(&self, model: &TrainModel, optim: &ModuleOptimizer, cfg: &TrainConfig, state: &State) -> Result<()> {
+    pub fn save(
+        &self,
+        model: &TrainModel,
+        optim: &ModuleOptimizer,
+        cfg: &TrainConfig,
+        state: &State,
+    ) -> Result<()> {
         let dir = self.dir();
         let tmp = fresh_tmp(&dir)?;
-        model.clone().save_file(tmp.join("model.bpk")).map_err(rec_err).context("saving the model")?;
-        optim.save(tmp.join("optimizer.bpk")).map_err(rec_err).context("saving the optimizer")?;
+        model
+            .clone()
+            .save_file(tmp.join("model.bpk"))
+            .map_err(rec_err)
+            .context("saving the model")?;
+        optim
+            .save(tmp.join("optimizer.bpk"))
+            .map_err(rec_err)
+            .context("saving the optimizer")?;
         let mut st = state.clone();
         st.rng = format!(
             "derived: epoch e reseeds the device with epoch_seed({}, e) and draws shuffles/augmentation from stream_for(Host, {}, e, tag)",
@@ -176,7 +209,11 @@ impl Checkpoint {
     pub fn save_best(&self, backbone: &Backbone, cfg: &TrainConfig, state: &State) -> Result<()> {
         let dir = self.best_dir();
         let tmp = fresh_tmp(&dir)?;
-        backbone.clone().save_file(tmp.join("backbone.bpk")).map_err(rec_err).context("saving the backbone")?;
+        backbone
+            .clone()
+            .save_file(tmp.join("backbone.bpk"))
+            .map_err(rec_err)
+            .context("saving the backbone")?;
         write_json_atomic(&tmp.join("model.json"), &serde_json::to_value(&cfg.model)?)?;
         let info = serde_json::json!({
             "epoch": state.best_epoch,
@@ -197,17 +234,31 @@ impl Checkpoint {
         optim: ModuleOptimizer,
     ) -> Result<(TrainModel, State, ModuleOptimizer)> {
         let state: State = serde_json::from_value(read_json(&dir.join("state.json"))?)
-            .with_context(|| format!("{} is not an nvcim checkpoint state", dir.join("state.json").display()))?;
+            .with_context(|| {
+                format!(
+                    "{} is not an nvcim checkpoint state",
+                    dir.join("state.json").display()
+                )
+            })?;
         let backbone = cfg.model.init_backbone(device);
-        let exits = if cfg.method.uses_exits() { cfg.model.init_exits(device) } else { Vec::new() };
+        let exits = if cfg.method.uses_exits() {
+            cfg.model.init_exits(device)
+        } else {
+            Vec::new()
+        };
         let p = dir.join("model.bpk");
-        let record = ModuleRecord::load(&p).map_err(rec_err).with_context(|| format!("reading {}", p.display()))?;
+        let record = ModuleRecord::load(&p)
+            .map_err(rec_err)
+            .with_context(|| format!("reading {}", p.display()))?;
         let model = TrainModel { backbone, exits }
             .try_load_record(record)
             .map_err(rec_err)
             .with_context(|| format!("{} does not fit this model", p.display()))?;
         let p = dir.join("optimizer.bpk");
-        let optim = optim.load(&p).map_err(rec_err).with_context(|| format!("reading {}", p.display()))?;
+        let optim = optim
+            .load(&p)
+            .map_err(rec_err)
+            .with_context(|| format!("reading {}", p.display()))?;
         Ok((model, state, optim))
     }
 }

@@ -62,8 +62,11 @@ pub fn loss(
     alpha: f64,
 ) -> Tensor<1> {
     let ce = CrossEntropyLossConfig::new().init(&output.device());
-    let logits =
-        if method.negative_feedback() { feedback_logits(output, feedback, alpha) } else { output };
+    let logits = if method.negative_feedback() {
+        feedback_logits(output, feedback, alpha)
+    } else {
+        output
+    };
     ce.forward(logits, labels)
 }
 
@@ -83,9 +86,16 @@ mod tests {
         // nf / 4 = [0.225, 0.475, -0.025];
         // CE = ln(e^0.225 + e^0.475 + e^-0.025) - 0.475 = 0.8693381...
         let out = t(&[1.0, 2.0, 0.0]);
-        let exits = [t(&[1.0, 0.0, 0.0]), t(&[0.0, 10.0, 0.0]), t(&[0.0, 0.0, 100.0])];
+        let exits = [
+            t(&[1.0, 0.0, 0.0]),
+            t(&[0.0, 10.0, 0.0]),
+            t(&[0.0, 0.0, 100.0]),
+        ];
         let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64], [1]), &Device::flex());
-        let nf = feedback_logits(out.clone(), &exits, 0.1).into_data().try_to_vec::<f32>().unwrap();
+        let nf = feedback_logits(out.clone(), &exits, 0.1)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         for (a, b) in nf.iter().zip([0.225, 0.475, -0.025]) {
             assert!((a - b).abs() < 1e-6, "{nf:?}");
         }

@@ -200,18 +200,32 @@ pub struct RunData {
 pub fn prepare_data(cfg: &TrainConfig) -> Result<RunData> {
     let (train, test) = data::load(cfg.dataset, &cfg.data_dir)
         .with_context(|| format!("loading {}", cfg.dataset.display_name()))?;
-    let pad = |d: Dataset| if cfg.pad32 && d.height < 32 { d.pad_to(32) } else { Ok(d) };
+    let pad = |d: Dataset| {
+        if cfg.pad32 && d.height < 32 {
+            d.pad_to(32)
+        } else {
+            Ok(d)
+        }
+    };
     let (train, test) = (pad(train)?, pad(test)?);
     let (mut train, val) = data::split_validation(&train, cfg.val_fraction, cfg.seed)?;
-    ensure!(!val.is_empty() || cfg.val_fraction == 0.0, "the validation split is empty");
+    ensure!(
+        !val.is_empty() || cfg.val_fraction == 0.0,
+        "the validation split is empty"
+    );
     if let Some(n) = cfg.max_train.filter(|&n| n < train.len()) {
-        let perm =
-            data::permutation(train.len(), &mut stream_for(Purpose::Host, cfg.seed, 0, tags::SUBSET));
+        let perm = data::permutation(
+            train.len(),
+            &mut stream_for(Purpose::Host, cfg.seed, 0, tags::SUBSET),
+        );
         let mut idx = perm[..n].to_vec();
         idx.sort_unstable();
         train = train.subset(&idx);
     }
-    ensure!(!train.is_empty(), "no training images left (check --max-train)");
+    ensure!(
+        !train.is_empty(),
+        "no training images left (check --max-train)"
+    );
     Ok(RunData { train, val, test })
 }
 
@@ -279,7 +293,11 @@ pub fn step_forward(
     x: burn::tensor::Tensor<4>,
 ) -> Result<(burn::tensor::Tensor<2>, Vec<burn::tensor::Tensor<2>>)> {
     let perturbed = |n: &TrainingNoise| -> TrainModel {
-        if n.is_zero() { model.clone() } else { model.clone().map(&mut NoiseMapper::new(n)) }
+        if n.is_zero() {
+            model.clone()
+        } else {
+            model.clone().map(&mut NoiseMapper::new(n))
+        }
     };
     Ok(match method {
         Method::Vanilla => model.forward(x),
@@ -302,11 +320,16 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     cfg.model.validate()?;
     ensure!(cfg.epochs > 0, "--epochs must be at least 1");
     ensure!(cfg.batch_size > 0, "--batch-size must be at least 1");
-    ensure!(cfg.lr.is_finite() && cfg.lr > 0.0, "--lr must be positive, got {}", cfg.lr);
+    ensure!(
+        cfg.lr.is_finite() && cfg.lr > 0.0,
+        "--lr must be positive, got {}",
+        cfg.lr
+    );
     ensure!(cfg.alpha.is_finite(), "--alpha must be finite");
     let run_data = prepare_data(cfg)?;
     ensure!(
-        run_data.train.height == cfg.model.image_size && run_data.train.channels == cfg.model.in_channels,
+        run_data.train.height == cfg.model.image_size
+            && run_data.train.channels == cfg.model.in_channels,
         "the data is {}x{}x{} but the model expects {}x{}x{}",
         run_data.train.channels,
         run_data.train.height,
@@ -329,21 +352,35 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             checkpoint::ensure_same_config(&saved, &config_json)?;
             let (model, st, o) = ckpt.load(&dir, cfg, &ad, optim)?;
             optim = o;
-            eprintln!("resuming from {} (epoch {} done)", dir.display(), st.epochs_done);
+            eprintln!(
+                "resuming from {} (epoch {} done)",
+                dir.display(),
+                st.epochs_done
+            );
             (model, st)
         }
         None => {
             if opts.resume {
-                eprintln!("no checkpoint in {}; starting from scratch", opts.out.display());
+                eprintln!(
+                    "no checkpoint in {}; starting from scratch",
+                    opts.out.display()
+                );
             }
             ad.seed(epoch_seed(cfg.seed, u32::MAX));
             let backbone = cfg.model.init_backbone(&ad);
-            let exits = if cfg.method.uses_exits() { cfg.model.init_exits(&ad) } else { Vec::new() };
+            let exits = if cfg.method.uses_exits() {
+                cfg.model.init_exits(&ad)
+            } else {
+                Vec::new()
+            };
             (TrainModel { backbone, exits }, checkpoint::State::default())
         }
     };
     checkpoint::write_json_atomic(&opts.out.join("config.json"), &config_json)?;
-    checkpoint::write_json_atomic(&opts.out.join("model.json"), &serde_json::to_value(&cfg.model)?)?;
+    checkpoint::write_json_atomic(
+        &opts.out.join("model.json"),
+        &serde_json::to_value(&cfg.model)?,
+    )?;
 
     let noise = TrainingNoise::new(cfg.variation);
     let train = &run_data.train;
@@ -357,8 +394,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         let t0 = Instant::now();
         ad.seed(epoch_seed(cfg.seed, epoch as u32));
         let lr = cosine_lr(cfg.lr, epoch, cfg.epochs);
-        let perm =
-            data::permutation(train.len(), &mut stream_for(Purpose::Host, cfg.seed, epoch as u32, tags::SHUFFLE));
+        let perm = data::permutation(
+            train.len(),
+            &mut stream_for(Purpose::Host, cfg.seed, epoch as u32, tags::SHUFFLE),
+        );
         let mut aug = cfg
             .dataset
             .augments()
@@ -396,11 +435,18 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             bar.inc(1);
         }
         bar.finish_and_clear();
+        model.backbone.sync_running_stats();
         let train_secs = t0.elapsed().as_secs_f64();
         let backbone = model.backbone.valid();
         let val_clean = accuracy(&backbone, &run_data.val, &device);
-        let noisy =
-            noisy_accuracies(&backbone, &run_data.val, &cfg.variation, cfg.seed, cfg.mc_val, &device)?;
+        let noisy = noisy_accuracies(
+            &backbone,
+            &run_data.val,
+            &cfg.variation,
+            cfg.seed,
+            cfg.mc_val,
+            &device,
+        )?;
         let (val_noisy, val_noisy_std) = mean_std(&noisy);
         let m = EpochMetrics {
             epoch: epoch + 1,
@@ -497,9 +543,17 @@ mod tests {
     fn noise_injection_update_is_the_gradient_at_the_perturbed_weights() {
         let ad = Device::flex().autodiff();
         ad.seed(11);
-        let spec =
-            ModelSpec { arch: Arch::Vgg8, width: 0.125, in_channels: 1, image_size: 32, num_classes: 10 };
-        let clean = TrainModel { backbone: spec.init_backbone(&ad), exits: spec.init_exits(&ad) };
+        let spec = ModelSpec {
+            arch: Arch::Vgg8,
+            width: 0.125,
+            in_channels: 1,
+            image_size: 32,
+            num_classes: 10,
+        };
+        let clean = TrainModel {
+            backbone: spec.init_backbone(&ad),
+            exits: spec.init_exits(&ad),
+        };
         let x = Tensor::<4>::random([4, 1, 32, 32], Distribution::Normal(0.0, 1.0), &ad);
         let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 3, 5, 7], [4]), &ad);
         let noise = TrainingNoise::new(VariationConfig::paper(0.4).unwrap());
@@ -507,7 +561,11 @@ mod tests {
         // The training path: map a clone, differentiate, collect on the clean module.
         let mut mapper = NoiseMapper::new(&noise);
         let noisy = clean.clone().map(&mut mapper);
-        assert_eq!(mapper.perturbed, 8 + 2 * 3, "every backbone and exit weight is perturbed");
+        assert_eq!(
+            mapper.perturbed,
+            8 + 2 * 3,
+            "every backbone and exit weight is perturbed"
+        );
         let perturbed_w = noisy.backbone.weights();
         assert_ne!(perturbed_w, clean.backbone.weights());
         let (out, fb) = noisy.forward(x.clone());
@@ -517,7 +575,11 @@ mod tests {
         // The reference: a model whose weights *are* the perturbed ones (fresh leaves).
         let mut reference = clean.clone();
         reference.backbone.set_weights(&perturbed_w).unwrap();
-        let ex: Vec<_> = noisy.exits.iter().map(|e| (e.fc1.weight.val(), e.fc2.weight.val())).collect();
+        let ex: Vec<_> = noisy
+            .exits
+            .iter()
+            .map(|e| (e.fc1.weight.val(), e.fc2.weight.val()))
+            .collect();
         for (e, (w1, w2)) in reference.exits.iter_mut().zip(ex) {
             e.fc1.weight = e.fc1.weight.clone().map(|_| w1.detach().require_grad());
             e.fc2.weight = e.fc2.weight.clone().map(|_| w2.detach().require_grad());
@@ -526,26 +588,134 @@ mod tests {
         let loss = method::loss(Method::Nft, out, &fb, y, 0.1);
         let g_ref = GradientsParams::from_grads(loss.backward(), &reference);
 
-        let Backbone::Vgg8(c) = &clean.backbone else { unreachable!() };
+        let Backbone::Vgg8(c) = &clean.backbone else {
+            unreachable!()
+        };
         let ids = [c.blocks[0].conv.weight.id, c.blocks[5].conv.weight.id];
         for id in ids {
-            let a = g_train.get::<4>(id).expect("gradient on the clean conv weight");
+            let a = g_train
+                .get::<4>(id)
+                .expect("gradient on the clean conv weight");
             let b = g_ref.get::<4>(id).expect("reference gradient");
-            a.into_data().assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
+            a.into_data().assert_approx_eq::<f32>(
+                &b.into_data(),
+                burn::tensor::Tolerance::rel_abs(1e-4, 1e-5),
+            );
         }
-        let (a, b) = (g_train.get::<2>(c.fc1.weight.id).unwrap(), g_ref.get::<2>(c.fc1.weight.id).unwrap());
-        a.into_data().assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
+        let (a, b) = (
+            g_train.get::<2>(c.fc1.weight.id).unwrap(),
+            g_ref.get::<2>(c.fc1.weight.id).unwrap(),
+        );
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
         let e = &clean.exits[1].fc1.weight.id;
         let (a, b) = (g_train.get::<2>(*e).unwrap(), g_ref.get::<2>(*e).unwrap());
-        a.into_data().assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
 
         // The update lands on the clean weights: w_clean - lr * grad(perturbed).
         let g = g_ref.get::<2>(c.fc1.weight.id).unwrap();
         let before = c.fc1.weight.val();
         let mut sgd = SgdConfig::new().init();
         let stepped = sgd.step(0.5, clean.clone(), g_train);
-        let Backbone::Vgg8(s) = &stepped.backbone else { unreachable!() };
+        let Backbone::Vgg8(s) = &stepped.backbone else {
+            unreachable!()
+        };
         let expect = before - g.mul_scalar(0.5);
-        s.fc1.weight.val().into_data().assert_approx_eq::<f32>(&expect.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+        s.fc1
+            .weight
+            .val()
+            .into_data()
+            .assert_approx_eq::<f32>(&expect.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+    use crate::model::Arch;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+
+    #[test]
+    fn checkpoint_round_trip_continues_identically() {
+        let ad = Device::flex().autodiff();
+        ad.seed(3);
+        let spec = ModelSpec {
+            arch: Arch::Vgg8,
+            width: 0.125,
+            in_channels: 1,
+            image_size: 32,
+            num_classes: 10,
+        };
+        let mut model = TrainModel {
+            backbone: spec.init_backbone(&ad),
+            exits: spec.init_exits(&ad),
+        };
+        let mut optim = AdamConfig::new().init();
+        let x = Tensor::<4>::random([4, 1, 32, 32], Distribution::Normal(0.0, 1.0), &ad);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 3, 5, 7], [4]), &ad);
+        let step = |m: TrainModel, o: &mut burn::optim::ModuleOptimizer| {
+            let (out, fb) = m.forward(x.clone());
+            let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1);
+            let g = GradientsParams::from_grads(loss.backward(), &m);
+            o.step(1e-3, m, g)
+        };
+        for _ in 0..3 {
+            model = step(model, &mut optim);
+        }
+        model.backbone.sync_running_stats();
+        let dir = tempfile::tempdir().unwrap();
+        model.clone().save_file(dir.path().join("m.bpk")).unwrap();
+        optim.save(dir.path().join("o.bpk")).unwrap();
+        let rec = burn::store::ModuleRecord::load(dir.path().join("m.bpk")).unwrap();
+        let loaded = TrainModel {
+            backbone: spec.init_backbone(&ad),
+            exits: spec.init_exits(&ad),
+        }
+        .try_load_record(rec)
+        .unwrap();
+        assert_eq!(
+            loaded.backbone.weights(),
+            model.backbone.weights(),
+            "weights survive saving"
+        );
+        let mut optim2 = AdamConfig::new()
+            .init()
+            .load(dir.path().join("o.bpk"))
+            .unwrap();
+        let a = step(model, &mut optim);
+        let b = step(loaded, &mut optim2);
+        let (mut a, mut b) = (a, b);
+        a.backbone.sync_running_stats();
+        b.backbone.sync_running_stats();
+        let (la, lb) = (a.backbone.weight_layers(), b.backbone.weight_layers());
+        for (p, q) in la.iter().zip(&lb) {
+            assert_eq!(p.weights, q.weights, "{} weights", p.name);
+            assert_eq!(p.bias, q.bias, "{} bias", p.name);
+            assert_eq!(p.bn, q.bn, "{} bn", p.name);
+        }
+        let ea = to_flat(&a.exits);
+        let eb = to_flat(&b.exits);
+        assert_eq!(ea, eb, "exits");
+    }
+
+    fn to_flat(exits: &[crate::model::ExitHead]) -> Vec<f32> {
+        exits
+            .iter()
+            .flat_map(|e| {
+                let mut v = e.fc1.weight.val().into_data().try_to_vec::<f32>().unwrap();
+                v.extend(
+                    e.fc2
+                        .bias
+                        .as_ref()
+                        .unwrap()
+                        .val()
+                        .into_data()
+                        .try_to_vec::<f32>()
+                        .unwrap(),
+                );
+                v
+            })
+            .collect()
     }
 }
