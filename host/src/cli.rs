@@ -22,6 +22,10 @@ pub enum Command {
     Sweep(commands::sweep::SweepArgs),
     /// Merge evaluation results into the paper's tables (Markdown, CSV, PNG).
     Report(commands::report::ReportArgs),
+    /// Train VGG-8 / ResNet-18 with vanilla, noise injection, NFT or NFT-OVF.
+    Train(commands::train::TrainArgs),
+    /// Search the feedback weight alpha over {1, 0.1, 0.01, 0.001, 0.0001} by noisy validation accuracy.
+    AlphaSearch(commands::alpha_search::AlphaSearchArgs),
 }
 
 impl Cli {
@@ -31,6 +35,8 @@ impl Cli {
             Command::Variation(args) => commands::variation::run(&args),
             Command::Sweep(args) => commands::sweep::run(&args),
             Command::Report(args) => commands::report::run(&args),
+            Command::Train(args) => commands::train::run(&args),
+            Command::AlphaSearch(args) => commands::alpha_search::run(&args),
         }
     }
 }

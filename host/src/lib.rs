@@ -1,7 +1,9 @@
 //! `nvcim`: the host side of nvcim — the command-line tool and its library.
 //!
 //! The binary (`nvcim`) only parses arguments and dispatches to [`commands`]; every verb is a
-//! module there with a `run` function. The hardware model itself lives in `nvcim-shared`.
+//! module there with a `run` function. The hardware model itself lives in `nvcim-shared`;
+//! [`data`] reads datasets, [`model`] holds the Burn networks and the training noise, and
+//! [`training`] the training loop.
 //!
 //! Monte Carlo robustness evaluation (Algorithm 2): [`mc`] (the driver, generic over
 //! [`mc::NoisyClassifier`] engines, and a dense float engine), [`stats`] (mean, std, Student-t
@@ -10,11 +12,14 @@
 
 pub mod cli;
 pub mod commands;
+pub mod data;
 pub mod evaluation;
 pub mod firmware;
 pub mod mc;
+pub mod model;
 pub mod options;
 pub mod plot;
 pub mod results;
 pub mod stats;
 pub mod sweep;
+pub mod training;

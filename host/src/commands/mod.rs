@@ -2,4 +2,6 @@
 
 pub mod report;
 pub mod sweep;
+pub mod alpha_search;
+pub mod train;
 pub mod variation;

@@ -1,0 +1,59 @@
+//! One NFT training step of VGG-8 + exits (noise injection, eq. 1, Adam), batch 128, 1 x 32 x 32,
+//! on Burn's flex backend — the counterpart of `bench/reference/train_step.py`.
+//!
+//! `cargo bench -p nvcim --bench train_step` (ids `train_step/vgg8_w0.25_b128_nft`,
+//! `train_step/vgg8_w1_b128_nft`). `NVCIM_BENCH_WIDTHS=0.25` limits the widths.
+
+use std::hint::black_box;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use criterion::{Criterion, criterion_group, criterion_main};
+use nvcim::model::noise::TrainingNoise;
+use nvcim::model::{Arch, ModelSpec, TrainModel};
+use nvcim::training::{Method, method, step_forward};
+use nvcim_shared::variation::VariationConfig;
+
+fn bench(c: &mut Criterion) {
+    let widths: Vec<f64> = std::env::var("NVCIM_BENCH_WIDTHS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|w| w.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0.25, 1.0]);
+    let mut group = c.benchmark_group("train_step");
+    group.sample_size(10);
+    for width in widths {
+        let ad = Device::flex().autodiff();
+        ad.seed(0);
+        let spec = ModelSpec {
+            arch: Arch::Vgg8,
+            width,
+            in_channels: 1,
+            image_size: 32,
+            num_classes: 10,
+        };
+        let mut model = TrainModel {
+            backbone: spec.init_backbone(&ad),
+            exits: spec.init_exits(&ad),
+        };
+        let mut optim = AdamConfig::new().init();
+        let noise = TrainingNoise::new(VariationConfig::paper(0.4).expect("valid sigma"));
+        let x = Tensor::<4>::random([128, 1, 32, 32], Distribution::Normal(0.0, 1.0), &ad);
+        let labels: Vec<i64> = (0..128).map(|i| i % 10).collect();
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [128]), &ad);
+        group.bench_function(format!("vgg8_w{width}_b128_nft"), |b| {
+            b.iter(|| {
+                let (out, fb) =
+                    step_forward(&model, Method::Nft, &noise, x.clone()).expect("forward");
+                let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1);
+                black_box(loss.clone().into_scalar::<f32>());
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(1e-3, model.clone(), grads);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,187 @@
+//! `nvcim train`: train VGG-8 or ResNet-18 with `vanilla`, `noise`, `nft` or `nft-ovf`.
+//!
+//! Writes under `--out`: `config.json`, `model.json`, `metrics.jsonl`, `checkpoint/` (every
+//! epoch, atomically) and `best/backbone.bpk` (best noisy validation accuracy). Progress goes
+//! to stderr, the summary to stdout.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, ensure};
+use clap::Args;
+
+use crate::data::DatasetKind;
+use crate::model::{Arch, ModelSpec};
+use crate::options::DeviceArgs;
+use crate::training::{self, Backend, Method, RunOptions, TrainConfig, TrainSummary};
+
+/// The flags that define a training run (shared with `alpha-search`).
+#[derive(Debug, Clone, Args)]
+pub struct TrainFlags {
+    /// The dataset.
+    #[arg(long, value_enum, default_value_t = DatasetKind::FashionMnist)]
+    pub dataset: DatasetKind,
+    /// Directory with the dataset's files (default: Debian's location for Fashion-MNIST,
+    /// `/usr/share/datasets/mnist` for MNIST, `data/cifar-10` / `data/cifar-100`).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep 28x28 images as they are instead of padding them to 32x32 (the authors' setting).
+    #[arg(long)]
+    pub no_pad: bool,
+    /// The network.
+    #[arg(long, value_enum, default_value_t = Arch::Vgg8)]
+    pub model: Arch,
+    /// Width multiplier on every hidden width.
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+    /// The training method.
+    #[arg(long, value_enum, default_value_t = Method::Nft)]
+    pub method: Method,
+    /// Negative-feedback weight alpha (eq. 1).
+    #[arg(long, default_value_t = 0.1)]
+    pub alpha: f64,
+    /// Device variation sigma for training noise and noisy validation (unit: --sigma-unit).
+    #[arg(long, default_value_t = 0.4)]
+    pub sigma: f32,
+    /// The device model.
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Epochs.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Initial learning rate of Adam (cosine-annealed to 0 over the epochs).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Fraction of the training set held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Seed of everything (init, split, shuffles, noise, Monte Carlo validation).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Train on at most this many images (a seeded subset), for quick runs.
+    #[arg(long, value_name = "N")]
+    pub max_train: Option<usize>,
+    /// Monte Carlo runs of the noisy validation after each epoch (0: select by clean accuracy).
+    #[arg(long, default_value_t = 3)]
+    pub mc_val: u32,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    pub backend: Backend,
+}
+
+impl TrainFlags {
+    /// The resolved configuration.
+    pub fn config(&self) -> Result<TrainConfig> {
+        ensure!(
+            self.alpha.is_finite() && self.alpha >= 0.0,
+            "--alpha must be >= 0, got {}",
+            self.alpha
+        );
+        let pad32 = !self.no_pad && !self.dataset.augments();
+        let native = if self.dataset.augments() { 32 } else { 28 };
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dataset.default_dir());
+        Ok(TrainConfig {
+            dataset: self.dataset,
+            data_dir,
+            pad32,
+            model: ModelSpec {
+                arch: self.model,
+                width: self.width,
+                in_channels: self.dataset.channels(),
+                image_size: if pad32 { 32 } else { native },
+                num_classes: self.dataset.classes(),
+            },
+            method: self.method,
+            alpha: self.alpha,
+            variation: self.device.variation(self.sigma)?,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            val_fraction: self.val_fraction,
+            seed: self.seed,
+            max_train: self.max_train,
+            mc_val: self.mc_val,
+            backend: self.backend,
+        })
+    }
+}
+
+/// Arguments of `nvcim train`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// The run.
+    #[command(flatten)]
+    pub flags: TrainFlags,
+    /// Output directory.
+    #[arg(long, value_name = "DIR", default_value = "runs/train")]
+    pub out: PathBuf,
+    /// Continue from `--out`'s checkpoint (same flags required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many epochs of this invocation, as if interrupted (for testing resume).
+    #[arg(long, hide = true, value_name = "N")]
+    pub stop_after_epochs: Option<usize>,
+    /// No progress bars or per-epoch lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints a summary for people.
+pub fn print_summary(cfg: &TrainConfig, s: &TrainSummary) {
+    println!("method          {:?}", cfg.method);
+    println!(
+        "model           {:?} width {}",
+        cfg.model.arch, cfg.model.width
+    );
+    println!(
+        "sigma           {} ({}), profile {}",
+        cfg.variation.sigma(),
+        cfg.variation.unit().name(),
+        cfg.variation.profile().name()
+    );
+    println!(
+        "epochs done     {}{}",
+        s.epochs_done,
+        if s.interrupted {
+            " (stopped early)"
+        } else {
+            ""
+        }
+    );
+    println!("best epoch      {}", s.best_epoch);
+    println!("val clean acc   {:.2}%", 100.0 * s.best_val_clean_acc);
+    println!(
+        "val noisy acc   {:.2}% ({} runs)",
+        100.0 * s.best_val_noisy_acc,
+        cfg.mc_val
+    );
+    println!("test clean acc  {:.2}%", 100.0 * s.test_clean_acc);
+    println!("best backbone   {}", s.best_backbone.display());
+    println!("wall time       {:.1} s", s.wall_seconds);
+}
+
+/// Runs `nvcim train`.
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let cfg = args.flags.config()?;
+    let opts = RunOptions {
+        out: args.out.clone(),
+        resume: args.resume,
+        stop_after: args.stop_after_epochs,
+        quiet: args.quiet,
+    };
+    let summary = training::train(&cfg, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&cfg, &summary);
+    }
+    Ok(())
+}

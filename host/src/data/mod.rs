@@ -1,0 +1,509 @@
+//! Datasets: MNIST and Fashion-MNIST (IDX) and CIFAR-10/100 (binary), a seeded validation
+//! split, normalization, CIFAR augmentation and batching.
+//!
+//! Everything here is Burn-free (bytes, `f32` and labels), so evaluation and packing reuse it;
+//! [`tensor`] alone turns a [`Batch`] into Burn tensors. Per-epoch randomness (shuffle,
+//! augmentation) comes from `nvcim_shared::rng::stream_for(Purpose::Host, seed, epoch, tag)`, so
+//! any epoch can be replayed from `(seed, epoch)` alone.
+
+pub mod cifar;
+pub mod idx;
+pub mod tensor;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::ValueEnum;
+use nvcim_shared::rng::{Purpose, Xoshiro128PlusPlus, stream_for};
+use rand_core::RngCore;
+use serde::{Deserialize, Serialize};
+
+/// Stream tags (the `layer` argument of `stream_for`) of the host's random uses.
+pub mod tags {
+    /// The validation split.
+    pub const SPLIT: u32 = 1;
+    /// The training subset of `--max-train`.
+    pub const SUBSET: u32 = 2;
+    /// The per-epoch shuffle.
+    pub const SHUFFLE: u32 = 3;
+    /// The per-epoch augmentation.
+    pub const AUGMENT: u32 = 4;
+}
+
+/// A supported dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// MNIST digits (IDX).
+    Mnist,
+    /// Fashion-MNIST (IDX).
+    FashionMnist,
+    /// CIFAR-10 (binary version).
+    Cifar10,
+    /// CIFAR-100 (binary version, fine labels).
+    Cifar100,
+}
+
+impl DatasetKind {
+    /// The human name.
+    pub const fn display_name(self) -> &'static str {
+        match self {
+            DatasetKind::Mnist => "MNIST",
+            DatasetKind::FashionMnist => "Fashion-MNIST",
+            DatasetKind::Cifar10 => "CIFAR-10",
+            DatasetKind::Cifar100 => "CIFAR-100",
+        }
+    }
+
+    /// Where the data is looked for without `--data-dir`.
+    pub fn default_dir(self) -> PathBuf {
+        match self {
+            // Debian's `dataset-fashion-mnist` package.
+            DatasetKind::FashionMnist => PathBuf::from("/usr/share/datasets/fashion-mnist"),
+            DatasetKind::Mnist => PathBuf::from("/usr/share/datasets/mnist"),
+            DatasetKind::Cifar10 => PathBuf::from("data/cifar-10"),
+            DatasetKind::Cifar100 => PathBuf::from("data/cifar-100"),
+        }
+    }
+
+    /// Number of classes.
+    pub const fn classes(self) -> usize {
+        match self {
+            DatasetKind::Cifar100 => 100,
+            _ => 10,
+        }
+    }
+
+    /// Input channels.
+    pub const fn channels(self) -> usize {
+        match self {
+            DatasetKind::Mnist | DatasetKind::FashionMnist => 1,
+            _ => 3,
+        }
+    }
+
+    /// Per-channel mean and std of the training images (in [0, 1] units).
+    pub const fn normalization(self) -> (&'static [f32], &'static [f32]) {
+        match self {
+            DatasetKind::Mnist => (&[0.1307], &[0.3081]),
+            DatasetKind::FashionMnist => (&[0.2860], &[0.3530]),
+            DatasetKind::Cifar10 => (&[0.4914, 0.4822, 0.4465], &[0.2470, 0.2435, 0.2616]),
+            DatasetKind::Cifar100 => (&[0.5071, 0.4865, 0.4409], &[0.2673, 0.2564, 0.2762]),
+        }
+    }
+
+    /// Whether training uses random crop + flip augmentation.
+    pub const fn augments(self) -> bool {
+        matches!(self, DatasetKind::Cifar10 | DatasetKind::Cifar100)
+    }
+}
+
+/// Images as bytes (`[n, c, h, w]`, channel-major) with their labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// Which dataset this came from (normalization, augmentation).
+    pub kind: DatasetKind,
+    /// Channels per image.
+    pub channels: usize,
+    /// Image height.
+    pub height: usize,
+    /// Image width.
+    pub width: usize,
+    /// Pixel bytes, `len() * channels * height * width`.
+    pub images: Vec<u8>,
+    /// One label per image, `< kind.classes()`.
+    pub labels: Vec<u8>,
+}
+
+impl Dataset {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Bytes of one image.
+    pub fn image_bytes(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// The images at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        let b = self.image_bytes();
+        let mut images = Vec::with_capacity(indices.len() * b);
+        for &i in indices {
+            images.extend_from_slice(&self.images[i * b..(i + 1) * b]);
+        }
+        Dataset {
+            images,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            ..self.clone_header()
+        }
+    }
+
+    fn clone_header(&self) -> Dataset {
+        Dataset {
+            kind: self.kind,
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+            images: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    /// Pads every image with zero bytes to `size x size` (centered), e.g. MNIST's 28 -> 32.
+    pub fn pad_to(&self, size: usize) -> Result<Dataset> {
+        ensure!(
+            size >= self.height && size >= self.width,
+            "cannot pad {}x{} images to {size}x{size}",
+            self.height,
+            self.width
+        );
+        let (top, left) = ((size - self.height) / 2, (size - self.width) / 2);
+        let mut images = vec![0u8; self.len() * self.channels * size * size];
+        for (src, dst) in
+            images_iter(self).zip(images.chunks_exact_mut(self.channels * size * size))
+        {
+            for c in 0..self.channels {
+                for y in 0..self.height {
+                    let s = (c * self.height + y) * self.width;
+                    let d = (c * size + y + top) * size + left;
+                    dst[d..d + self.width].copy_from_slice(&src[s..s + self.width]);
+                }
+            }
+        }
+        Ok(Dataset {
+            images,
+            height: size,
+            width: size,
+            labels: self.labels.clone(),
+            ..self.clone_header()
+        })
+    }
+}
+
+fn images_iter(d: &Dataset) -> impl Iterator<Item = &[u8]> {
+    d.images.chunks_exact(d.image_bytes())
+}
+
+/// The training and test sets of `kind` from `dir`.
+pub fn load(kind: DatasetKind, dir: &Path) -> Result<(Dataset, Dataset)> {
+    let missing = |looked: &str| -> anyhow::Error {
+        anyhow::anyhow!(
+            "no {} found in {} (looked for {looked}); run `cargo xtask setup` or pass --data-dir",
+            kind.display_name(),
+            dir.display()
+        )
+    };
+    match kind {
+        DatasetKind::Mnist | DatasetKind::FashionMnist => {
+            let stems = [
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            ];
+            let mut paths = Vec::new();
+            for stem in stems {
+                paths.push(idx::find(dir, stem).ok_or_else(|| missing(&format!("{stem}[.gz]")))?);
+            }
+            let set = |i: &Path, l: &Path| -> Result<Dataset> {
+                let (img, labels) = idx::read_pair(i, l)?;
+                if let Some(bad) = labels
+                    .iter()
+                    .position(|&x| usize::from(x) >= kind.classes())
+                {
+                    bail!(
+                        "{}: label {} at {bad} is not a class 0..10",
+                        l.display(),
+                        labels[bad]
+                    );
+                }
+                Ok(Dataset {
+                    kind,
+                    channels: 1,
+                    height: img.dims[1],
+                    width: img.dims[2],
+                    images: img.data,
+                    labels,
+                })
+            };
+            Ok((set(&paths[0], &paths[1])?, set(&paths[2], &paths[3])?))
+        }
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+            let variant = if kind == DatasetKind::Cifar10 {
+                cifar::Variant::Cifar10
+            } else {
+                cifar::Variant::Cifar100
+            };
+            let (train_files, test_file) = variant.files();
+            let base = variant.locate(dir).ok_or_else(|| {
+                missing(&format!(
+                    "{} or {}/{}",
+                    train_files[0],
+                    variant.subdir(),
+                    train_files[0]
+                ))
+            })?;
+            let set = |names: &[&str]| -> Result<Dataset> {
+                let (images, labels) = cifar::read_files(&base, names, variant)?;
+                Ok(Dataset {
+                    kind,
+                    channels: 3,
+                    height: 32,
+                    width: 32,
+                    images,
+                    labels,
+                })
+            };
+            Ok((set(&train_files)?, set(&[test_file])?))
+        }
+    }
+}
+
+/// A seeded permutation of `0..n` (Fisher-Yates on `rng`).
+pub fn permutation(n: usize, rng: &mut Xoshiro128PlusPlus) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        p.swap(i, below(rng, i + 1));
+    }
+    p
+}
+
+/// A uniform integer in `0..n` (n < 2^32), by 32-bit multiply-shift.
+fn below(rng: &mut impl RngCore, n: usize) -> usize {
+    ((u64::from(rng.next_u32()) * n as u64) >> 32) as usize
+}
+
+/// Splits `train` into (training, validation) with `fraction` of it, chosen by `seed`, held out.
+pub fn split_validation(train: &Dataset, fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
+    ensure!(
+        (0.0..1.0).contains(&fraction),
+        "--val-fraction must be in [0, 1), got {fraction}"
+    );
+    let perm = permutation(
+        train.len(),
+        &mut stream_for(Purpose::Host, seed, 0, tags::SPLIT),
+    );
+    let n_val = (train.len() as f64 * fraction).round() as usize;
+    let (val, tr) = perm.split_at(n_val);
+    let (mut val, mut tr) = (val.to_vec(), tr.to_vec());
+    val.sort_unstable();
+    tr.sort_unstable();
+    Ok((train.subset(&tr), train.subset(&val)))
+}
+
+/// A batch ready for a network: normalized `f32` images `[n, c, h, w]` and labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Normalized pixels.
+    pub images: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<i64>,
+    /// `[n, c, h, w]`.
+    pub shape: [usize; 4],
+}
+
+/// Builds the batch of `indices`, normalized, with random crop (pad 4) and flip when `augment`
+/// holds a generator.
+pub fn make_batch(
+    data: &Dataset,
+    indices: &[usize],
+    mut augment: Option<&mut Xoshiro128PlusPlus>,
+) -> Batch {
+    let (c, h, w) = (data.channels, data.height, data.width);
+    let (mean, std) = data.kind.normalization();
+    let b = data.image_bytes();
+    let mut images = Vec::with_capacity(indices.len() * b);
+    for &i in indices {
+        let src = &data.images[i * b..(i + 1) * b];
+        // Offsets into the image padded by 4 (crop) and the flip, for this image.
+        let (dy, dx, flip) = match augment.as_deref_mut() {
+            Some(rng) => (
+                below(rng, 9) as isize - 4,
+                below(rng, 9) as isize - 4,
+                rng.next_u32() & 1 == 1,
+            ),
+            None => (0, 0, false),
+        };
+        for ch in 0..c {
+            let (m, s) = (mean[ch % mean.len()], std[ch % std.len()]);
+            for y in 0..h {
+                for x in 0..w {
+                    let sx = if flip { w - 1 - x } else { x } as isize + dx;
+                    let sy = y as isize + dy;
+                    let v = if (0..h as isize).contains(&sy) && (0..w as isize).contains(&sx) {
+                        src[(ch * h + sy as usize) * w + sx as usize]
+                    } else {
+                        0
+                    };
+                    images.push((f32::from(v) / 255.0 - m) / s);
+                }
+            }
+        }
+    }
+    Batch {
+        images,
+        labels: indices.iter().map(|&i| i64::from(data.labels[i])).collect(),
+        shape: [indices.len(), c, h, w],
+    }
+}
+
+/// Resolves `--data-dir` and loads, with context naming the dataset.
+pub fn load_from(kind: DatasetKind, dir: Option<&Path>) -> Result<(Dataset, Dataset)> {
+    let dir = dir.map_or_else(|| kind.default_dir(), Path::to_path_buf);
+    load(kind, &dir).with_context(|| format!("loading {}", kind.display_name()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(n: usize) -> Dataset {
+        Dataset {
+            kind: DatasetKind::Mnist,
+            channels: 1,
+            height: 2,
+            width: 3,
+            images: (0..n * 6).map(|i| i as u8).collect(),
+            labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn split_is_seeded_disjoint_and_complete() {
+        let d = tiny(100);
+        let (tr, va) = split_validation(&d, 0.1, 7).unwrap();
+        assert_eq!((tr.len(), va.len()), (90, 10));
+        let (tr2, va2) = split_validation(&d, 0.1, 7).unwrap();
+        assert_eq!((&tr, &va), (&tr2, &va2));
+        let (_, va3) = split_validation(&d, 0.1, 8).unwrap();
+        assert_ne!(va, va3);
+        let mut firsts: Vec<u8> = tr
+            .images
+            .chunks(6)
+            .chain(va.images.chunks(6))
+            .map(|c| c[0])
+            .collect();
+        firsts.sort_unstable();
+        let mut all: Vec<u8> = (0..100).map(|i| (i * 6) as u8).collect();
+        all.sort_unstable();
+        assert_eq!(firsts, all);
+        assert!(split_validation(&d, 1.0, 7).is_err());
+    }
+
+    #[test]
+    fn pad_centers_the_image() {
+        let d = tiny(2).pad_to(4).unwrap();
+        assert_eq!((d.height, d.width, d.images.len()), (4, 4, 32));
+        // 2x3 in 4x4: top 1, left 0.
+        assert_eq!(
+            &d.images[..16],
+            &[0, 0, 0, 0, 0, 1, 2, 0, 3, 4, 5, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(d.labels, vec![0, 1]);
+    }
+
+    #[test]
+    fn batches_normalize_and_augment() {
+        let d = tiny(3);
+        let b = make_batch(&d, &[2, 0], None);
+        assert_eq!(b.shape, [2, 1, 2, 3]);
+        assert_eq!(b.labels, vec![2, 0]);
+        let expect = (12.0 / 255.0 - 0.1307) / 0.3081;
+        assert!((b.images[0] - expect).abs() < 1e-6);
+        // Augmentation: every output pixel is either a source pixel or the padding value.
+        let mut rng = stream_for(Purpose::Host, 1, 0, tags::AUGMENT);
+        let a = make_batch(&d, &[1; 20], Some(&mut rng));
+        let pad = (0.0 - 0.1307) / 0.3081;
+        let allowed: Vec<f32> = (6..12)
+            .map(|v| (v as f32 / 255.0 - 0.1307) / 0.3081)
+            .chain([pad])
+            .collect();
+        assert!(
+            a.images
+                .iter()
+                .all(|v| allowed.iter().any(|x| (x - v).abs() < 1e-6))
+        );
+        let first = &a.images[..6];
+        assert!(
+            a.images.chunks(6).any(|c| c != first),
+            "augmentation should vary (20 draws)"
+        );
+    }
+
+    #[test]
+    fn missing_dir_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(DatasetKind::FashionMnist, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no Fashion-MNIST found") && err.contains("--data-dir"),
+            "{err}"
+        );
+        let err = load(DatasetKind::Cifar10, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no CIFAR-10 found"), "{err}");
+    }
+
+    #[test]
+    fn loads_idx_and_cifar_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for (stem, n) in [("train", 5usize), ("t10k", 3)] {
+            let img: Vec<u8> = (0..n * 4).map(|i| i as u8).collect();
+            std::fs::write(
+                p.join(format!("{stem}-images-idx3-ubyte")),
+                idx::encode(&[n, 2, 2], &img),
+            )
+            .unwrap();
+            let lab: Vec<u8> = (0..n as u8).collect();
+            std::fs::write(
+                p.join(format!("{stem}-labels-idx1-ubyte")),
+                idx::encode(&[n], &lab),
+            )
+            .unwrap();
+        }
+        let (tr, te) = load(DatasetKind::Mnist, p).unwrap();
+        assert_eq!((tr.len(), te.len(), tr.height), (5, 3, 2));
+        let sub = p.join(cifar::Variant::Cifar10.subdir());
+        std::fs::create_dir(&sub).unwrap();
+        let img = vec![7u8; cifar::IMAGE_BYTES * 2];
+        for f in [
+            "data_batch_1.bin",
+            "data_batch_2.bin",
+            "data_batch_3.bin",
+            "data_batch_4.bin",
+        ] {
+            std::fs::write(
+                sub.join(f),
+                cifar::encode(cifar::Variant::Cifar10, &img, &[1, 2]),
+            )
+            .unwrap();
+        }
+        let err = format!("{:#}", load(DatasetKind::Cifar10, p).unwrap_err());
+        assert!(err.contains("data_batch_5.bin"), "{err}");
+        std::fs::write(
+            sub.join("data_batch_5.bin"),
+            cifar::encode(cifar::Variant::Cifar10, &img, &[1, 2]),
+        )
+        .unwrap();
+        std::fs::write(
+            sub.join("test_batch.bin"),
+            &cifar::encode(cifar::Variant::Cifar10, &img, &[3, 4])[..50],
+        )
+        .unwrap();
+        let err = format!("{:#}", load(DatasetKind::Cifar10, p).unwrap_err());
+        assert!(
+            err.contains("test_batch.bin") && err.contains("truncated"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,719 @@
+//! The paper's networks in Burn: VGG-8 and ResNet-18 (CIFAR stem) with their training exits.
+//!
+//! Every convolution is a conv-BN-ReLU block (bias-free 3x3 convolutions followed by batch
+//! normalization, as in the authors' code); linear layers carry a bias. A `--width` multiplier
+//! scales every hidden width (channels, the 1024-wide VGG classifier layer and the 512-wide exit
+//! layer), rounded, at least 1. Weights start from Kaiming-normal (fan-out, ReLU gain), biases
+//! from zero, as in the authors' code.
+//!
+//! The [`Backbone`] is the network that is deployed: saved, loaded, evaluated and exported alone.
+//! [`ExitHead`]s exist only for training ([`TrainModel`] holds both).
+//!
+//! **Weight layers** (the cross-component contract): the backbone's conv and linear layers in
+//! forward order, each with its weights in PyTorch's canonical layout — conv
+//! `[out][in][kh][kw]`, linear `[out][in]` (Burn stores linear weights as `[in, out]`; the
+//! accessors transpose). ResNet-18 lists, per basic block, `conv1`, `conv2`, then the 1x1
+//! shortcut convolution when the block has one. See [`Backbone::weight_layers`] and
+//! [`Backbone::set_weights`].
+
+pub mod import;
+pub mod noise;
+
+use anyhow::{Result, ensure};
+use burn::module::{Initializer, Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor, TensorData};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// The network architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// VGG-8: six conv-BN-ReLU blocks (64, 128, pool, 256, 256, pool, 512, 512, pool), FC 1024, FC K.
+    Vgg8,
+    /// ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), stages 64/128/256/512, FC K.
+    Resnet18,
+}
+
+/// Everything needed to rebuild a backbone (saved beside every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Architecture.
+    pub arch: Arch,
+    /// Width multiplier.
+    pub width: f64,
+    /// Input channels (1 or 3).
+    pub in_channels: usize,
+    /// Input height = width in pixels.
+    pub image_size: usize,
+    /// Output classes.
+    pub num_classes: usize,
+}
+
+/// Kaiming-normal, fan-out, ReLU gain: `kaiming_normal_(mode='fan_out', nonlinearity='relu')`.
+fn kaiming() -> Initializer {
+    Initializer::KaimingNormal {
+        gain: std::f64::consts::SQRT_2,
+        fan_out_only: true,
+    }
+}
+
+fn scaled(base: usize, width: f64) -> usize {
+    ((base as f64 * width).round() as usize).max(1)
+}
+
+impl ModelSpec {
+    /// Checks the numbers (width > 0, 1 or 3 channels, an image VGG-8 can pool three times).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.width.is_finite() && self.width > 0.0 && self.width <= 8.0,
+            "--width must be in (0, 8], got {}",
+            self.width
+        );
+        ensure!(
+            matches!(self.in_channels, 1 | 3),
+            "input images must have 1 or 3 channels, found {}",
+            self.in_channels
+        );
+        ensure!(
+            self.num_classes >= 2,
+            "need at least 2 classes, found {}",
+            self.num_classes
+        );
+        ensure!(
+            self.image_size >= 8,
+            "images of {0}x{0} are too small for {1:?} (at least 8x8)",
+            self.image_size,
+            self.arch
+        );
+        Ok(())
+    }
+
+    /// A scaled width.
+    pub fn ch(&self, base: usize) -> usize {
+        scaled(base, self.width)
+    }
+
+    /// The exits of Table I as (channels at the tap, pooled size s).
+    pub fn exit_taps(&self) -> Vec<(usize, usize)> {
+        match self.arch {
+            Arch::Vgg8 => vec![(self.ch(64), 6), (self.ch(128), 4), (self.ch(256), 3)],
+            Arch::Resnet18 => {
+                vec![
+                    (self.ch(64), 6),
+                    (self.ch(64), 6),
+                    (self.ch(128), 4),
+                    (self.ch(256), 3),
+                ]
+            }
+        }
+    }
+
+    /// A freshly initialized backbone on `device`.
+    pub fn init_backbone(&self, device: &Device) -> Backbone {
+        match self.arch {
+            Arch::Vgg8 => Backbone::Vgg8(Vgg8::new(self, device)),
+            Arch::Resnet18 => Backbone::Resnet18(ResNet18::new(self, device)),
+        }
+    }
+
+    /// Freshly initialized exits (Table I) on `device`.
+    pub fn init_exits(&self, device: &Device) -> Vec<ExitHead> {
+        self.exit_taps()
+            .into_iter()
+            .map(|(c, s)| ExitHead::new(c, s, self.ch(512), self.num_classes, device))
+            .collect()
+    }
+}
+
+/// A bias-free convolution followed by batch normalization (ReLU is applied by the caller).
+#[derive(Module, Debug)]
+pub struct ConvBn {
+    /// The convolution (no bias).
+    pub conv: Conv2d,
+    /// Its batch normalization.
+    pub bn: BatchNorm,
+}
+
+impl ConvBn {
+    fn new(cin: usize, cout: usize, kernel: usize, stride: usize, device: &Device) -> Self {
+        let pad = kernel / 2;
+        ConvBn {
+            conv: Conv2dConfig::new([cin, cout], [kernel, kernel])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                .with_bias(false)
+                .with_initializer(kaiming())
+                .init(device),
+            bn: BatchNormConfig::new(cout).init(device),
+        }
+    }
+
+    /// Conv then BN, no activation. `[n, cin, h, w] -> [n, cout, h/stride, w/stride]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.bn.forward(self.conv.forward(x))
+    }
+}
+
+fn linear(din: usize, dout: usize, device: &Device) -> Linear {
+    LinearConfig::new(din, dout)
+        .with_initializer(kaiming())
+        .init(device)
+        .map(&mut ZeroBias)
+}
+
+/// Sets linear biases to zero (the authors' init), keeping their parameter ids.
+struct ZeroBias;
+
+impl burn::module::ModuleMapper for ZeroBias {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if D != 1 {
+            return param;
+        }
+        // A fresh leaf: `zeros_like` alone would drop the gradient requirement.
+        param.map(|t| {
+            let trainable = t.is_require_grad();
+            let z = t.zeros_like().detach();
+            if trainable { z.require_grad() } else { z }
+        })
+    }
+}
+
+/// VGG-8 (DESIGN §1).
+#[derive(Module, Debug)]
+pub struct Vgg8 {
+    /// The six conv-BN blocks.
+    pub blocks: Vec<ConvBn>,
+    /// FC `512w * (H/8)^2 -> 1024w`.
+    pub fc1: Linear,
+    /// FC `1024w -> K`.
+    pub fc2: Linear,
+    pool: MaxPool2d,
+}
+
+impl Vgg8 {
+    const CHANNELS: [usize; 6] = [64, 128, 256, 256, 512, 512];
+
+    fn new(spec: &ModelSpec, device: &Device) -> Self {
+        let mut cin = spec.in_channels;
+        let mut blocks = Vec::new();
+        for base in Self::CHANNELS {
+            let cout = spec.ch(base);
+            blocks.push(ConvBn::new(cin, cout, 3, 1, device));
+            cin = cout;
+        }
+        let side = spec.image_size / 8;
+        Vgg8 {
+            blocks,
+            fc1: linear(cin * side * side, spec.ch(1024), device),
+            fc2: linear(spec.ch(1024), spec.num_classes, device),
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+        }
+    }
+
+    /// Logits and the feature maps at the three exits.
+    ///
+    /// # Shapes
+    /// `[n, c, h, w] -> [n, K]`; taps `[n, 64w, h, w]`, `[n, 128w, h/2, w/2]`, `[n, 256w, h/4, w/4]`.
+    fn forward_taps(&self, x: Tensor<4>, want_taps: bool) -> (Tensor<2>, Vec<Tensor<4>>) {
+        let mut taps = Vec::new();
+        let mut x = x;
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = relu(b.forward(x));
+            if i % 2 == 1 {
+                x = self.pool.forward(x);
+            }
+            if want_taps && matches!(i, 0 | 1 | 3) {
+                taps.push(x.clone());
+            }
+        }
+        let x = x.flatten::<2>(1, 3); // [n, 512w * (h/8) * (w/8)]
+        let x = relu(self.fc1.forward(x));
+        (self.fc2.forward(x), taps)
+    }
+}
+
+/// A ResNet basic block: conv-BN-ReLU, conv-BN, plus the identity or a 1x1 conv-BN shortcut.
+#[derive(Module, Debug)]
+pub struct BasicBlock {
+    /// First 3x3 conv (carries the stride).
+    pub conv1: ConvBn,
+    /// Second 3x3 conv.
+    pub conv2: ConvBn,
+    /// 1x1 projection when the shape changes.
+    pub shortcut: Option<ConvBn>,
+}
+
+impl BasicBlock {
+    fn new(cin: usize, cout: usize, stride: usize, device: &Device) -> Self {
+        BasicBlock {
+            conv1: ConvBn::new(cin, cout, 3, stride, device),
+            conv2: ConvBn::new(cout, cout, 3, 1, device),
+            shortcut: (stride != 1 || cin != cout)
+                .then(|| ConvBn::new(cin, cout, 1, stride, device)),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let out = self.conv2.forward(relu(self.conv1.forward(x.clone())));
+        let id = match &self.shortcut {
+            Some(s) => s.forward(x),
+            None => x,
+        };
+        relu(out + id)
+    }
+}
+
+/// ResNet-18 with the CIFAR stem (DESIGN §1).
+#[derive(Module, Debug)]
+pub struct ResNet18 {
+    /// 3x3 stem conv-BN.
+    pub stem: ConvBn,
+    /// Stages 1-4, two basic blocks each.
+    pub stages: Vec<Vec<BasicBlock>>,
+    /// FC `512w -> K` after global average pooling.
+    pub fc: Linear,
+    gap: AdaptiveAvgPool2d,
+}
+
+impl ResNet18 {
+    fn new(spec: &ModelSpec, device: &Device) -> Self {
+        let stem_c = spec.ch(64);
+        let mut cin = stem_c;
+        let mut stages = Vec::new();
+        for (base, stride) in [(64, 1), (128, 2), (256, 2), (512, 2)] {
+            let cout = spec.ch(base);
+            stages.push(vec![
+                BasicBlock::new(cin, cout, stride, device),
+                BasicBlock::new(cout, cout, 1, device),
+            ]);
+            cin = cout;
+        }
+        ResNet18 {
+            stem: ConvBn::new(spec.in_channels, stem_c, 3, 1, device),
+            stages,
+            fc: linear(cin, spec.num_classes, device),
+            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+        }
+    }
+
+    /// Logits and the feature maps after the stem and stages 1-3.
+    fn forward_taps(&self, x: Tensor<4>, want_taps: bool) -> (Tensor<2>, Vec<Tensor<4>>) {
+        let mut taps = Vec::new();
+        let mut x = relu(self.stem.forward(x));
+        for (i, stage) in self.stages.iter().enumerate() {
+            if want_taps && i < 4 {
+                taps.push(x.clone());
+            }
+            for b in stage {
+                x = b.forward(x);
+            }
+        }
+        let x = self.gap.forward(x).flatten::<2>(1, 3); // [n, 512w]
+        (self.fc.forward(x), taps)
+    }
+}
+
+/// A training exit: `AdaptiveAvgPool2d(s) -> Linear(C*s*s -> 512w) -> ReLU -> Linear(512w -> K)`.
+#[derive(Module, Debug)]
+pub struct ExitHead {
+    /// Pooling to `s x s`.
+    pub pool: AdaptiveAvgPool2d,
+    /// First linear layer.
+    pub fc1: Linear,
+    /// Second linear layer.
+    pub fc2: Linear,
+}
+
+impl ExitHead {
+    fn new(c: usize, s: usize, hidden: usize, classes: usize, device: &Device) -> Self {
+        ExitHead {
+            pool: AdaptiveAvgPool2dConfig::new([s, s]).init(),
+            fc1: linear(c * s * s, hidden, device),
+            fc2: linear(hidden, classes, device),
+        }
+    }
+
+    /// `[n, c, h, w] -> [n, K]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = self.pool.forward(x).flatten::<2>(1, 3); // [n, c*s*s]
+        self.fc2.forward(relu(self.fc1.forward(x)))
+    }
+}
+
+/// A deployable network.
+#[derive(Module, Debug)]
+pub enum Backbone {
+    /// VGG-8.
+    Vgg8(Vgg8),
+    /// ResNet-18.
+    Resnet18(ResNet18),
+}
+
+/// The kind and geometry of a weight layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LayerKind {
+    /// A 2-D convolution (square kernel, symmetric zero padding, no bias).
+    Conv {
+        /// Stride in both directions.
+        stride: usize,
+        /// Zero padding on every side.
+        padding: usize,
+    },
+    /// A fully connected layer (with bias).
+    Linear,
+}
+
+/// Batch-normalization parameters of the BN after a convolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BnParams {
+    /// Scale.
+    pub gamma: Vec<f32>,
+    /// Shift.
+    pub beta: Vec<f32>,
+    /// Running mean.
+    pub mean: Vec<f32>,
+    /// Running variance.
+    pub var: Vec<f32>,
+    /// The epsilon added to the variance.
+    pub epsilon: f64,
+}
+
+/// One weight layer, copied out in canonical layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightLayer {
+    /// A readable name (`blocks.3.conv`, `stages.1.0.shortcut`, `fc1`).
+    pub name: String,
+    /// Kind and geometry.
+    pub kind: LayerKind,
+    /// Canonical shape: `[out, in, kh, kw]` or `[out, in]`.
+    pub shape: Vec<usize>,
+    /// Weights in canonical order.
+    pub weights: Vec<f32>,
+    /// The bias (linear layers).
+    pub bias: Option<Vec<f32>>,
+    /// The batch normalization that follows (conv layers).
+    pub bn: Option<BnParams>,
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("float tensors convert to f32")
+}
+
+/// A borrowed weight layer (conv-BN block or linear), in forward order.
+enum LayerRef<'a> {
+    Conv(&'a ConvBn),
+    Linear(&'a Linear),
+}
+
+enum LayerMut<'a> {
+    Conv(&'a mut ConvBn),
+    Linear(&'a mut Linear),
+}
+
+impl Backbone {
+    /// Logits. `[n, c, h, w] -> [n, K]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.forward_taps(x, false).0
+    }
+
+    /// Logits and, when `want_taps`, the feature maps the exits read.
+    pub fn forward_taps(&self, x: Tensor<4>, want_taps: bool) -> (Tensor<2>, Vec<Tensor<4>>) {
+        match self {
+            Backbone::Vgg8(m) => m.forward_taps(x, want_taps),
+            Backbone::Resnet18(m) => m.forward_taps(x, want_taps),
+        }
+    }
+
+    fn layers(&self) -> Vec<(String, LayerRef<'_>)> {
+        let mut out = Vec::new();
+        match self {
+            Backbone::Vgg8(m) => {
+                for (i, b) in m.blocks.iter().enumerate() {
+                    out.push((format!("blocks.{i}"), LayerRef::Conv(b)));
+                }
+                out.push(("fc1".into(), LayerRef::Linear(&m.fc1)));
+                out.push(("fc2".into(), LayerRef::Linear(&m.fc2)));
+            }
+            Backbone::Resnet18(m) => {
+                out.push(("stem".into(), LayerRef::Conv(&m.stem)));
+                for (s, stage) in m.stages.iter().enumerate() {
+                    for (b, block) in stage.iter().enumerate() {
+                        let p = format!("stages.{s}.{b}");
+                        out.push((format!("{p}.conv1"), LayerRef::Conv(&block.conv1)));
+                        out.push((format!("{p}.conv2"), LayerRef::Conv(&block.conv2)));
+                        if let Some(sc) = &block.shortcut {
+                            out.push((format!("{p}.shortcut"), LayerRef::Conv(sc)));
+                        }
+                    }
+                }
+                out.push(("fc".into(), LayerRef::Linear(&m.fc)));
+            }
+        }
+        out
+    }
+
+    fn layers_mut(&mut self) -> Vec<LayerMut<'_>> {
+        let mut out = Vec::new();
+        match self {
+            Backbone::Vgg8(m) => {
+                out.extend(m.blocks.iter_mut().map(LayerMut::Conv));
+                out.push(LayerMut::Linear(&mut m.fc1));
+                out.push(LayerMut::Linear(&mut m.fc2));
+            }
+            Backbone::Resnet18(m) => {
+                out.push(LayerMut::Conv(&mut m.stem));
+                for block in m.stages.iter_mut().flatten() {
+                    out.push(LayerMut::Conv(&mut block.conv1));
+                    out.push(LayerMut::Conv(&mut block.conv2));
+                    if let Some(sc) = &mut block.shortcut {
+                        out.push(LayerMut::Conv(sc));
+                    }
+                }
+                out.push(LayerMut::Linear(&mut m.fc));
+            }
+        }
+        out
+    }
+
+    /// Folds every BN's pending running-statistics update into its stored value (Burn's
+    /// `RunningState` lags one update behind until synced), so that saving, evaluating and
+    /// resuming all see the latest statistics.
+    pub fn sync_running_stats(&mut self) {
+        for l in self.layers_mut() {
+            if let LayerMut::Conv(c) = l {
+                // `value_sync` folds this thread's pending update into the stored value.
+                let _ = c.bn.running_mean.value_sync();
+                let _ = c.bn.running_var.value_sync();
+            }
+        }
+    }
+
+    /// Number of weight layers.
+    pub fn num_weight_layers(&self) -> usize {
+        self.layers().len()
+    }
+
+    /// The weight layers in forward order, canonical layout, with biases and BN parameters.
+    pub fn weight_layers(&self) -> Vec<WeightLayer> {
+        self.layers()
+            .into_iter()
+            .map(|(name, l)| match l {
+                LayerRef::Conv(c) => {
+                    let w = c.conv.weight.val();
+                    let bn = &c.bn;
+                    WeightLayer {
+                        name,
+                        kind: LayerKind::Conv {
+                            stride: c.conv.stride[0],
+                            padding: c.conv.kernel_size[0] / 2,
+                        },
+                        shape: w.dims().to_vec(),
+                        weights: to_vec(w),
+                        bias: None,
+                        bn: Some(BnParams {
+                            gamma: to_vec(bn.gamma.val()),
+                            beta: to_vec(bn.beta.val()),
+                            mean: to_vec(bn.running_mean.value()),
+                            var: to_vec(bn.running_var.value()),
+                            epsilon: bn.epsilon,
+                        }),
+                    }
+                }
+                LayerRef::Linear(l) => {
+                    let w = l.weight.val().transpose(); // [in, out] -> [out, in]
+                    WeightLayer {
+                        name,
+                        kind: LayerKind::Linear,
+                        shape: w.dims().to_vec(),
+                        weights: to_vec(w),
+                        bias: l.bias.as_ref().map(|b| to_vec(b.val())),
+                        bn: None,
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The weights alone, canonical layout, forward order (cheaper than [`Self::weight_layers`]).
+    pub fn weights(&self) -> Vec<Vec<f32>> {
+        self.layers()
+            .into_iter()
+            .map(|(_, l)| match l {
+                LayerRef::Conv(c) => to_vec(c.conv.weight.val()),
+                LayerRef::Linear(l) => to_vec(l.weight.val().transpose()),
+            })
+            .collect()
+    }
+
+    /// Replaces every weight layer's weights (canonical layout, forward order), keeping
+    /// parameter ids; biases and BN are untouched.
+    pub fn set_weights(&mut self, weights: &[Vec<f32>]) -> Result<()> {
+        let layers = self.layers_mut();
+        ensure!(
+            layers.len() == weights.len(),
+            "the backbone has {} weight layers, got {}",
+            layers.len(),
+            weights.len()
+        );
+        for (i, (l, w)) in layers.into_iter().zip(weights).enumerate() {
+            match l {
+                LayerMut::Conv(c) => {
+                    let t = c.conv.weight.val();
+                    let shape = t.dims();
+                    ensure!(
+                        shape.iter().product::<usize>() == w.len(),
+                        "weight layer {i}: expected {shape:?} = {} weights, got {}",
+                        shape.iter().product::<usize>(),
+                        w.len()
+                    );
+                    let new =
+                        Tensor::<4>::from_data(TensorData::new(w.clone(), shape), &t.device());
+                    let new = if t.is_require_grad() {
+                        new.require_grad()
+                    } else {
+                        new
+                    };
+                    c.conv.weight = c.conv.weight.clone().map(|_| new);
+                }
+                LayerMut::Linear(l) => {
+                    let t = l.weight.val();
+                    let [din, dout] = t.dims();
+                    ensure!(
+                        din * dout == w.len(),
+                        "weight layer {i}: expected [{dout}, {din}] = {} weights, got {}",
+                        din * dout,
+                        w.len()
+                    );
+                    let new = Tensor::<2>::from_data(
+                        TensorData::new(w.clone(), [dout, din]),
+                        &t.device(),
+                    )
+                    .transpose();
+                    let new = if t.is_require_grad() {
+                        new.detach().require_grad()
+                    } else {
+                        new
+                    };
+                    l.weight = l.weight.clone().map(|_| new);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The network being trained: the backbone and (for `nft`) its exits.
+#[derive(Module, Debug)]
+pub struct TrainModel {
+    /// The deployable network.
+    pub backbone: Backbone,
+    /// Training-only exits, shallowest first (empty unless the method uses them).
+    pub exits: Vec<ExitHead>,
+}
+
+impl TrainModel {
+    /// Backbone logits and exit logits (shallowest first).
+    pub fn forward(&self, x: Tensor<4>) -> (Tensor<2>, Vec<Tensor<2>>) {
+        let (logits, taps) = self.backbone.forward_taps(x, !self.exits.is_empty());
+        let outs = self
+            .exits
+            .iter()
+            .zip(taps)
+            .map(|(e, t)| e.forward(t))
+            .collect();
+        (logits, outs)
+    }
+}
+
+/// Fraction of `labels` the arg-max of `logits` gets right, as a count.
+pub fn correct(logits: Tensor<2>, labels: &[i64]) -> usize {
+    let pred = logits
+        .argmax(1)
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .expect("int argmax");
+    pred.iter().zip(labels).filter(|(p, l)| p == l).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(arch: Arch, channels: usize) -> ModelSpec {
+        ModelSpec {
+            arch,
+            width: 0.125,
+            in_channels: channels,
+            image_size: 32,
+            num_classes: 10,
+        }
+    }
+
+    #[test]
+    fn shapes_and_layer_counts() {
+        let device = Device::flex();
+        for (arch, layers, exits) in [(Arch::Vgg8, 8, 3), (Arch::Resnet18, 21, 4)] {
+            for ch in [1, 3] {
+                let s = spec(arch, ch);
+                let m = TrainModel {
+                    backbone: s.init_backbone(&device),
+                    exits: s.init_exits(&device),
+                };
+                let (y, outs) = m.forward(Tensor::zeros([2, ch, 32, 32], &device));
+                assert_eq!(y.dims(), [2, 10]);
+                assert_eq!(outs.len(), exits);
+                assert!(outs.iter().all(|o| o.dims() == [2, 10]));
+                assert_eq!(m.backbone.num_weight_layers(), layers);
+            }
+        }
+    }
+
+    #[test]
+    fn exits_match_table_one_at_full_width() {
+        let s = ModelSpec {
+            width: 1.0,
+            ..spec(Arch::Vgg8, 3)
+        };
+        let ins: Vec<usize> = s.exit_taps().iter().map(|(c, k)| c * k * k).collect();
+        assert_eq!(ins, vec![2304, 2048, 2304]);
+        let s = ModelSpec {
+            arch: Arch::Resnet18,
+            ..s
+        };
+        let ins: Vec<usize> = s.exit_taps().iter().map(|(c, k)| c * k * k).collect();
+        assert_eq!(ins, vec![2304, 2304, 2048, 2304]);
+    }
+
+    #[test]
+    fn weights_round_trip_in_canonical_layout() {
+        let device = Device::flex();
+        let mut b = spec(Arch::Vgg8, 1).init_backbone(&device);
+        let layers = b.weight_layers();
+        assert_eq!(layers[0].shape, vec![8, 1, 3, 3]);
+        assert_eq!(layers[6].shape, vec![128, 64 * 16]); // fc1 [out, in]
+        assert!(layers[6].bias.is_some() && layers[0].bn.is_some());
+        // Canonical linear order: element [o][i] is Burn's weight[i][o].
+        let burn_w = match &b {
+            Backbone::Vgg8(m) => to_vec(m.fc2.weight.val()),
+            Backbone::Resnet18(_) => unreachable!(),
+        };
+        let (din, dout) = (128, 10);
+        assert_eq!(layers[7].weights[3 * din + 5], burn_w[5 * dout + 3]);
+        let new: Vec<Vec<f32>> = layers
+            .iter()
+            .map(|l| (0..l.weights.len()).map(|i| i as f32 * 1e-3).collect())
+            .collect();
+        b.set_weights(&new).unwrap();
+        assert_eq!(b.weights(), new);
+        assert!(b.set_weights(&new[..3]).is_err());
+    }
+}

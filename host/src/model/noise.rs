@@ -1,0 +1,289 @@
+//! Training noise: `shared`'s device-variation model sampled with tensor ops on the training
+//! device, and the module mapper that perturbs every conv/linear weight of a model.
+//!
+//! The distribution is exactly `VariationConfig::sample` + `Readout::delta_weight` for a weight
+//! quantized against its tensor's `max|W|` (per-layer scale):
+//! - no faults: the error is `N(0, weight_std(q) * max|W|)`, one fused normal sample per tensor;
+//!   with a state-dependent profile the std is chosen per weight from its quantized magnitude's
+//!   band (a mask, no extra samples);
+//! - with stuck-at faults: per device `j`, a uniform draw decides stuck-low / stuck-high /
+//!   programmed, the device levels `g_j` come from the quantized magnitude, and the weight error is
+//!   `±max|W|/(2^M-1) * sum_j 2^(jN) dg_j` (M/N extra tensors of draws).
+//!
+//! The numbers differ from `shared`'s PRNG streams (training does not need to replay them);
+//! evaluation uses `shared` number for number.
+
+use burn::module::{ModuleMapper, Param};
+use burn::tensor::{Distribution, Tensor};
+use nvcim_shared::variation::VariationConfig;
+
+/// Samples weight perturbations on the device of the weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainingNoise {
+    cfg: VariationConfig,
+}
+
+impl TrainingNoise {
+    /// Noise following `cfg`.
+    pub fn new(cfg: VariationConfig) -> Self {
+        TrainingNoise { cfg }
+    }
+
+    /// The variation model.
+    pub fn config(&self) -> &VariationConfig {
+        &self.cfg
+    }
+
+    /// Whether the noise is identically zero (sigma 0 and no faults).
+    pub fn is_zero(&self) -> bool {
+        self.cfg.sigma() == 0.0 && !self.cfg.faults().any()
+    }
+
+    /// One perturbation `dw` of the weight tensor `w` (no gradient flows through it).
+    pub fn sample<const D: usize>(&self, w: Tensor<D>) -> Tensor<D> {
+        let w = w.detach();
+        let quant = self.cfg.quant();
+        let max_mag = f32::from(quant.max_magnitude());
+        let device = w.device();
+        let shape = w.shape();
+        // [1, ..., 1]: broadcasts against w.
+        let scale: Tensor<D> = w.clone().abs().max().clamp_min(1e-30).unsqueeze::<D>();
+        let profiled = self.cfg.profile().multiplier().is_some();
+        // The quantized magnitude, only when something depends on it.
+        let magnitude = (profiled || self.cfg.faults().any()).then(|| {
+            (w.clone().abs() / scale.clone())
+                .mul_scalar(max_mag)
+                .round()
+        });
+        // A magnitude inside the profile band, and one outside, for the two closed-form stds.
+        let (in_band, out_band) = (quant.max_magnitude() / 2, 0u16);
+        let band = |m: &Tensor<D>| {
+            let m4 = m.clone().mul_scalar(4.0);
+            m4.clone()
+                .greater_elem(max_mag)
+                .bool_and(m4.lower_elem(3.0 * max_mag))
+        };
+        // Per-weight value of `f(magnitude)` for a function constant on each band.
+        let per_weight = |f: &dyn Fn(u16) -> f64| -> Option<Tensor<D>> {
+            let (fi, fo) = (f(in_band) as f32, f(out_band) as f32);
+            match (&magnitude, profiled && fi != fo) {
+                (Some(m), true) => Some(band(m).float().mul_scalar(fi - fo).add_scalar(fo)),
+                _ => None,
+            }
+        };
+        if !self.cfg.faults().any() {
+            let z = Tensor::<D>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let std = self.cfg.weight_std(out_band) as f32;
+            return match per_weight(&|q| self.cfg.weight_std(q)) {
+                Some(stds) => z * stds * scale,
+                None => z.mul_scalar(std) * scale,
+            };
+        }
+        let device_sd = per_weight(&|q| f64::from(self.cfg.device_sigma(q)));
+        let magnitude = magnitude.expect("computed when faults are enabled");
+        let n = u32::from(quant.n_bits());
+        let levels = f32::from(quant.max_level()) + 1.0;
+        let top = f32::from(quant.max_level());
+        let (p_low, p_high) = (
+            self.cfg.faults().stuck_low(),
+            self.cfg.faults().stuck_high(),
+        );
+        let sd0 = self.cfg.device_sigma(out_band);
+        let mut dmag = Tensor::<D>::zeros(shape.clone(), &device);
+        for j in 0..quant.slices() as u32 {
+            let unit = (1u32 << (j * n)) as f32;
+            let shifted = magnitude.clone().div_scalar(unit).floor();
+            let g = shifted.clone() - shifted.div_scalar(levels).floor().mul_scalar(levels);
+            let z = Tensor::<D>::random(shape.clone(), Distribution::Normal(0.0, 1.0), &device);
+            let programmed = match &device_sd {
+                Some(sd) => z * sd.clone(),
+                None => z.mul_scalar(sd0),
+            };
+            // One uniform per device: u < p_low stuck low, else u < p_low + p_high stuck high.
+            let u = Tensor::<D>::random(shape.clone(), Distribution::Uniform(0.0, 1.0), &device);
+            let low = u.clone().lower_elem(p_low);
+            let high = u.lower_elem(p_low + p_high);
+            let d = programmed
+                .mask_where(high, g.clone().neg().add_scalar(top))
+                .mask_where(low, g.neg());
+            dmag = dmag + d.mul_scalar(unit);
+        }
+        let sign = w.lower_elem(0.0).float().mul_scalar(-2.0).add_scalar(1.0);
+        dmag * sign * scale.div_scalar(max_mag)
+    }
+}
+
+/// Replaces every conv and linear weight `w` (backbone and exits) by `w + dw` with a fresh `dw`,
+/// keeping `w`'s parameter id, so that gradients computed through the perturbed module land on
+/// the clean parameters (`GradientsParams::from_grads(loss.backward(), &clean)`).
+pub struct NoiseMapper<'a> {
+    noise: &'a TrainingNoise,
+    stack: Vec<(String, String)>,
+    /// How many tensors were perturbed.
+    pub perturbed: usize,
+}
+
+impl<'a> NoiseMapper<'a> {
+    /// A mapper drawing from `noise`.
+    pub fn new(noise: &'a TrainingNoise) -> Self {
+        NoiseMapper {
+            noise,
+            stack: Vec::new(),
+            perturbed: 0,
+        }
+    }
+}
+
+/// Whether the innermost entered module is the `weight` field of a conv or linear layer.
+fn is_weight(stack: &[(String, String)]) -> bool {
+    matches!(stack.last(), Some((name, ty)) if name == "weight"
+        && (ty == "Struct:Conv2d" || ty == "Struct:Linear"))
+}
+
+impl ModuleMapper for NoiseMapper<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if !is_weight(&self.stack) {
+            return param;
+        }
+        self.perturbed += 1;
+        let noise = self.noise;
+        param.map(|w| {
+            let dw = noise.sample(w.clone());
+            w + dw
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+    use nvcim_shared::quant::QuantConfig;
+    use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
+
+    /// Sample mean and the standard error of the mean of `xs`.
+    fn mean_se(xs: &[f64]) -> (f64, f64) {
+        let n = xs.len() as f64;
+        let m = xs.iter().sum::<f64>() / n;
+        let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0);
+        (m, (v / n).sqrt())
+    }
+
+    fn noise_of(cfg: VariationConfig, w: Vec<f32>, seed: u64) -> Vec<f64> {
+        let device = Device::flex();
+        device.seed(seed);
+        let n = w.len();
+        let t = Tensor::<1>::from_data(TensorData::new(w, [n]), &device);
+        let d = TrainingNoise::new(cfg).sample(t);
+        d.into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    }
+
+    fn cfg(sigma: f32, unit: SigmaUnit, profile: Profile, faults: Faults) -> VariationConfig {
+        VariationConfig::new(QuantConfig::DEFAULT, sigma, unit, profile, faults).unwrap()
+    }
+
+    /// Weights of scale 2.0 (one weight pins max|W|), the rest at `|w| = frac * 2` with random signs.
+    fn weights(n: usize, frac: f32) -> Vec<f32> {
+        let mut w: Vec<f32> = (0..n)
+            .map(|i| if i % 3 == 0 { -2.0 * frac } else { 2.0 * frac })
+            .collect();
+        w[0] = 2.0;
+        w
+    }
+
+    #[test]
+    fn uniform_std_matches_closed_form_in_both_units() {
+        let n = 200_000;
+        for unit in [SigmaUnit::Range, SigmaUnit::Level] {
+            let c = cfg(0.4, unit, Profile::Uniform, Faults::NONE);
+            let d = noise_of(c, weights(n, 0.3), 1);
+            // Mean square / scale^2 estimates weight_std^2; tolerance 5 standard errors.
+            let sq: Vec<f64> = d.iter().map(|x| (x / 2.0) * (x / 2.0)).collect();
+            let (ms, se) = mean_se(&sq);
+            let expect = c.weight_std(0).powi(2);
+            assert!(
+                (ms - expect).abs() < 5.0 * se,
+                "{unit:?}: {ms} vs {expect} (se {se})"
+            );
+        }
+    }
+
+    #[test]
+    fn profile_bands_get_their_own_std() {
+        let n = 100_000;
+        let c = cfg(0.3, SigmaUnit::Range, Profile::Fefet6, Faults::NONE);
+        for frac in [0.5f32, 0.1, 0.9] {
+            let d = noise_of(c, weights(n, frac), 2);
+            let q = (frac * 255.0).round() as u16;
+            let sq: Vec<f64> = d[1..].iter().map(|x| (x / 2.0) * (x / 2.0)).collect();
+            let (ms, se) = mean_se(&sq);
+            let expect = c.weight_std(q).powi(2);
+            assert!(
+                (ms - expect).abs() < 5.0 * se,
+                "frac {frac}: {ms} vs {expect} (se {se})"
+            );
+        }
+        assert!(
+            c.weight_std(128) > 3.0 * c.weight_std(10),
+            "the band must matter in this test"
+        );
+    }
+
+    #[test]
+    fn stuck_at_faults_match_the_closed_form_rms_and_mean() {
+        let n = 200_000;
+        let faults = Faults::new(0.1, 0.05).unwrap();
+        let c = cfg(0.2, SigmaUnit::Range, Profile::Uniform, faults);
+        for frac in [0.6f32, -0.6] {
+            let mut w = weights(n, frac.abs());
+            w.iter_mut().skip(1).for_each(|x| *x = 2.0 * frac);
+            let d = noise_of(c, w, 3);
+            let q = (frac.abs() * 255.0).round() as u16;
+            let e: Vec<f64> = d[1..].iter().map(|x| x / 2.0).collect();
+            let sq: Vec<f64> = e.iter().map(|x| x * x).collect();
+            let (ms, se) = mean_se(&sq);
+            let expect = c.weight_rms(q).powi(2);
+            assert!(
+                (ms - expect).abs() < 5.0 * se,
+                "{frac}: {ms} vs {expect} (se {se})"
+            );
+            // The mean error: sum_j 4^j mu_j / 255 with mu = -p_low g + p_high (3 - g), signed.
+            let levels = [q & 3, (q >> 2) & 3, (q >> 4) & 3, (q >> 6) & 3];
+            let mu: f64 = levels
+                .iter()
+                .enumerate()
+                .map(|(j, &g)| {
+                    4f64.powi(j as i32) * (-0.1 * f64::from(g) + 0.05 * (3.0 - f64::from(g)))
+                })
+                .sum::<f64>()
+                / 255.0
+                * f64::from(frac.signum());
+            let (m, se) = mean_se(&e);
+            assert!(
+                (m - mu).abs() < 5.0 * se,
+                "{frac}: mean {m} vs {mu} (se {se})"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_sigma_is_zero() {
+        let c = cfg(0.0, SigmaUnit::Range, Profile::Uniform, Faults::NONE);
+        assert!(TrainingNoise::new(c).is_zero());
+        assert!(noise_of(c, weights(100, 0.5), 4).iter().all(|&x| x == 0.0));
+    }
+}

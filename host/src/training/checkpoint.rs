@@ -1,0 +1,264 @@
+//! Checkpoints: written every epoch into a temporary directory and swapped in by rename, so a
+//! crash never leaves a half-written checkpoint.
+//!
+//! Layout under `--out DIR`:
+//! - `config.json` (the resolved run configuration), `model.json` (the backbone's [`ModelSpec`]),
+//!   `metrics.jsonl` (one [`EpochMetrics`](super::EpochMetrics) per line);
+//! - `checkpoint/`: `model.bpk` (backbone + exits, BN statistics, parameter ids), `optimizer.bpk`
+//!   (Adam moments), `state.json` (epochs done = the scheduler's position, best so far, history,
+//!   the RNG derivation);
+//! - `best/`: `backbone.bpk` (the backbone alone, best noisy validation accuracy), `model.json`,
+//!   `state.json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::store::ModuleRecord;
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use super::{EpochMetrics, TrainConfig};
+use crate::model::{Backbone, ModelSpec, TrainModel};
+
+/// Progress and selection state saved with each checkpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Epochs completed (the cosine scheduler's position).
+    pub epochs_done: usize,
+    /// The best epoch so far (1-based; 0 = none).
+    pub best_epoch: usize,
+    /// Its selection score (noisy validation accuracy, or clean when `--mc-val 0`).
+    pub best_score: f64,
+    /// Its clean validation accuracy.
+    pub best_val_clean: f64,
+    /// Its noisy validation accuracy.
+    pub best_val_noisy: f64,
+    /// Metrics of every epoch so far.
+    pub history: Vec<EpochMetrics>,
+    /// How the random state of the next epoch is derived (it is a function of seed and epoch).
+    #[serde(default)]
+    pub rng: String,
+}
+
+/// The checkpoint directories of one output directory.
+pub struct Checkpoint {
+    out: PathBuf,
+}
+
+/// Writes `value` as pretty JSON to `path` atomically (temporary file + rename).
+pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    write_atomic(path, text.as_bytes())
+}
+
+/// Writes bytes to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// Fails, naming the differing keys, when a resumed run's configuration differs from the saved one.
+pub fn ensure_same_config(saved: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
+    let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else {
+        bail!("config.json is not a JSON object");
+    };
+    let differ: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: saved {} now {}",
+                a.get(k).unwrap_or(&serde_json::Value::Null),
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
+        .collect();
+    if !differ.is_empty() {
+        bail!(
+            "--resume with a different configuration ({}); pass the original flags or a new --out",
+            differ.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Loads a backbone saved by [`Checkpoint::save_best`] (or any backbone record) for `spec`.
+pub fn load_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result<Backbone> {
+    let record = ModuleRecord::load(path)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .with_context(|| format!("reading backbone {}", path.display()))?;
+    spec.init_backbone(device)
+        .try_load_record(record)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .with_context(|| {
+            format!(
+                "{} does not fit a {:?} of width {}",
+                path.display(),
+                spec.arch,
+                spec.width
+            )
+        })
+}
+
+fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
+    let old = dir.with_extension("old");
+    if old.exists() {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    if dir.exists() {
+        std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+    }
+    std::fs::rename(tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
+fn fresh_tmp(dir: &Path) -> Result<PathBuf> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    Ok(tmp)
+}
+
+fn rec_err(e: burn::store::RecordError) -> anyhow::Error {
+    anyhow::anyhow!("{e:?}")
+}
+
+impl Checkpoint {
+    /// The checkpoints of `out`.
+    pub fn new(out: &Path) -> Self {
+        Checkpoint {
+            out: out.to_path_buf(),
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.out.join("checkpoint")
+    }
+
+    fn best_dir(&self) -> PathBuf {
+        self.out.join("best")
+    }
+
+    /// The best backbone's file.
+    pub fn best_backbone_path(&self) -> PathBuf {
+        self.best_dir().join("backbone.bpk")
+    }
+
+    /// The newest complete checkpoint directory (`checkpoint/`, or `checkpoint.old/` when a
+    /// crash hit between the two renames of a swap).
+    pub fn latest(&self) -> Option<PathBuf> {
+        let d = self.dir();
+        [d.clone(), d.with_extension("old")]
+            .into_iter()
+            .find(|p| p.join("state.json").is_file())
+    }
+
+    /// Saves model, optimizer and state, and rewrites `metrics.jsonl`.
+    pub fn save(
+        &self,
+        model: &TrainModel,
+        optim: &ModuleOptimizer,
+        cfg: &TrainConfig,
+        state: &State,
+    ) -> Result<()> {
+        let dir = self.dir();
+        let tmp = fresh_tmp(&dir)?;
+        model
+            .clone()
+            .save_file(tmp.join("model.bpk"))
+            .map_err(rec_err)
+            .context("saving the model")?;
+        optim
+            .save(tmp.join("optimizer.bpk"))
+            .map_err(rec_err)
+            .context("saving the optimizer")?;
+        let mut st = state.clone();
+        st.rng = format!(
+            "derived: epoch e reseeds the device with epoch_seed({}, e) and draws shuffles/augmentation from stream_for(Host, {}, e, tag)",
+            cfg.seed, cfg.seed
+        );
+        write_json_atomic(&tmp.join("state.json"), &serde_json::to_value(&st)?)?;
+        swap_in(&tmp, &dir)?;
+        let mut lines = String::new();
+        for m in &state.history {
+            lines += &serde_json::to_string(m)?;
+            lines.push('\n');
+        }
+        write_atomic(&self.out.join("metrics.jsonl"), lines.as_bytes())
+    }
+
+    /// Saves the backbone alone as the best so far.
+    pub fn save_best(&self, backbone: &Backbone, cfg: &TrainConfig, state: &State) -> Result<()> {
+        let dir = self.best_dir();
+        let tmp = fresh_tmp(&dir)?;
+        backbone
+            .clone()
+            .save_file(tmp.join("backbone.bpk"))
+            .map_err(rec_err)
+            .context("saving the backbone")?;
+        write_json_atomic(&tmp.join("model.json"), &serde_json::to_value(&cfg.model)?)?;
+        let info = serde_json::json!({
+            "epoch": state.best_epoch,
+            "val_clean_acc": state.best_val_clean,
+            "val_noisy_acc": state.best_val_noisy,
+            "selected_by": "noisy validation accuracy",
+        });
+        write_json_atomic(&tmp.join("state.json"), &info)?;
+        swap_in(&tmp, &dir)
+    }
+
+    /// Loads a checkpoint directory into a fresh model and the given optimizer.
+    pub fn load(
+        &self,
+        dir: &Path,
+        cfg: &TrainConfig,
+        device: &Device,
+        optim: ModuleOptimizer,
+    ) -> Result<(TrainModel, State, ModuleOptimizer)> {
+        let state: State = serde_json::from_value(read_json(&dir.join("state.json"))?)
+            .with_context(|| {
+                format!(
+                    "{} is not an nvcim checkpoint state",
+                    dir.join("state.json").display()
+                )
+            })?;
+        let backbone = cfg.model.init_backbone(device);
+        let exits = if cfg.method.uses_exits() {
+            cfg.model.init_exits(device)
+        } else {
+            Vec::new()
+        };
+        let p = dir.join("model.bpk");
+        let record = ModuleRecord::load(&p)
+            .map_err(rec_err)
+            .with_context(|| format!("reading {}", p.display()))?;
+        let model = TrainModel { backbone, exits }
+            .try_load_record(record)
+            .map_err(rec_err)
+            .with_context(|| format!("{} does not fit this model", p.display()))?;
+        let p = dir.join("optimizer.bpk");
+        let optim = optim
+            .load(&p)
+            .map_err(rec_err)
+            .with_context(|| format!("reading {}", p.display()))?;
+        Ok((model, state, optim))
+    }
+}

@@ -1,0 +1,721 @@
+//! The training loop: data, model, method, Adam with cosine annealing, per-epoch validation
+//! (clean and under Monte Carlo variation), atomic checkpoints and exact resume.
+//!
+//! **Determinism.** Every random thing of an epoch is derived from `(seed, epoch)`: the shuffle
+//! and augmentation streams are `stream_for(Purpose::Host, seed, epoch, tag)`, and the training
+//! device's generator (weight noise) is reseeded with `epoch_seed(seed, epoch)` at the start of
+//! the epoch. A checkpoint written after epoch `e` therefore holds all the state needed
+//! (weights, BN statistics, Adam moments, the epoch counter that drives the scheduler), and a
+//! resumed run ends with the same weights as an uninterrupted one.
+//!
+//! **Validation under variation** uses the float engine's contract: Monte Carlo run `r`
+//! perturbs backbone layer `l` with `nvcim_shared::rng::stream(seed, r, l)`, weights visited in
+//! canonical order, quantized against the layer's own `max|W|`.
+
+pub mod checkpoint;
+pub mod method;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nvcim_shared::rng::{Purpose, mix64, stream, stream_for};
+use nvcim_shared::variation::VariationConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{self, Dataset, DatasetKind, tags};
+use crate::model::noise::{NoiseMapper, TrainingNoise};
+use crate::model::{Backbone, ModelSpec, TrainModel, correct};
+pub use method::Method;
+
+/// Everything that determines a training run (saved as `config.json` beside the checkpoint).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainConfig {
+    /// The dataset.
+    pub dataset: DatasetKind,
+    /// Where it was read from.
+    pub data_dir: PathBuf,
+    /// Pad 28x28 images to 32x32 (the authors' setting).
+    pub pad32: bool,
+    /// The network.
+    pub model: ModelSpec,
+    /// The method.
+    pub method: Method,
+    /// The feedback weight alpha of eq. 1.
+    pub alpha: f64,
+    /// The training (and validation) variation model.
+    #[serde(serialize_with = "ser_variation")]
+    pub variation: VariationConfig,
+    /// Epochs.
+    pub epochs: usize,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Initial learning rate (Adam, cosine-annealed per epoch to 0).
+    pub lr: f64,
+    /// Fraction of the training set held out for validation.
+    pub val_fraction: f64,
+    /// The seed of everything.
+    pub seed: u64,
+    /// Use only this many training images (after the split).
+    pub max_train: Option<usize>,
+    /// Monte Carlo runs of the noisy validation per epoch.
+    pub mc_val: u32,
+    /// The backend (`flex`, `cuda`, `wgpu`).
+    pub backend: Backend,
+}
+
+fn ser_variation<S: serde::Serializer>(v: &VariationConfig, s: S) -> Result<S::Ok, S::Error> {
+    variation_json(v).serialize(s)
+}
+
+/// A variation model as JSON (sigma always with its unit).
+pub fn variation_json(v: &VariationConfig) -> serde_json::Value {
+    serde_json::json!({
+        "sigma": v.sigma(),
+        "sigma_unit": v.unit().name(),
+        "m_bits": v.quant().m_bits(),
+        "n_bits": v.quant().n_bits(),
+        "profile": v.profile().name(),
+        "stuck_low": v.faults().stuck_low(),
+        "stuck_high": v.faults().stuck_high(),
+        "weight_std_per_max_w": v.weight_std(0),
+    })
+}
+
+/// The compute backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Burn's pure-Rust CPU backend.
+    #[default]
+    Flex,
+    /// NVIDIA CUDA (build with `--features cuda`).
+    Cuda,
+    /// wgpu: Vulkan / Metal / DX12 (build with `--features wgpu`).
+    Wgpu,
+}
+
+impl Backend {
+    /// The device, or an error saying how to build with this backend.
+    pub fn device(self) -> Result<Device> {
+        match self {
+            Backend::Flex => Ok(Device::flex()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => Ok(Device::cuda(0)),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => Ok(Device::wgpu(Default::default())),
+            #[allow(unreachable_patterns)]
+            other => bail!(
+                "--backend {other:?}: this nvcim was built without it; rebuild with \
+                 `cargo build --release --features {}`",
+                format!("{other:?}").to_lowercase()
+            ),
+        }
+    }
+}
+
+/// How this invocation runs (not part of the run's identity).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The output directory.
+    pub out: PathBuf,
+    /// Continue from `out/checkpoint`.
+    pub resume: bool,
+    /// Stop after this many epochs of this invocation (as if interrupted).
+    pub stop_after: Option<usize>,
+    /// No progress bars.
+    pub quiet: bool,
+}
+
+/// One epoch's metrics (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training accuracy (of the backbone, at the perturbed weights when noise is injected).
+    pub train_acc: f64,
+    /// Validation accuracy, clean weights.
+    pub val_clean_acc: f64,
+    /// Mean validation accuracy over the Monte Carlo runs.
+    pub val_noisy_acc: f64,
+    /// Its standard deviation over the runs.
+    pub val_noisy_std: f64,
+    /// Training throughput.
+    pub images_per_s: f64,
+    /// Wall time of the epoch (training and validation).
+    pub seconds: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    /// Epochs completed in total.
+    pub epochs_done: usize,
+    /// The epoch of the best noisy validation accuracy (1-based).
+    pub best_epoch: usize,
+    /// Best noisy validation accuracy.
+    pub best_val_noisy_acc: f64,
+    /// Clean validation accuracy at the best epoch.
+    pub best_val_clean_acc: f64,
+    /// Clean test accuracy of the best backbone (reported only; never used for selection).
+    pub test_clean_acc: f64,
+    /// Where the best backbone is.
+    pub best_backbone: PathBuf,
+    /// Wall time of this invocation in seconds.
+    pub wall_seconds: f64,
+    /// Whether the run stopped early (`--stop-after-epochs`).
+    pub interrupted: bool,
+}
+
+/// The device generator's seed for an epoch (`u32::MAX` is model initialization).
+pub fn epoch_seed(seed: u64, epoch: u32) -> u64 {
+    mix64(mix64(seed ^ 0x7472_6169_6e00_0000) ^ u64::from(epoch))
+}
+
+/// Cosine annealing from `lr` to 0 over `epochs`, stepped per epoch (PyTorch's
+/// `CosineAnnealingLR(T_max=epochs)`, eta_min 0).
+pub fn cosine_lr(lr: f64, epoch: usize, epochs: usize) -> f64 {
+    lr * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos())
+}
+
+/// The prepared data of a run.
+pub struct RunData {
+    /// Training images (after split and `--max-train`).
+    pub train: Dataset,
+    /// Validation images (held out of the training set).
+    pub val: Dataset,
+    /// The test set (reporting only).
+    pub test: Dataset,
+}
+
+/// Loads, pads, splits and subsets the data of `cfg`.
+pub fn prepare_data(cfg: &TrainConfig) -> Result<RunData> {
+    let (train, test) = data::load(cfg.dataset, &cfg.data_dir)
+        .with_context(|| format!("loading {}", cfg.dataset.display_name()))?;
+    let pad = |d: Dataset| {
+        if cfg.pad32 && d.height < 32 {
+            d.pad_to(32)
+        } else {
+            Ok(d)
+        }
+    };
+    let (train, test) = (pad(train)?, pad(test)?);
+    let (mut train, val) = data::split_validation(&train, cfg.val_fraction, cfg.seed)?;
+    ensure!(
+        !val.is_empty() || cfg.val_fraction == 0.0,
+        "the validation split is empty"
+    );
+    if let Some(n) = cfg.max_train.filter(|&n| n < train.len()) {
+        let perm = data::permutation(
+            train.len(),
+            &mut stream_for(Purpose::Host, cfg.seed, 0, tags::SUBSET),
+        );
+        let mut idx = perm[..n].to_vec();
+        idx.sort_unstable();
+        train = train.subset(&idx);
+    }
+    ensure!(
+        !train.is_empty(),
+        "no training images left (check --max-train)"
+    );
+    Ok(RunData { train, val, test })
+}
+
+/// Clean accuracy of `backbone` (a validation snapshot) on `data`.
+pub fn accuracy(backbone: &Backbone, data: &Dataset, device: &Device) -> f64 {
+    if data.is_empty() {
+        return 0.0;
+    }
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let mut right = 0;
+    for chunk in idx.chunks(500) {
+        let b = data::make_batch(data, chunk, None);
+        let (x, _) = data::tensor::to_tensors(&b, device);
+        right += correct(backbone.forward(x), &b.labels);
+    }
+    right as f64 / data.len() as f64
+}
+
+/// Accuracies of `backbone` under `runs` Monte Carlo perturbations (float engine, `shared`
+/// streams: run `r`, layer `l` -> `stream(seed, r, l)`).
+pub fn noisy_accuracies(
+    backbone: &Backbone,
+    data: &Dataset,
+    variation: &VariationConfig,
+    seed: u64,
+    runs: u32,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let clean = backbone.weights();
+    let mut out = Vec::new();
+    for r in 0..runs {
+        let mut noisy = Vec::with_capacity(clean.len());
+        for (l, w) in clean.iter().enumerate() {
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let mut p = w.clone();
+            if scale > 0.0 {
+                variation
+                    .perturb_f32(w, scale, &mut stream(seed, r, l as u32), &mut p)
+                    .with_context(|| format!("perturbing weight layer {l}"))?;
+            }
+            noisy.push(p);
+        }
+        let mut b = backbone.clone();
+        b.set_weights(&noisy)?;
+        out.push(accuracy(&b, data, device));
+    }
+    Ok(out)
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len().max(2) - 1) as f64;
+    (m, var.sqrt())
+}
+
+/// The forward pass of one training step: backbone logits and the feedback terms (noise
+/// injected per `method`).
+pub fn step_forward(
+    model: &TrainModel,
+    method: Method,
+    noise: &TrainingNoise,
+    x: burn::tensor::Tensor<4>,
+) -> Result<(burn::tensor::Tensor<2>, Vec<burn::tensor::Tensor<2>>)> {
+    let perturbed = |n: &TrainingNoise| -> TrainModel {
+        if n.is_zero() {
+            model.clone()
+        } else {
+            model.clone().map(&mut NoiseMapper::new(n))
+        }
+    };
+    Ok(match method {
+        Method::Vanilla => model.forward(x),
+        Method::Noise | Method::Nft => perturbed(noise).forward(x),
+        Method::NftOvf => {
+            let (out, _) = perturbed(noise).forward(x.clone());
+            let mut fb = Vec::new();
+            for off in Method::OVF_OFFSETS {
+                let cfg = noise.config().with_sigma(noise.config().sigma() + off)?;
+                fb.push(perturbed(&TrainingNoise::new(cfg)).forward(x.clone()).0);
+            }
+            (out, fb)
+        }
+    })
+}
+
+/// Trains per `cfg`, writing under `opts.out`.
+pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
+    let started = Instant::now();
+    cfg.model.validate()?;
+    ensure!(cfg.epochs > 0, "--epochs must be at least 1");
+    ensure!(cfg.batch_size > 0, "--batch-size must be at least 1");
+    ensure!(
+        cfg.lr.is_finite() && cfg.lr > 0.0,
+        "--lr must be positive, got {}",
+        cfg.lr
+    );
+    ensure!(cfg.alpha.is_finite(), "--alpha must be finite");
+    let run_data = prepare_data(cfg)?;
+    ensure!(
+        run_data.train.height == cfg.model.image_size
+            && run_data.train.channels == cfg.model.in_channels,
+        "the data is {}x{}x{} but the model expects {}x{}x{}",
+        run_data.train.channels,
+        run_data.train.height,
+        run_data.train.width,
+        cfg.model.in_channels,
+        cfg.model.image_size,
+        cfg.model.image_size
+    );
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating output directory {}", opts.out.display()))?;
+    let config_json = serde_json::to_value(cfg)?;
+    let device = cfg.backend.device()?;
+    let ad = device.clone().autodiff();
+    let ckpt = checkpoint::Checkpoint::new(&opts.out);
+
+    let mut optim = AdamConfig::new().init();
+    let (mut model, mut state) = match opts.resume.then(|| ckpt.latest()).flatten() {
+        Some(dir) => {
+            let saved = checkpoint::read_json(&opts.out.join("config.json"))?;
+            checkpoint::ensure_same_config(&saved, &config_json)?;
+            let (model, st, o) = ckpt.load(&dir, cfg, &ad, optim)?;
+            optim = o;
+            eprintln!(
+                "resuming from {} (epoch {} done)",
+                dir.display(),
+                st.epochs_done
+            );
+            (model, st)
+        }
+        None => {
+            if opts.resume {
+                eprintln!(
+                    "no checkpoint in {}; starting from scratch",
+                    opts.out.display()
+                );
+            }
+            ad.seed(epoch_seed(cfg.seed, u32::MAX));
+            let backbone = cfg.model.init_backbone(&ad);
+            let exits = if cfg.method.uses_exits() {
+                cfg.model.init_exits(&ad)
+            } else {
+                Vec::new()
+            };
+            (TrainModel { backbone, exits }, checkpoint::State::default())
+        }
+    };
+    checkpoint::write_json_atomic(&opts.out.join("config.json"), &config_json)?;
+    checkpoint::write_json_atomic(
+        &opts.out.join("model.json"),
+        &serde_json::to_value(&cfg.model)?,
+    )?;
+
+    let noise = TrainingNoise::new(cfg.variation);
+    let train = &run_data.train;
+    let mut ran = 0;
+    let mut interrupted = false;
+    for epoch in state.epochs_done..cfg.epochs {
+        if opts.stop_after.is_some_and(|k| ran >= k) {
+            interrupted = true;
+            break;
+        }
+        let t0 = Instant::now();
+        ad.seed(epoch_seed(cfg.seed, epoch as u32));
+        let lr = cosine_lr(cfg.lr, epoch, cfg.epochs);
+        let perm = data::permutation(
+            train.len(),
+            &mut stream_for(Purpose::Host, cfg.seed, epoch as u32, tags::SHUFFLE),
+        );
+        let mut aug = cfg
+            .dataset
+            .augments()
+            .then(|| stream_for(Purpose::Host, cfg.seed, epoch as u32, tags::AUGMENT));
+        let n_batches = perm.len().div_ceil(cfg.batch_size);
+        let bar = progress(n_batches, epoch + 1, cfg.epochs, opts.quiet);
+        let (mut loss_sum, mut right, mut seen) = (0f64, 0usize, 0usize);
+        for (step, chunk) in perm.chunks(cfg.batch_size).enumerate() {
+            let batch = data::make_batch(train, chunk, aug.as_mut());
+            let (x, y) = data::tensor::to_tensors(&batch, &ad);
+            let (out, feedback) = step_forward(&model, cfg.method, &noise, x)?;
+            let loss = method::loss(cfg.method, out.clone(), &feedback, y, cfg.alpha);
+            let value = loss.clone().into_scalar::<f32>();
+            if !value.is_finite() {
+                bar.abandon();
+                bail!(
+                    "the training loss became {value} at epoch {} step {step}; stopping. The last \
+                     good checkpoint ({} epochs) is kept in {}; try a lower --lr or --sigma",
+                    epoch + 1,
+                    state.epochs_done,
+                    opts.out.join("checkpoint").display()
+                );
+            }
+            right += correct(out.detach(), &batch.labels);
+            seen += chunk.len();
+            loss_sum += f64::from(value) * chunk.len() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            let ips = seen as f64 / t0.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}% {ips:.0} img/s",
+                loss_sum / seen as f64,
+                100.0 * right as f64 / seen as f64
+            ));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        model.backbone.sync_running_stats();
+        let train_secs = t0.elapsed().as_secs_f64();
+        let backbone = model.backbone.valid();
+        let val_clean = accuracy(&backbone, &run_data.val, &device);
+        let noisy = noisy_accuracies(
+            &backbone,
+            &run_data.val,
+            &cfg.variation,
+            cfg.seed,
+            cfg.mc_val,
+            &device,
+        )?;
+        let (val_noisy, val_noisy_std) = mean_std(&noisy);
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen as f64,
+            train_acc: right as f64 / seen as f64,
+            val_clean_acc: val_clean,
+            val_noisy_acc: val_noisy,
+            val_noisy_std,
+            images_per_s: seen as f64 / train_secs,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        if !opts.quiet {
+            eprintln!(
+                "epoch {}/{}: loss {:.4} train {:.2}% | val clean {:.2}% noisy {:.2}% ± {:.2} \
+                 ({} runs, sigma {} {}) | {:.0} img/s, {:.1} s",
+                m.epoch,
+                cfg.epochs,
+                m.train_loss,
+                100.0 * m.train_acc,
+                100.0 * m.val_clean_acc,
+                100.0 * m.val_noisy_acc,
+                100.0 * m.val_noisy_std,
+                cfg.mc_val,
+                cfg.variation.sigma(),
+                cfg.variation.unit().name(),
+                m.images_per_s,
+                m.seconds
+            );
+        }
+        state.epochs_done = epoch + 1;
+        let score = if cfg.mc_val > 0 { val_noisy } else { val_clean };
+        if state.best_epoch == 0 || score > state.best_score {
+            state.best_epoch = epoch + 1;
+            state.best_score = score;
+            state.best_val_clean = val_clean;
+            state.best_val_noisy = val_noisy;
+            ckpt.save_best(&model.backbone, cfg, &state)?;
+        }
+        state.history.push(m);
+        ckpt.save(&model, &optim, cfg, &state)?;
+        ran += 1;
+    }
+    let best_path = ckpt.best_backbone_path();
+    let test_clean_acc = if best_path.is_file() {
+        let best = checkpoint::load_backbone(&best_path, &cfg.model, &device)?;
+        accuracy(&best, &run_data.test, &device)
+    } else {
+        0.0
+    };
+    Ok(TrainSummary {
+        epochs_done: state.epochs_done,
+        best_epoch: state.best_epoch,
+        best_val_noisy_acc: state.best_val_noisy,
+        best_val_clean_acc: state.best_val_clean,
+        test_clean_acc,
+        best_backbone: best_path,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        interrupted,
+    })
+}
+
+fn progress(len: usize, epoch: usize, epochs: usize, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("epoch {epoch}/{epochs}"));
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Arch;
+    use burn::optim::SgdConfig;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+
+    #[test]
+    fn cosine_schedule() {
+        assert_eq!(cosine_lr(1e-3, 0, 10), 1e-3);
+        assert!((cosine_lr(1e-3, 5, 10) - 5e-4).abs() < 1e-12);
+        assert!(cosine_lr(1e-3, 9, 10) > 0.0);
+    }
+
+    /// Noise injection: the gradient applied to the clean weights is the gradient of the loss
+    /// at the perturbed weights, for one fixed noise sample.
+    #[test]
+    fn noise_injection_update_is_the_gradient_at_the_perturbed_weights() {
+        let ad = Device::flex().autodiff();
+        ad.seed(11);
+        let spec = ModelSpec {
+            arch: Arch::Vgg8,
+            width: 0.125,
+            in_channels: 1,
+            image_size: 32,
+            num_classes: 10,
+        };
+        let clean = TrainModel {
+            backbone: spec.init_backbone(&ad),
+            exits: spec.init_exits(&ad),
+        };
+        let x = Tensor::<4>::random([4, 1, 32, 32], Distribution::Normal(0.0, 1.0), &ad);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 3, 5, 7], [4]), &ad);
+        let noise = TrainingNoise::new(VariationConfig::paper(0.4).unwrap());
+
+        // The training path: map a clone, differentiate, collect on the clean module.
+        let mut mapper = NoiseMapper::new(&noise);
+        let noisy = clean.clone().map(&mut mapper);
+        assert_eq!(
+            mapper.perturbed,
+            8 + 2 * 3,
+            "every backbone and exit weight is perturbed"
+        );
+        let perturbed_w = noisy.backbone.weights();
+        assert_ne!(perturbed_w, clean.backbone.weights());
+        let (out, fb) = noisy.forward(x.clone());
+        let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1);
+        let g_train = GradientsParams::from_grads(loss.backward(), &clean);
+
+        // The reference: a model whose weights *are* the perturbed ones (fresh leaves).
+        let mut reference = clean.clone();
+        reference.backbone.set_weights(&perturbed_w).unwrap();
+        let ex: Vec<_> = noisy
+            .exits
+            .iter()
+            .map(|e| (e.fc1.weight.val(), e.fc2.weight.val()))
+            .collect();
+        for (e, (w1, w2)) in reference.exits.iter_mut().zip(ex) {
+            e.fc1.weight = e.fc1.weight.clone().map(|_| w1.detach().require_grad());
+            e.fc2.weight = e.fc2.weight.clone().map(|_| w2.detach().require_grad());
+        }
+        let (out, fb) = reference.forward(x);
+        let loss = method::loss(Method::Nft, out, &fb, y, 0.1);
+        let g_ref = GradientsParams::from_grads(loss.backward(), &reference);
+
+        let Backbone::Vgg8(c) = &clean.backbone else {
+            unreachable!()
+        };
+        let ids = [c.blocks[0].conv.weight.id, c.blocks[5].conv.weight.id];
+        for id in ids {
+            let a = g_train
+                .get::<4>(id)
+                .expect("gradient on the clean conv weight");
+            let b = g_ref.get::<4>(id).expect("reference gradient");
+            a.into_data().assert_approx_eq::<f32>(
+                &b.into_data(),
+                burn::tensor::Tolerance::rel_abs(1e-4, 1e-5),
+            );
+        }
+        let (a, b) = (
+            g_train.get::<2>(c.fc1.weight.id).unwrap(),
+            g_ref.get::<2>(c.fc1.weight.id).unwrap(),
+        );
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
+        let e = &clean.exits[1].fc1.weight.id;
+        let (a, b) = (g_train.get::<2>(*e).unwrap(), g_ref.get::<2>(*e).unwrap());
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
+
+        // The update lands on the clean weights: w_clean - lr * grad(perturbed).
+        let g = g_ref.get::<2>(c.fc1.weight.id).unwrap();
+        let before = c.fc1.weight.val();
+        let mut sgd = SgdConfig::new().init();
+        let stepped = sgd.step(0.5, clean.clone(), g_train);
+        let Backbone::Vgg8(s) = &stepped.backbone else {
+            unreachable!()
+        };
+        let expect = before - g.mul_scalar(0.5);
+        s.fc1
+            .weight
+            .val()
+            .into_data()
+            .assert_approx_eq::<f32>(&expect.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+    use crate::model::Arch;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+
+    #[test]
+    fn checkpoint_round_trip_continues_identically() {
+        let ad = Device::flex().autodiff();
+        ad.seed(3);
+        let spec = ModelSpec {
+            arch: Arch::Vgg8,
+            width: 0.125,
+            in_channels: 1,
+            image_size: 32,
+            num_classes: 10,
+        };
+        let mut model = TrainModel {
+            backbone: spec.init_backbone(&ad),
+            exits: spec.init_exits(&ad),
+        };
+        let mut optim = AdamConfig::new().init();
+        let x = Tensor::<4>::random([4, 1, 32, 32], Distribution::Normal(0.0, 1.0), &ad);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 3, 5, 7], [4]), &ad);
+        let step = |m: TrainModel, o: &mut burn::optim::ModuleOptimizer| {
+            let (out, fb) = m.forward(x.clone());
+            let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1);
+            let g = GradientsParams::from_grads(loss.backward(), &m);
+            o.step(1e-3, m, g)
+        };
+        for _ in 0..3 {
+            model = step(model, &mut optim);
+        }
+        model.backbone.sync_running_stats();
+        let dir = tempfile::tempdir().unwrap();
+        model.clone().save_file(dir.path().join("m.bpk")).unwrap();
+        optim.save(dir.path().join("o.bpk")).unwrap();
+        let rec = burn::store::ModuleRecord::load(dir.path().join("m.bpk")).unwrap();
+        let loaded = TrainModel {
+            backbone: spec.init_backbone(&ad),
+            exits: spec.init_exits(&ad),
+        }
+        .try_load_record(rec)
+        .unwrap();
+        assert_eq!(
+            loaded.backbone.weights(),
+            model.backbone.weights(),
+            "weights survive saving"
+        );
+        let mut optim2 = AdamConfig::new()
+            .init()
+            .load(dir.path().join("o.bpk"))
+            .unwrap();
+        let a = step(model, &mut optim);
+        let b = step(loaded, &mut optim2);
+        let (mut a, mut b) = (a, b);
+        a.backbone.sync_running_stats();
+        b.backbone.sync_running_stats();
+        let (la, lb) = (a.backbone.weight_layers(), b.backbone.weight_layers());
+        for (p, q) in la.iter().zip(&lb) {
+            assert_eq!(p.weights, q.weights, "{} weights", p.name);
+            assert_eq!(p.bias, q.bias, "{} bias", p.name);
+            assert_eq!(p.bn, q.bn, "{} bn", p.name);
+        }
+        let ea = to_flat(&a.exits);
+        let eb = to_flat(&b.exits);
+        assert_eq!(ea, eb, "exits");
+    }
+
+    fn to_flat(exits: &[crate::model::ExitHead]) -> Vec<f32> {
+        exits
+            .iter()
+            .flat_map(|e| {
+                let mut v = e.fc1.weight.val().into_data().try_to_vec::<f32>().unwrap();
+                v.extend(
+                    e.fc2
+                        .bias
+                        .as_ref()
+                        .unwrap()
+                        .val()
+                        .into_data()
+                        .try_to_vec::<f32>()
+                        .unwrap(),
+                );
+                v
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,282 @@
+//! `nvcim train` end to end on a tiny IDX dataset the test writes: every method, ResNet-18,
+//! interrupt-and-resume, corrupt data.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use nvcim::data::idx;
+
+/// A learnable 10-class toy set: class k lights rows 2k..2k+3 of a 28x28 image, plus noise.
+fn write_idx(dir: &Path, train: usize, test: usize) {
+    let mut state = 12345u32;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    for (stem, n) in [("train", train), ("t10k", test)] {
+        let mut img = Vec::with_capacity(n * 784);
+        let mut lab = Vec::with_capacity(n);
+        for i in 0..n {
+            let k = (i * 7 + (next() as usize % 3)) % 10;
+            lab.push(k as u8);
+            for y in 0..28 {
+                for _x in 0..28 {
+                    let base = if (2 * k + 4..2 * k + 6).contains(&y) {
+                        215
+                    } else {
+                        20
+                    };
+                    img.push((base + next() % 40) as u8);
+                }
+            }
+        }
+        std::fs::write(
+            dir.join(format!("{stem}-images-idx3-ubyte")),
+            idx::encode(&[n, 28, 28], &img),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{stem}-labels-idx1-ubyte")),
+            idx::encode(&[n], &lab),
+        )
+        .unwrap();
+    }
+}
+
+fn nvcim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nvcim"))
+        .args(args)
+        .output()
+        .expect("runs nvcim")
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let epochs_given = extra.contains(&"--epochs");
+    let mut args = vec![
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--width",
+        "0.125",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.002",
+        "--mc-val",
+        "2",
+        "--sigma",
+        "0.2",
+        "--quiet",
+        "--json",
+    ];
+    if !epochs_given {
+        args.extend(["--epochs", "1"]);
+    }
+    args.extend_from_slice(extra);
+    nvcim(&args)
+}
+
+fn summary(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "nvcim failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(o.stdout.trim_ascii()).expect("JSON summary on stdout")
+}
+
+fn check_run(out: &Path, s: &serde_json::Value, epochs: usize) {
+    for f in [
+        "config.json",
+        "model.json",
+        "metrics.jsonl",
+        "checkpoint/model.bpk",
+        "checkpoint/optimizer.bpk",
+        "checkpoint/state.json",
+        "best/backbone.bpk",
+        "best/model.json",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), epochs);
+    let m: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    for k in [
+        "train_loss",
+        "train_acc",
+        "val_clean_acc",
+        "val_noisy_acc",
+        "images_per_s",
+    ] {
+        assert!(m[k].is_number(), "metrics lack {k}: {m}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["variation"]["sigma_unit"], "range");
+    let acc = s["best_val_clean_acc"].as_f64().unwrap();
+    assert!(
+        acc > 0.3,
+        "clean validation accuracy {acc} is not better than chance (0.1)"
+    );
+}
+
+#[test]
+fn every_method_trains_tiny_vgg8() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 512, 128);
+    for method in ["vanilla", "noise", "nft", "nft-ovf"] {
+        let out = tempfile::tempdir().unwrap();
+        let o = train(data.path(), out.path(), &["--method", method, "--no-pad"]);
+        let s = summary(&o);
+        check_run(out.path(), &s, 1);
+        assert!(s["test_clean_acc"].as_f64().unwrap() > 0.3, "{method}: {s}");
+    }
+}
+
+#[test]
+fn tiny_resnet18_with_nft() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 512, 64);
+    let out = tempfile::tempdir().unwrap();
+    let o = train(
+        data.path(),
+        out.path(),
+        &["--model", "resnet18", "--method", "nft", "--no-pad"],
+    );
+    let s = summary(&o);
+    check_run(out.path(), &s, 1);
+}
+
+/// Every parameter, BN statistic and exit weight of the checkpoint in `out`.
+fn final_weights(out: &Path) -> Vec<Vec<f32>> {
+    use burn::module::Module;
+    let spec: nvcim::model::ModelSpec =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let device = burn::tensor::Device::flex();
+    let record = burn::store::ModuleRecord::load(out.join("checkpoint/model.bpk")).unwrap();
+    let m = nvcim::model::TrainModel {
+        backbone: spec.init_backbone(&device),
+        exits: spec.init_exits(&device),
+    }
+    .try_load_record(record)
+    .unwrap();
+    let mut v = Vec::new();
+    for l in m.backbone.weight_layers() {
+        v.push(l.weights);
+        v.extend(l.bias);
+        if let Some(bn) = l.bn {
+            v.extend([bn.gamma, bn.beta, bn.mean, bn.var]);
+        }
+    }
+    for e in &m.exits {
+        v.push(e.fc1.weight.val().into_data().try_to_vec::<f32>().unwrap());
+        v.push(
+            e.fc2
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap(),
+        );
+    }
+    v
+}
+
+#[test]
+fn interrupt_and_resume_gives_the_same_weights() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 256, 32);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let flags = ["--method", "nft", "--epochs", "3", "--max-train", "160"];
+    summary(&train(data.path(), a.path(), &flags));
+    let mut stop = flags.to_vec();
+    stop.extend(["--stop-after-epochs", "1"]);
+    let s = summary(&train(data.path(), b.path(), &stop));
+    assert_eq!(s["epochs_done"], 1);
+    assert_eq!(s["interrupted"], true);
+    let mut resume = flags.to_vec();
+    resume.push("--resume");
+    let s = summary(&train(data.path(), b.path(), &resume));
+    assert_eq!(s["epochs_done"], 3);
+    let (wa, wb) = (final_weights(a.path()), final_weights(b.path()));
+    assert!(wa.len() > 10 && wa == wb, "final weights differ");
+    let losses = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(losses(a.path()), losses(b.path()));
+    // A resume with other flags is refused.
+    let mut other = flags.to_vec();
+    other.extend(["--resume", "--alpha", "0.5"]);
+    let o = train(data.path(), b.path(), &other);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("alpha"));
+}
+
+#[test]
+fn bad_data_gives_errors_that_name_the_file() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = train(data.path(), out.path(), &[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success() && err.contains("no MNIST found") && err.contains("--data-dir"),
+        "{err}"
+    );
+
+    write_idx(data.path(), 20, 10);
+    let p = data.path().join("train-images-idx3-ubyte");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let o = train(data.path(), out.path(), &[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("train-images-idx3-ubyte") && err.contains("truncated"),
+        "{err}"
+    );
+
+    write_idx(data.path(), 20, 10);
+    std::fs::write(
+        data.path().join("t10k-labels-idx1-ubyte"),
+        idx::encode(&[9], &[0; 9]),
+    )
+    .unwrap();
+    let o = train(data.path(), out.path(), &[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("10 images") && err.contains("9 labels") && err.contains("t10k-labels"),
+        "{err}"
+    );
+
+    let cifar = tempfile::tempdir().unwrap();
+    std::fs::write(cifar.path().join("data_batch_1.bin"), [0u8; 100]).unwrap();
+    let o = nvcim(&[
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        cifar.path().to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("data_batch_1.bin") && err.contains("truncated"),
+        "{err}"
+    );
+}
