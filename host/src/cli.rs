@@ -18,6 +18,8 @@ pub struct Cli {
 pub enum Command {
     /// Relate sigma to weight noise: analytic and sampled effective weight-noise std.
     Variation(commands::variation::VariationArgs),
+    /// Run an ONNX file in tract and ONNX Runtime and compare their logits and accuracies.
+    CheckOnnx(commands::check_onnx::CheckOnnxArgs),
 }
 
 impl Cli {
@@ -25,6 +27,7 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Variation(args) => commands::variation::run(&args),
+            Command::CheckOnnx(args) => commands::check_onnx::run(&args),
         }
     }
 }

@@ -6,4 +6,6 @@
 pub mod cli;
 pub mod commands;
 pub mod firmware;
+pub mod ir;
+pub mod onnx;
 pub mod options;

@@ -18,7 +18,8 @@ use anyhow::{Context, Result, bail};
 
 mod setup;
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|engine|all]>";
+const USAGE: &str =
+    "usage: cargo xtask <setup | test | demo | bench [variation|export|engine|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -150,7 +151,8 @@ fn bench(_root: &Path, what: &[String]) -> Result<()> {
     let what = what.first().map(String::as_str).unwrap_or("all");
     let benches: &[(&str, &str)] = match what {
         "variation" => &[("nvcim-shared", "variation")],
-        "all" => &[("nvcim-shared", "variation")],
+        "export" => &[("nvcim", "onnx_runtimes")],
+        "all" => &[("nvcim-shared", "variation"), ("nvcim", "onnx_runtimes")],
         other => bail!("unknown benchmark `{other}`\n{USAGE}"),
     };
     for (package, bench) in benches {
