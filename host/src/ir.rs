@@ -605,6 +605,50 @@ impl Network {
     /// The reference forward pass: `input` is a normalized NCHW batch of `batch` images; returns
     /// `[batch][num_classes]` logits. Accumulates in `f64`.
     pub fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let shapes = self.check_input(input, batch)?;
+        let mut values: Vec<Vec<f32>> = Vec::with_capacity(self.nodes.len());
+        for i in 0..self.nodes.len() {
+            let out = self.eval(i, input, &values, &shapes, batch);
+            values.push(out);
+        }
+        Ok(values.pop().expect("non-empty graph"))
+    }
+
+    /// Sets every BatchNorm's running mean and (biased) variance to the statistics of its input
+    /// over `batch` images of `input`, as training would leave them, so that activations stay
+    /// near unit scale. Used to make random test networks well conditioned.
+    pub fn calibrate_batchnorm(&mut self, input: &[f32], batch: usize) -> Result<()> {
+        let shapes = self.check_input(input, batch)?;
+        let mut values: Vec<Vec<f32>> = Vec::with_capacity(self.nodes.len());
+        for i in 0..self.nodes.len() {
+            let src = self.nodes[i].inputs[0];
+            if let Op::BatchNorm(bn) = &mut self.nodes[i].op {
+                let (x, s) = match src.producer() {
+                    None => (input, self.input),
+                    Some(p) => (values[p].as_slice(), shapes[p]),
+                };
+                let plane = s[1] * s[2];
+                let (mut sum, mut sq) = (vec![0.0f64; s[0]], vec![0.0f64; s[0]]);
+                for (k, ch) in x.chunks(plane).enumerate() {
+                    for &v in ch {
+                        sum[k % s[0]] += f64::from(v);
+                        sq[k % s[0]] += f64::from(v) * f64::from(v);
+                    }
+                }
+                let n = (batch * plane) as f64;
+                for c in 0..s[0] {
+                    let mean = sum[c] / n;
+                    bn.mean[c] = mean as f32;
+                    bn.var[c] = (sq[c] / n - mean * mean).max(1e-3) as f32;
+                }
+            }
+            let out = self.eval(i, input, &values, &shapes, batch);
+            values.push(out);
+        }
+        Ok(())
+    }
+
+    fn check_input(&self, input: &[f32], batch: usize) -> Result<Vec<Shape>> {
         let shapes = self.shapes()?;
         let [c, h, w] = self.input;
         ensure!(
@@ -612,49 +656,51 @@ impl Network {
             "input has {} values, expected {batch} x {c} x {h} x {w}",
             input.len()
         );
-        let mut values: Vec<Vec<f32>> = Vec::with_capacity(self.nodes.len());
-        for (i, node) in self.nodes.iter().enumerate() {
-            let get = |v: Value| match v.producer() {
-                None => (input, self.input),
-                Some(p) => (values[p].as_slice(), shapes[p]),
-            };
-            let (x, s) = get(node.inputs[0]);
-            let out = match &node.op {
-                Op::Conv2d(conv) => conv_forward(conv, x, batch, s, shapes[i]),
-                Op::BatchNorm(bn) => {
-                    let plane = s[1] * s[2];
-                    let aff = bn.affine();
-                    x.chunks(plane)
-                        .enumerate()
-                        .flat_map(|(k, ch)| {
-                            let (m, b) = aff[k % s[0]];
-                            ch.iter().map(move |&v| (f64::from(v) * m + b) as f32)
-                        })
-                        .collect()
-                }
-                Op::Relu => x.iter().map(|&v| v.max(0.0)).collect(),
-                Op::MaxPool { kernel, stride } => {
-                    pool(x, batch, s, shapes[i], *kernel, *stride, true)
-                }
-                Op::AvgPool { kernel, stride } => {
-                    pool(x, batch, s, shapes[i], *kernel, *stride, false)
-                }
-                Op::GlobalAvgPool => x
-                    .chunks(s[1] * s[2])
-                    .map(|ch| {
-                        (ch.iter().map(|&v| f64::from(v)).sum::<f64>() / ch.len() as f64) as f32
+        Ok(shapes)
+    }
+
+    /// The output of node `i` given the outputs of the nodes before it.
+    fn eval(
+        &self,
+        i: usize,
+        input: &[f32],
+        values: &[Vec<f32>],
+        shapes: &[Shape],
+        batch: usize,
+    ) -> Vec<f32> {
+        let node = &self.nodes[i];
+        let get = |v: Value| match v.producer() {
+            None => (input, self.input),
+            Some(p) => (values[p].as_slice(), shapes[p]),
+        };
+        let (x, s) = get(node.inputs[0]);
+        match &node.op {
+            Op::Conv2d(conv) => conv_forward(conv, x, batch, s, shapes[i]),
+            Op::BatchNorm(bn) => {
+                let plane = s[1] * s[2];
+                let aff = bn.affine();
+                x.chunks(plane)
+                    .enumerate()
+                    .flat_map(|(k, ch)| {
+                        let (m, b) = aff[k % s[0]];
+                        ch.iter().map(move |&v| (f64::from(v) * m + b) as f32)
                     })
-                    .collect(),
-                Op::Flatten => x.to_vec(),
-                Op::Linear(lin) => linear_forward(lin, x, batch),
-                Op::Add => {
-                    let (y, _) = get(node.inputs[1]);
-                    x.iter().zip(y).map(|(a, b)| a + b).collect()
-                }
-            };
-            values.push(out);
+                    .collect()
+            }
+            Op::Relu => x.iter().map(|&v| v.max(0.0)).collect(),
+            Op::MaxPool { kernel, stride } => pool(x, batch, s, shapes[i], *kernel, *stride, true),
+            Op::AvgPool { kernel, stride } => pool(x, batch, s, shapes[i], *kernel, *stride, false),
+            Op::GlobalAvgPool => x
+                .chunks(s[1] * s[2])
+                .map(|ch| (ch.iter().map(|&v| f64::from(v)).sum::<f64>() / ch.len() as f64) as f32)
+                .collect(),
+            Op::Flatten => x.to_vec(),
+            Op::Linear(lin) => linear_forward(lin, x, batch),
+            Op::Add => {
+                let (y, _) = get(node.inputs[1]);
+                x.iter().zip(y).map(|(a, b)| a + b).collect()
+            }
         }
-        Ok(values.pop().expect("non-empty graph"))
     }
 
     /// Random-weight VGG-8 (DESIGN §1): conv 64, 128, pool, 256, 256, pool, 512, 512, pool (each
@@ -962,8 +1008,25 @@ impl<'a> Builder<'a> {
             },
             nodes: self.nodes,
         };
+        let mut net = net;
         net.shapes()
             .with_context(|| format!("building a random {architecture}"))?;
+        // BatchNorm statistics of a few standard-normal images, then shifted a little so that
+        // running statistics and batch statistics differ (as after training).
+        let batch = 4;
+        let mut rng = stream_for(Purpose::Host, self.arch.seed, 0x1e_0001, 0);
+        let x: Vec<f32> = (0..batch * net.input.iter().product::<usize>())
+            .map(|_| standard_normal(&mut rng))
+            .collect();
+        net.calibrate_batchnorm(&x, batch)?;
+        for node in &mut net.nodes {
+            if let Op::BatchNorm(bn) = &mut node.op {
+                for (m, v) in bn.mean.iter_mut().zip(&mut bn.var) {
+                    *m += 0.05 * standard_normal(&mut rng) * v.sqrt();
+                    *v *= 1.0 + 0.1 * standard_normal(&mut rng).abs();
+                }
+            }
+        }
         Ok(net)
     }
 }

@@ -65,7 +65,7 @@ impl TractRunner {
             .clone()
             .with_input_fact(0, fact)
             .and_then(|m| m.into_optimized())
-            .and_then(|m| tract_onnx::prelude::IntoRunnable::into_runnable(m))
+            .and_then(tract_onnx::prelude::IntoRunnable::into_runnable)
             .map_err(|e| anyhow!("{e:?}"))
             .with_context(|| format!("tract cannot optimize {} at batch {batch}", self.what))?;
         self.plans.insert(batch, plan.clone());
