@@ -191,13 +191,14 @@ pub fn locate_ort() -> Result<PathBuf> {
         }
     }
     found.sort_by_key(|p| version_key(p));
-    found.pop().with_context(|| {
+    let lib = found.pop().with_context(|| {
         format!(
             "ONNX Runtime not found: run `cargo xtask setup` (it installs PyPI's onnxruntime into \
              {}) or set ORT_DYLIB_PATH to libonnxruntime.so.<version>",
             repo_root().join(".venv").display()
         )
-    })
+    })?;
+    Ok(lib.canonicalize().unwrap_or(lib))
 }
 
 fn version_key(p: &Path) -> Vec<u64> {
