@@ -1013,7 +1013,7 @@ impl<'a> Builder<'a> {
             .with_context(|| format!("building a random {architecture}"))?;
         // BatchNorm statistics of a few standard-normal images, then shifted a little so that
         // running statistics and batch statistics differ (as after training).
-        let batch = 4;
+        let batch = 2;
         let mut rng = stream_for(Purpose::Host, self.arch.seed, 0x1e_0001, 0);
         let x: Vec<f32> = (0..batch * net.input.iter().product::<usize>())
             .map(|_| standard_normal(&mut rng))
@@ -1050,8 +1050,8 @@ mod tests {
         assert_eq!(layers[6].shape, vec![128, 64 * 16]);
         assert_eq!(layers[7].shape, vec![10, 128]);
         assert!(layers.iter().all(|l| !l.name.contains("exit")));
-        let full = Network::vgg8(&RandomArch::new(1, 1.0)).unwrap();
-        assert_eq!(full.weight_layers()[6].shape, vec![1024, 8192]);
+        let half = Network::vgg8(&RandomArch::new(1, 0.5)).unwrap();
+        assert_eq!(half.weight_layers()[6].shape, vec![512, 4096]); // 8192 -> 1024 at width 1
     }
 
     #[test]
@@ -1171,6 +1171,18 @@ mod tests {
             .noisy_instance(&VariationConfig::paper(0.0).unwrap(), 5, 2)
             .unwrap();
         assert_eq!(clean, net);
+    }
+
+    #[test]
+    fn normalization_applies_per_channel() {
+        let n = Normalization {
+            mean: vec![0.5, 0.0],
+            std: vec![0.25, 2.0],
+        };
+        // Two images of two 1-pixel channels.
+        let mut x = vec![1.0, 1.0, 0.5, -2.0];
+        n.apply(&mut x, 1);
+        assert_eq!(x, vec![2.0, 0.5, 0.0, -1.0]);
     }
 
     #[test]

@@ -507,3 +507,19 @@ fn check_onnx_cli_random_and_idx() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.onnx"));
 }
+
+#[test]
+fn external_mc_rejects_shared_weights() {
+    let mut model = to_model_proto(&vgg(), &ExportOptions::default()).unwrap();
+    let g = model.graph.as_mut().unwrap();
+    let first = g.node[0].input[1].clone();
+    let second = g
+        .node
+        .iter_mut()
+        .filter(|n| n.op_type == "Conv")
+        .nth(1)
+        .unwrap();
+    second.input[1] = first;
+    let err = weight_layers(&model, "s.onnx").unwrap_err().to_string();
+    assert!(err.contains("shared"), "{err}");
+}

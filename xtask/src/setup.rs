@@ -209,6 +209,15 @@ fn ort_library(venv: &Path) -> Option<std::path::PathBuf> {
             }
         }
     }
-    found.sort();
+    // Numeric version order (1.32 after 1.9).
+    found.sort_by_key(|p| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .trim_start_matches("libonnxruntime.so.")
+            .split('.')
+            .map(|s| s.parse::<u64>().unwrap_or(0))
+            .collect::<Vec<_>>()
+    });
     found.pop()
 }

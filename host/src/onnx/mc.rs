@@ -10,6 +10,10 @@
 //!   transposed;
 //! - `MatMul` weight (input 1, 2-D): `[in][out]`, visited transposed.
 //!
+//! On a file exported by nvcim with BatchNorm *kept*, these layers and streams are exactly the
+//! float engine's; with BatchNorm folded, the perturbed weights are the folded ones (another
+//! `max|W|` per layer), which is what a deployment stack holding that file would program.
+//!
 //! Ops whose weights the model cannot perturb (`ConvTranspose`, quantized or integer convs and
 //! matmuls, recurrent layers, `Einsum`, control flow) are rejected by name, as is a weight that
 //! is computed rather than stored (e.g. the output of a `DequantizeLinear`).
@@ -96,6 +100,16 @@ pub fn weight_layers(model: &ModelProto, what: &str) -> Result<Vec<ForeignLayer>
                 node.op_type
             );
         };
+        if let Some(other) = layers
+            .iter()
+            .find(|l: &&ForeignLayer| l.initializer == *wname)
+        {
+            bail!(
+                "{what}: the weight `{wname}` is shared by {} and {label}; shared weights cannot \
+                 be perturbed per layer",
+                other.node
+            );
+        }
         let dims: Vec<usize> = init.dims.iter().map(|&d| d.max(0) as usize).collect();
         let transposed = match node.op_type.as_str() {
             "Conv" => {
