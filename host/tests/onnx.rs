@@ -53,15 +53,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Runs `onnx.checker.check_model(full_check=True)` on every file with the `.venv` Python.
 fn check_with_onnx_checker(files: &[PathBuf]) {
-    let python = venv_python()
-        .unwrap_or_else(|e| panic!("{e:#}; the ONNX tests need it (run `cargo xtask setup`)"));
-    let script = "import sys, onnx\nfor p in sys.argv[1:]:\n    onnx.checker.check_model(onnx.load(p), full_check=True)\n    print('ok', p)\n";
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .args(files)
-        .output()
-        .expect("running the venv python");
+    let out = run_checker(files);
     assert!(
         out.status.success(),
         "onnx.checker failed:\n{}\n{}",
@@ -72,6 +64,36 @@ fn check_with_onnx_checker(files: &[PathBuf]) {
         String::from_utf8_lossy(&out.stdout).lines().count(),
         files.len()
     );
+}
+
+fn run_checker(files: &[PathBuf]) -> std::process::Output {
+    let python = venv_python()
+        .unwrap_or_else(|e| panic!("{e:#}; the ONNX tests need it (run `cargo xtask setup`)"));
+    let script = "import sys, onnx\nfor p in sys.argv[1:]:\n    onnx.checker.check_model(onnx.load(p), full_check=True)\n    print('ok', p)\n";
+    Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(files)
+        .output()
+        .expect("running the venv python")
+}
+
+#[test]
+fn the_checker_rejects_a_broken_graph() {
+    // A Gemm whose weight does not match its input: full_check's shape inference must object.
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = to_model_proto(&vgg(), &ExportOptions::default()).unwrap();
+    let g = model.graph.as_mut().unwrap();
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "classifier.2.weight")
+        .unwrap();
+    t.dims[1] += 1;
+    t.raw_data.extend(vec![0u8; 4 * t.dims[0] as usize]);
+    let path = dir.path().join("broken.onnx");
+    write_model(&model, &path).unwrap();
+    assert!(!run_checker(&[path]).status.success());
 }
 
 /// Exports `net`, runs it in tract and ONNX Runtime at batch 1 and 7, and checks both against
