@@ -26,6 +26,8 @@ pub enum Command {
     Train(commands::train::TrainArgs),
     /// Search the feedback weight alpha over {1, 0.1, 0.01, 0.001, 0.0001} by noisy validation accuracy.
     AlphaSearch(commands::alpha_search::AlphaSearchArgs),
+    /// Run an ONNX file in tract and ONNX Runtime and compare their logits and accuracies.
+    CheckOnnx(commands::check_onnx::CheckOnnxArgs),
 }
 
 impl Cli {
@@ -37,6 +39,7 @@ impl Cli {
             Command::Report(args) => commands::report::run(&args),
             Command::Train(args) => commands::train::run(&args),
             Command::AlphaSearch(args) => commands::alpha_search::run(&args),
+            Command::CheckOnnx(args) => commands::check_onnx::run(&args),
         }
     }
 }

@@ -17,6 +17,8 @@ pub mod evaluation;
 pub mod firmware;
 pub mod mc;
 pub mod model;
+pub mod ir;
+pub mod onnx;
 pub mod options;
 pub mod plot;
 pub mod results;

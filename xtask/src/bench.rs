@@ -209,6 +209,12 @@ pub fn train(root: &Path) -> Result<()> {
     )
 }
 
+/// `cargo xtask bench export`: latency at batch 1 and throughput at batch 128 of an exported
+/// VGG-8 backbone in tract and ONNX Runtime (criterion prints the table).
+pub fn export() -> Result<()> {
+    crate::cargo(&["bench", "-p", "nvcim", "--bench", "onnx_runtimes"])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,8 @@ use anyhow::{Context, Result, bail};
 mod bench;
 mod setup;
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|engine|train|all]>";
+const USAGE: &str =
+    "usage: cargo xtask <setup | test | demo | bench [variation|engine|train|export|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -152,9 +153,11 @@ fn bench(root: &Path, what: &[String]) -> Result<()> {
         "variation" => bench::variation(root),
         "engine" => bench::engine(root),
         "train" => bench::train(root),
+        "export" => bench::export(),
         "all" => bench::variation(root)
             .and_then(|()| bench::engine(root))
-            .and_then(|()| bench::train(root)),
+            .and_then(|()| bench::train(root))
+            .and_then(|()| bench::export()),
         other => bail!("unknown benchmark `{other}`\n{USAGE}"),
     }
 }

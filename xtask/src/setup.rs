@@ -5,6 +5,9 @@
 //!   exact command and fails.
 //! - The rustup target `thumbv7em-none-eabihf` for the pinned toolchain (rustup does not add the
 //!   targets of `rust-toolchain.toml` to a toolchain that is already installed).
+//! - A Python virtual environment `.venv` with PyPI's `onnx` (the format's own checker) and
+//!   `onnxruntime` (whose `libonnxruntime.so.<version>` the host loads through `ort`); see
+//!   [`python_venv`].
 
 use std::{path::Path, process::Command};
 
@@ -25,10 +28,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 const TARGET: &str = "thumbv7em-none-eabihf";
 
 /// Runs the whole setup.
-pub fn run(_root: &Path) -> Result<()> {
+pub fn run(root: &Path) -> Result<()> {
     eprintln!("==> setup");
     apt()?;
     rust_target()?;
+    python_venv(root)?;
     eprintln!("<== setup: everything is in place");
     Ok(())
 }
@@ -121,4 +125,99 @@ fn toolchain() -> Result<String> {
                 .map(|v| v.trim().trim_matches('"').to_string())
         })
         .context("rust-toolchain.toml names no channel")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python virtual environment for ONNX (checker + ONNX Runtime library)
+// ---------------------------------------------------------------------------------------------
+
+/// PyPI packages of `.venv`: what each is for.
+const PY_PACKAGES: &[(&str, &str)] = &[
+    (
+        "onnx",
+        "onnx.checker.check_model(full_check=True) in the ONNX tests",
+    ),
+    (
+        "onnxruntime",
+        "libonnxruntime.so, loaded by the host through `ort` (load-dynamic)",
+    ),
+];
+
+/// Creates `root/.venv` with [`PY_PACKAGES`] unless they import already (idempotent and quick
+/// when present), then prints the ONNX Runtime library path for `ORT_DYLIB_PATH`.
+fn python_venv(root: &Path) -> Result<()> {
+    let venv = root.join(".venv");
+    let python = venv.join("bin/python");
+    let imports = PY_PACKAGES
+        .iter()
+        .map(|p| p.0)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let present = python.is_file()
+        && Command::new(&python)
+            .args(["-c", &format!("import {imports}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+    if present {
+        eprintln!(
+            "    venv: {imports} already installed in {}",
+            venv.display()
+        );
+    } else {
+        for (p, why) in PY_PACKAGES {
+            eprintln!("    venv: installing {p} ({why})");
+        }
+        if !python.is_file() {
+            crate::step(
+                Command::new("python3").arg("-m").arg("venv").arg(&venv),
+                &format!("python3 -m venv {}", venv.display()),
+            )
+            .context("creating the virtual environment (Debian: apt-get install python3-venv)")?;
+        }
+        crate::step(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(PY_PACKAGES.iter().map(|p| p.0)),
+            &format!("pip install {}", imports.replace(", ", " ")),
+        )?;
+    }
+    let lib = ort_library(&venv).with_context(|| {
+        format!(
+            "onnxruntime is installed but no libonnxruntime.so.<version> was found under {}",
+            venv.display()
+        )
+    })?;
+    eprintln!("    onnxruntime: ORT_DYLIB_PATH={}", lib.display());
+    Ok(())
+}
+
+/// `lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.<version>` under `venv`.
+fn ort_library(venv: &Path) -> Option<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for py in std::fs::read_dir(venv.join("lib")).ok()?.flatten() {
+        if !py.file_name().to_string_lossy().starts_with("python3") {
+            continue;
+        }
+        let capi = py.path().join("site-packages/onnxruntime/capi");
+        for f in std::fs::read_dir(capi).into_iter().flatten().flatten() {
+            if f.file_name()
+                .to_string_lossy()
+                .starts_with("libonnxruntime.so.")
+            {
+                found.push(f.path());
+            }
+        }
+    }
+    // Numeric version order (1.32 after 1.9).
+    found.sort_by_key(|p| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .trim_start_matches("libonnxruntime.so.")
+            .split('.')
+            .map(|s| s.parse::<u64>().unwrap_or(0))
+            .collect::<Vec<_>>()
+    });
+    found.pop()
 }

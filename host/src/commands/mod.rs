@@ -4,4 +4,5 @@ pub mod report;
 pub mod sweep;
 pub mod alpha_search;
 pub mod train;
+pub mod check_onnx;
 pub mod variation;

@@ -1,0 +1,231 @@
+//! `nvcim check-onnx MODEL`: runs an ONNX file in tract and in ONNX Runtime on the same images,
+//! prints the largest logit difference between them and, with labels, each one's accuracy.
+//!
+//! Images come from the IDX test files of `--data-dir` (MNIST / Fashion-MNIST layout,
+//! `t10k-images-idx3-ubyte[.gz]` and `t10k-labels-idx1-ubyte[.gz]`), scaled to `[0, 1]`, padded
+//! to the model's size (28 -> 32 for MNIST), repeated over channels for RGB models, and
+//! normalized with the model's `nvcim.normalization.*` metadata; or they are `--random N`
+//! standard-normal inputs from the host stream of `--seed`.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use nvcim_shared::rng::{Purpose, standard_normal, stream_for};
+
+use crate::onnx::{ModelInfo, check::check_onnx, read_model};
+
+/// Arguments of `nvcim check-onnx`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckOnnxArgs {
+    /// The ONNX file to check.
+    pub model: PathBuf,
+    /// Directory with IDX test files (t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]).
+    #[arg(long, conflicts_with = "random")]
+    pub data_dir: Option<PathBuf>,
+    /// Use N random inputs instead of test images.
+    #[arg(long, value_name = "N")]
+    pub random: Option<usize>,
+    /// Test images used from --data-dir (the first N).
+    #[arg(long, default_value_t = 256)]
+    pub limit: usize,
+    /// Images per runtime call.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fail when the runtimes differ by more than this (max abs logit difference).
+    #[arg(long, default_value_t = 1e-4)]
+    pub max_diff: f32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the check.
+pub fn run(args: &CheckOnnxArgs) -> Result<()> {
+    ensure!(args.batch > 0, "--batch must be at least 1");
+    let what = args.model.display().to_string();
+    let model = read_model(&args.model)?;
+    let info = ModelInfo::of(&model, &what)?;
+    let (images, labels, n) = match (&args.data_dir, args.random) {
+        (Some(dir), _) => {
+            ensure!(args.limit > 0, "--limit must be at least 1");
+            let (x, y) = idx_images(dir, &model, &info, args.limit)?;
+            let n = y.len();
+            (x, Some(y), n)
+        }
+        (None, Some(n)) => {
+            ensure!(n > 0, "--random must be at least 1");
+            let per: usize = info.image.iter().product();
+            let mut rng = stream_for(Purpose::Host, args.seed, 0, 0);
+            let x = (0..n * per).map(|_| standard_normal(&mut rng)).collect();
+            (x, None, n)
+        }
+        (None, None) => {
+            bail!("give test images with --data-dir DIR or random inputs with --random N")
+        }
+    };
+    let report = check_onnx(&args.model, &images, n, labels.as_deref(), args.batch)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("model        {}", report.model);
+        println!("images       {} (batch {})", report.images, report.batch);
+        println!("onnxruntime  {}", report.onnxruntime);
+        for r in &report.runtimes {
+            match r.accuracy {
+                Some(a) => println!("{:<12} accuracy {:.2}%", r.name, 100.0 * a),
+                None => println!("{:<12} (no labels)", r.name),
+            }
+        }
+        for (a, b, d) in &report.max_abs_diff {
+            println!("max |{a} - {b}| = {d:.3e}");
+        }
+    }
+    let worst = report.worst_diff();
+    ensure!(
+        worst <= args.max_diff,
+        "the runtimes disagree: max abs logit difference {worst:.3e} > --max-diff {:.1e}",
+        args.max_diff
+    );
+    Ok(())
+}
+
+/// The model's normalization from its metadata (identity when absent).
+fn normalization(
+    model: &tract_onnx::pb::ModelProto,
+    channels: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let get = |key: &str, default: f32| -> Result<Vec<f32>> {
+        match model.metadata_props.iter().find(|p| p.key == key) {
+            None => Ok(vec![default; channels]),
+            Some(p) => {
+                let v: Vec<f32> = p
+                    .value
+                    .split(',')
+                    .map(|s| s.trim().parse::<f32>())
+                    .collect::<Result<_, _>>()
+                    .with_context(|| {
+                        format!("metadata {key} = `{}` is not a number list", p.value)
+                    })?;
+                ensure!(
+                    v.len() == channels,
+                    "metadata {key} has {} values for {channels} channels",
+                    v.len()
+                );
+                Ok(v)
+            }
+        }
+    };
+    Ok((
+        get("nvcim.normalization.mean", 0.0)?,
+        get("nvcim.normalization.std", 1.0)?,
+    ))
+}
+
+/// Reads `stem` or `stem.gz` from `dir`.
+fn read_idx(dir: &Path, stem: &str) -> Result<(PathBuf, Vec<u8>)> {
+    for name in [stem.to_string(), format!("{stem}.gz")] {
+        let p = dir.join(&name);
+        if !p.is_file() {
+            continue;
+        }
+        let raw = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        let bytes = if name.ends_with(".gz") {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(raw.as_slice())
+                .read_to_end(&mut out)
+                .with_context(|| format!("decompressing {}", p.display()))?;
+            out
+        } else {
+            raw
+        };
+        return Ok((p, bytes));
+    }
+    bail!(
+        "no {stem}[.gz] in {}; pass --data-dir with MNIST-style IDX test files (e.g. \
+         /usr/share/datasets/fashion-mnist after `cargo xtask setup`)",
+        dir.display()
+    )
+}
+
+/// Parses an IDX file of unsigned bytes: its dimensions and data.
+fn parse_idx(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
+    let bad = || format!("{} is not an IDX file of unsigned bytes", path.display());
+    ensure!(
+        bytes.len() >= 4 && bytes[0] == 0 && bytes[1] == 0 && bytes[2] == 8,
+        "{}",
+        bad()
+    );
+    let rank = usize::from(bytes[3]);
+    ensure!(bytes.len() >= 4 + 4 * rank, "{} (truncated header)", bad());
+    let dims: Vec<usize> = (0..rank)
+        .map(|i| {
+            let b = &bytes[4 + 4 * i..8 + 4 * i];
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+        })
+        .collect();
+    let n: usize = dims.iter().product();
+    let data = &bytes[4 + 4 * rank..];
+    ensure!(
+        data.len() == n,
+        "{} has {} data bytes for dimensions {dims:?} (truncated?)",
+        path.display(),
+        data.len()
+    );
+    Ok((dims, data.to_vec()))
+}
+
+/// The first `limit` test images, prepared for the model, and their labels.
+fn idx_images(
+    dir: &Path,
+    model: &tract_onnx::pb::ModelProto,
+    info: &ModelInfo,
+    limit: usize,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let (ip, ib) = read_idx(dir, "t10k-images-idx3-ubyte")?;
+    let (lp, lb) = read_idx(dir, "t10k-labels-idx1-ubyte")?;
+    let (idims, pixels) = parse_idx(&ib, &ip)?;
+    let (ldims, labels) = parse_idx(&lb, &lp)?;
+    ensure!(
+        idims.len() == 3,
+        "{}: expected [n, rows, cols], found {idims:?}",
+        ip.display()
+    );
+    ensure!(
+        ldims.len() == 1 && ldims[0] == idims[0],
+        "{} has {ldims:?} labels for {} images",
+        lp.display(),
+        idims[0]
+    );
+    let [c, h, w] = info.image;
+    let (rows, cols) = (idims[1], idims[2]);
+    ensure!(
+        rows <= h && cols <= w,
+        "{}: {rows}x{cols} images do not fit the model's {h}x{w} input",
+        ip.display()
+    );
+    let (top, left) = ((h - rows) / 2, (w - cols) / 2);
+    let (mean, std) = normalization(model, c)?;
+    let n = limit.min(idims[0]);
+    let mut x = vec![0.0f32; n * c * h * w];
+    for i in 0..n {
+        let img = &pixels[i * rows * cols..(i + 1) * rows * cols];
+        for ch in 0..c {
+            let plane = &mut x[(i * c + ch) * h * w..(i * c + ch + 1) * h * w];
+            plane.fill((0.0 - mean[ch]) / std[ch]);
+            for r in 0..rows {
+                for col in 0..cols {
+                    let p = f32::from(img[r * cols + col]) / 255.0;
+                    plane[(top + r) * w + left + col] = (p - mean[ch]) / std[ch];
+                }
+            }
+        }
+    }
+    Ok((x, labels[..n].iter().map(|&l| u32::from(l)).collect()))
+}
