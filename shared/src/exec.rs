@@ -21,7 +21,9 @@
 use crate::error::{Error, Result};
 use crate::format::{ActKind, Model, Op, OpKind, Requant, Shape, Tensor};
 use crate::rng::stream;
-use crate::tile::{ACC_LIMIT, Path, dot_collapsed, dot_sliced, program_layer};
+use crate::tile::{
+    ACC_LIMIT, DotKernel, Path, Plain, dot_collapsed_with, dot_sliced_with, program_layer,
+};
 use crate::variation::VariationConfig;
 
 /// Caller-provided working memory for [`infer`]; sizes from [`Model::scratch`].
@@ -104,6 +106,19 @@ pub fn infer(
     scratch: &mut Scratch<'_>,
     logits: &mut [i32],
 ) -> Result<usize> {
+    infer_with::<Plain>(model, path, state, image, scratch, logits)
+}
+
+/// [`infer`] with the tile-column kernel `K` (a firmware's DSP kernel); the result is the same
+/// bit for bit as long as `K` agrees with [`Plain`], which [`DotKernel`] requires.
+pub fn infer_with<K: DotKernel>(
+    model: &Model<'_>,
+    path: Path,
+    state: &[i16],
+    image: &[u8],
+    scratch: &mut Scratch<'_>,
+    logits: &mut [i32],
+) -> Result<usize> {
     let sizes = model.scratch();
     need("act", sizes.act_bytes, scratch.act.len())?;
     need("patch", sizes.patch, scratch.patch.len())?;
@@ -174,9 +189,9 @@ pub fn infer(
                     params: op.params_start,
                 };
                 if op.kind == OpKind::Conv {
-                    conv(&layer, &op, xs, &x, scratch.patch, &mut sink);
+                    conv::<K>(&layer, &op, xs, &x, scratch.patch, &mut sink);
                 } else {
-                    linear(&layer, &op, xs, &x, scratch.patch, &mut sink);
+                    linear::<K>(&layer, &op, xs, &x, scratch.patch, &mut sink);
                 }
             }
             OpKind::Relu => {
@@ -227,14 +242,26 @@ pub fn count_correct(
     scratch: &mut Scratch<'_>,
     logits: &mut [i32],
 ) -> Result<usize> {
+    count_correct_with::<Plain>(model, path, state, scratch, logits)
+}
+
+/// [`count_correct`] with the tile-column kernel `K` (see [`infer_with`]).
+pub fn count_correct_with<K: DotKernel>(
+    model: &Model<'_>,
+    path: Path,
+    state: &[i16],
+    scratch: &mut Scratch<'_>,
+    logits: &mut [i32],
+) -> Result<usize> {
     let mut correct = 0;
     for i in 0..model.test_len() {
         let (image, label) = model.test_image(i).ok_or(Error::InvalidField {
             field: "test.index",
             value: i as i64,
         })?;
-        correct +=
-            usize::from(infer(model, path, state, image, scratch, logits)? == usize::from(label));
+        correct += usize::from(
+            infer_with::<K>(model, path, state, image, scratch, logits)? == usize::from(label),
+        );
     }
     Ok(correct)
 }
@@ -339,11 +366,11 @@ struct Layer<'m, 's> {
 impl Layer<'_, '_> {
     /// Output channel `o`'s accumulator over the patch, requantized.
     #[inline]
-    fn output(&self, o: usize, patch: &[i16]) -> i64 {
+    fn output<K: DotKernel>(&self, o: usize, patch: &[i16]) -> i64 {
         let rows = self.model.tile_rows();
         let k = self.fan_in;
         let acc = match self.path {
-            Path::Collapsed => dot_collapsed(
+            Path::Collapsed => dot_collapsed_with::<K>(
                 self.weights.get(o * k..(o + 1) * k).unwrap_or(&[]),
                 patch,
                 rows,
@@ -352,7 +379,7 @@ impl Layer<'_, '_> {
                 let q = self.model.quant();
                 let s = q.slices();
                 let w = self.weights.get(o * s * k..(o + 1) * s * k).unwrap_or(&[]);
-                dot_sliced(w, patch, s, q.n_bits(), rows, adc)
+                dot_sliced_with::<K>(w, patch, s, q.n_bits(), rows, adc)
             }
         };
         requant(acc, self.model.record(self.params + o))
@@ -361,7 +388,14 @@ impl Layer<'_, '_> {
 
 /// Convolution: for each output pixel, gathers the `in * kh * kw` patch (zero padding) in
 /// canonical order, then one tile dot product per output channel.
-fn conv(l: &Layer<'_, '_>, op: &Op, xs: &[u8], x: &Tensor, patch: &mut [i16], sink: &mut Sink<'_>) {
+fn conv<K: DotKernel>(
+    l: &Layer<'_, '_>,
+    op: &Op,
+    xs: &[u8],
+    x: &Tensor,
+    patch: &mut [i16],
+    sink: &mut Sink<'_>,
+) {
     let Shape {
         c: ic,
         h: ih,
@@ -398,14 +432,14 @@ fn conv(l: &Layer<'_, '_>, op: &Op, xs: &[u8], x: &Tensor, patch: &mut [i16], si
                 }
             }
             for o in 0..oc {
-                sink.put((o * oh + oy) * ow + ox, l.output(o, patch));
+                sink.put((o * oh + oy) * ow + ox, l.output::<K>(o, patch));
             }
         }
     }
 }
 
 /// Fully connected layer over the flattened input.
-fn linear(
+fn linear<K: DotKernel>(
     l: &Layer<'_, '_>,
     op: &Op,
     xs: &[u8],
@@ -421,7 +455,7 @@ fn linear(
         *p = value(x.kind, b);
     }
     for o in 0..op.out.c {
-        sink.put(o, l.output(o, patch));
+        sink.put(o, l.output::<K>(o, patch));
     }
 }
 
