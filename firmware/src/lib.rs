@@ -5,6 +5,7 @@
 //! - [`blob`]: validation of the blob QEMU loads into PSRAM (the model parser's plug-in point);
 //! - [`kernel`]: integer dot products, SMLAD on the M4 and plain Rust as the reference;
 //! - [`selftest`]: the bit-exactness check of the kernels;
+//! - [`mc`]: the Monte Carlo loop of `run` (the board and `nvcim firmware run --simulated`);
 //! - [`stats`]: output lines and the Monte Carlo summary in integers / fixed point;
 //! - [`exit`]: every exit code, documented in one place.
 //!
@@ -15,9 +16,15 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
+#[cfg(any(test, feature = "testmodel"))]
+extern crate alloc;
+
 pub mod args;
 pub mod blob;
 pub mod exit;
 pub mod kernel;
+pub mod mc;
 pub mod selftest;
 pub mod stats;
+#[cfg(any(test, feature = "testmodel"))]
+pub mod testmodel;

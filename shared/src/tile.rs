@@ -409,7 +409,11 @@ mod tests {
                     "{sigma} {q:?}"
                 );
             }
-            assert_eq!(clamped > 0, sigma >= 4.0, "sigma {sigma}: {clamped} clamped");
+            assert_eq!(
+                clamped > 0,
+                sigma >= 4.0,
+                "sigma {sigma}: {clamped} clamped"
+            );
         }
     }
 
