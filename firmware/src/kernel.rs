@@ -81,6 +81,20 @@ pub fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
     }
 }
 
+/// The engine's tile-column kernel on this target: [`dot_i16`] (SMLAD on the M4), plugged into
+/// [`nvcim_shared::exec::infer_with`]. The engine's weights are `i16` and its patch holds the
+/// activations already widened to `i16`, so the halfword SMLAD applies with no repacking; its
+/// wrapping `i32` accumulator is the engine's (see [`nvcim_shared::tile::DotKernel`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Smlad;
+
+impl nvcim_shared::tile::DotKernel for Smlad {
+    #[inline(always)]
+    fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
+        dot_i16(w, x)
+    }
+}
+
 #[cfg(all(target_arch = "arm", target_os = "none"))]
 mod smlad {
     use core::arch::asm;

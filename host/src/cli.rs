@@ -22,6 +22,8 @@ pub enum Command {
     Sweep(commands::sweep::SweepArgs),
     /// Merge evaluation results into the paper's tables (Markdown, CSV, PNG).
     Report(commands::report::ReportArgs),
+    /// Run a packed model on the firmware (QEMU or simulated), checked against the host engine.
+    Firmware(commands::firmware::FirmwareArgs),
 }
 
 impl Cli {
@@ -31,6 +33,7 @@ impl Cli {
             Command::Variation(args) => commands::variation::run(&args),
             Command::Sweep(args) => commands::sweep::run(&args),
             Command::Report(args) => commands::report::run(&args),
+            Command::Firmware(args) => commands::firmware::run(&args),
         }
     }
 }
