@@ -359,13 +359,13 @@ mod tests {
                 let var = model.variation().with_sigma(sigma).unwrap();
                 let mut state = alloc::vec![0i16; model.state_len(Path::Collapsed)];
                 program(&model, &var, seed, r, Path::Collapsed, &mut state).unwrap();
-                let mut o = b.borrow();
+                let o = b.borrow();
                 let mut s = Scratch {
                     act: o.act,
                     patch: o.patch,
                 };
-                let c = count_correct(&model, Path::Collapsed, &state, &mut s, &mut o.logits)
-                    .unwrap() as u32;
+                let c = count_correct(&model, Path::Collapsed, &state, &mut s, o.logits).unwrap()
+                    as u32;
                 acc.push(c);
                 assert_eq!(
                     lines[1 + r as usize],
