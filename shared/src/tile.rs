@@ -271,6 +271,21 @@ fn device_state(
 pub trait DotKernel {
     /// `sum w[i] * x[i]` over `i < min(w.len(), x.len())`, wrapping in `i32`.
     fn dot_i16(w: &[i16], x: &[i16]) -> i32;
+
+    /// A whole collapsed weight row: the tile sums of `rows` inputs ([`Self::dot_i16`]) added
+    /// in `i64`. Under the engine's bound (`|w| <= 32767`, `-128 <= x <= 255`, `rows <= 256`)
+    /// no tile sum wraps, so this is the exact `sum w_i x_i`, and an implementation may
+    /// compute it in any grouping (e.g. one pass over the row with a wide accumulator), as
+    /// long as it returns that exact sum for every input within the bound.
+    #[inline]
+    fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
+        let rows = rows.clamp(1, MAX_TILE_ROWS);
+        let mut acc = 0i64;
+        for (wc, xc) in w.chunks(rows).zip(x.chunks(rows)) {
+            acc += i64::from(Self::dot_i16(wc, xc));
+        }
+        acc
+    }
 }
 
 /// The portable reference kernel, a plain reduction that LLVM vectorizes (`pmaddwd` on x86).
@@ -297,12 +312,7 @@ pub fn dot_collapsed(w: &[i16], x: &[i16], rows: usize) -> i64 {
 /// [`dot_collapsed`] with the tile-column kernel `K`.
 #[inline]
 pub fn dot_collapsed_with<K: DotKernel>(w: &[i16], x: &[i16], rows: usize) -> i64 {
-    let rows = rows.clamp(1, MAX_TILE_ROWS);
-    let mut acc = 0i64;
-    for (wc, xc) in w.chunks(rows).zip(x.chunks(rows)) {
-        acc += i64::from(K::dot_i16(wc, xc));
-    }
-    acc
+    K::dot_row(w, x, rows)
 }
 
 /// One tile column: `sum w_i x_i` in `i32` with wrapping adds (callers keep it below `2^31`).

@@ -226,6 +226,7 @@ fn self_test(out: &mut Console, a: SelfTestArgs) -> ExitCode {
         Ok(c) => {
             let _ = writeln!(out, "selftest dot_i8 {} comparisons bit-exact", c.dot_i8);
             let _ = writeln!(out, "selftest dot_i16 {} comparisons bit-exact", c.dot_i16);
+            let _ = writeln!(out, "selftest dot_row {} comparisons bit-exact", c.dot_row);
         }
         Err(m) => {
             let _ = writeln!(out, "selftest FAILED: {m}");

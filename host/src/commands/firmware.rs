@@ -39,6 +39,25 @@ pub struct FirmwareArgs {
 pub enum FirmwareCommand {
     /// Monte Carlo inference of a packed model on the firmware, checked against the host engine.
     Run(RunArgs),
+    /// Instruction counts in QEMU (`-icount shift=0`) on VGG-8 w0.25 with random weights.
+    Bench(BenchArgs),
+}
+
+/// `nvcim firmware bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Test images per run.
+    #[arg(long, default_value_t = 2)]
+    pub images: usize,
+    /// Monte Carlo runs.
+    #[arg(long, default_value_t = 1)]
+    pub mc: u32,
+    /// Device sigma (range convention).
+    #[arg(long, default_value_t = 0.4)]
+    pub sigma: f32,
+    /// Kill QEMU after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_s: u64,
 }
 
 /// `nvcim firmware run MODEL.cimb --mc N --sigma S [--seed K] [--emulated | --simulated]`.
@@ -85,6 +104,7 @@ pub struct RunArgs {
 pub fn run(args: &FirmwareArgs) -> Result<()> {
     match &args.command {
         FirmwareCommand::Run(a) => run_mc(a),
+        FirmwareCommand::Bench(a) => bench(a),
     }
 }
 
@@ -312,6 +332,58 @@ fn run_mc(a: &RunArgs) -> Result<()> {
             "the firmware disagrees with the host engine:\n{}",
             agreement.problems.join("\n")
         );
+    }
+    Ok(())
+}
+
+/// Packs VGG-8 w0.25 (random weights), runs it on the emulated firmware and prints the
+/// instruction figures the firmware reports: per sampled device deviation while programming,
+/// per image and per MAC of the conv/linear layers while classifying (the whole inference:
+/// patch gathers, requantization and pooling included).
+fn bench(a: &BenchArgs) -> Result<()> {
+    ensure!(
+        a.images > 0 && a.mc > 0,
+        "--images and --mc must be at least 1"
+    );
+    let blob = nvcim_firmware::testmodel::vgg8_w025(a.images, a.sigma)
+        .map_err(|e| anyhow::anyhow!("packing VGG-8 w0.25: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("nvcim-fw-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("vgg8_w025.cimb");
+    std::fs::write(&path, &blob).with_context(|| format!("writing {}", path.display()))?;
+    let elf = firmware_elf(Build::Always)?;
+    let words = [
+        "run".to_string(),
+        "--mc".into(),
+        a.mc.to_string(),
+        "--sigma".into(),
+        a.sigma.to_string(),
+    ];
+    let out = QemuRun::new(&elf)
+        .args(words.iter().map(String::as_str))
+        .blob(&path)
+        .timeout(Duration::from_secs(a.timeout_s))
+        .run();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    if out.exit_code() != Some(ExitCode::Ok) {
+        bail!(
+            "the firmware exited with {}:\n{}",
+            out.code,
+            out.lines.join("\n")
+        );
+    }
+    println!(
+        "model VGG-8 w0.25 1x32x32, {} B packed, sigma {} range",
+        blob.len(),
+        a.sigma
+    );
+    for l in out
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("insn ") || l.starts_with("memory ") || l.starts_with("blob ok"))
+    {
+        println!("{l}");
     }
     Ok(())
 }
