@@ -198,7 +198,9 @@ mod tests {
             c,
             Checked {
                 dot_i8: 2 * per_case,
-                dot_i16: 2 * per_case
+                dot_i16: 2 * per_case,
+                // Case 1 of 2 is engine-range: three tile sizes each.
+                dot_row: 3 * per_case,
             }
         );
     }

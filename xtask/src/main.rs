@@ -19,7 +19,8 @@ use anyhow::{Context, Result, bail};
 mod bench;
 mod setup;
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|train|all]>";
+const USAGE: &str =
+    "usage: cargo xtask <setup | test | demo | bench [variation|train|firmware|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -151,7 +152,10 @@ fn bench(root: &Path, what: &[String]) -> Result<()> {
     match what.first().map(String::as_str).unwrap_or("all") {
         "variation" => bench::variation(root),
         "train" => bench::train(root),
-        "all" => bench::variation(root).and_then(|()| bench::train(root)),
+        "firmware" => bench::firmware(root),
+        "all" => bench::variation(root)
+            .and_then(|()| bench::train(root))
+            .and_then(|()| bench::firmware(root)),
         other => bail!("unknown benchmark `{other}`\n{USAGE}"),
     }
 }
