@@ -410,24 +410,39 @@ fn conv<K: DotKernel>(
         Some(p) => p,
         None => return,
     };
+    let kw = op.kw;
     for oy in 0..oh {
         for ox in 0..ow {
             let mut k = 0;
+            // The window's first column; out of range (wrapped) when it starts in the padding.
+            let x0 = (ox * op.stride).wrapping_sub(op.pad);
+            let inside = x0 < iw && x0 + kw <= iw;
             for c in 0..ic {
                 for ky in 0..op.kh {
                     let iy = (oy * op.stride + ky).wrapping_sub(op.pad);
-                    for kx in 0..op.kw {
-                        let ix = (ox * op.stride + kx).wrapping_sub(op.pad);
-                        let v = if iy < ih && ix < iw {
-                            xs.get((c * ih + iy) * iw + ix)
-                                .map_or(0, |&b| value(x.kind, b))
-                        } else {
-                            0
-                        };
-                        if let Some(p) = patch.get_mut(k) {
-                            *p = v;
+                    let Some(dst) = patch.get_mut(k..k + kw) else {
+                        return;
+                    };
+                    k += kw;
+                    let row = if iy < ih {
+                        xs.get((c * ih + iy) * iw..(c * ih + iy + 1) * iw)
+                    } else {
+                        None
+                    };
+                    match row {
+                        None => dst.fill(0),
+                        // One row of the window inside the image: a straight widening copy.
+                        Some(row) if inside => {
+                            for (d, &b) in dst.iter_mut().zip(&row[x0..x0 + kw]) {
+                                *d = value(x.kind, b);
+                            }
                         }
-                        k += 1;
+                        Some(row) => {
+                            for (kx, d) in dst.iter_mut().enumerate() {
+                                let ix = (ox * op.stride + kx).wrapping_sub(op.pad);
+                                *d = row.get(ix).map_or(0, |&b| value(x.kind, b));
+                            }
+                        }
                     }
                 }
             }
@@ -480,13 +495,27 @@ fn windows(op: &Op, x: &Tensor, mut f: impl FnMut(usize, &mut dyn Iterator<Item 
 }
 
 fn max_pool(op: &Op, xs: &[u8], x: &Tensor, sink: &mut Sink<'_>) {
-    windows(op, x, |o, it| {
-        let m = it
-            .map(|i| xs.get(i).map_or(i16::MIN, |&b| value(x.kind, b)))
-            .max()
-            .unwrap_or(0);
-        sink.put(o, i64::from(m));
-    });
+    let Shape {
+        c: ic,
+        h: ih,
+        w: iw,
+    } = x.shape;
+    let Shape { h: oh, w: ow, .. } = op.out;
+    for c in 0..ic {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                // The format guarantees a non-empty window (kh, kw >= 1).
+                let mut m = if op.kh * op.kw == 0 { 0 } else { i16::MIN };
+                for ky in 0..op.kh {
+                    let at = (c * ih + oy * op.stride + ky) * iw + ox * op.stride;
+                    for kx in 0..op.kw {
+                        m = m.max(xs.get(at + kx).map_or(i16::MIN, |&b| value(x.kind, b)));
+                    }
+                }
+                sink.put((c * oh + oy) * ow + ox, i64::from(m));
+            }
+        }
+    }
 }
 
 fn avg_pool(op: &Op, xs: &[u8], x: &Tensor, r: Requant, sink: &mut Sink<'_>) {

@@ -62,9 +62,13 @@ static POOLS_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// The scratch pools; `None` after the first call.
 pub fn take_pools() -> Option<Pools> {
-    static mut ACT: [u8; ACT_CAP] = [0; ACT_CAP];
-    static mut PATCH: [i16; PATCH_CAP] = [0; PATCH_CAP];
-    static mut LOGITS: [i32; LOGITS_CAP] = [0; LOGITS_CAP];
+    /// Word alignment, so that the patch and the state rows (4-aligned in PSRAM) take the
+    /// SMLAD kernel's LDM path.
+    #[repr(C, align(4))]
+    struct Aligned<T>(T);
+    static mut ACT: Aligned<[u8; ACT_CAP]> = Aligned([0; ACT_CAP]);
+    static mut PATCH: Aligned<[i16; PATCH_CAP]> = Aligned([0; PATCH_CAP]);
+    static mut LOGITS: Aligned<[i32; LOGITS_CAP]> = Aligned([0; LOGITS_CAP]);
     if POOLS_TAKEN.swap(true, Ordering::Relaxed) {
         return None;
     }
@@ -72,9 +76,9 @@ pub fn take_pools() -> Option<Pools> {
     // the statics, so each is the only reference to its buffer.
     unsafe {
         Some(Pools {
-            act: &mut *addr_of_mut!(ACT),
-            patch: &mut *addr_of_mut!(PATCH),
-            logits: &mut *addr_of_mut!(LOGITS),
+            act: &mut (*addr_of_mut!(ACT)).0,
+            patch: &mut (*addr_of_mut!(PATCH)).0,
+            logits: &mut (*addr_of_mut!(LOGITS)).0,
         })
     }
 }
