@@ -160,7 +160,7 @@ pub fn program_layer(
     weights: impl Iterator<Item = Quantized>,
     fan_in: usize,
     path: Path,
-    rng: &mut impl RngCore,
+    rng: &mut (impl RngCore + Clone),
     state: &mut [i16],
 ) -> Result<()> {
     let cfg = var.quant();
@@ -172,18 +172,30 @@ pub fn program_layer(
     // Without faults, the collapsed path samples each device straight into the weight: the same
     // draws, the same `f32` expression and the same clamping as `device_state`, without building
     // a `Readout` (the tile-programming hot path on the Cortex-M).
-    let fast = path == Path::Collapsed && !var.faults().any();
-    for (i, q) in weights.enumerate() {
-        if fast {
-            let slot = state.get_mut(i).ok_or(Error::BufferTooSmall {
-                what: "tile state",
-                needed: i + 1,
-                found: i,
+    if path == Path::Collapsed && !var.faults().any() {
+        // The generator lives in registers for the layer (a local copy, written back).
+        let mut local = rng.clone();
+        let mut weights = weights;
+        let total = state.len();
+        for slot in state.iter_mut() {
+            let q = weights.next().ok_or(Error::LengthMismatch {
+                expected: count,
+                found: total,
             })?;
-            *slot = collapsed_weight(var, q, rng, lim);
-            count = i + 1;
-            continue;
+            *slot = collapsed_weight(var, q, &mut local, lim);
+            count += 1;
         }
+        *rng = local;
+        if weights.next().is_some() {
+            return Err(Error::BufferTooSmall {
+                what: "tile state",
+                needed: count + 1,
+                found: count,
+            });
+        }
+        return Ok(());
+    }
+    for (i, q) in weights.enumerate() {
         let devices = device_state(var, q, rng, lim);
         let sign = if q.negative { -1 } else { 1 };
         match path {
