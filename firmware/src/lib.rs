@@ -2,7 +2,7 @@
 //!
 //! This library is the portable half of the firmware; it builds and unit-tests on the host:
 //! - [`args`]: the semihosting command line, parsed into a typed [`args::Command`];
-//! - [`blob`]: validation of the blob QEMU loads into PSRAM (the model parser's plug-in point);
+//! - [`blob`]: validation of the packed model QEMU loads into PSRAM (`Model::parse`);
 //! - [`kernel`]: integer dot products, SMLAD on the M4 and plain Rust as the reference;
 //! - [`selftest`]: the bit-exactness check of the kernels;
 //! - [`mc`]: the Monte Carlo loop of `run` (the board and `nvcim firmware run --simulated`);
