@@ -148,23 +148,30 @@ fn emulated_runs_equal_the_host_engine_and_the_simulation() {
         out.lines
     );
 
-    // The verb, end to end: emulated and simulated both agree and say so.
-    for how in ["--emulated", "--simulated"] {
+    // The verb, end to end: emulated and simulated both agree and say so, on the collapsed
+    // path and on the sliced path through a 6-bit ADC on 16-row tiles.
+    for how in [
+        &["--emulated"][..],
+        &["--simulated"],
+        &["--emulated", "--adc-bits", "6", "--tile-rows", "16"],
+        &["--simulated", "--adc-bits", "6", "--tile-rows", "16"],
+    ] {
         let o = Command::new(env!("CARGO_BIN_EXE_nvcim"))
             .args(["firmware", "run"])
             .arg(&path)
-            .args(["--mc", "3", "--sigma", "0.5", "--seed", "3", how])
+            .args(["--mc", "3", "--sigma", "0.5", "--seed", "3"])
+            .args(how)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert!(
             o.status.success(),
-            "{how}: {stdout}\n{}",
+            "{how:?}: {stdout}\n{}",
             String::from_utf8_lossy(&o.stderr)
         );
         assert!(
             stdout.contains("3 of 3 runs identical, summary identical"),
-            "{how}: {stdout}"
+            "{how:?}: {stdout}"
         );
     }
 }
