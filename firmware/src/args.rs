@@ -19,14 +19,14 @@
 //! let cmd = parse("fw.elf run --mc 5 --sigma 0.4 --seed 7").unwrap();
 //! let Command::Run(run) = cmd else { panic!() };
 //! assert_eq!((run.mc, run.seed), (5, 7));
-//! assert_eq!(run.variation.sigma(), 0.4);
+//! assert_eq!(run.sigma, Some(0.4));
 //! ```
 
 use core::{fmt, ops::RangeInclusive, str::FromStr};
 
 use nvcim_shared::{
     quant::QuantConfig,
-    variation::{Faults, Profile, SigmaUnit, VariationConfig},
+    variation::{Profile, SigmaUnit},
 };
 
 /// What the firmware was asked to do.
@@ -68,34 +68,29 @@ impl Default for SelfTestArgs {
     }
 }
 
-/// Options of `run`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Options of `run`. Every `None` is the packed model's own setting.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RunArgs {
     /// Monte Carlo runs (at least 1).
     pub mc: u32,
     /// Seed of the variation streams `rng::stream(seed, run, layer)`.
     pub seed: u64,
-    /// The device-variation model, sigma with its convention.
-    pub variation: VariationConfig,
-    /// Crossbar tile rows (inputs per tile, at least 1).
-    pub tile_rows: u32,
+    /// Device sigma, in the convention of `unit`.
+    pub sigma: Option<f32>,
+    /// The sigma convention.
+    pub unit: Option<SigmaUnit>,
+    /// State-dependent variation profile.
+    pub profile: Option<Profile>,
+    /// Magnitude bits M (must be the model's: its weights are quantized with it).
+    pub m_bits: Option<u8>,
+    /// Device bits N (must be the model's).
+    pub n_bits: Option<u8>,
+    /// Crossbar tile rows (inputs per tile, 1..=256).
+    pub tile_rows: Option<u32>,
     /// Crossbar tile columns (outputs per tile, at least 1).
-    pub tile_cols: u32,
-    /// ADC resolution in bits; `None` is an ideal ADC (the fast path).
+    pub tile_cols: Option<u32>,
+    /// ADC resolution in bits; `None` (or `--adc-bits 0`) is an ideal ADC (the fast path).
     pub adc_bits: Option<u8>,
-}
-
-impl Default for RunArgs {
-    fn default() -> Self {
-        RunArgs {
-            mc: 1,
-            seed: 0,
-            variation: VariationConfig::paper(0.0).expect("sigma 0 is valid"),
-            tile_rows: 128,
-            tile_cols: 128,
-            adc_bits: None,
-        }
-    }
 }
 
 /// What was wrong with the command line.
@@ -236,9 +231,10 @@ fn parse_selftest<'a>(
 }
 
 fn parse_run<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<RunArgs, ArgError<'a>> {
-    let mut args = RunArgs::default();
-    let (mut sigma, mut unit, mut profile) = (0.0f32, SigmaUnit::Range, Profile::Uniform);
-    let (mut m_bits, mut n_bits) = (QuantConfig::DEFAULT.m_bits(), QuantConfig::DEFAULT.n_bits());
+    let mut args = RunArgs {
+        mc: 1,
+        ..RunArgs::default()
+    };
     while let Some(flag) = words.next() {
         match flag {
             "--mc" => args.mc = number(flag, &mut words, 1..=u32::MAX, "an integer >= 1")?,
@@ -247,7 +243,7 @@ fn parse_run<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<RunArgs, Ar
             }
             "--sigma" => {
                 let v = value(flag, &mut words)?;
-                sigma = match v.parse::<f32>() {
+                args.sigma = Some(match v.parse::<f32>() {
                     Ok(s) if s.is_finite() && s >= 0.0 => s,
                     _ => {
                         return Err(ArgError::BadValue {
@@ -256,42 +252,54 @@ fn parse_run<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<RunArgs, Ar
                             expected: "a finite number >= 0",
                         });
                     }
-                };
+                });
             }
             "--sigma-unit" => {
                 let v = value(flag, &mut words)?;
-                unit = SigmaUnit::from_name(v).ok_or(ArgError::BadValue {
+                args.unit = Some(SigmaUnit::from_name(v).ok_or(ArgError::BadValue {
                     flag,
                     value: v,
                     expected: "range or level",
-                })?;
+                })?);
             }
             "--profile" => {
                 let v = value(flag, &mut words)?;
-                profile = Profile::from_name(v).ok_or(ArgError::BadValue {
+                args.profile = Some(Profile::from_name(v).ok_or(ArgError::BadValue {
                     flag,
                     value: v,
                     expected: "uniform, rram1, fefet2, rram4 or fefet6",
-                })?;
+                })?);
             }
-            "--m-bits" => m_bits = number(flag, &mut words, 1..=u8::MAX, "2, 4, 6 or 8")?,
-            "--n-bits" => n_bits = number(flag, &mut words, 1..=u8::MAX, "1, 2 or 4")?,
+            "--m-bits" => {
+                args.m_bits = Some(number(flag, &mut words, 1..=u8::MAX, "2, 4, 6 or 8")?)
+            }
+            "--n-bits" => args.n_bits = Some(number(flag, &mut words, 1..=u8::MAX, "1, 2 or 4")?),
             "--tile-rows" => {
-                args.tile_rows = number(flag, &mut words, 1..=u32::MAX, "an integer >= 1")?
+                args.tile_rows = Some(number(flag, &mut words, 1..=256, "an integer in 1..=256")?)
             }
             "--tile-cols" => {
-                args.tile_cols = number(flag, &mut words, 1..=u32::MAX, "an integer >= 1")?
+                args.tile_cols = Some(number(flag, &mut words, 1..=u32::MAX, "an integer >= 1")?)
             }
             "--adc-bits" => {
-                let bits: u8 = number(flag, &mut words, 0..=16, "0 (ideal) to 16")?;
+                let bits: u8 = number(flag, &mut words, 0..=16, "0 (ideal) or 2 to 16")?;
+                if bits == 1 {
+                    return Err(ArgError::BadValue {
+                        flag,
+                        value: "1",
+                        expected: "0 (ideal) or 2 to 16",
+                    });
+                }
                 args.adc_bits = (bits > 0).then_some(bits);
             }
             _ => return Err(ArgError::UnknownFlag { verb: "run", flag }),
         }
     }
-    let quant = QuantConfig::new(m_bits, n_bits).map_err(ArgError::Invalid)?;
-    args.variation = VariationConfig::new(quant, sigma, unit, profile, Faults::NONE)
-        .map_err(ArgError::Invalid)?;
+    // M and N are checked against each other here (defaults 8 and 2), against the model later.
+    QuantConfig::new(
+        args.m_bits.unwrap_or(QuantConfig::DEFAULT.m_bits()),
+        args.n_bits.unwrap_or(QuantConfig::DEFAULT.n_bits()),
+    )
+    .map_err(ArgError::Invalid)?;
     Ok(args)
 }
 
@@ -346,17 +354,16 @@ mod tests {
         };
         assert_eq!(
             (r.mc, r.seed, r.tile_rows, r.tile_cols, r.adc_bits),
-            (5, u64::MAX, 64, 32, Some(6))
+            (5, u64::MAX, Some(64), Some(32), Some(6))
         );
-        assert_eq!(r.variation.sigma(), 0.25);
-        assert_eq!(r.variation.unit(), SigmaUnit::Level);
-        assert_eq!(r.variation.profile(), Profile::Fefet6);
-        assert_eq!(r.variation.quant().m_bits(), 6);
+        assert_eq!(r.sigma, Some(0.25));
+        assert_eq!(r.unit, Some(SigmaUnit::Level));
+        assert_eq!(r.profile, Some(Profile::Fefet6));
+        assert_eq!(r.m_bits, Some(6));
         let Ok(Command::Run(r)) = parse("fw run --adc-bits 0") else {
             panic!()
         };
-        assert_eq!(r.adc_bits, None);
-        assert_eq!(r.variation.unit(), SigmaUnit::Range);
+        assert_eq!((r.mc, r.adc_bits, r.unit, r.sigma), (1, None, None, None));
     }
 
     #[test]

@@ -13,13 +13,15 @@ pub enum ExitCode {
     Ok = 0,
     /// The semihosting command line could not be parsed (unknown verb or flag, bad value).
     BadArguments = 2,
-    /// The blob in PSRAM failed validation (magic, version, length, CRC; later: shapes).
+    /// The packed model in PSRAM failed validation (`Model::parse`: magic, version, CRC, fields,
+    /// shapes).
     BlobInvalid = 3,
-    /// The model does not fit: its blob is larger than PSRAM, or its working set than RAM.
+    /// The model does not fit: its blob is larger than PSRAM, its programmed state than the PSRAM
+    /// after it, or its scratch than the RAM pools.
     DoesNotFit = 4,
     /// `selftest`: a DSP kernel disagreed with the plain-Rust reference.
     SelfTestFailed = 5,
-    /// The verb is recognised but its engine is not in this build (inference: issue 3).
+    /// The verb is recognised but not supported by this build (reserved; no verb uses it).
     Unsupported = 6,
     /// The semihosting command line was longer than the firmware's buffer.
     CommandLineTooLong = 7,

@@ -81,6 +81,43 @@ pub fn dot_i16(a: &[i16], b: &[i16]) -> i32 {
     }
 }
 
+/// The engine's tile-column kernel on this target: [`dot_i16`] (SMLAD on the M4), plugged into
+/// [`nvcim_shared::exec::infer_with`]. The engine's weights are `i16` and its patch holds the
+/// activations already widened to `i16`, so the halfword SMLAD applies with no repacking; its
+/// wrapping `i32` accumulator is the engine's (see [`nvcim_shared::tile::DotKernel`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Smlad;
+
+impl nvcim_shared::tile::DotKernel for Smlad {
+    #[inline(always)]
+    fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
+        dot_i16(w, x)
+    }
+
+    #[inline(always)]
+    fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
+        dot_row(w, x, rows)
+    }
+}
+
+/// The exact `sum w_i x_i` of a whole weight row in `i64`, for inputs within the engine's
+/// bound (`|w| <= 32767`, `-128 <= x <= 255`): any 256 consecutive products then sum below
+/// `2^31` in magnitude. On the M4 one pass of SMLAD over chunks of up to 256 elements, each
+/// chunk's `i32` added to the `i64` (no per-tile call); elsewhere the plain tiles of `rows`.
+/// Outside the bound the result is unspecified (but never a panic).
+#[inline]
+pub fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
+    #[cfg(all(target_arch = "arm", target_os = "none"))]
+    {
+        let _ = rows;
+        smlad::dot_row(w, x)
+    }
+    #[cfg(not(all(target_arch = "arm", target_os = "none")))]
+    {
+        <nvcim_shared::tile::Plain as nvcim_shared::tile::DotKernel>::dot_row(w, x, rows)
+    }
+}
+
 #[cfg(all(target_arch = "arm", target_os = "none"))]
 mod smlad {
     use core::arch::asm;
@@ -141,6 +178,66 @@ mod smlad {
         }
         let done = blocks * 8;
         tail(acc, &a[done..n], &b[done..n])
+    }
+
+    /// [`super::dot_row`]: chunks of 32 blocks of 8 (256 MACs, the bound's run length) through
+    /// the aligned LDM + SMLAD loop, each chunk's `i32` sign-extended into the `i64`; rows
+    /// whose two vectors cannot both be word-aligned go through [`dot_i16`] in 256-chunks.
+    #[inline(never)]
+    pub fn dot_row(w: &[i16], x: &[i16]) -> i64 {
+        let n = w.len().min(x.len());
+        let (pa, pb) = (w.as_ptr() as usize, x.as_ptr() as usize);
+        if pa % 4 != pb % 4 {
+            return w[..n]
+                .chunks(256)
+                .zip(x[..n].chunks(256))
+                .map(|(a, b)| i64::from(dot_i16(a, b)))
+                .sum();
+        }
+        let skip = usize::from(pa % 4 == 2 && n > 0);
+        let mut acc = i64::from(tail(0, &w[..skip], &x[..skip]));
+        let (a, b) = (&w[skip..n], &x[skip..n]);
+        let blocks = a.len() / 8;
+        let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
+        let mut left = blocks;
+        while left > 0 {
+            let chunk = left.min(32);
+            left -= chunk;
+            let mut part = 0i32;
+            // SAFETY: both pointers are word-aligned (same offset mod 4, one element peeled),
+            // as LDM requires; this chunk reads `16 * chunk` bytes, and the chunks together
+            // read `16 * blocks <= 2 * a.len()` bytes from each slice. r6, r7 (reserved by
+            // LLVM) are not used. Writes only the named registers and the flags; no stack.
+            unsafe {
+                asm!(
+                    "2:",
+                    "ldm r0!, {{r4, r5, r8, r9}}",
+                    "ldm r1!, {{r10, r11, r12, lr}}",
+                    "smlad r3, r4, r10, r3",
+                    "smlad r3, r5, r11, r3",
+                    "smlad r3, r8, r12, r3",
+                    "smlad r3, r9, lr, r3",
+                    "subs r2, r2, #1",
+                    "bne 2b",
+                    inout("r0") pa,
+                    inout("r1") pb,
+                    inout("r2") chunk => _,
+                    inout("r3") part,
+                    out("r4") _,
+                    out("r5") _,
+                    out("r8") _,
+                    out("r9") _,
+                    out("r10") _,
+                    out("r11") _,
+                    out("r12") _,
+                    out("lr") _,
+                    options(readonly, nostack),
+                );
+            }
+            acc += i64::from(part);
+        }
+        let done = blocks * 8;
+        acc + i64::from(tail(0, &a[done..], &b[done..]))
     }
 
     /// 8 MACs per loop iteration when aligned: 2 LDM of four words, 4 SMLAD, SUBS, BNE

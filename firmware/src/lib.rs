@@ -2,9 +2,10 @@
 //!
 //! This library is the portable half of the firmware; it builds and unit-tests on the host:
 //! - [`args`]: the semihosting command line, parsed into a typed [`args::Command`];
-//! - [`blob`]: validation of the blob QEMU loads into PSRAM (the model parser's plug-in point);
+//! - [`blob`]: validation of the packed model QEMU loads into PSRAM (`Model::parse`);
 //! - [`kernel`]: integer dot products, SMLAD on the M4 and plain Rust as the reference;
 //! - [`selftest`]: the bit-exactness check of the kernels;
+//! - [`mc`]: the Monte Carlo loop of `run` (the board and `nvcim firmware run --simulated`);
 //! - [`stats`]: output lines and the Monte Carlo summary in integers / fixed point;
 //! - [`exit`]: every exit code, documented in one place.
 //!
@@ -15,9 +16,15 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
+#[cfg(any(test, feature = "testmodel"))]
+extern crate alloc;
+
 pub mod args;
 pub mod blob;
 pub mod exit;
 pub mod kernel;
+pub mod mc;
 pub mod selftest;
 pub mod stats;
+#[cfg(any(test, feature = "testmodel"))]
+pub mod testmodel;

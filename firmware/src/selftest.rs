@@ -8,7 +8,9 @@ use core::fmt;
 
 use nvcim_shared::rng::Xoshiro128PlusPlus;
 
-use crate::kernel::{dot_i8, dot_i8_plain, dot_i16, dot_i16_plain};
+use nvcim_shared::tile::{DotKernel, Plain};
+
+use crate::kernel::{dot_i8, dot_i8_plain, dot_i16, dot_i16_plain, dot_row};
 
 /// Lengths tested: empty, tiny, around every unroll boundary, odd, and large.
 pub const LENGTHS: [usize; 22] = [
@@ -52,11 +54,14 @@ pub struct Checked {
     pub dot_i8: u32,
     /// Comparisons of the `i16` kernel.
     pub dot_i16: u32,
+    /// Comparisons of the whole-row kernel (engine-range vectors only).
+    pub dot_row: u32,
 }
 
 /// Compares both kernels with their references on `cases` random vectors per length and
 /// offset pair. Half the cases use full-range values (so the `i16` accumulator wraps), half
-/// use the engine's range (`|w| < 2^11`, activations 0..=255).
+/// use the engine's range (`|w| < 2^11` or `|w| <= 32767`, activations 0..=255), where the
+/// whole-row kernel [`dot_row`] is also compared with the plain tiles.
 pub fn check_kernels(seed: u64, cases: u32) -> Result<Checked, Mismatch> {
     const PAD: usize = 4;
     let mut rng = Xoshiro128PlusPlus::from_u64(seed);
@@ -67,6 +72,7 @@ pub fn check_kernels(seed: u64, cases: u32) -> Result<Checked, Mismatch> {
     let mut checked = Checked {
         dot_i8: 0,
         dot_i16: 0,
+        dot_row: 0,
     };
     for case in 0..cases {
         let full_range = case % 2 == 0;
@@ -78,7 +84,12 @@ pub fn check_kernels(seed: u64, cases: u32) -> Result<Checked, Mismatch> {
                 a16[i] = (r >> 16) as i16;
                 b16[i] = (s >> 16) as i16;
             } else {
-                a16[i] = ((r >> 16) as i16) >> 4;
+                // Every other engine-range case uses the engine's full weight range.
+                a16[i] = if case % 4 == 1 {
+                    ((r >> 16) as i16).max(-32767)
+                } else {
+                    ((r >> 16) as i16) >> 4
+                };
                 b16[i] = (s >> 24) as i16;
             }
         }
@@ -133,6 +144,24 @@ pub fn check_kernels(seed: u64, cases: u32) -> Result<Checked, Mismatch> {
                     });
                 }
                 checked.dot_i16 += 1;
+                if !full_range {
+                    // The whole-row kernel within the engine's bound, against the plain tiles.
+                    for rows in [7usize, 128, 256] {
+                        let fast = dot_row(x, y, rows);
+                        let plain = <Plain as DotKernel>::dot_row(x, y, rows);
+                        if fast != plain {
+                            return Err(Mismatch {
+                                kernel: "dot_row",
+                                len,
+                                offsets: (oa, ob),
+                                case,
+                                fast: fast as i32,
+                                plain: plain as i32,
+                            });
+                        }
+                        checked.dot_row += 1;
+                    }
+                }
             }
             // Unequal lengths: the common prefix.
             let (fast, plain) = (
@@ -169,7 +198,9 @@ mod tests {
             c,
             Checked {
                 dot_i8: 2 * per_case,
-                dot_i16: 2 * per_case
+                dot_i16: 2 * per_case,
+                // Case 1 of 2 is engine-range: three tile sizes each.
+                dot_row: 3 * per_case,
             }
         );
     }

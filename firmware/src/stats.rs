@@ -52,7 +52,7 @@ impl fmt::Display for Fixed2 {
     }
 }
 
-/// One Monte Carlo run's output line: `run R correct C/T`.
+/// One Monte Carlo run's output line: `run R correct C of T`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunLine {
     /// Run index, from 0.
@@ -67,7 +67,7 @@ impl fmt::Display for RunLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "run {} correct {}/{}",
+            "run {} correct {} of {}",
             self.run, self.correct, self.total
         )
     }
@@ -235,7 +235,7 @@ mod tests {
                 total: 100
             }
             .to_string(),
-            "run 3 correct 97/100"
+            "run 3 correct 97 of 100"
         );
         assert_eq!(Fixed4(12_345).to_string(), "1.2345");
         assert_eq!(Fixed4(5).to_string(), "0.0005");

@@ -28,6 +28,8 @@ pub enum Command {
     AlphaSearch(commands::alpha_search::AlphaSearchArgs),
     /// Run an ONNX file in tract and ONNX Runtime and compare their logits and accuracies.
     CheckOnnx(commands::check_onnx::CheckOnnxArgs),
+    /// Run a packed model on the firmware (QEMU or simulated), checked against the host engine.
+    Firmware(commands::firmware::FirmwareArgs),
 }
 
 impl Cli {
@@ -40,6 +42,7 @@ impl Cli {
             Command::Train(args) => commands::train::run(&args),
             Command::AlphaSearch(args) => commands::alpha_search::run(&args),
             Command::CheckOnnx(args) => commands::check_onnx::run(&args),
+            Command::Firmware(args) => commands::firmware::run(&args),
         }
     }
 }

@@ -10,7 +10,6 @@ use std::{path::PathBuf, time::Duration};
 use nvcim::firmware::{
     Build, ExitCode, Memory, QemuOutput, QemuRun, find_qemu, firmware_elf, kernel_benches,
 };
-use nvcim_firmware::blob::Header;
 
 fn firmware() -> Option<PathBuf> {
     if let Err(e) = find_qemu() {
@@ -127,26 +126,26 @@ fn a_hung_firmware_is_killed_at_the_timeout() {
 fn blob_is_validated_and_reported() {
     let Some(elf) = firmware() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 31 % 251) as u8).collect();
-    let mut image = Header::for_payload(&payload).to_bytes().to_vec();
-    image.extend_from_slice(&payload);
-    let good = dir.path().join("good.bin");
+    let image = nvcim_firmware::testmodel::small(8);
+    let good = dir.path().join("good.cimb");
     std::fs::write(&good, &image).unwrap();
 
     let out = boot(&elf, &["check"], Some(&good));
     assert_eq!(out.exit_code(), Some(ExitCode::Ok), "{:?}", out.lines);
-    assert_eq!(
-        out.line("blob ok"),
-        Some("blob ok version 1 payload 5000 B")
+    let line = out.line("blob ok").expect("a blob line");
+    assert!(
+        line.starts_with(&format!("blob ok model {} B ops 6 layers 4 ", image.len())),
+        "{line}"
     );
+    assert!(line.ends_with("test images 8 classes 4"), "{line}");
     let mem = Memory::last(&out.lines).expect("a memory line");
-    assert_eq!(mem.psram, 5016);
+    assert_eq!(mem.psram, image.len() as u64);
     assert!(
         mem.code > 1024 && mem.code < 4 << 20 && mem.stack > 0,
         "{mem:?}"
     );
 
-    // No blob at all, then one flipped byte in the payload: the documented code, no hang.
+    // No blob at all, then one flipped byte: the documented code and message, no hang.
     let out = boot(&elf, &["check"], None);
     assert_eq!(
         out.exit_code(),
@@ -154,9 +153,14 @@ fn blob_is_validated_and_reported() {
         "{:?}",
         out.lines
     );
+    assert!(
+        out.line("error: blob: not a packed nvcim model").is_some(),
+        "{:?}",
+        out.lines
+    );
     let mut bad = image.clone();
-    bad[16 + 1234] ^= 0x01;
-    let flipped = dir.path().join("flipped.bin");
+    bad[200] ^= 0x01;
+    let flipped = dir.path().join("flipped.cimb");
     std::fs::write(&flipped, &bad).unwrap();
     let out = boot(&elf, &["check"], Some(&flipped));
     assert_eq!(
@@ -166,15 +170,16 @@ fn blob_is_validated_and_reported() {
         out.lines
     );
     assert!(
-        out.line("error: blob: payload CRC-32").is_some(),
+        out.line("error: blob: packed model is corrupt: CRC-32")
+            .is_some(),
         "{:?}",
         out.lines
     );
 
     // A header claiming more than PSRAM holds: "does not fit".
     let mut huge = image;
-    huge[8..12].copy_from_slice(&(20u32 << 20).to_le_bytes());
-    let big = dir.path().join("huge.bin");
+    huge[72..76].copy_from_slice(&(20u32 << 20).to_le_bytes());
+    let big = dir.path().join("huge.cimb");
     std::fs::write(&big, &huge).unwrap();
     let out = boot(&elf, &["check"], Some(&big));
     assert_eq!(

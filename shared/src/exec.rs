@@ -21,7 +21,9 @@
 use crate::error::{Error, Result};
 use crate::format::{ActKind, Model, Op, OpKind, Requant, Shape, Tensor};
 use crate::rng::stream;
-use crate::tile::{ACC_LIMIT, Path, dot_collapsed, dot_sliced, program_layer};
+use crate::tile::{
+    ACC_LIMIT, DotKernel, Path, Plain, dot_collapsed_with, dot_sliced_with, program_layer,
+};
 use crate::variation::VariationConfig;
 
 /// Caller-provided working memory for [`infer`]; sizes from [`Model::scratch`].
@@ -104,6 +106,19 @@ pub fn infer(
     scratch: &mut Scratch<'_>,
     logits: &mut [i32],
 ) -> Result<usize> {
+    infer_with::<Plain>(model, path, state, image, scratch, logits)
+}
+
+/// [`infer`] with the tile-column kernel `K` (a firmware's DSP kernel); the result is the same
+/// bit for bit as long as `K` agrees with [`Plain`], which [`DotKernel`] requires.
+pub fn infer_with<K: DotKernel>(
+    model: &Model<'_>,
+    path: Path,
+    state: &[i16],
+    image: &[u8],
+    scratch: &mut Scratch<'_>,
+    logits: &mut [i32],
+) -> Result<usize> {
     let sizes = model.scratch();
     need("act", sizes.act_bytes, scratch.act.len())?;
     need("patch", sizes.patch, scratch.patch.len())?;
@@ -174,9 +189,9 @@ pub fn infer(
                     params: op.params_start,
                 };
                 if op.kind == OpKind::Conv {
-                    conv(&layer, &op, xs, &x, scratch.patch, &mut sink);
+                    conv::<K>(&layer, &op, xs, &x, scratch.patch, &mut sink);
                 } else {
-                    linear(&layer, &op, xs, &x, scratch.patch, &mut sink);
+                    linear::<K>(&layer, &op, xs, &x, scratch.patch, &mut sink);
                 }
             }
             OpKind::Relu => {
@@ -227,14 +242,26 @@ pub fn count_correct(
     scratch: &mut Scratch<'_>,
     logits: &mut [i32],
 ) -> Result<usize> {
+    count_correct_with::<Plain>(model, path, state, scratch, logits)
+}
+
+/// [`count_correct`] with the tile-column kernel `K` (see [`infer_with`]).
+pub fn count_correct_with<K: DotKernel>(
+    model: &Model<'_>,
+    path: Path,
+    state: &[i16],
+    scratch: &mut Scratch<'_>,
+    logits: &mut [i32],
+) -> Result<usize> {
     let mut correct = 0;
     for i in 0..model.test_len() {
         let (image, label) = model.test_image(i).ok_or(Error::InvalidField {
             field: "test.index",
             value: i as i64,
         })?;
-        correct +=
-            usize::from(infer(model, path, state, image, scratch, logits)? == usize::from(label));
+        correct += usize::from(
+            infer_with::<K>(model, path, state, image, scratch, logits)? == usize::from(label),
+        );
     }
     Ok(correct)
 }
@@ -339,11 +366,11 @@ struct Layer<'m, 's> {
 impl Layer<'_, '_> {
     /// Output channel `o`'s accumulator over the patch, requantized.
     #[inline]
-    fn output(&self, o: usize, patch: &[i16]) -> i64 {
+    fn output<K: DotKernel>(&self, o: usize, patch: &[i16]) -> i64 {
         let rows = self.model.tile_rows();
         let k = self.fan_in;
         let acc = match self.path {
-            Path::Collapsed => dot_collapsed(
+            Path::Collapsed => dot_collapsed_with::<K>(
                 self.weights.get(o * k..(o + 1) * k).unwrap_or(&[]),
                 patch,
                 rows,
@@ -352,7 +379,7 @@ impl Layer<'_, '_> {
                 let q = self.model.quant();
                 let s = q.slices();
                 let w = self.weights.get(o * s * k..(o + 1) * s * k).unwrap_or(&[]);
-                dot_sliced(w, patch, s, q.n_bits(), rows, adc)
+                dot_sliced_with::<K>(w, patch, s, q.n_bits(), rows, adc)
             }
         };
         requant(acc, self.model.record(self.params + o))
@@ -361,7 +388,14 @@ impl Layer<'_, '_> {
 
 /// Convolution: for each output pixel, gathers the `in * kh * kw` patch (zero padding) in
 /// canonical order, then one tile dot product per output channel.
-fn conv(l: &Layer<'_, '_>, op: &Op, xs: &[u8], x: &Tensor, patch: &mut [i16], sink: &mut Sink<'_>) {
+fn conv<K: DotKernel>(
+    l: &Layer<'_, '_>,
+    op: &Op,
+    xs: &[u8],
+    x: &Tensor,
+    patch: &mut [i16],
+    sink: &mut Sink<'_>,
+) {
     let Shape {
         c: ic,
         h: ih,
@@ -376,36 +410,51 @@ fn conv(l: &Layer<'_, '_>, op: &Op, xs: &[u8], x: &Tensor, patch: &mut [i16], si
         Some(p) => p,
         None => return,
     };
+    let kw = op.kw;
     for oy in 0..oh {
         for ox in 0..ow {
             let mut k = 0;
+            // The window's first column; out of range (wrapped) when it starts in the padding.
+            let x0 = (ox * op.stride).wrapping_sub(op.pad);
+            let inside = x0 < iw && x0 + kw <= iw;
             for c in 0..ic {
                 for ky in 0..op.kh {
                     let iy = (oy * op.stride + ky).wrapping_sub(op.pad);
-                    for kx in 0..op.kw {
-                        let ix = (ox * op.stride + kx).wrapping_sub(op.pad);
-                        let v = if iy < ih && ix < iw {
-                            xs.get((c * ih + iy) * iw + ix)
-                                .map_or(0, |&b| value(x.kind, b))
-                        } else {
-                            0
-                        };
-                        if let Some(p) = patch.get_mut(k) {
-                            *p = v;
+                    let Some(dst) = patch.get_mut(k..k + kw) else {
+                        return;
+                    };
+                    k += kw;
+                    let row = if iy < ih {
+                        xs.get((c * ih + iy) * iw..(c * ih + iy + 1) * iw)
+                    } else {
+                        None
+                    };
+                    match row {
+                        None => dst.fill(0),
+                        // One row of the window inside the image: a straight widening copy.
+                        Some(row) if inside => {
+                            for (d, &b) in dst.iter_mut().zip(&row[x0..x0 + kw]) {
+                                *d = value(x.kind, b);
+                            }
                         }
-                        k += 1;
+                        Some(row) => {
+                            for (kx, d) in dst.iter_mut().enumerate() {
+                                let ix = (ox * op.stride + kx).wrapping_sub(op.pad);
+                                *d = row.get(ix).map_or(0, |&b| value(x.kind, b));
+                            }
+                        }
                     }
                 }
             }
             for o in 0..oc {
-                sink.put((o * oh + oy) * ow + ox, l.output(o, patch));
+                sink.put((o * oh + oy) * ow + ox, l.output::<K>(o, patch));
             }
         }
     }
 }
 
 /// Fully connected layer over the flattened input.
-fn linear(
+fn linear<K: DotKernel>(
     l: &Layer<'_, '_>,
     op: &Op,
     xs: &[u8],
@@ -421,7 +470,7 @@ fn linear(
         *p = value(x.kind, b);
     }
     for o in 0..op.out.c {
-        sink.put(o, l.output(o, patch));
+        sink.put(o, l.output::<K>(o, patch));
     }
 }
 
@@ -446,13 +495,27 @@ fn windows(op: &Op, x: &Tensor, mut f: impl FnMut(usize, &mut dyn Iterator<Item 
 }
 
 fn max_pool(op: &Op, xs: &[u8], x: &Tensor, sink: &mut Sink<'_>) {
-    windows(op, x, |o, it| {
-        let m = it
-            .map(|i| xs.get(i).map_or(i16::MIN, |&b| value(x.kind, b)))
-            .max()
-            .unwrap_or(0);
-        sink.put(o, i64::from(m));
-    });
+    let Shape {
+        c: ic,
+        h: ih,
+        w: iw,
+    } = x.shape;
+    let Shape { h: oh, w: ow, .. } = op.out;
+    for c in 0..ic {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                // The format guarantees a non-empty window (kh, kw >= 1).
+                let mut m = if op.kh * op.kw == 0 { 0 } else { i16::MIN };
+                for ky in 0..op.kh {
+                    let at = (c * ih + oy * op.stride + ky) * iw + ox * op.stride;
+                    for kx in 0..op.kw {
+                        m = m.max(xs.get(at + kx).map_or(i16::MIN, |&b| value(x.kind, b)));
+                    }
+                }
+                sink.put((c * oh + oy) * ow + ox, i64::from(m));
+            }
+        }
+    }
 }
 
 fn avg_pool(op: &Op, xs: &[u8], x: &Tensor, r: Requant, sink: &mut Sink<'_>) {

@@ -788,6 +788,17 @@ impl<'a> Model<'a> {
         self.tile_cols
     }
 
+    /// The same model on other crossbar tiles (`1..=256` rows, at least one column), as a run
+    /// that overrides the packed tile size sees it. Tiles only group the sums (and the ADC's
+    /// reads), so every other field stays valid.
+    pub fn with_tiles(mut self, rows: usize, cols: usize) -> Result<Self> {
+        ensure((1..=MAX_TILE_ROWS).contains(&rows), "tile_rows", rows)?;
+        ensure((1..=0xFFFF).contains(&cols), "tile_cols", cols)?;
+        self.tile_rows = rows;
+        self.tile_cols = cols;
+        Ok(self)
+    }
+
     /// Input shape (`C, H, W`); an image is `C*H*W` raw `u8` pixels in `CHW` order.
     pub fn input_shape(&self) -> Shape {
         self.input

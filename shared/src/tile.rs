@@ -33,7 +33,8 @@ use rand_core::RngCore;
 
 use crate::error::{Error, Result};
 use crate::quant::{MAX_SLICES, QuantConfig, Quantized};
-use crate::variation::VariationConfig;
+use crate::rng::standard_normal;
+use crate::variation::{VariationConfig, round_fixed};
 
 /// Fractional bits of a device conductance in the programmed state.
 pub const FRAC_BITS: u32 = 4;
@@ -159,7 +160,7 @@ pub fn program_layer(
     weights: impl Iterator<Item = Quantized>,
     fan_in: usize,
     path: Path,
-    rng: &mut impl RngCore,
+    rng: &mut (impl RngCore + Clone),
     state: &mut [i16],
 ) -> Result<()> {
     let cfg = var.quant();
@@ -168,6 +169,32 @@ pub fn program_layer(
     let lim = device_limit(cfg);
     let per = path.state_per_weight(cfg);
     let mut count = 0usize;
+    // Without faults, the collapsed path samples each device straight into the weight: the same
+    // draws, the same `f32` expression and the same clamping as `device_state`, without building
+    // a `Readout` (the tile-programming hot path on the Cortex-M).
+    if path == Path::Collapsed && !var.faults().any() {
+        // The generator lives in registers for the layer (a local copy, written back).
+        let mut local = rng.clone();
+        let mut weights = weights;
+        let total = state.len();
+        for slot in state.iter_mut() {
+            let q = weights.next().ok_or(Error::LengthMismatch {
+                expected: count,
+                found: total,
+            })?;
+            *slot = collapsed_weight(var, q, &mut local, lim);
+            count += 1;
+        }
+        *rng = local;
+        if weights.next().is_some() {
+            return Err(Error::BufferTooSmall {
+                what: "tile state",
+                needed: count + 1,
+                found: count,
+            });
+        }
+        return Ok(());
+    }
     for (i, q) in weights.enumerate() {
         let devices = device_state(var, q, rng, lim);
         let sign = if q.negative { -1 } else { 1 };
@@ -211,6 +238,26 @@ pub fn program_layer(
     Ok(())
 }
 
+/// One collapsed weight without faults: `±sum_j 2^(jN) clamp((g_j << F) + round(sd z_j 2^F),
+/// ±lim)`, bit for bit `device_state` summed (same draws, same `f32` products, same rounding).
+#[inline]
+fn collapsed_weight(var: &VariationConfig, q: Quantized, rng: &mut impl RngCore, lim: i32) -> i16 {
+    let cfg = var.quant();
+    let n = u32::from(cfg.n_bits());
+    let mask = i32::from(cfg.max_level());
+    let one = (1u32 << FRAC_BITS) as f32;
+    let sd = var.device_sigma(q.magnitude);
+    let mag = i32::from(q.magnitude);
+    let mut w = 0i32;
+    for j in 0..cfg.slices() as u32 {
+        let g = (mag >> (j * n)) & mask;
+        let d = (g << FRAC_BITS) + round_fixed(sd * standard_normal(rng) * one);
+        w += d.clamp(-lim, lim) << (j * n);
+    }
+    // |w| <= lim * sum_j 2^(jN) <= 32767 by the choice of `lim`.
+    (if q.negative { -w } else { w }) as i16
+}
+
 /// The fixed-point devices of one weight, saturated to `±lim`.
 #[inline]
 fn device_state(
@@ -226,6 +273,44 @@ fn device_state(
     d
 }
 
+/// The inner product the executor runs on one tile column: `sum w_i x_i` over the common
+/// prefix, `i32` with wrapping adds (callers keep it below `2^31`, see the module docs).
+///
+/// This is the engine's one hook for target-specific kernels: `shared` forbids `unsafe`, so a
+/// firmware implements it with its DSP instructions (the Cortex-M4's `SMLAD`) and runs
+/// [`crate::exec::infer_with`]; an implementation must return the same bits as [`Plain`] for
+/// every input, including the wrapping.
+pub trait DotKernel {
+    /// `sum w[i] * x[i]` over `i < min(w.len(), x.len())`, wrapping in `i32`.
+    fn dot_i16(w: &[i16], x: &[i16]) -> i32;
+
+    /// A whole collapsed weight row: the tile sums of `rows` inputs ([`Self::dot_i16`]) added
+    /// in `i64`. Under the engine's bound (`|w| <= 32767`, `-128 <= x <= 255`, `rows <= 256`)
+    /// no tile sum wraps, so this is the exact `sum w_i x_i`, and an implementation may
+    /// compute it in any grouping (e.g. one pass over the row with a wide accumulator), as
+    /// long as it returns that exact sum for every input within the bound.
+    #[inline]
+    fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
+        let rows = rows.clamp(1, MAX_TILE_ROWS);
+        let mut acc = 0i64;
+        for (wc, xc) in w.chunks(rows).zip(x.chunks(rows)) {
+            acc += i64::from(Self::dot_i16(wc, xc));
+        }
+        acc
+    }
+}
+
+/// The portable reference kernel, a plain reduction that LLVM vectorizes (`pmaddwd` on x86).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+impl DotKernel for Plain {
+    #[inline]
+    fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
+        dot_i16(w, x)
+    }
+}
+
 /// Dot product of one collapsed weight row with the inputs, summed per tile of `rows` inputs.
 ///
 /// **Bound:** with `|x| <= 255`, `|w| <= 32767` and `rows <= 256`, one tile's sum is below
@@ -233,12 +318,13 @@ fn device_state(
 /// `len <= 65536`. Lengths: `w.len() == x.len()`; extra elements of the longer are ignored.
 #[inline]
 pub fn dot_collapsed(w: &[i16], x: &[i16], rows: usize) -> i64 {
-    let rows = rows.clamp(1, MAX_TILE_ROWS);
-    let mut acc = 0i64;
-    for (wc, xc) in w.chunks(rows).zip(x.chunks(rows)) {
-        acc += i64::from(dot_i16(wc, xc));
-    }
-    acc
+    dot_collapsed_with::<Plain>(w, x, rows)
+}
+
+/// [`dot_collapsed`] with the tile-column kernel `K`.
+#[inline]
+pub fn dot_collapsed_with<K: DotKernel>(w: &[i16], x: &[i16], rows: usize) -> i64 {
+    K::dot_row(w, x, rows)
 }
 
 /// One tile column: `sum w_i x_i` in `i32` with wrapping adds (callers keep it below `2^31`).
@@ -259,6 +345,19 @@ pub fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
 /// most 8 slices and 65536 tiles: below `2^57`, `i64`.
 #[inline]
 pub fn dot_sliced(dev: &[i16], x: &[i16], slices: usize, n_bits: u8, rows: usize, adc: Adc) -> i64 {
+    dot_sliced_with::<Plain>(dev, x, slices, n_bits, rows, adc)
+}
+
+/// [`dot_sliced`] with the tile-column kernel `K`.
+#[inline]
+pub fn dot_sliced_with<K: DotKernel>(
+    dev: &[i16],
+    x: &[i16],
+    slices: usize,
+    n_bits: u8,
+    rows: usize,
+    adc: Adc,
+) -> i64 {
     let k = x.len();
     let rows = rows.clamp(1, MAX_TILE_ROWS);
     let mut acc = 0i64;
@@ -266,7 +365,7 @@ pub fn dot_sliced(dev: &[i16], x: &[i16], slices: usize, n_bits: u8, rows: usize
         let row = dev.get(j * k..(j + 1) * k).unwrap_or(&[]);
         let shift = j as u32 * u32::from(n_bits);
         for (wc, xc) in row.chunks(rows).zip(x.chunks(rows)) {
-            acc += adc.convert(i64::from(dot_i16(wc, xc))) << shift;
+            acc += adc.convert(i64::from(K::dot_i16(wc, xc))) << shift;
         }
     }
     acc
@@ -284,6 +383,60 @@ mod tests {
             .zip(x)
             .map(|(&a, &b)| i64::from(a) * i64::from(b))
             .sum()
+    }
+
+    #[test]
+    fn collapsed_fast_path_equals_the_readout_path() {
+        // Large sigmas make the per-device clamp bite; profiles change sd per magnitude.
+        for (sigma, profile) in [
+            (0.0, Profile::Uniform),
+            (0.4, Profile::Fefet6),
+            (4.0, Profile::Uniform),
+            (12.0, Profile::Rram4),
+        ] {
+            let var = VariationConfig::new(
+                QuantConfig::DEFAULT,
+                sigma,
+                SigmaUnit::Range,
+                profile,
+                Faults::NONE,
+            )
+            .unwrap();
+            let lim = device_limit(var.quant());
+            let qs: Vec<Quantized> = (0..2048u32)
+                .map(|i| Quantized {
+                    negative: i % 3 == 0,
+                    magnitude: (i * 37 % 256) as u16,
+                })
+                .collect();
+            let mut got = vec![0i16; qs.len()];
+            program_layer(
+                &var,
+                qs.iter().copied(),
+                64,
+                Path::Collapsed,
+                &mut stream(9, 2, 1),
+                &mut got,
+            )
+            .unwrap();
+            let mut rng = stream(9, 2, 1);
+            let mut clamped = 0;
+            for (q, &g) in qs.iter().zip(&got) {
+                let d = device_state(&var, *q, &mut rng, lim);
+                clamped += d.iter().filter(|v| v.abs() == lim).count();
+                let w: i32 = d[..4].iter().enumerate().map(|(j, v)| v << (2 * j)).sum();
+                assert_eq!(
+                    i32::from(g),
+                    if q.negative { -w } else { w },
+                    "{sigma} {q:?}"
+                );
+            }
+            assert_eq!(
+                clamped > 0,
+                sigma >= 4.0,
+                "sigma {sigma}: {clamped} clamped"
+            );
+        }
     }
 
     #[test]

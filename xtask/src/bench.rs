@@ -215,6 +215,31 @@ pub fn export() -> Result<()> {
     crate::cargo(&["bench", "-p", "nvcim", "--bench", "onnx_runtimes"])
 }
 
+/// `cargo xtask bench firmware`: instructions per MAC and per sampled device deviation of the
+/// Cortex-M4F firmware in QEMU (`-icount shift=0`) on VGG-8 w0.25 with random weights
+/// (`nvcim firmware bench`); the lines are also written to `target/bench/firmware.txt`.
+pub fn firmware(root: &Path) -> Result<()> {
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args(["run", "--release", "-p", "nvcim", "--", "firmware", "bench"])
+        .output()
+        .context("running cargo run -p nvcim -- firmware bench")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{text}");
+    if !out.status.success() {
+        bail!(
+            "nvcim firmware bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = target_dir(root).join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("firmware.txt");
+    fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

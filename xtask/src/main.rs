@@ -20,7 +20,7 @@ mod bench;
 mod setup;
 
 const USAGE: &str =
-    "usage: cargo xtask <setup | test | demo | bench [variation|engine|train|export|all]>";
+    "usage: cargo xtask <setup | test | demo | bench [variation|engine|train|export|firmware|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -154,10 +154,12 @@ fn bench(root: &Path, what: &[String]) -> Result<()> {
         "engine" => bench::engine(root),
         "train" => bench::train(root),
         "export" => bench::export(),
+        "firmware" => bench::firmware(root),
         "all" => bench::variation(root)
             .and_then(|()| bench::engine(root))
             .and_then(|()| bench::train(root))
-            .and_then(|()| bench::export()),
+            .and_then(|()| bench::export())
+            .and_then(|()| bench::firmware(root)),
         other => bail!("unknown benchmark `{other}`\n{USAGE}"),
     }
 }

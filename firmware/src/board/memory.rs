@@ -2,8 +2,8 @@
 
 use core::{
     fmt,
-    ptr::addr_of,
-    sync::atomic::{AtomicUsize, Ordering},
+    ptr::{addr_of, addr_of_mut},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
 unsafe extern "C" {
@@ -26,17 +26,66 @@ fn addr(p: *const u8) -> usize {
     p as usize
 }
 
-/// The whole PSRAM region (16 MiB at 0x21000000), where QEMU's loader puts the blob.
-pub fn psram() -> &'static [u8] {
+static PSRAM_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The whole PSRAM region (16 MiB at 0x21000000), where QEMU's loader puts the blob; the rest
+/// of it holds the programmed tile state. `None` after the first call.
+pub fn take_psram() -> Option<&'static mut [u8]> {
+    if PSRAM_TAKEN.swap(true, Ordering::Relaxed) {
+        return None;
+    }
     let (start, len) = (addr(addr_of!(_psram_origin)), addr(addr_of!(_psram_length)));
-    // SAFETY: memory.x defines PSRAM as this region of the board; nothing is linked there and
-    // the firmware never writes it, so a shared 'static view of it is never aliased mutably.
-    unsafe { core::slice::from_raw_parts(start as *const u8, len) }
+    // SAFETY: memory.x defines PSRAM as this region of the board and nothing is linked there;
+    // the flag above hands out this one reference at most once, so it is never aliased.
+    Some(unsafe { core::slice::from_raw_parts_mut(start as *mut u8, len) })
+}
+
+/// Capacity of the activation arena in RAM.
+pub const ACT_CAP: usize = 1 << 20;
+/// Capacity of the patch buffer in RAM (`i16`): the format's largest fan-in.
+pub const PATCH_CAP: usize = nvcim_shared::tile::MAX_FAN_IN;
+/// Capacity of the logits buffer in RAM (`i32`).
+pub const LOGITS_CAP: usize = 4096;
+
+/// The static scratch pools in RAM, sized for the largest model this board runs; a run uses
+/// the prefix its model's header asks for.
+pub struct Pools {
+    /// Activation arena.
+    pub act: &'static mut [u8; ACT_CAP],
+    /// Patch.
+    pub patch: &'static mut [i16; PATCH_CAP],
+    /// Logits.
+    pub logits: &'static mut [i32; LOGITS_CAP],
+}
+
+static POOLS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The scratch pools; `None` after the first call.
+pub fn take_pools() -> Option<Pools> {
+    /// Word alignment, so that the patch and the state rows (4-aligned in PSRAM) take the
+    /// SMLAD kernel's LDM path.
+    #[repr(C, align(4))]
+    struct Aligned<T>(T);
+    static mut ACT: Aligned<[u8; ACT_CAP]> = Aligned([0; ACT_CAP]);
+    static mut PATCH: Aligned<[i16; PATCH_CAP]> = Aligned([0; PATCH_CAP]);
+    static mut LOGITS: Aligned<[i32; LOGITS_CAP]> = Aligned([0; LOGITS_CAP]);
+    if POOLS_TAKEN.swap(true, Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: the flag above hands out these references at most once, and nothing else names
+    // the statics, so each is the only reference to its buffer.
+    unsafe {
+        Some(Pools {
+            act: &mut (*addr_of_mut!(ACT)).0,
+            patch: &mut (*addr_of_mut!(PATCH)).0,
+            logits: &mut (*addr_of_mut!(LOGITS)).0,
+        })
+    }
 }
 
 static PSRAM_USED: AtomicUsize = AtomicUsize::new(0);
 
-/// Records how many PSRAM bytes the loaded blob occupies.
+/// Records how many PSRAM bytes the loaded blob (and the tile state after it) occupy.
 pub fn set_psram_used(bytes: usize) {
     PSRAM_USED.store(bytes, Ordering::Relaxed);
 }

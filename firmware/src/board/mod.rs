@@ -8,13 +8,14 @@ use core::{fmt::Write, hint::black_box, panic::PanicInfo, sync::atomic::AtomicBo
 
 use cortex_m_rt::{ExceptionFrame, entry, exception};
 use nvcim_firmware::{
-    args::{self, Command, Crash, SelfTestArgs},
+    args::{self, Command, Crash, RunArgs, SelfTestArgs},
     blob,
     exit::ExitCode,
-    kernel, selftest,
+    kernel, mc, selftest,
     stats::Fixed2,
 };
 use nvcim_shared::{
+    format::Model,
     quant::Quantized,
     rng::{self, Xoshiro128PlusPlus},
     variation::VariationConfig,
@@ -48,17 +49,8 @@ fn main() -> ! {
             ExitCode::BadArguments
         }
         Ok(Command::SelfTest(a)) => self_test(&mut out, a),
-        Ok(Command::Check) => check(&mut out).err().unwrap_or(ExitCode::Ok),
-        Ok(Command::Run(_)) => match check(&mut out) {
-            Err(code) => code,
-            Ok(()) => {
-                let _ = writeln!(
-                    out,
-                    "error: `run` needs the integer CiM engine, not in this build yet"
-                );
-                ExitCode::Unsupported
-            }
-        },
+        Ok(Command::Check) => check(&mut out),
+        Ok(Command::Run(a)) => run(&mut out, &a).err().unwrap_or(ExitCode::Ok),
         Ok(Command::Crash(Crash::Panic)) => panic!("crash requested on the command line"),
         Ok(Command::Crash(Crash::Hang)) => loop {
             core::hint::spin_loop();
@@ -76,29 +68,144 @@ fn main() -> ! {
     exit(code)
 }
 
-/// `check`: validate the blob in PSRAM and report its size.
-#[inline(never)]
-fn check(out: &mut Console) -> Result<(), ExitCode> {
-    match blob::validate(memory::psram()) {
-        Ok(b) => {
-            let _ = writeln!(
-                out,
-                "blob ok version {} payload {} B",
-                b.header.version,
-                b.payload.len()
-            );
-            memory::set_psram_used(b.bytes_used());
-            Ok(())
-        }
-        Err(e) => {
-            let _ = writeln!(out, "error: blob: {e}");
-            Err(if e.is_too_large() {
-                ExitCode::DoesNotFit
-            } else {
-                ExitCode::BlobInvalid
-            })
-        }
+/// Prints a blob error and maps it to its exit code.
+fn blob_error(out: &mut Console, e: blob::BlobError) -> ExitCode {
+    let _ = writeln!(out, "error: blob: {e}");
+    if e.is_too_large() {
+        ExitCode::DoesNotFit
+    } else {
+        ExitCode::BlobInvalid
     }
+}
+
+fn describe(out: &mut Console, m: &Model<'_>) {
+    let _ = writeln!(
+        out,
+        "blob ok model {} B ops {} layers {} weights {} test images {} classes {}",
+        m.bytes().len(),
+        m.op_count(),
+        m.layer_count(),
+        m.weight_count(),
+        m.test_len(),
+        m.classes()
+    );
+}
+
+/// `check`: validate the packed model in PSRAM and report its size.
+#[inline(never)]
+fn check(out: &mut Console) -> ExitCode {
+    let psram = memory::take_psram().expect("PSRAM is taken once, by the verb");
+    match blob::validate(psram) {
+        Ok(m) => {
+            describe(out, &m);
+            memory::set_psram_used(m.bytes().len());
+            ExitCode::Ok
+        }
+        Err(e) => blob_error(out, e),
+    }
+}
+
+impl mc::Clock for counter::Instructions {
+    fn now(&mut self) -> u64 {
+        counter::Instructions::now(self)
+    }
+}
+
+fn too_big(out: &mut Console, what: &str, needed: usize, available: usize) -> ExitCode {
+    let _ = writeln!(
+        out,
+        "error: does not fit: {what} needs {needed} B, {available} B available"
+    );
+    ExitCode::DoesNotFit
+}
+
+/// `run`: Monte Carlo inference on the packed model in PSRAM. The model stays where QEMU put
+/// it; the programmed state goes in PSRAM after it, the scratch in the static RAM pools.
+#[inline(never)]
+fn run(out: &mut Console, a: &RunArgs) -> Result<(), ExitCode> {
+    let psram = memory::take_psram().expect("PSRAM is taken once, by the verb");
+    let psram_len = psram.len();
+    let Some(len) = blob::declared_len(psram) else {
+        let e = blob::validate(psram).expect_err("no magic: the parser rejects it");
+        return Err(blob_error(out, e));
+    };
+    let (head, tail) = psram.split_at_mut(len.div_ceil(4).saturating_mul(4).min(psram_len));
+    let model = blob::validate(head).map_err(|e| blob_error(out, e))?;
+    describe(out, &model);
+    let plan = mc::plan(&model, a).map_err(|e| {
+        let _ = writeln!(out, "error: {e}");
+        ExitCode::BadArguments
+    })?;
+    let need = mc::needs(&plan);
+    // SAFETY: any bit pattern is a valid i16, and `align_to_mut` only hands out aligned,
+    // in-bounds elements of the exclusively borrowed tail.
+    let (_, state, _) = unsafe { tail.align_to_mut::<i16>() };
+    let state_bytes = 2 * need.state;
+    let Some(state) = state.get_mut(..need.state) else {
+        return Err(too_big(
+            out,
+            "programmed state (PSRAM after the model)",
+            state_bytes,
+            2 * state.len(),
+        ));
+    };
+    memory::set_psram_used(head.len() + state_bytes);
+    let pools = memory::take_pools().expect("the pools are taken once, by `run`");
+    let s = need.scratch;
+    let act = pools
+        .act
+        .get_mut(..s.act_bytes)
+        .ok_or_else(|| too_big(out, "activation arena (RAM)", s.act_bytes, memory::ACT_CAP))?;
+    let patch = pools
+        .patch
+        .get_mut(..s.patch)
+        .ok_or_else(|| too_big(out, "patch (RAM)", 2 * s.patch, 2 * memory::PATCH_CAP))?;
+    let logits = pools
+        .logits
+        .get_mut(..s.logits)
+        .ok_or_else(|| too_big(out, "logits (RAM)", 4 * s.logits, 4 * memory::LOGITS_CAP))?;
+    let _ = writeln!(
+        out,
+        "memory model {} B state {} B act {} B patch {} B logits {} B",
+        model.bytes().len(),
+        state_bytes,
+        s.act_bytes,
+        2 * s.patch,
+        4 * s.logits
+    );
+    let mut bufs = mc::Buffers {
+        state,
+        act,
+        patch,
+        logits,
+    };
+    let (_, cost) =
+        mc::run::<kernel::Smlad>(&plan, &mut bufs, out, &mut counter::Instructions::start())
+            .map_err(|e| {
+                let _ = writeln!(out, "error: engine: {e}");
+                ExitCode::BlobInvalid
+            })?;
+    let runs = u64::from(plan.mc);
+    let devices = mc::devices_per_run(&plan.model) * runs;
+    let images = plan.model.test_len() as u64 * runs;
+    let macs = mc::macs_per_image(&plan.model) * images;
+    let _ = writeln!(
+        out,
+        "insn program {} devices {} insn/device {}",
+        cost.program,
+        devices,
+        per(cost.program, devices)
+    );
+    let _ = writeln!(
+        out,
+        "insn infer {} images {} insn/image {} macs {} insn/mac {}",
+        cost.infer,
+        images,
+        per(cost.infer, images),
+        macs,
+        per(cost.infer, macs)
+    );
+    Ok(())
 }
 
 /// Instructions per operation over `ops` operations, as `insn/op X.XX`.
@@ -119,6 +226,7 @@ fn self_test(out: &mut Console, a: SelfTestArgs) -> ExitCode {
         Ok(c) => {
             let _ = writeln!(out, "selftest dot_i8 {} comparisons bit-exact", c.dot_i8);
             let _ = writeln!(out, "selftest dot_i16 {} comparisons bit-exact", c.dot_i16);
+            let _ = writeln!(out, "selftest dot_row {} comparisons bit-exact", c.dot_row);
         }
         Err(m) => {
             let _ = writeln!(out, "selftest FAILED: {m}");

@@ -1,8 +1,9 @@
 //! One module per CLI verb, each with `pub fn run(args) -> anyhow::Result<()>`.
 
+pub mod alpha_search;
+pub mod check_onnx;
+pub mod firmware;
 pub mod report;
 pub mod sweep;
-pub mod alpha_search;
 pub mod train;
-pub mod check_onnx;
 pub mod variation;
