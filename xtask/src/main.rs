@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod demo;
 mod setup;
 
 const USAGE: &str =
@@ -130,22 +131,7 @@ fn test(root: &Path) -> Result<()> {
 }
 
 fn demo(root: &Path) -> Result<()> {
-    setup::run(root)?;
-    println!(
-        "The end-to-end demo (train vanilla/noise/nft on Fashion-MNIST, Monte Carlo evaluation, \
-         ONNX export, firmware in QEMU) is not built yet: it lands with the demo issue.\n\
-         What works today: `cargo run --release -p nvcim -- variation --sigma 0.2,0.4,0.6,0.8`."
-    );
-    cargo(&[
-        "run",
-        "--release",
-        "-p",
-        "nvcim",
-        "--",
-        "variation",
-        "--sigma",
-        "0.2,0.4,0.6,0.8",
-    ])
+    demo::run(root)
 }
 
 fn bench(root: &Path, what: &[String]) -> Result<()> {

@@ -1,0 +1,244 @@
+//! `cargo xtask demo`: the main job, a small end-to-end experiment on an embedded default.
+//!
+//! On Fashion-MNIST (Debian's `dataset-fashion-mnist`), train VGG-8 at a CPU-sized width with
+//! `vanilla`, `noise` and `nft` at training sigma 0.4; evaluate each by Monte Carlo at sigma
+//! 0.2, 0.4, 0.6, 0.8; merge the results into a Table-II-style report with plots; export the
+//! nft backbone to ONNX and check it with tract and ONNX Runtime against Burn; pack it and run
+//! the firmware in QEMU (mc 5), comparing every run with the host integer engine. Everything goes
+//! to `runs/demo/`, indexed by `runs/demo/README.md`. Each finished step is skipped when the demo
+//! is run again, and an interrupted training resumes from its last checkpoint.
+
+use std::{fmt::Write as _, fs, path::Path, process::Command, time::Instant};
+
+use anyhow::{Context, Result};
+
+/// The demo's embedded default. Sized so that the whole run takes about 15 minutes on a
+/// 2-core machine after the build (see the README for measured times).
+pub struct Plan {
+    /// VGG-8 width multiplier.
+    pub width: &'static str,
+    /// Training epochs per method.
+    pub epochs: &'static str,
+    /// Training images used (of the 54,000 left after the validation split).
+    pub max_train: &'static str,
+    /// Evaluation sigmas.
+    pub sigmas: &'static str,
+    /// Monte Carlo runs per sigma.
+    pub mc: &'static str,
+    /// Test images per Monte Carlo run.
+    pub test_subset: &'static str,
+}
+
+/// The default plan.
+pub const PLAN: Plan = Plan {
+    width: "0.25",
+    epochs: "3",
+    max_train: "20000",
+    sigmas: "0.2,0.4,0.6,0.8",
+    mc: "10",
+    test_subset: "2000",
+};
+
+const METHODS: [&str; 3] = ["vanilla", "noise", "nft"];
+
+/// Runs the demo.
+pub fn run(root: &Path) -> Result<()> {
+    let total = Instant::now();
+    crate::setup::run(root)?;
+    crate::cargo(&["build", "--release", "-p", "nvcim"])?;
+    let nvcim = crate::bench::target_dir(root).join("release").join("nvcim");
+    let out = root.join("runs").join("demo");
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut timings: Vec<(String, f64)> = Vec::new();
+    let mut timed = |label: &str, cmd: &mut Command| -> Result<()> {
+        let t = Instant::now();
+        crate::step(cmd, label)?;
+        timings.push((label.to_string(), t.elapsed().as_secs_f64()));
+        Ok(())
+    };
+
+    for method in METHODS {
+        // A finished training resumes at its last epoch and returns at once.
+        let dir = out.join("train").join(method);
+        let mut cmd = Command::new(&nvcim);
+        cmd.args([
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--model",
+            "vgg8",
+            "--method",
+            method,
+        ])
+        .args([
+            "--width",
+            PLAN.width,
+            "--epochs",
+            PLAN.epochs,
+            "--max-train",
+            PLAN.max_train,
+        ])
+        .args(["--sigma", "0.4", "--alpha", "0.1", "--seed", "0", "--out"])
+        .arg(&dir);
+        if dir.exists() {
+            cmd.arg("--resume");
+        }
+        timed(&format!("train {method}"), &mut cmd)?;
+    }
+    let mut evals = Vec::new();
+    for method in METHODS {
+        let dir = out.join("eval").join(method);
+        evals.push(dir.clone());
+        if dir.join("eval.json").exists() {
+            eprintln!("==> eval {method}: already finished, skipped");
+            continue;
+        }
+        timed(
+            &format!("eval {method}"),
+            Command::new(&nvcim)
+                .arg("eval")
+                .arg(out.join("train").join(method))
+                .args(["--sigma", PLAN.sigmas, "--mc", PLAN.mc, "--seed", "1"])
+                .args([
+                    "--test-subset",
+                    PLAN.test_subset,
+                    "--engine",
+                    "float",
+                    "--jobs",
+                    "2",
+                ])
+                .arg("--out")
+                .arg(&dir),
+        )?;
+    }
+    let report = out.join("report");
+    timed(
+        "report",
+        Command::new(&nvcim)
+            .arg("report")
+            .args(&evals)
+            .arg("--out")
+            .arg(&report),
+    )?;
+    let nft = out.join("train").join("nft");
+    let onnx = out.join("nft.onnx");
+    timed(
+        "export",
+        Command::new(&nvcim)
+            .arg("export")
+            .arg(&nft)
+            .arg("-o")
+            .arg(&onnx),
+    )?;
+    let check = capture(
+        &mut timed,
+        "check-onnx",
+        Command::new(&nvcim)
+            .arg("check-onnx")
+            .arg(&onnx)
+            .arg("--checkpoint")
+            .arg(&nft)
+            .args([
+                "--data-dir",
+                "/usr/share/datasets/fashion-mnist",
+                "--limit",
+                "500",
+            ]),
+        &out.join("check-onnx.txt"),
+    )?;
+    let cimb = out.join("nft.cimb");
+    timed(
+        "pack",
+        Command::new(&nvcim)
+            .arg("pack")
+            .arg(&nft)
+            .arg("-o")
+            .arg(&cimb)
+            .args(["--test-images", "64"]),
+    )?;
+    let firmware = capture(
+        &mut timed,
+        "firmware (QEMU)",
+        Command::new(&nvcim)
+            .args(["firmware", "run"])
+            .arg(&cimb)
+            .args(["--mc", "5", "--sigma", "0.4", "--seed", "1", "--emulated"]),
+        &out.join("firmware.txt"),
+    )?;
+    let table = fs::read_to_string(report.join("report.md")).unwrap_or_default();
+    let elapsed = total.elapsed().as_secs_f64();
+    write_index(&out, &table, &check, &firmware, &timings, elapsed)?;
+    println!("{table}");
+    println!(
+        "demo finished in {:.1} min; index: {}",
+        elapsed / 60.0,
+        out.join("README.md").display()
+    );
+    Ok(())
+}
+
+/// Runs a command, saves its stdout to `file` and returns it.
+fn capture(
+    timed: &mut impl FnMut(&str, &mut Command) -> Result<()>,
+    label: &str,
+    cmd: &mut Command,
+    file: &Path,
+) -> Result<String> {
+    let f = fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+    timed(label, cmd.stdout(f))?;
+    let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    print!("{text}");
+    Ok(text)
+}
+
+fn write_index(
+    out: &Path,
+    table: &str,
+    check: &str,
+    firmware: &str,
+    timings: &[(String, f64)],
+    elapsed: f64,
+) -> Result<()> {
+    let mut md = String::new();
+    let p = &PLAN;
+    writeln!(md, "# nvcim demo\n")?;
+    writeln!(
+        md,
+        "VGG-8 (width {}) on Fashion-MNIST, {} epochs on {} training images, trained at sigma 0.4 \
+         (`range` convention: 0.7776 sigma max|W| weight noise, M = 8, N = 2) with vanilla, \
+         noise injection and negative feedback training (nft, alpha 0.1); Monte Carlo \
+         evaluation at sigma {} with {} runs of {} test images each (float engine, seed 1).\n",
+        p.width, p.epochs, p.max_train, p.sigmas, p.mc, p.test_subset
+    )?;
+    writeln!(md, "## Accuracy under device variation\n\n{table}\n")?;
+    writeln!(md, "Files: [report](report/report.md), ")?;
+    for m in METHODS {
+        writeln!(
+            md,
+            "[{m}: plot](eval/{m}/accuracy_vs_sigma.png), [{m}: eval.json](eval/{m}/eval.json), \
+             [{m}: training metrics](train/{m}/metrics.jsonl);"
+        )?;
+    }
+    writeln!(
+        md,
+        "\n![accuracy vs sigma, nft](eval/nft/accuracy_vs_sigma.png)\n"
+    )?;
+    writeln!(
+        md,
+        "## ONNX export of the nft backbone ([nft.onnx](nft.onnx))\n\n```\n{check}```\n"
+    )?;
+    writeln!(
+        md,
+        "## Firmware in QEMU ([nft.cimb](nft.cimb), mc 5, sigma 0.4)\n\n```\n{firmware}```\n"
+    )?;
+    writeln!(md, "## Timings\n\n| step | seconds |\n|---|---|")?;
+    for (label, s) in timings {
+        writeln!(md, "| {label} | {s:.1} |")?;
+    }
+    writeln!(
+        md,
+        "| **total (this invocation, including setup and build checks)** | {elapsed:.1} |"
+    )?;
+    let path = out.join("README.md");
+    fs::write(&path, md).with_context(|| format!("writing {}", path.display()))
+}
