@@ -331,6 +331,9 @@ impl ExitHead {
 }
 
 /// A deployable network.
+// The variants are large module trees built once per model; boxing them would only add
+// indirection to every forward call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone {
     /// VGG-8.
