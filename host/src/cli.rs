@@ -22,6 +22,8 @@ pub enum Command {
     Train(commands::train::TrainArgs),
     /// Search the feedback weight alpha over {1, 0.1, 0.01, 0.001, 0.0001} by noisy validation accuracy.
     AlphaSearch(commands::alpha_search::AlphaSearchArgs),
+    /// Import PyTorch (.pt/.pth) or safetensors weights into a backbone.
+    Import(commands::import::ImportArgs),
 }
 
 impl Cli {
@@ -31,6 +33,7 @@ impl Cli {
             Command::Variation(args) => commands::variation::run(&args),
             Command::Train(args) => commands::train::run(&args),
             Command::AlphaSearch(args) => commands::alpha_search::run(&args),
+            Command::Import(args) => commands::import::run(&args),
         }
     }
 }
