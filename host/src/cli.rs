@@ -30,6 +30,8 @@ pub enum Command {
     CheckOnnx(commands::check_onnx::CheckOnnxArgs),
     /// Run a packed model on the firmware (QEMU or simulated), checked against the host engine.
     Firmware(commands::firmware::FirmwareArgs),
+    /// Import PyTorch (.pt/.pth) or safetensors weights into a backbone.
+    Import(commands::import::ImportArgs),
 }
 
 impl Cli {
@@ -43,6 +45,7 @@ impl Cli {
             Command::AlphaSearch(args) => commands::alpha_search::run(&args),
             Command::CheckOnnx(args) => commands::check_onnx::run(&args),
             Command::Firmware(args) => commands::firmware::run(&args),
+            Command::Import(args) => commands::import::run(&args),
         }
     }
 }

@@ -120,8 +120,9 @@ fn check_run(out: &Path, s: &serde_json::Value, epochs: usize) {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["variation"]["sigma_unit"], "range");
     let acc = s["best_val_clean_acc"].as_f64().unwrap();
+    // Chance is 0.1; on 51 validation images 0.25 is 3.6 binomial standard deviations above it.
     assert!(
-        acc > 0.3,
+        acc > 0.25,
         "clean validation accuracy {acc} is not better than chance (0.1)"
     );
 }
@@ -147,10 +148,12 @@ fn tiny_resnet18_with_nft() {
     let o = train(
         data.path(),
         out.path(),
-        &["--model", "resnet18", "--method", "nft", "--no-pad"],
+        &[
+            "--model", "resnet18", "--method", "nft", "--no-pad", "--epochs", "2",
+        ],
     );
     let s = summary(&o);
-    check_run(out.path(), &s, 1);
+    check_run(out.path(), &s, 2);
 }
 
 /// Every parameter, BN statistic and exit weight of the checkpoint in `out`.

@@ -32,11 +32,11 @@ pub struct Plan {
 /// The default plan.
 pub const PLAN: Plan = Plan {
     width: "0.25",
-    epochs: "3",
-    max_train: "20000",
+    epochs: "2",
+    max_train: "10000",
     sigmas: "0.2,0.4,0.6,0.8",
-    mc: "10",
-    test_subset: "2000",
+    mc: "8",
+    test_subset: "1000",
 };
 
 const METHODS: [&str; 3] = ["vanilla", "noise", "nft"];

@@ -3,6 +3,7 @@
 pub mod alpha_search;
 pub mod check_onnx;
 pub mod firmware;
+pub mod import;
 pub mod report;
 pub mod sweep;
 pub mod train;

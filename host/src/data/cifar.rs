@@ -82,7 +82,7 @@ pub fn parse_into(
 ) -> Result<()> {
     let record = variant.label_bytes() + IMAGE_BYTES;
     ensure!(
-        !bytes.is_empty() && bytes.len() % record == 0,
+        !bytes.is_empty() && bytes.len().is_multiple_of(record),
         "{what}: {} bytes is not a whole number of {record}-byte CIFAR records (truncated or \
          corrupt); download the dataset again",
         bytes.len()

@@ -384,10 +384,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
 
     let noise = TrainingNoise::new(cfg.variation);
     let train = &run_data.train;
-    let mut ran = 0;
+    let first_epoch = state.epochs_done;
     let mut interrupted = false;
     for epoch in state.epochs_done..cfg.epochs {
-        if opts.stop_after.is_some_and(|k| ran >= k) {
+        if opts.stop_after.is_some_and(|k| epoch - first_epoch >= k) {
             interrupted = true;
             break;
         }
@@ -488,7 +488,6 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         }
         state.history.push(m);
         ckpt.save(&model, &optim, cfg, &state)?;
-        ran += 1;
     }
     let best_path = ckpt.best_backbone_path();
     let test_clean_acc = if best_path.is_file() {
