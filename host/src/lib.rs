@@ -12,6 +12,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod convert;
 pub mod data;
 pub mod evaluation;
 pub mod firmware;

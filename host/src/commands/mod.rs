@@ -2,7 +2,11 @@
 
 pub mod alpha_search;
 pub mod check_onnx;
+pub mod eval;
+pub mod eval_onnx;
+pub mod export;
 pub mod firmware;
+pub mod pack;
 pub mod report;
 pub mod sweep;
 pub mod train;
