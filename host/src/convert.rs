@@ -418,6 +418,7 @@ impl Loaded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::Module;
     use burn::tensor::{Device, Distribution, Tensor};
 
     fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
