@@ -308,6 +308,8 @@ fn eval_both_engines_agree_and_files_are_consistent() {
         "--limit",
         "200",
         "--json",
+        "--max-diff",
+        "1",
     ]))
     .stdout
     .clone();

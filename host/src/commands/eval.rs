@@ -378,7 +378,10 @@ mod tests {
             .fold(0f32, f32::max);
         // Random init: BatchNorm is the identity, so logits grow with depth; compare relatively.
         let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        assert!(diff < 1e-5 * scale, "max diff {diff} at logit scale {scale}");
+        assert!(
+            diff < 1e-5 * scale,
+            "max diff {diff} at logit scale {scale}"
+        );
         // And the weights differ from the clean ones (the test can fail).
         assert_ne!(noisy.weights(), b.weights());
     }
