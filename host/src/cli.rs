@@ -18,6 +18,12 @@ pub struct Cli {
 pub enum Command {
     /// Relate sigma to weight noise: analytic and sampled effective weight-noise std.
     Variation(commands::variation::VariationArgs),
+    /// Monte Carlo robustness evaluation of a checkpoint (float or integer CiM engine).
+    Eval(commands::eval::EvalArgs),
+    /// Pack a checkpoint into the integer CiM engine's model file (for the firmware).
+    Pack(commands::pack::PackArgs),
+    /// Export a checkpoint's backbone as ONNX.
+    Export(commands::export::ExportArgs),
     /// Run a grid of train + eval cells from a plan (locally, or emit a Slurm job array).
     Sweep(commands::sweep::SweepArgs),
     /// Merge evaluation results into the paper's tables (Markdown, CSV, PNG).
@@ -39,6 +45,9 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Variation(args) => commands::variation::run(&args),
+            Command::Eval(args) => commands::eval::run(&args),
+            Command::Pack(args) => commands::pack::run(&args),
+            Command::Export(args) => commands::export::run(&args),
             Command::Sweep(args) => commands::sweep::run(&args),
             Command::Report(args) => commands::report::run(&args),
             Command::Train(args) => commands::train::run(&args),

@@ -3,7 +3,8 @@
 //! The binary (`nvcim`) only parses arguments and dispatches to [`commands`]; every verb is a
 //! module there with a `run` function. The hardware model itself lives in `nvcim-shared`;
 //! [`data`] reads datasets, [`model`] holds the Burn networks and the training noise, and
-//! [`training`] the training loop.
+//! [`training`] the training loop. [`convert`] turns a checkpoint into the Burn-free [`ir`] network
+//! and the integer engine's model description (`nvcim eval`, `pack`, `export`).
 //!
 //! Monte Carlo robustness evaluation (Algorithm 2): [`mc`] (the driver, generic over
 //! [`mc::NoisyClassifier`] engines, and a dense float engine), [`stats`] (mean, std, Student-t
@@ -12,6 +13,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod convert;
 pub mod data;
 pub mod evaluation;
 pub mod firmware;

@@ -41,6 +41,10 @@ pub struct CheckOnnxArgs {
     /// Fail when the runtimes differ by more than this (max abs logit difference).
     #[arg(long, default_value_t = 1e-4)]
     pub max_diff: f32,
+    /// Also compare with Burn's logits of this checkpoint (the one the file was exported from;
+    /// noisy or QDQ exports differ from it by design).
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -70,7 +74,11 @@ pub fn run(args: &CheckOnnxArgs) -> Result<()> {
             bail!("give test images with --data-dir DIR or random inputs with --random N")
         }
     };
-    let report = check_onnx(&args.model, &images, n, labels.as_deref(), args.batch)?;
+    let mut report = check_onnx(&args.model, &images, n, labels.as_deref(), args.batch)?;
+    if let Some(ckpt) = &args.checkpoint {
+        let logits = burn_logits(ckpt, &images, n, args.batch)?;
+        report.compare_reference("burn", logits, labels.as_deref())?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -94,6 +102,41 @@ pub fn run(args: &CheckOnnxArgs) -> Result<()> {
         args.max_diff
     );
     Ok(())
+}
+
+/// Burn's logits of the checkpoint at `ckpt` on `n` normalized images, `batch` at a time.
+fn burn_logits(ckpt: &Path, images: &[f32], n: usize, batch: usize) -> Result<Vec<f32>> {
+    use burn::tensor::{Tensor, TensorData};
+    let device = burn::tensor::Device::flex();
+    let loaded = crate::convert::load_checkpoint(ckpt, &device)?;
+    let s = &loaded.spec;
+    let shape = [s.in_channels, s.image_size, s.image_size];
+    let per: usize = shape.iter().product();
+    ensure!(
+        images.len() == n * per,
+        "checkpoint {} takes {shape:?} images, the ONNX model's are {} values each",
+        ckpt.display(),
+        images.len() / n.max(1)
+    );
+    let mut out = Vec::with_capacity(n * s.num_classes);
+    for start in (0..n).step_by(batch) {
+        let b = batch.min(n - start);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                images[start * per..(start + b) * per].to_vec(),
+                [b, shape[0], shape[1], shape[2]],
+            ),
+            &device,
+        );
+        let y = loaded.backbone.forward(x);
+        out.extend(
+            y.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        );
+    }
+    Ok(out)
 }
 
 /// The model's normalization from its metadata (identity when absent).
@@ -182,7 +225,7 @@ fn parse_idx(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
 }
 
 /// The first `limit` test images, prepared for the model, and their labels.
-fn idx_images(
+pub(crate) fn idx_images(
     dir: &Path,
     model: &tract_onnx::pb::ModelProto,
     info: &ModelInfo,

@@ -2,8 +2,12 @@
 
 pub mod alpha_search;
 pub mod check_onnx;
+pub mod eval;
+pub mod eval_onnx;
+pub mod export;
 pub mod firmware;
 pub mod import;
+pub mod pack;
 pub mod report;
 pub mod sweep;
 pub mod train;

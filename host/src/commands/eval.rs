@@ -1,0 +1,388 @@
+//! `nvcim eval CKPT`: Monte Carlo robustness evaluation (Algorithm 2) of a trained checkpoint,
+//! with the float engine (Burn, perturbed weights) or the integer CiM engine (the packed model
+//! the firmware runs).
+//!
+//! Both engines follow the contract of [`crate::mc`]: run `r` under seed `s` perturbs weight
+//! layer `l` from `stream(s, r, l)`, one `VariationConfig::sample` per weight in canonical order,
+//! quantized against the layer's `max|W|` (or the model's, `--scale model`). The float engine
+//! classifies with `read_weight` of those draws in `f32`; the integer engine programs the same
+//! draws into its tiles (fixed point) and runs integer inference with calibrated 8-bit
+//! activations, so the two differ only by activation quantization and the tile's fixed point.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, ensure};
+use burn::tensor::Device;
+use clap::Args;
+use nvcim_shared::{
+    exec::{Scratch, count_correct, program},
+    format::{
+        Model,
+        build::{PackConfig, TestBatch, calibrate_with, pack},
+    },
+    quant::{ScaleMode, layer_scale},
+    rng::stream,
+    tile::{Adc, Path as TilePath},
+    variation::VariationConfig,
+};
+
+use crate::{
+    convert::{Loaded, desc_nodes, load_checkpoint, model_desc},
+    data::{self, Batch, Dataset},
+    evaluation::{Engine, EvalOptions, ModelInfo, evaluate},
+    mc::NoisyClassifier,
+    model::{Backbone, correct},
+};
+
+/// Arguments of `nvcim eval`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// A run directory written by `nvcim train` (its best backbone), or a `backbone.bpk` in one.
+    #[arg(required_unless_present = "onnx")]
+    pub checkpoint: Option<PathBuf>,
+    /// Evaluate an external ONNX model instead (through tract; float engine; needs --data-dir).
+    #[arg(long, value_name = "FILE", conflicts_with = "checkpoint")]
+    pub onnx: Option<PathBuf>,
+    /// Dataset directory (default: the one the checkpoint was trained on).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Training images used to calibrate the integer engine's activation scales.
+    #[arg(long, default_value_t = 256)]
+    pub calibration_images: usize,
+    /// The evaluation flags.
+    #[command(flatten)]
+    pub eval: EvalOptions,
+}
+
+/// Runs `nvcim eval`.
+pub fn run(args: &EvalArgs) -> Result<()> {
+    args.eval.check()?;
+    if let Some(onnx) = &args.onnx {
+        return crate::commands::eval_onnx::run(onnx, args);
+    }
+    let ckpt = args
+        .checkpoint
+        .as_deref()
+        .context("give a checkpoint or --onnx FILE")?;
+    let device = Device::flex();
+    let loaded = load_checkpoint(ckpt, &device)?;
+    let (train, test) = loaded.data(args.data_dir.as_deref())?;
+    let test = subset(&test, args.eval.test_subset);
+    let info = model_info(&loaded, ckpt);
+    match args.eval.engine {
+        Engine::Float => {
+            let engine = FloatEngine::new(&loaded.backbone, args.eval.scale_mode(), device)?;
+            let batches = batches(&test);
+            evaluate(&args.eval, &info, &engine, batches.as_slice())?;
+        }
+        Engine::Int => {
+            let var = args.eval.device.variation(0.0)?;
+            let blob = pack_checkpoint(
+                &loaded,
+                &train,
+                &test,
+                args.calibration_images,
+                &PackConfig {
+                    variation: var,
+                    tile_rows: args.eval.tile_rows,
+                    tile_cols: args.eval.tile_cols,
+                    scale_mode: args.eval.scale_mode(),
+                },
+            )?;
+            let engine = IntEngine::new(blob, args.eval.adc_bits)?;
+            evaluate(&args.eval, &info, &engine, &())?;
+        }
+    }
+    Ok(())
+}
+
+/// The first `n` examples of `test` (all when `None` or larger).
+pub fn subset(test: &Dataset, n: Option<usize>) -> Dataset {
+    match n {
+        Some(n) if n < test.len() => test.subset(&(0..n).collect::<Vec<_>>()),
+        _ => test.clone(),
+    }
+}
+
+/// The checkpoint's description for the result files.
+pub fn model_info(loaded: &Loaded, given: &Path) -> ModelInfo {
+    let c = &loaded.config;
+    let method = c["method"].as_str().unwrap_or("unknown").to_string();
+    ModelInfo {
+        checkpoint: given.display().to_string(),
+        model: format!("{:?}", loaded.spec.arch).to_lowercase(),
+        dataset: loaded.dataset.display_name().to_string(),
+        noise_injection: Some(method != "vanilla"),
+        method,
+        alpha: c["alpha"].as_f64(),
+        train_sigma: c["variation"]["sigma"].as_f64().map(|s| s as f32),
+        train_seed: c["seed"].as_u64(),
+        drop_exit: c["drop_exit"].as_u64().map(|d| d as usize),
+    }
+}
+
+/// The test set as normalized batches of at most 256 images.
+pub fn batches(test: &Dataset) -> Vec<Batch> {
+    let idx: Vec<usize> = (0..test.len()).collect();
+    idx.chunks(256)
+        .map(|c| data::make_batch(test, c, None))
+        .collect()
+}
+
+/// The quantization scale of every weight layer (`max|W|` of the layer, or of the model).
+pub fn weight_scales(weights: &[Vec<f32>], mode: ScaleMode) -> Result<Vec<f32>> {
+    let mut scales = weights
+        .iter()
+        .enumerate()
+        .map(|(l, w)| layer_scale(w).with_context(|| format!("weight layer {l}")))
+        .collect::<Result<Vec<f32>>>()?;
+    if mode == ScaleMode::PerModel {
+        let max = scales.iter().copied().fold(0.0f32, f32::max);
+        scales.iter_mut().for_each(|s| *s = max);
+    }
+    Ok(scales)
+}
+
+/// The weights of Monte Carlo run `run` under `seed` (the contract's streams).
+pub fn noisy_weights(
+    clean: &[Vec<f32>],
+    scales: &[f32],
+    var: &VariationConfig,
+    seed: u64,
+    run: u32,
+) -> Result<Vec<Vec<f32>>> {
+    clean
+        .iter()
+        .zip(scales)
+        .enumerate()
+        .map(|(l, (w, &scale))| {
+            let mut out = vec![0.0; w.len()];
+            var.perturb_f32(w, scale, &mut stream(seed, run, l as u32), &mut out)
+                .with_context(|| format!("perturbing weight layer {l}"))?;
+            Ok(out)
+        })
+        .collect()
+}
+
+/// The float engine: the Burn backbone with each run's perturbed weights.
+pub struct FloatEngine {
+    backbone: Mutex<Backbone>,
+    clean: Vec<Vec<f32>>,
+    scales: Vec<f32>,
+    device: Device,
+}
+
+impl FloatEngine {
+    /// An engine over a copy of `backbone`.
+    pub fn new(backbone: &Backbone, mode: ScaleMode, device: Device) -> Result<Self> {
+        let clean = backbone.weights();
+        let scales = weight_scales(&clean, mode)?;
+        Ok(FloatEngine {
+            backbone: Mutex::new(backbone.clone()),
+            clean,
+            scales,
+            device,
+        })
+    }
+
+    fn backbone(&self) -> Backbone {
+        self.backbone
+            .lock()
+            .expect("no engine panics holding the lock")
+            .clone()
+    }
+
+    fn count(&self, b: &Backbone, data: &[Batch]) -> usize {
+        data.iter()
+            .map(|batch| {
+                let (x, _) = data::tensor::to_tensors(batch, &self.device);
+                correct(b.forward(x), &batch.labels)
+            })
+            .sum()
+    }
+
+    /// The backbone with the weights of run `run` under `seed`.
+    pub fn noisy_backbone(&self, var: &VariationConfig, seed: u64, run: u32) -> Result<Backbone> {
+        let noisy = noisy_weights(&self.clean, &self.scales, var, seed, run)?;
+        let mut b = self.backbone();
+        b.set_weights(&noisy)?;
+        Ok(b)
+    }
+}
+
+impl NoisyClassifier for FloatEngine {
+    type Data = [Batch];
+
+    fn num_layers(&self) -> usize {
+        self.clean.len()
+    }
+
+    fn num_examples(&self, data: &[Batch]) -> usize {
+        data.iter().map(|b| b.labels.len()).sum()
+    }
+
+    fn clean(&self, data: &[Batch]) -> Result<usize> {
+        Ok(self.count(&self.backbone(), data))
+    }
+
+    fn run(&self, var: &VariationConfig, seed: u64, run: u32, data: &[Batch]) -> Result<usize> {
+        let b = self.noisy_backbone(var, seed, run)?;
+        Ok(self.count(&b, data))
+    }
+}
+
+/// Packs a checkpoint: IR -> description -> activation scales calibrated on the first
+/// `calibration` training images -> the packed blob, with `test` appended.
+pub fn pack_checkpoint(
+    loaded: &Loaded,
+    train: &Dataset,
+    test: &Dataset,
+    calibration: usize,
+    cfg: &PackConfig,
+) -> Result<Vec<u8>> {
+    ensure!(calibration > 0, "--calibration-images must be at least 1");
+    let net = loaded.network()?;
+    let mut nodes = desc_nodes(&net)?;
+    let n = calibration.min(train.len());
+    let images = &train.images[..n * train.image_bytes()];
+    let act = calibrate_with(&model_desc(&net, &nodes), &[None], images)
+        .map_err(|e| anyhow::anyhow!("calibrating activation scales: {e}"))?;
+    for (node, a) in nodes.iter_mut().zip(act) {
+        node.act_max = a;
+    }
+    let labels: Vec<u16> = test.labels.iter().map(|&l| u16::from(l)).collect();
+    let batch = (!test.is_empty()).then_some(TestBatch {
+        images: &test.images,
+        labels: &labels,
+    });
+    pack(&model_desc(&net, &nodes), cfg, batch)
+        .map_err(|e| anyhow::anyhow!("packing {}: {e}", loaded.path.display()))
+}
+
+/// The integer engine over a packed model and its packed test images.
+pub struct IntEngine {
+    blob: Vec<u8>,
+    path: TilePath,
+}
+
+impl IntEngine {
+    /// An engine over `blob`, with an ideal ADC or one of `adc_bits`.
+    pub fn new(blob: Vec<u8>, adc_bits: Option<u8>) -> Result<Self> {
+        let model = Model::parse(&blob).map_err(|e| anyhow::anyhow!("packed model: {e}"))?;
+        ensure!(
+            model.test_len() > 0,
+            "the packed model holds no test images"
+        );
+        let path = match adc_bits {
+            None => TilePath::Collapsed,
+            Some(bits) => TilePath::Sliced(
+                Adc::with_full_scale(
+                    bits,
+                    nvcim_firmware::mc::adc_full_scale(model.quant(), model.tile_rows()),
+                )
+                .map_err(|e| anyhow::anyhow!("--adc-bits {bits}: {e}"))?,
+            ),
+        };
+        Ok(IntEngine { blob, path })
+    }
+
+    fn model(&self) -> Result<Model<'_>> {
+        Model::parse(&self.blob).map_err(|e| anyhow::anyhow!("packed model: {e}"))
+    }
+
+    fn count(&self, var: &VariationConfig, seed: u64, run: u32) -> Result<usize> {
+        let m = self.model()?;
+        let mut state = vec![0i16; m.state_len(self.path)];
+        program(&m, var, seed, run, self.path, &mut state)
+            .map_err(|e| anyhow::anyhow!("programming run {run}: {e}"))?;
+        let s = m.scratch();
+        let (mut act, mut patch, mut logits) = (
+            vec![0u8; s.act_bytes],
+            vec![0i16; s.patch],
+            vec![0i32; s.logits],
+        );
+        let mut scratch = Scratch {
+            act: &mut act,
+            patch: &mut patch,
+        };
+        count_correct(&m, self.path, &state, &mut scratch, &mut logits)
+            .map_err(|e| anyhow::anyhow!("classifying run {run}: {e}"))
+    }
+}
+
+impl NoisyClassifier for IntEngine {
+    type Data = ();
+
+    fn num_layers(&self) -> usize {
+        self.model().map_or(0, |m| m.layer_count())
+    }
+
+    fn num_examples(&self, _: &()) -> usize {
+        self.model().map_or(0, |m| m.test_len())
+    }
+
+    fn clean(&self, _: &()) -> Result<usize> {
+        let var = self.model()?.variation().with_sigma(0.0)?;
+        self.count(&var, 0, 0)
+    }
+
+    fn run(&self, var: &VariationConfig, seed: u64, run: u32, _: &()) -> Result<usize> {
+        self.count(var, seed, run)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::to_network;
+    use crate::ir::{Normalization, Provenance};
+    use crate::model::{Arch, ModelSpec};
+    use burn::tensor::{Distribution, Tensor};
+    use nvcim_shared::quant::QuantConfig;
+    use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
+
+    #[test]
+    fn float_engine_run_equals_the_networks_noisy_instance() {
+        let spec = ModelSpec {
+            arch: Arch::Resnet18,
+            width: 0.0625,
+            in_channels: 1,
+            image_size: 16,
+            num_classes: 10,
+        };
+        let dev = Device::flex();
+        let b = spec.init_backbone(&dev);
+        let engine = FloatEngine::new(&b, ScaleMode::PerLayer, dev.clone()).unwrap();
+        let var = VariationConfig::new(
+            QuantConfig::new(8, 2).unwrap(),
+            0.5,
+            SigmaUnit::Range,
+            Profile::Uniform,
+            Faults::NONE,
+        )
+        .unwrap();
+        let noisy = engine.noisy_backbone(&var, 7, 3).unwrap();
+        let net = to_network(&b, &spec, Normalization::identity(1), Provenance::default())
+            .unwrap()
+            .noisy_instance(&var, 7, 3)
+            .unwrap();
+        let x = Tensor::<4>::random([3, 1, 16, 16], Distribution::Default, &dev);
+        let input: Vec<f32> = x.clone().into_data().try_to_vec::<f32>().unwrap();
+        let want: Vec<f32> = noisy.forward(x).into_data().try_to_vec::<f32>().unwrap();
+        let got = net.forward(&input, 3).unwrap();
+        let diff = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // Random init: BatchNorm is the identity, so logits grow with depth; compare relatively.
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff < 1e-5 * scale,
+            "max diff {diff} at logit scale {scale}"
+        );
+        // And the weights differ from the clean ones (the test can fail).
+        assert_ne!(noisy.weights(), b.weights());
+    }
+}
