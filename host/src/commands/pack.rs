@@ -34,6 +34,10 @@ pub struct PackArgs {
     /// Training images used to calibrate the activation scales.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub calibration_images: usize,
+    /// Also calibrate on noisy runs at this sigma (in --sigma-unit), so that device variation
+    /// does not clip the 8-bit activations; 0 calibrates on the clean weights only.
+    #[arg(long, value_name = "SIGMA", default_value_t = 0.4)]
+    pub calibration_sigma: f32,
     /// Dataset directory (default: the one the checkpoint was trained on).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -80,6 +84,7 @@ pub fn run(args: &PackArgs) -> Result<()> {
             tile_cols: args.tile_cols,
             scale_mode,
         },
+        args.calibration_sigma,
     )?;
     let model = Model::parse(&blob).map_err(|e| anyhow::anyhow!("the packed model: {e}"))?;
     write_atomic(&args.output, &blob)
