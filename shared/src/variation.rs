@@ -382,48 +382,6 @@ impl VariationConfig {
         }
     }
 
-    /// The collapsed fixed-point magnitude read back from one weight's devices,
-    /// `sum_j 2^(jN) * ((g_j << F) + round(dg_j * 2^F))`, without the sign: the same draws and
-    /// the same bits as `self.sample(q, rng).devices_fixed(cfg, F)` summed, but without building
-    /// a [`Readout`] (this is the tile-programming hot path on the Cortex-M).
-    ///
-    /// Bound: `|result| <= (2^M - 1 + sum_j 2^(jN) |dg_j|) * 2^F`. With M <= 8 and F <= 16 it
-    /// fits `i32` while `sum_j 2^(jN) |dg_j| < 2^14` levels; a realistic sample is a few levels
-    /// per device (sigma = 1 in `range` is 3 levels, so 10 sigma on every device of an 8/2 weight
-    /// is 2550). Beyond that the sum wraps instead of panicking.
-    #[inline]
-    pub fn collapsed_fixed(&self, q: Quantized, rng: &mut impl RngCore, frac_bits: u32) -> i32 {
-        let cfg = self.quant;
-        let n = u32::from(cfg.n_bits());
-        let scaled_sd = self.device_sigma(q.magnitude) * (1u32 << frac_bits) as f32;
-        let mut acc = i32::from(q.magnitude) << frac_bits;
-        if !self.faults.any() {
-            for j in 0..cfg.slices() as u32 {
-                acc = acc.wrapping_add(round_fixed(scaled_sd * standard_normal(rng)) << (j * n));
-            }
-            return acc;
-        }
-        let (t_low, t_high) = self.thresholds;
-        let top = i32::from(cfg.max_level());
-        for (j, l) in slice_unchecked(q.magnitude, cfg)
-            .levels()
-            .iter()
-            .enumerate()
-        {
-            let g = i32::from(l.get());
-            let u = u64::from(rng.next_u32());
-            let d = if u < t_low {
-                -g << frac_bits
-            } else if u < t_high {
-                (top - g) << frac_bits
-            } else {
-                round_fixed(scaled_sd * standard_normal(rng))
-            };
-            acc = acc.wrapping_add(d << (j as u32 * n));
-        }
-        acc
-    }
-
     /// Perturbs a float layer in place of `out`: `out[i] = w[i] + delta_i`, where `delta_i` is
     /// the read-back error of weight `i`'s devices (quantized against `scale`), drawn from `rng`.
     /// This is the float engine's noisy weight; [`Self::perturb_quantized`] gives the integer
@@ -683,22 +641,7 @@ mod tests {
     }
 
     #[test]
-    fn collapsed_fixed_equals_the_readout_path() {
-        let c = QuantConfig::DEFAULT;
-        for faults in [Faults::NONE, Faults::new(0.1, 0.05).unwrap()] {
-            let var =
-                VariationConfig::new(c, 0.5, SigmaUnit::Range, Profile::Fefet2, faults).unwrap();
-            let (mut a, mut b) = (stream(5, 1, 0), stream(5, 1, 0));
-            for m in 0..=255u16 {
-                let q = Quantized {
-                    negative: m % 3 == 0,
-                    magnitude: m,
-                };
-                let dev = var.sample(q, &mut a).devices_fixed(c, 6);
-                let want: i32 = dev[..4].iter().enumerate().map(|(j, d)| d << (2 * j)).sum();
-                assert_eq!(var.collapsed_fixed(q, &mut b, 6), want, "{m}");
-            }
-        }
+    fn round_fixed_rounds_half_away_and_saturates() {
         assert_eq!(round_fixed(2.5), 3);
         assert_eq!(round_fixed(-2.5), -3);
         assert_eq!(round_fixed(-0.4), 0);
