@@ -1,12 +1,16 @@
-//! Latency (batch 1) and throughput (batch 128) of a VGG-8 at width 0.25 exported from the IR,
-//! in tract and in ONNX Runtime, measured in the same run. (Burn joins when checkpoints are
-//! connected.) ONNX Runtime runs with its default thread count, tract on one thread.
+//! Latency (batch 1) and throughput (batch 128) of the VGG-8 backbone at width 0.25 (3 x 32 x 32,
+//! random init): Burn (flex, the backbone `nvcim eval` runs) vs its ONNX export in tract and in
+//! ONNX Runtime, measured in the same run. Burn and ONNX Runtime use their default thread pools
+//! (both cores), tract one thread.
 //!
 //! `cargo bench -p nvcim --bench onnx_runtimes` (needs `cargo xtask setup` for ONNX Runtime).
 
+use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use nvcim::{
-    ir::{Network, RandomArch},
+    convert::to_network,
+    ir::{Normalization, Provenance},
+    model::{Arch, ModelSpec},
     onnx::{
         export::{ExportOptions, export},
         run::{OrtRunner, TractRunner},
@@ -15,7 +19,22 @@ use nvcim::{
 use nvcim_shared::rng::{Purpose, standard_normal, stream_for};
 
 fn runtimes(c: &mut Criterion) {
-    let net = Network::vgg8(&RandomArch::new(3, 0.25)).expect("VGG-8 builds");
+    let spec = ModelSpec {
+        arch: Arch::Vgg8,
+        width: 0.25,
+        in_channels: 3,
+        image_size: 32,
+        num_classes: 10,
+    };
+    let dev = Device::flex();
+    let backbone = spec.init_backbone(&dev);
+    let net = to_network(
+        &backbone,
+        &spec,
+        Normalization::identity(3),
+        Provenance::default(),
+    )
+    .expect("the Burn backbone converts");
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("vgg8-w0.25.onnx");
     export(&net, &ExportOptions::default(), &path).expect("export");
@@ -26,12 +45,44 @@ fn runtimes(c: &mut Criterion) {
     let mut rng = stream_for(Purpose::Host, 0, 0, 0);
     let x: Vec<f32> = (0..128 * per).map(|_| standard_normal(&mut rng)).collect();
 
+    // The three compute the same function (else the comparison means nothing).
+    let burn1: Vec<f32> = backbone
+        .forward(Tensor::<4>::from_data(
+            TensorData::new(x[..per].to_vec(), [1, 3, 32, 32]),
+            &dev,
+        ))
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 logits");
+    for (name, logits) in [
+        ("tract", tract.run(&x[..per], 1).expect("tract runs")),
+        (
+            "onnxruntime",
+            ort.run(&x[..per], 1).expect("onnxruntime runs"),
+        ),
+    ] {
+        let d = burn1
+            .iter()
+            .zip(&logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = burn1.iter().fold(1f32, |m, v| m.max(v.abs()));
+        assert!(d <= 1e-4 * scale, "{name} differs from Burn by {d}");
+    }
+
     let mut group = c.benchmark_group("vgg8_w0.25");
     group.sample_size(10);
     for batch in [1usize, 128] {
         let input = &x[..batch * per];
         group.throughput(Throughput::Elements(batch as u64));
         tract.prepare(batch).expect("tract plan");
+        group.bench_with_input(BenchmarkId::new("burn", batch), &batch, |b, &n| {
+            b.iter(|| {
+                let x =
+                    Tensor::<4>::from_data(TensorData::new(input.to_vec(), [n, 3, 32, 32]), &dev);
+                backbone.forward(x).into_data()
+            })
+        });
         group.bench_with_input(BenchmarkId::new("tract", batch), &batch, |b, &n| {
             b.iter(|| tract.run(input, n).expect("tract runs"))
         });

@@ -1,4 +1,5 @@
-//! Monte Carlo inference on the firmware (issue 7): a small conv model packed here, booted in
+//! Monte Carlo inference on the firmware (issue 7): a small conv model packed here and the
+//! checked-in reference model (`models/`), booted in
 //! QEMU with mc 5 under two seeds and sigmas, every run's correct count and the summary equal
 //! to the host integer engine's; the simulated path prints the same lines; a flipped byte is
 //! exit 3 with the parser's message, without a hang.
@@ -174,4 +175,58 @@ fn emulated_runs_equal_the_host_engine_and_the_simulation() {
             "{how:?}: {stdout}"
         );
     }
+}
+
+/// The checked-in reference model (`models/`, VGG-8 w0.25 trained by nvcim with nft), the
+/// model-card configuration and another seed and sigma: QEMU exits 0, every run and the summary
+/// equal the host integer engine's, and the lines equal the golden file
+/// `firmware/tests/expected/run_reference.txt` (rewritten only under `NVCIM_BLESS=1`).
+#[test]
+fn reference_model_in_qemu_equals_the_host_and_the_golden_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join("models/vgg8-w0.25-fmnist-nft.cimb");
+    let blob = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let model = nvcim_shared::format::Model::parse(&blob).expect("the reference model parses");
+    let images = model.test_len() as u32;
+    assert!(images >= 16, "the reference model carries its test batch");
+    if let Err(e) = find_qemu() {
+        println!("SKIPPED: {e:#}");
+        return;
+    }
+    let elf = firmware_elf(Build::Always).expect("building the firmware");
+    let mut all = Vec::new();
+    for (seed, sigma) in [(1, "0.4"), (2027, "0.6")] {
+        let w = words(seed, sigma);
+        let out = QemuRun::new(&elf)
+            .args(w.iter().map(String::as_str))
+            .blob(&path)
+            .timeout(Duration::from_secs(600))
+            .run()
+            .expect("running QEMU");
+        let text = out.lines.join("\n");
+        assert_eq!(
+            out.exit_code(),
+            Some(ExitCode::Ok),
+            "{text}\n{}",
+            out.stderr
+        );
+        let host = host_counts(&blob, &w).unwrap();
+        let a = compare(&out.lines, &host, images);
+        assert!(a.problems.is_empty(), "{:?}\n{text}", a.problems);
+        assert_eq!(a.agreeing, 5, "{text}");
+        all.extend(mc_lines(&out.lines));
+    }
+    let text = all.join("\n") + "\n";
+    let golden = root.join("firmware/tests/expected/run_reference.txt");
+    if std::env::var_os("NVCIM_BLESS").is_some_and(|v| v == "1") {
+        std::fs::write(&golden, &text).unwrap();
+        println!("blessed {}", golden.display());
+    }
+    let want = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; create it with NVCIM_BLESS=1 cargo test -p nvcim --release --test firmware_run",
+            golden.display()
+        )
+    });
+    assert_eq!(text, want, "lines differ from {}", golden.display());
 }

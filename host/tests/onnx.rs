@@ -4,10 +4,11 @@
 //! Needs the `.venv` made by `cargo xtask setup` (Python `onnx` for the checker, the
 //! `onnxruntime` wheel's library for `ort`); without it these tests fail and say so.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::Path, process::Command};
+
+mod common;
+
+use common::{check_with_onnx_checker, run_checker};
 
 use nvcim::{
     ir::{Network, RandomArch},
@@ -16,7 +17,7 @@ use nvcim::{
         mc::{accuracy, onnx_mc, perturbed_model, weight_layers},
         read_model,
         run::{OrtRunner, TractRunner},
-        venv_python, write_model,
+        write_model,
     },
 };
 use nvcim_shared::{
@@ -49,33 +50,6 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-/// Runs `onnx.checker.check_model(full_check=True)` on every file with the `.venv` Python.
-fn check_with_onnx_checker(files: &[PathBuf]) {
-    let out = run_checker(files);
-    assert!(
-        out.status.success(),
-        "onnx.checker failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        files.len()
-    );
-}
-
-fn run_checker(files: &[PathBuf]) -> std::process::Output {
-    let python = venv_python()
-        .unwrap_or_else(|e| panic!("{e:#}; the ONNX tests need it (run `cargo xtask setup`)"));
-    let script = "import sys, onnx\nfor p in sys.argv[1:]:\n    onnx.checker.check_model(onnx.load(p), full_check=True)\n    print('ok', p)\n";
-    Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .args(files)
-        .output()
-        .expect("running the venv python")
 }
 
 #[test]

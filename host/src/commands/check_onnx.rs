@@ -7,10 +7,7 @@
 //! normalized with the model's `nvcim.normalization.*` metadata; or they are `--random N`
 //! standard-normal inputs from the host stream of `--seed`.
 
-use std::{
-    io::Read,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
@@ -171,59 +168,6 @@ fn normalization(
     ))
 }
 
-/// Reads `stem` or `stem.gz` from `dir`.
-fn read_idx(dir: &Path, stem: &str) -> Result<(PathBuf, Vec<u8>)> {
-    for name in [stem.to_string(), format!("{stem}.gz")] {
-        let p = dir.join(&name);
-        if !p.is_file() {
-            continue;
-        }
-        let raw = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-        let bytes = if name.ends_with(".gz") {
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(raw.as_slice())
-                .read_to_end(&mut out)
-                .with_context(|| format!("decompressing {}", p.display()))?;
-            out
-        } else {
-            raw
-        };
-        return Ok((p, bytes));
-    }
-    bail!(
-        "no {stem}[.gz] in {}; pass --data-dir with MNIST-style IDX test files (e.g. \
-         /usr/share/datasets/fashion-mnist after `cargo xtask setup`)",
-        dir.display()
-    )
-}
-
-/// Parses an IDX file of unsigned bytes: its dimensions and data.
-fn parse_idx(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bad = || format!("{} is not an IDX file of unsigned bytes", path.display());
-    ensure!(
-        bytes.len() >= 4 && bytes[0] == 0 && bytes[1] == 0 && bytes[2] == 8,
-        "{}",
-        bad()
-    );
-    let rank = usize::from(bytes[3]);
-    ensure!(bytes.len() >= 4 + 4 * rank, "{} (truncated header)", bad());
-    let dims: Vec<usize> = (0..rank)
-        .map(|i| {
-            let b = &bytes[4 + 4 * i..8 + 4 * i];
-            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
-        })
-        .collect();
-    let n: usize = dims.iter().product();
-    let data = &bytes[4 + 4 * rank..];
-    ensure!(
-        data.len() == n,
-        "{} has {} data bytes for dimensions {dims:?} (truncated?)",
-        path.display(),
-        data.len()
-    );
-    Ok((dims, data.to_vec()))
-}
-
 /// The first `limit` test images, prepared for the model, and their labels.
 pub(crate) fn idx_images(
     dir: &Path,
@@ -231,21 +175,18 @@ pub(crate) fn idx_images(
     info: &ModelInfo,
     limit: usize,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    let (ip, ib) = read_idx(dir, "t10k-images-idx3-ubyte")?;
-    let (lp, lb) = read_idx(dir, "t10k-labels-idx1-ubyte")?;
-    let (idims, pixels) = parse_idx(&ib, &ip)?;
-    let (ldims, labels) = parse_idx(&lb, &lp)?;
-    ensure!(
-        idims.len() == 3,
-        "{}: expected [n, rows, cols], found {idims:?}",
-        ip.display()
-    );
-    ensure!(
-        ldims.len() == 1 && ldims[0] == idims[0],
-        "{} has {ldims:?} labels for {} images",
-        lp.display(),
-        idims[0]
-    );
+    let find = |stem: &str| {
+        crate::data::idx::find(dir, stem).with_context(|| {
+            format!(
+                "no {stem}[.gz] in {}; pass --data-dir with MNIST-style IDX test files (e.g. \
+                 /usr/share/datasets/fashion-mnist after `cargo xtask setup`)",
+                dir.display()
+            )
+        })
+    };
+    let ip = find("t10k-images-idx3-ubyte")?;
+    let (img, labels) = crate::data::idx::read_pair(&ip, &find("t10k-labels-idx1-ubyte")?)?;
+    let (idims, pixels) = (img.dims, img.data);
     let [c, h, w] = info.image;
     let (rows, cols) = (idims[1], idims[2]);
     ensure!(

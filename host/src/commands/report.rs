@@ -349,7 +349,8 @@ fn accuracy_table(
 fn method_label(e: &Entry) -> String {
     let c = &e.report.config;
     let mut s = format!("{} {} {}", c.dataset, c.model, c.method);
-    if let Some(a) = c.alpha {
+    // Alpha only means something for negative feedback (nft, nft-ovf).
+    if let Some(a) = c.alpha.filter(|_| c.method.starts_with("nft")) {
         write!(s, " α={a}").expect("writing to a String");
     }
     if c.method != "vanilla" && !e.noise_injection() {
@@ -376,11 +377,18 @@ fn group_by<'a>(
 
 /// Table II.
 pub fn table2(entries: &[Entry], m: Match) -> Result<Table> {
+    // With `--match any`, runs trained at different sigmas are different rows.
     let groups = group_by(
         entries
             .iter()
             .filter(|e| e.report.config.drop_exit.is_none()),
-        method_label,
+        |e| {
+            let mut s = method_label(e);
+            if m == Match::Any && e.noise_injection() {
+                write!(s, " trained σ={}", e.train_sigma()).expect("writing to a String");
+            }
+            s
+        },
     );
     ensure!(!groups.is_empty(), "no runs for Table II");
     accuracy_table(
