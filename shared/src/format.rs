@@ -868,8 +868,17 @@ impl<'a> Model<'a> {
         } else {
             0
         };
-        let start = op.weights_start;
-        (start..start + n).map(move |i| self.weight(i))
+        // `parse` checked that every layer's range lies in the weight section; a range that
+        // does not (an `Op` not from this model) yields no weights.
+        let at = self.weights_at + 2 * op.weights_start;
+        let bytes = self.bytes.get(at..at + 2 * n).unwrap_or(&[]);
+        bytes.chunks_exact(2).map(|c| {
+            let v = u16::from_le_bytes([c[0], c[1]]);
+            Quantized {
+                negative: v & 0x8000 != 0,
+                magnitude: v & 0x7FFF,
+            }
+        })
     }
 
     /// Crossbar tiles a weighted op occupies, `ceil(fan_in / rows) * ceil(outputs / cols)`
