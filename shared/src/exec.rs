@@ -19,7 +19,7 @@
 //! two products are below `2^31` each: `i64` throughout.
 
 use crate::error::{Error, Result};
-use crate::format::{ActKind, Model, Op, OpKind, Requant, Shape, Tensor};
+use crate::format::{ActKind, Model, Op, OpKind, Records, Requant, Shape, Tensor};
 use crate::rng::stream;
 use crate::tile::{
     ACC_LIMIT, DotKernel, Path, Plain, dot_collapsed_with, dot_sliced_with, program_layer,
@@ -186,7 +186,7 @@ pub fn infer_with<K: DotKernel>(
                     path,
                     weights: w,
                     fan_in,
-                    params: op.params_start,
+                    records: model.records(op.params_start, op.out.c),
                 };
                 if op.kind == OpKind::Conv {
                     conv::<K>(&layer, &op, xs, &x, scratch.patch, &mut sink);
@@ -354,16 +354,52 @@ impl Sink<'_> {
     }
 }
 
-/// A weighted op's programmed state and records.
+/// A weighted op's programmed state and its records, resolved once per layer.
 struct Layer<'m, 's> {
     model: &'m Model<'m>,
     path: Path,
     weights: &'s [i16],
     fan_in: usize,
-    params: usize,
+    records: Records<'m>,
 }
 
 impl Layer<'_, '_> {
+    /// Output channels `o` and `o + 1` on the collapsed path, requantized: one
+    /// [`DotKernel::dot_rows2`] over the patch.
+    #[inline]
+    fn output_pair<K: DotKernel>(&self, o: usize, patch: &[i16]) -> [i64; 2] {
+        let k = self.fan_in;
+        let row = |o: usize| self.weights.get(o * k..(o + 1) * k).unwrap_or(&[]);
+        let acc = K::dot_rows2([row(o), row(o + 1)], patch, self.model.tile_rows());
+        [
+            requant(acc[0], self.records.get(o)),
+            requant(acc[1], self.records.get(o + 1)),
+        ]
+    }
+
+    /// Every output channel over the patch, requantized, into `put(o, value)`: pairs through
+    /// [`Self::output_pair`] on the collapsed path, then one at a time.
+    #[inline]
+    fn outputs<K: DotKernel>(
+        &self,
+        channels: usize,
+        patch: &[i16],
+        mut put: impl FnMut(usize, i64),
+    ) {
+        let mut o = 0;
+        if self.path == Path::Collapsed {
+            while o + 2 <= channels {
+                let [a, b] = self.output_pair::<K>(o, patch);
+                put(o, a);
+                put(o + 1, b);
+                o += 2;
+            }
+        }
+        for o in o..channels {
+            put(o, self.output::<K>(o, patch));
+        }
+    }
+
     /// Output channel `o`'s accumulator over the patch, requantized.
     #[inline]
     fn output<K: DotKernel>(&self, o: usize, patch: &[i16]) -> i64 {
@@ -382,7 +418,7 @@ impl Layer<'_, '_> {
                 dot_sliced_with::<K>(w, patch, s, q.n_bits(), rows, adc)
             }
         };
-        requant(acc, self.model.record(self.params + o))
+        requant(acc, self.records.get(o))
     }
 }
 
@@ -446,9 +482,7 @@ fn conv<K: DotKernel>(
                     }
                 }
             }
-            for o in 0..oc {
-                sink.put((o * oh + oy) * ow + ox, l.output::<K>(o, patch));
-            }
+            l.outputs::<K>(oc, patch, |o, v| sink.put((o * oh + oy) * ow + ox, v));
         }
     }
 }
@@ -469,9 +503,7 @@ fn linear<K: DotKernel>(
     for (p, &b) in patch.iter_mut().zip(xs) {
         *p = value(x.kind, b);
     }
-    for o in 0..op.out.c {
-        sink.put(o, l.output::<K>(o, patch));
-    }
+    l.outputs::<K>(op.out.c, patch, |o, v| sink.put(o, v));
 }
 
 fn windows(op: &Op, x: &Tensor, mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>)) {

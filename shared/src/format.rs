@@ -240,6 +240,27 @@ pub struct Requant {
     pub bias: i64,
 }
 
+/// Consecutive requantization records of a model ([`Model::records`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Records<'a> {
+    bytes: &'a [u8],
+}
+
+impl Records<'_> {
+    /// Record `i` of the range (zeroes when out of range, as [`Model::record`]).
+    #[inline]
+    pub fn get(&self, i: usize) -> Requant {
+        match self.bytes.get(i * RECORD_LEN..(i + 1) * RECORD_LEN) {
+            Some(b) => Requant {
+                m: i32_at(b, 0),
+                shift: u32_at(b, 4),
+                bias: i64_at(b, 8),
+            },
+            None => Requant::default(),
+        }
+    }
+}
+
 /// A tensor of the op graph: where it lives and what it holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tensor {
@@ -846,6 +867,20 @@ impl<'a> Model<'a> {
             m: i32_at(self.bytes, at),
             shift: u32_at(self.bytes, at + 4),
             bias: i64_at(self.bytes, at + 8),
+        }
+    }
+
+    /// Records `start .. start + n`, resolved once: what [`Self::record`]`(start + i)` gives
+    /// for `i < n`, read from a slice without re-checking the model (an executor's per-layer
+    /// preload).
+    pub fn records(&self, start: usize, n: usize) -> Records<'a> {
+        let end = start.saturating_add(n).min(self.n_params);
+        let at = self.params_at + start.min(end) * RECORD_LEN;
+        Records {
+            bytes: self
+                .bytes
+                .get(at..self.params_at + end * RECORD_LEN)
+                .unwrap_or(&[]),
         }
     }
 

@@ -401,6 +401,14 @@ pub trait DotKernel {
         }
         acc
     }
+
+    /// Two collapsed rows against the same inputs: `[dot_row(w[0], x, rows), dot_row(w[1], x,
+    /// rows)]`, the same bits. The executor calls it for pairs of output channels so that a
+    /// kernel can load each input word once for both rows and pay its set-up once per pair.
+    #[inline]
+    fn dot_rows2(w: [&[i16]; 2], x: &[i16], rows: usize) -> [i64; 2] {
+        [Self::dot_row(w[0], x, rows), Self::dot_row(w[1], x, rows)]
+    }
 }
 
 /// The portable reference kernel, a plain reduction that LLVM vectorizes (`pmaddwd` on x86).

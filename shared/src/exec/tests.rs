@@ -1208,3 +1208,24 @@ fn count_correct_counts_matching_labels() {
         );
     }
 }
+
+#[test]
+fn preloaded_records_equal_the_model_records() {
+    let blob = small_blob();
+    let model = Model::parse(&blob).unwrap();
+    let n = (0..model.op_count())
+        .map(|i| model.op(i).unwrap().params_start + 1)
+        .max()
+        .unwrap();
+    for start in [0, 1, n / 2, n - 1, n, n + 3] {
+        let r = model.records(start, 5);
+        for i in 0..7 {
+            let want = if i < 5 {
+                model.record(start + i)
+            } else {
+                Requant::default()
+            };
+            assert_eq!(r.get(i), want, "start {start} record {i}");
+        }
+    }
+}
