@@ -453,6 +453,28 @@ fn conv<K: DotKernel>(
             // The window's first column; out of range (wrapped) when it starts in the padding.
             let x0 = (ox * op.stride).wrapping_sub(op.pad);
             let inside = x0 < iw && x0 + kw <= iw;
+            let y0 = (oy * op.stride).wrapping_sub(op.pad);
+            if inside && y0 < ih && y0 + op.kh <= ih {
+                // The window lies wholly inside the image: a straight widening copy per row.
+                let window = Window {
+                    channels: ic,
+                    kh: op.kh,
+                    plane: ih * iw,
+                    iw,
+                    at: y0 * iw + x0,
+                };
+                let done = match (kw, x.kind == ActKind::U8) {
+                    (3, true) => window.gather(xs, patch, 3, false),
+                    (3, false) => window.gather(xs, patch, 3, true),
+                    (_, true) => window.gather(xs, patch, kw, false),
+                    (_, false) => window.gather(xs, patch, kw, true),
+                };
+                if done {
+                    l.outputs::<K>(oc, patch, |o, v| sink.put((o * oh + oy) * ow + ox, v));
+                    continue;
+                }
+            }
+            // A window that reaches into the padding (or, for a corrupt model, the arena's end).
             for c in 0..ic {
                 for ky in 0..op.kh {
                     let iy = (oy * op.stride + ky).wrapping_sub(op.pad);
@@ -484,6 +506,45 @@ fn conv<K: DotKernel>(
             }
             l.outputs::<K>(oc, patch, |o, v| sink.put((o * oh + oy) * ow + ox, v));
         }
+    }
+}
+
+/// A convolution window wholly inside the image (no padding): `channels * kh` rows of `kw`
+/// inputs, row `(c, ky)` starting at `c * plane + at + ky * iw`.
+struct Window {
+    channels: usize,
+    kh: usize,
+    plane: usize,
+    iw: usize,
+    at: usize,
+}
+
+impl Window {
+    /// Widens the window into `patch` in canonical order (`[c][ky][kx]`), the values of the
+    /// general gather; `false` (with `patch` partly written) when a row is out of the arena.
+    /// Inlined with a constant `kw` (3) and `signed`, a row is three loads and three stores.
+    #[inline(always)]
+    fn gather(&self, xs: &[u8], patch: &mut [i16], kw: usize, signed: bool) -> bool {
+        let mut rows = patch.chunks_exact_mut(kw);
+        for c in 0..self.channels {
+            let Some(ch) = xs.get(c * self.plane + self.at..) else {
+                return false;
+            };
+            for ky in 0..self.kh {
+                let (Some(dst), Some(src)) = (rows.next(), ch.get(ky * self.iw..ky * self.iw + kw))
+                else {
+                    return false;
+                };
+                for (d, &b) in dst.iter_mut().zip(src) {
+                    *d = if signed {
+                        i16::from(b as i8)
+                    } else {
+                        i16::from(b)
+                    };
+                }
+            }
+        }
+        true
     }
 }
 
