@@ -108,7 +108,9 @@ impl nvcim_shared::tile::DotKernel for Smlad {
 /// [`dot_row`] of two weight rows against the same inputs, `[dot_row(w[0], x), dot_row(w[1],
 /// x)]` bit for bit, under the same bound. On the M4 one pass loads each input word once for
 /// both rows (5 LDM and 8 SMLAD per 16 MACs) when both rows have `x`'s length and its
-/// alignment modulo 4 bytes; otherwise, and elsewhere, two [`dot_row`]s.
+/// alignment modulo 4 bytes, a scalar loop for rows shorter than 16 (a first layer's 3x3
+/// window, where any set-up costs more than the MACs); otherwise, and elsewhere, two
+/// [`dot_row`]s.
 #[inline]
 pub fn dot_rows2(w: [&[i16]; 2], x: &[i16], rows: usize) -> [i64; 2] {
     #[cfg(all(target_arch = "arm", target_os = "none"))]
@@ -269,6 +271,10 @@ mod smlad {
         let n = x.len();
         let px = x.as_ptr() as usize;
         let aligned = |w: &[i16]| w.as_ptr() as usize % 4 == px % 4;
+        if n < 16 {
+            // Short rows (a first layer's 3x3 window): the inline scalar loop beats any set-up.
+            return [i64::from(tail(0, w0, x)), i64::from(tail(0, w1, x))];
+        }
         if w0.len() != n || w1.len() != n || !aligned(w0) || !aligned(w1) {
             return [dot_row(w0, x), dot_row(w1, x)];
         }

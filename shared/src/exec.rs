@@ -308,12 +308,15 @@ fn value(kind: ActKind, b: u8) -> i16 {
     }
 }
 
+/// `(v + 2^(shift-1)) >> shift` (round half up), computed as `((v >> (shift-1)) + 1) >> 1`:
+/// with `v = q 2^(s-1) + r`, `0 <= r < 2^(s-1)`, both are `floor((q + 1) / 2)`, and the second
+/// needs no 64-bit constant (one variable shift instead of two on the Cortex-M).
 #[inline]
 fn shift_round(v: i64, shift: u32) -> i64 {
     if shift == 0 {
         v
     } else {
-        (v + (1i64 << (shift - 1))) >> shift
+        ((v >> (shift - 1)) + 1) >> 1
     }
 }
 
@@ -324,6 +327,14 @@ pub fn requant(acc: i64, r: Requant) -> i64 {
         acc.clamp(-ACC_LIMIT, ACC_LIMIT) * i64::from(r.m) + r.bias,
         r.shift,
     )
+}
+
+/// [`requant`] of an accumulator already within `±ACC_LIMIT`, where its clamp is the identity:
+/// the collapsed path's, `|acc| <= 65536 * 255 * 32768 < 2^39` for any `i16` state and `u8` or
+/// `i8` inputs over the format's largest fan-in.
+#[inline]
+fn requant_in_bound(acc: i64, r: Requant) -> i64 {
+    shift_round(acc * i64::from(r.m) + r.bias, r.shift)
 }
 
 /// Where an op's outputs go: the arena (saturated to `u8` or `i8`) or the logits.
@@ -364,21 +375,8 @@ struct Layer<'m, 's> {
 }
 
 impl Layer<'_, '_> {
-    /// Output channels `o` and `o + 1` on the collapsed path, requantized: one
-    /// [`DotKernel::dot_rows2`] over the patch.
-    #[inline]
-    fn output_pair<K: DotKernel>(&self, o: usize, patch: &[i16]) -> [i64; 2] {
-        let k = self.fan_in;
-        let row = |o: usize| self.weights.get(o * k..(o + 1) * k).unwrap_or(&[]);
-        let acc = K::dot_rows2([row(o), row(o + 1)], patch, self.model.tile_rows());
-        [
-            requant(acc[0], self.records.get(o)),
-            requant(acc[1], self.records.get(o + 1)),
-        ]
-    }
-
-    /// Every output channel over the patch, requantized, into `put(o, value)`: pairs through
-    /// [`Self::output_pair`] on the collapsed path, then one at a time.
+    /// Every output channel over the patch, requantized, into `put(o, value)`: on the collapsed
+    /// path pairs of rows through one [`DotKernel::dot_rows2`], then one at a time.
     #[inline]
     fn outputs<K: DotKernel>(
         &self,
@@ -387,11 +385,14 @@ impl Layer<'_, '_> {
         mut put: impl FnMut(usize, i64),
     ) {
         let mut o = 0;
-        if self.path == Path::Collapsed {
-            while o + 2 <= channels {
-                let [a, b] = self.output_pair::<K>(o, patch);
-                put(o, a);
-                put(o + 1, b);
+        let k = self.fan_in;
+        if self.path == Path::Collapsed && k > 0 {
+            let rows = self.model.tile_rows();
+            for pair in self.weights.chunks_exact(2 * k).take(channels / 2) {
+                let (w0, w1) = pair.split_at(k);
+                let acc = K::dot_rows2([w0, w1], patch, rows);
+                put(o, requant_in_bound(acc[0], self.records.get(o)));
+                put(o + 1, requant_in_bound(acc[1], self.records.get(o + 1)));
                 o += 2;
             }
         }
@@ -458,16 +459,15 @@ fn conv<K: DotKernel>(
                 // The window lies wholly inside the image: a straight widening copy per row.
                 let window = Window {
                     channels: ic,
-                    kh: op.kh,
                     plane: ih * iw,
                     iw,
                     at: y0 * iw + x0,
                 };
-                let done = match (kw, x.kind == ActKind::U8) {
-                    (3, true) => window.gather(xs, patch, 3, false),
-                    (3, false) => window.gather(xs, patch, 3, true),
-                    (_, true) => window.gather(xs, patch, kw, false),
-                    (_, false) => window.gather(xs, patch, kw, true),
+                let done = match (op.kh, kw, x.kind == ActKind::U8) {
+                    (3, 3, true) => window.gather(xs, patch, 3, 3, false),
+                    (3, 3, false) => window.gather(xs, patch, 3, 3, true),
+                    (kh, _, true) => window.gather(xs, patch, kh, kw, false),
+                    (kh, _, false) => window.gather(xs, patch, kh, kw, true),
                 };
                 if done {
                     l.outputs::<K>(oc, patch, |o, v| sink.put((o * oh + oy) * ow + ox, v));
@@ -513,7 +513,6 @@ fn conv<K: DotKernel>(
 /// inputs, row `(c, ky)` starting at `c * plane + at + ky * iw`.
 struct Window {
     channels: usize,
-    kh: usize,
     plane: usize,
     iw: usize,
     at: usize,
@@ -522,20 +521,26 @@ struct Window {
 impl Window {
     /// Widens the window into `patch` in canonical order (`[c][ky][kx]`), the values of the
     /// general gather; `false` (with `patch` partly written) when a row is out of the arena.
-    /// Inlined with a constant `kw` (3) and `signed`, a row is three loads and three stores.
+    /// Inlined with constant `kh`, `kw` (3 x 3) and `signed`, a channel's window is one range
+    /// check, nine loads and nine stores.
     #[inline(always)]
-    fn gather(&self, xs: &[u8], patch: &mut [i16], kw: usize, signed: bool) -> bool {
-        let mut rows = patch.chunks_exact_mut(kw);
-        for c in 0..self.channels {
-            let Some(ch) = xs.get(c * self.plane + self.at..) else {
+    fn gather(&self, xs: &[u8], patch: &mut [i16], kh: usize, kw: usize, signed: bool) -> bool {
+        if kh * kw == 0 || patch.len() < self.channels * kh * kw {
+            return false;
+        }
+        let span = (kh - 1) * self.iw + kw;
+        for (c, dst) in patch
+            .chunks_exact_mut(kh * kw)
+            .take(self.channels)
+            .enumerate()
+        {
+            let at = c * self.plane + self.at;
+            let Some(src) = xs.get(at..at + span) else {
                 return false;
             };
-            for ky in 0..self.kh {
-                let (Some(dst), Some(src)) = (rows.next(), ch.get(ky * self.iw..ky * self.iw + kw))
-                else {
-                    return false;
-                };
-                for (d, &b) in dst.iter_mut().zip(src) {
+            for (ky, d) in dst.chunks_exact_mut(kw).enumerate() {
+                let row = &src[ky * self.iw..];
+                for (d, &b) in d.iter_mut().zip(row) {
                     *d = if signed {
                         i16::from(b as i8)
                     } else {
