@@ -450,12 +450,10 @@ fn conv<K: DotKernel>(
     let kw = op.kw;
     for oy in 0..oh {
         for ox in 0..ow {
-            let mut k = 0;
-            // The window's first column; out of range (wrapped) when it starts in the padding.
+            // The window's first row and column; out of range (wrapped) in the padding.
             let x0 = (ox * op.stride).wrapping_sub(op.pad);
-            let inside = x0 < iw && x0 + kw <= iw;
             let y0 = (oy * op.stride).wrapping_sub(op.pad);
-            if inside && y0 < ih && y0 + op.kh <= ih {
+            if x0 < iw && x0 + kw <= iw && y0 < ih && y0 + op.kh <= ih {
                 // The window lies wholly inside the image: a straight widening copy per row.
                 let window = Window {
                     channels: ic,
@@ -470,42 +468,104 @@ fn conv<K: DotKernel>(
                     (kh, _, false) => window.gather(xs, patch, kh, kw, true),
                 };
                 if done {
-                    l.outputs::<K>(oc, patch, |o, v| sink.put((o * oh + oy) * ow + ox, v));
+                    pixel_outputs::<K>(l, oc, patch, sink, oy * ow + ox, oh * ow);
                     continue;
                 }
             }
-            // A window that reaches into the padding (or, for a corrupt model, the arena's end).
-            for c in 0..ic {
-                for ky in 0..op.kh {
-                    let iy = (oy * op.stride + ky).wrapping_sub(op.pad);
-                    let Some(dst) = patch.get_mut(k..k + kw) else {
-                        return;
+            // Not wholly inside (or, for a corrupt model, past the arena): the general gather.
+            let border = Border {
+                channels: ic,
+                ih,
+                iw,
+                y0,
+                x0,
+            };
+            let done = match (op.kh, kw, x.kind == ActKind::U8) {
+                (3, 3, true) => border.gather(xs, patch, 3, 3, false),
+                (3, 3, false) => border.gather(xs, patch, 3, 3, true),
+                (kh, _, true) => border.gather(xs, patch, kh, kw, false),
+                (kh, _, false) => border.gather(xs, patch, kh, kw, true),
+            };
+            if !done {
+                // Not reached: `split` hands over the whole input tensor and `patch` is the
+                // fan-in long.
+                return;
+            }
+            pixel_outputs::<K>(l, oc, patch, sink, oy * ow + ox, oh * ow);
+        }
+    }
+}
+
+/// A convolution window anywhere on the image, typically reaching into the zero padding: its
+/// first row `y0` and column `x0` wrap below zero (as `usize`) where they start in the padding.
+struct Border {
+    channels: usize,
+    ih: usize,
+    iw: usize,
+    y0: usize,
+    x0: usize,
+}
+
+impl Border {
+    /// Widens the window into `patch` in canonical order, zeros outside the image (the
+    /// padding); `false` when the input is shorter than `channels` images or `patch` than the
+    /// window (then `patch` is partly written). Inlined with constant `kh`, `kw` and `signed`,
+    /// each tap is a compare and a conditional load.
+    #[inline(always)]
+    fn gather(&self, xs: &[u8], patch: &mut [i16], kh: usize, kw: usize, signed: bool) -> bool {
+        let plane = self.ih * self.iw;
+        if kh * kw == 0 || patch.len() < self.channels * kh * kw {
+            return false;
+        }
+        for (c, dst) in patch
+            .chunks_exact_mut(kh * kw)
+            .take(self.channels)
+            .enumerate()
+        {
+            let Some(image) = xs.get(c * plane..(c + 1) * plane) else {
+                return false;
+            };
+            for (ky, d) in dst.chunks_exact_mut(kw).enumerate() {
+                let iy = self.y0.wrapping_add(ky);
+                let Some(row) = image
+                    .get(iy.wrapping_mul(self.iw)..)
+                    .filter(|_| iy < self.ih)
+                else {
+                    d.fill(0);
+                    continue;
+                };
+                for (kx, d) in d.iter_mut().enumerate() {
+                    let ix = self.x0.wrapping_add(kx);
+                    *d = match row.get(ix).filter(|_| ix < self.iw) {
+                        Some(&b) if signed => i16::from(b as i8),
+                        Some(&b) => i16::from(b),
+                        None => 0,
                     };
-                    k += kw;
-                    let row = if iy < ih {
-                        xs.get((c * ih + iy) * iw..(c * ih + iy + 1) * iw)
-                    } else {
-                        None
-                    };
-                    match row {
-                        None => dst.fill(0),
-                        // One row of the window inside the image: a straight widening copy.
-                        Some(row) if inside => {
-                            for (d, &b) in dst.iter_mut().zip(&row[x0..x0 + kw]) {
-                                *d = value(x.kind, b);
-                            }
-                        }
-                        Some(row) => {
-                            for (kx, d) in dst.iter_mut().enumerate() {
-                                let ix = (ox * op.stride + kx).wrapping_sub(op.pad);
-                                *d = row.get(ix).map_or(0, |&b| value(x.kind, b));
-                            }
-                        }
-                    }
                 }
             }
-            l.outputs::<K>(oc, patch, |o, v| sink.put((o * oh + oy) * ow + ox, v));
         }
+        true
+    }
+}
+
+/// A convolution's output channels at one pixel, channel `o` to `o * step + base`.
+#[inline(never)]
+fn pixel_outputs<K: DotKernel>(
+    l: &Layer<'_, '_>,
+    channels: usize,
+    patch: &[i16],
+    sink: &mut Sink<'_>,
+    base: usize,
+    step: usize,
+) {
+    match sink {
+        // The usual case (ReLU folded into the requantization): no dispatch per output.
+        Sink::Bytes(out, ActKind::U8) => l.outputs::<K>(channels, patch, |o, v| {
+            if let Some(b) = out.get_mut(o * step + base) {
+                *b = v.clamp(0, 255) as u8;
+            }
+        }),
+        _ => l.outputs::<K>(channels, patch, |o, v| sink.put(o * step + base, v)),
     }
 }
 
