@@ -98,6 +98,30 @@ impl nvcim_shared::tile::DotKernel for Smlad {
     fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
         dot_row(w, x, rows)
     }
+
+    #[inline(always)]
+    fn dot_rows2(w: [&[i16]; 2], x: &[i16], rows: usize) -> [i64; 2] {
+        dot_rows2(w, x, rows)
+    }
+}
+
+/// [`dot_row`] of two weight rows against the same inputs, `[dot_row(w[0], x), dot_row(w[1],
+/// x)]` bit for bit, under the same bound. On the M4 one pass loads each input word once for
+/// both rows (5 LDM and 8 SMLAD per 16 MACs) when both rows have `x`'s length and its
+/// alignment modulo 4 bytes, a scalar loop for rows shorter than 16 (a first layer's 3x3
+/// window, where any set-up costs more than the MACs); otherwise, and elsewhere, two
+/// [`dot_row`]s.
+#[inline]
+pub fn dot_rows2(w: [&[i16]; 2], x: &[i16], rows: usize) -> [i64; 2] {
+    #[cfg(all(target_arch = "arm", target_os = "none"))]
+    {
+        let _ = rows;
+        smlad::dot_rows2(w[0], w[1], x)
+    }
+    #[cfg(not(all(target_arch = "arm", target_os = "none")))]
+    {
+        <nvcim_shared::tile::Plain as nvcim_shared::tile::DotKernel>::dot_rows2(w, x, rows)
+    }
 }
 
 /// The exact `sum w_i x_i` of a whole weight row in `i64`, for inputs within the engine's
@@ -238,6 +262,79 @@ mod smlad {
         }
         let done = blocks * 8;
         acc + i64::from(tail(0, &a[done..], &b[done..]))
+    }
+
+    /// [`super::dot_rows2`]: the LDM + SMLAD loop of [`dot_row`] over two rows at once, in
+    /// chunks of 32 blocks of 8 (256 MACs per row, the bound's run length).
+    #[inline(never)]
+    pub fn dot_rows2(w0: &[i16], w1: &[i16], x: &[i16]) -> [i64; 2] {
+        let n = x.len();
+        let px = x.as_ptr() as usize;
+        let aligned = |w: &[i16]| w.as_ptr() as usize % 4 == px % 4;
+        if n < 16 {
+            // Short rows (a first layer's 3x3 window): the inline scalar loop beats any set-up.
+            return [i64::from(tail(0, w0, x)), i64::from(tail(0, w1, x))];
+        }
+        if w0.len() != n || w1.len() != n || !aligned(w0) || !aligned(w1) {
+            return [dot_row(w0, x), dot_row(w1, x)];
+        }
+        let skip = usize::from(px % 4 == 2 && n > 0);
+        let mut acc0 = i64::from(tail(0, &w0[..skip], &x[..skip]));
+        let mut acc1 = i64::from(tail(0, &w1[..skip], &x[..skip]));
+        let (a0, a1, b) = (&w0[skip..], &w1[skip..], &x[skip..]);
+        let blocks = b.len() / 8;
+        let (mut p0, mut p1, mut pb) = (a0.as_ptr(), a1.as_ptr(), b.as_ptr());
+        let mut left = blocks;
+        while left > 0 {
+            let chunk = left.min(32);
+            left -= chunk;
+            let (mut s0, mut s1) = (0i32, 0i32);
+            // SAFETY: the three pointers are word-aligned (same offset mod 4 as `x`, one
+            // element peeled), as LDM requires; this chunk reads `16 * chunk` bytes from each,
+            // and the chunks together `16 * blocks <= 2 * b.len()` bytes, within each slice (all
+            // three have `b.len()` elements). r6, r7 (reserved by LLVM) are not used. Writes
+            // only the named registers and the flags; no stack.
+            unsafe {
+                asm!(
+                    "2:",
+                    "ldm r0!, {{r4, r5, r8, r9}}",
+                    "ldm r1!, {{r10, r11}}",
+                    "smlad r12, r10, r4, r12",
+                    "smlad r12, r11, r5, r12",
+                    "ldm r1!, {{r10, r11}}",
+                    "smlad r12, r10, r8, r12",
+                    "smlad r12, r11, r9, r12",
+                    "ldm r2!, {{r10, r11}}",
+                    "smlad lr, r10, r4, lr",
+                    "smlad lr, r11, r5, lr",
+                    "ldm r2!, {{r10, r11}}",
+                    "smlad lr, r10, r8, lr",
+                    "smlad lr, r11, r9, lr",
+                    "subs r3, r3, #1",
+                    "bne 2b",
+                    inout("r0") pb,
+                    inout("r1") p0,
+                    inout("r2") p1,
+                    inout("r3") chunk => _,
+                    inout("r12") s0,
+                    inout("lr") s1,
+                    out("r4") _,
+                    out("r5") _,
+                    out("r8") _,
+                    out("r9") _,
+                    out("r10") _,
+                    out("r11") _,
+                    options(readonly, nostack),
+                );
+            }
+            acc0 += i64::from(s0);
+            acc1 += i64::from(s1);
+        }
+        let done = blocks * 8;
+        [
+            acc0 + i64::from(tail(0, &a0[done..], &b[done..])),
+            acc1 + i64::from(tail(0, &a1[done..], &b[done..])),
+        ]
     }
 
     /// 8 MACs per loop iteration when aligned: 2 LDM of four words, 4 SMLAD, SUBS, BNE

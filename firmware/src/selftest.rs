@@ -10,7 +10,7 @@ use nvcim_shared::rng::Xoshiro128PlusPlus;
 
 use nvcim_shared::tile::{DotKernel, Plain};
 
-use crate::kernel::{dot_i8, dot_i8_plain, dot_i16, dot_i16_plain, dot_row};
+use crate::kernel::{dot_i8, dot_i8_plain, dot_i16, dot_i16_plain, dot_row, dot_rows2};
 
 /// Lengths tested: empty, tiny, around every unroll boundary, odd, and large.
 pub const LENGTHS: [usize; 22] = [
@@ -56,6 +56,8 @@ pub struct Checked {
     pub dot_i16: u32,
     /// Comparisons of the whole-row kernel (engine-range vectors only).
     pub dot_row: u32,
+    /// Comparisons of the two-row kernel (engine-range vectors only), each of both rows.
+    pub dot_rows2: u32,
 }
 
 /// Compares both kernels with their references on `cases` random vectors per length and
@@ -73,6 +75,7 @@ pub fn check_kernels(seed: u64, cases: u32) -> Result<Checked, Mismatch> {
         dot_i8: 0,
         dot_i16: 0,
         dot_row: 0,
+        dot_rows2: 0,
     };
     for case in 0..cases {
         let full_range = case % 2 == 0;
@@ -160,6 +163,27 @@ pub fn check_kernels(seed: u64, cases: u32) -> Result<Checked, Mismatch> {
                             });
                         }
                         checked.dot_row += 1;
+                        // A second row at the first's alignment (one pass) and at another
+                        // (the fallback), different data.
+                        for second in [oa + 2, oa + 1] {
+                            let w1 = &a16[second..second + len];
+                            let fast = dot_rows2([x, w1], y, rows);
+                            let plain = [
+                                <Plain as DotKernel>::dot_row(x, y, rows),
+                                <Plain as DotKernel>::dot_row(w1, y, rows),
+                            ];
+                            if let Some(r) = (0..2).find(|&r| fast[r] != plain[r]) {
+                                return Err(Mismatch {
+                                    kernel: "dot_rows2",
+                                    len,
+                                    offsets: (if r == 0 { oa } else { second }, ob),
+                                    case,
+                                    fast: fast[r] as i32,
+                                    plain: plain[r] as i32,
+                                });
+                            }
+                            checked.dot_rows2 += 1;
+                        }
                     }
                 }
             }
@@ -201,6 +225,7 @@ mod tests {
                 dot_i16: 2 * per_case,
                 // Case 1 of 2 is engine-range: three tile sizes each.
                 dot_row: 3 * per_case,
+                dot_rows2: 6 * per_case,
             }
         );
     }

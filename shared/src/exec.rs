@@ -19,7 +19,7 @@
 //! two products are below `2^31` each: `i64` throughout.
 
 use crate::error::{Error, Result};
-use crate::format::{ActKind, Model, Op, OpKind, Requant, Shape, Tensor};
+use crate::format::{ActKind, Model, Op, OpKind, Records, Requant, Shape, Tensor};
 use crate::rng::stream;
 use crate::tile::{
     ACC_LIMIT, DotKernel, Path, Plain, dot_collapsed_with, dot_sliced_with, program_layer,
@@ -186,7 +186,7 @@ pub fn infer_with<K: DotKernel>(
                     path,
                     weights: w,
                     fan_in,
-                    params: op.params_start,
+                    records: model.records(op.params_start, op.out.c),
                 };
                 if op.kind == OpKind::Conv {
                     conv::<K>(&layer, &op, xs, &x, scratch.patch, &mut sink);
@@ -308,12 +308,15 @@ fn value(kind: ActKind, b: u8) -> i16 {
     }
 }
 
+/// `(v + 2^(shift-1)) >> shift` (round half up), computed as `((v >> (shift-1)) + 1) >> 1`:
+/// with `v = q 2^(s-1) + r`, `0 <= r < 2^(s-1)`, both are `floor((q + 1) / 2)`, and the second
+/// needs no 64-bit constant (one variable shift instead of two on the Cortex-M).
 #[inline]
 fn shift_round(v: i64, shift: u32) -> i64 {
     if shift == 0 {
         v
     } else {
-        (v + (1i64 << (shift - 1))) >> shift
+        ((v >> (shift - 1)) + 1) >> 1
     }
 }
 
@@ -324,6 +327,14 @@ pub fn requant(acc: i64, r: Requant) -> i64 {
         acc.clamp(-ACC_LIMIT, ACC_LIMIT) * i64::from(r.m) + r.bias,
         r.shift,
     )
+}
+
+/// [`requant`] of an accumulator already within `±ACC_LIMIT`, where its clamp is the identity:
+/// the collapsed path's, `|acc| <= 65536 * 255 * 32768 < 2^39` for any `i16` state and `u8` or
+/// `i8` inputs over the format's largest fan-in.
+#[inline]
+fn requant_in_bound(acc: i64, r: Requant) -> i64 {
+    shift_round(acc * i64::from(r.m) + r.bias, r.shift)
 }
 
 /// Where an op's outputs go: the arena (saturated to `u8` or `i8`) or the logits.
@@ -354,16 +365,42 @@ impl Sink<'_> {
     }
 }
 
-/// A weighted op's programmed state and records.
+/// A weighted op's programmed state and its records, resolved once per layer.
 struct Layer<'m, 's> {
     model: &'m Model<'m>,
     path: Path,
     weights: &'s [i16],
     fan_in: usize,
-    params: usize,
+    records: Records<'m>,
 }
 
 impl Layer<'_, '_> {
+    /// Every output channel over the patch, requantized, into `put(o, value)`: on the collapsed
+    /// path pairs of rows through one [`DotKernel::dot_rows2`], then one at a time.
+    #[inline]
+    fn outputs<K: DotKernel>(
+        &self,
+        channels: usize,
+        patch: &[i16],
+        mut put: impl FnMut(usize, i64),
+    ) {
+        let mut o = 0;
+        let k = self.fan_in;
+        if self.path == Path::Collapsed && k > 0 {
+            let rows = self.model.tile_rows();
+            for pair in self.weights.chunks_exact(2 * k).take(channels / 2) {
+                let (w0, w1) = pair.split_at(k);
+                let acc = K::dot_rows2([w0, w1], patch, rows);
+                put(o, requant_in_bound(acc[0], self.records.get(o)));
+                put(o + 1, requant_in_bound(acc[1], self.records.get(o + 1)));
+                o += 2;
+            }
+        }
+        for o in o..channels {
+            put(o, self.output::<K>(o, patch));
+        }
+    }
+
     /// Output channel `o`'s accumulator over the patch, requantized.
     #[inline]
     fn output<K: DotKernel>(&self, o: usize, patch: &[i16]) -> i64 {
@@ -382,7 +419,7 @@ impl Layer<'_, '_> {
                 dot_sliced_with::<K>(w, patch, s, q.n_bits(), rows, adc)
             }
         };
-        requant(acc, self.model.record(self.params + o))
+        requant(acc, self.records.get(o))
     }
 }
 
@@ -413,43 +450,166 @@ fn conv<K: DotKernel>(
     let kw = op.kw;
     for oy in 0..oh {
         for ox in 0..ow {
-            let mut k = 0;
-            // The window's first column; out of range (wrapped) when it starts in the padding.
+            // The window's first row and column; out of range (wrapped) in the padding.
             let x0 = (ox * op.stride).wrapping_sub(op.pad);
-            let inside = x0 < iw && x0 + kw <= iw;
-            for c in 0..ic {
-                for ky in 0..op.kh {
-                    let iy = (oy * op.stride + ky).wrapping_sub(op.pad);
-                    let Some(dst) = patch.get_mut(k..k + kw) else {
-                        return;
-                    };
-                    k += kw;
-                    let row = if iy < ih {
-                        xs.get((c * ih + iy) * iw..(c * ih + iy + 1) * iw)
-                    } else {
-                        None
-                    };
-                    match row {
-                        None => dst.fill(0),
-                        // One row of the window inside the image: a straight widening copy.
-                        Some(row) if inside => {
-                            for (d, &b) in dst.iter_mut().zip(&row[x0..x0 + kw]) {
-                                *d = value(x.kind, b);
-                            }
-                        }
-                        Some(row) => {
-                            for (kx, d) in dst.iter_mut().enumerate() {
-                                let ix = (ox * op.stride + kx).wrapping_sub(op.pad);
-                                *d = row.get(ix).map_or(0, |&b| value(x.kind, b));
-                            }
-                        }
-                    }
+            let y0 = (oy * op.stride).wrapping_sub(op.pad);
+            if x0 < iw && x0 + kw <= iw && y0 < ih && y0 + op.kh <= ih {
+                // The window lies wholly inside the image: a straight widening copy per row.
+                let window = Window {
+                    channels: ic,
+                    plane: ih * iw,
+                    iw,
+                    at: y0 * iw + x0,
+                };
+                let done = match (op.kh, kw, x.kind == ActKind::U8) {
+                    (3, 3, true) => window.gather(xs, patch, 3, 3, false),
+                    (3, 3, false) => window.gather(xs, patch, 3, 3, true),
+                    (kh, _, true) => window.gather(xs, patch, kh, kw, false),
+                    (kh, _, false) => window.gather(xs, patch, kh, kw, true),
+                };
+                if done {
+                    pixel_outputs::<K>(l, oc, patch, sink, oy * ow + ox, oh * ow);
+                    continue;
                 }
             }
-            for o in 0..oc {
-                sink.put((o * oh + oy) * ow + ox, l.output::<K>(o, patch));
+            // Not wholly inside (or, for a corrupt model, past the arena): the general gather.
+            let border = Border {
+                channels: ic,
+                ih,
+                iw,
+                y0,
+                x0,
+            };
+            let done = match (op.kh, kw, x.kind == ActKind::U8) {
+                (3, 3, true) => border.gather(xs, patch, 3, 3, false),
+                (3, 3, false) => border.gather(xs, patch, 3, 3, true),
+                (kh, _, true) => border.gather(xs, patch, kh, kw, false),
+                (kh, _, false) => border.gather(xs, patch, kh, kw, true),
+            };
+            if !done {
+                // Not reached: `split` hands over the whole input tensor and `patch` is the
+                // fan-in long.
+                return;
+            }
+            pixel_outputs::<K>(l, oc, patch, sink, oy * ow + ox, oh * ow);
+        }
+    }
+}
+
+/// A convolution window anywhere on the image, typically reaching into the zero padding: its
+/// first row `y0` and column `x0` wrap below zero (as `usize`) where they start in the padding.
+struct Border {
+    channels: usize,
+    ih: usize,
+    iw: usize,
+    y0: usize,
+    x0: usize,
+}
+
+impl Border {
+    /// Widens the window into `patch` in canonical order, zeros outside the image (the
+    /// padding); `false` when the input is shorter than `channels` images or `patch` than the
+    /// window (then `patch` is partly written). Inlined with constant `kh`, `kw` and `signed`,
+    /// each tap is a compare and a conditional load.
+    #[inline(always)]
+    fn gather(&self, xs: &[u8], patch: &mut [i16], kh: usize, kw: usize, signed: bool) -> bool {
+        let plane = self.ih * self.iw;
+        if kh * kw == 0 || patch.len() < self.channels * kh * kw {
+            return false;
+        }
+        for (c, dst) in patch
+            .chunks_exact_mut(kh * kw)
+            .take(self.channels)
+            .enumerate()
+        {
+            let Some(image) = xs.get(c * plane..(c + 1) * plane) else {
+                return false;
+            };
+            for (ky, d) in dst.chunks_exact_mut(kw).enumerate() {
+                let iy = self.y0.wrapping_add(ky);
+                let Some(row) = image
+                    .get(iy.wrapping_mul(self.iw)..)
+                    .filter(|_| iy < self.ih)
+                else {
+                    d.fill(0);
+                    continue;
+                };
+                for (kx, d) in d.iter_mut().enumerate() {
+                    let ix = self.x0.wrapping_add(kx);
+                    *d = match row.get(ix).filter(|_| ix < self.iw) {
+                        Some(&b) if signed => i16::from(b as i8),
+                        Some(&b) => i16::from(b),
+                        None => 0,
+                    };
+                }
             }
         }
+        true
+    }
+}
+
+/// A convolution's output channels at one pixel, channel `o` to `o * step + base`.
+#[inline(never)]
+fn pixel_outputs<K: DotKernel>(
+    l: &Layer<'_, '_>,
+    channels: usize,
+    patch: &[i16],
+    sink: &mut Sink<'_>,
+    base: usize,
+    step: usize,
+) {
+    match sink {
+        // The usual case (ReLU folded into the requantization): no dispatch per output.
+        Sink::Bytes(out, ActKind::U8) => l.outputs::<K>(channels, patch, |o, v| {
+            if let Some(b) = out.get_mut(o * step + base) {
+                *b = v.clamp(0, 255) as u8;
+            }
+        }),
+        _ => l.outputs::<K>(channels, patch, |o, v| sink.put(o * step + base, v)),
+    }
+}
+
+/// A convolution window wholly inside the image (no padding): `channels * kh` rows of `kw`
+/// inputs, row `(c, ky)` starting at `c * plane + at + ky * iw`.
+struct Window {
+    channels: usize,
+    plane: usize,
+    iw: usize,
+    at: usize,
+}
+
+impl Window {
+    /// Widens the window into `patch` in canonical order (`[c][ky][kx]`), the values of the
+    /// general gather; `false` (with `patch` partly written) when a row is out of the arena.
+    /// Inlined with constant `kh`, `kw` (3 x 3) and `signed`, a channel's window is one range
+    /// check, nine loads and nine stores.
+    #[inline(always)]
+    fn gather(&self, xs: &[u8], patch: &mut [i16], kh: usize, kw: usize, signed: bool) -> bool {
+        if kh * kw == 0 || patch.len() < self.channels * kh * kw {
+            return false;
+        }
+        let span = (kh - 1) * self.iw + kw;
+        for (c, dst) in patch
+            .chunks_exact_mut(kh * kw)
+            .take(self.channels)
+            .enumerate()
+        {
+            let at = c * self.plane + self.at;
+            let Some(src) = xs.get(at..at + span) else {
+                return false;
+            };
+            for (ky, d) in dst.chunks_exact_mut(kw).enumerate() {
+                let row = &src[ky * self.iw..];
+                for (d, &b) in d.iter_mut().zip(row) {
+                    *d = if signed {
+                        i16::from(b as i8)
+                    } else {
+                        i16::from(b)
+                    };
+                }
+            }
+        }
+        true
     }
 }
 
@@ -469,9 +629,7 @@ fn linear<K: DotKernel>(
     for (p, &b) in patch.iter_mut().zip(xs) {
         *p = value(x.kind, b);
     }
-    for o in 0..op.out.c {
-        sink.put(o, l.output::<K>(o, patch));
-    }
+    l.outputs::<K>(op.out.c, patch, |o, v| sink.put(o, v));
 }
 
 fn windows(op: &Op, x: &Tensor, mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>)) {

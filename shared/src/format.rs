@@ -240,6 +240,27 @@ pub struct Requant {
     pub bias: i64,
 }
 
+/// Consecutive requantization records of a model ([`Model::records`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Records<'a> {
+    bytes: &'a [u8],
+}
+
+impl Records<'_> {
+    /// Record `i` of the range (zeroes when out of range, as [`Model::record`]).
+    #[inline]
+    pub fn get(&self, i: usize) -> Requant {
+        match self.bytes.get(i * RECORD_LEN..(i + 1) * RECORD_LEN) {
+            Some(b) => Requant {
+                m: i32_at(b, 0),
+                shift: u32_at(b, 4),
+                bias: i64_at(b, 8),
+            },
+            None => Requant::default(),
+        }
+    }
+}
+
 /// A tensor of the op graph: where it lives and what it holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tensor {
@@ -849,6 +870,20 @@ impl<'a> Model<'a> {
         }
     }
 
+    /// Records `start .. start + n`, resolved once: what [`Self::record`]`(start + i)` gives
+    /// for `i < n`, read from a slice without re-checking the model (an executor's per-layer
+    /// preload).
+    pub fn records(&self, start: usize, n: usize) -> Records<'a> {
+        let end = start.saturating_add(n).min(self.n_params);
+        let at = self.params_at + start.min(end) * RECORD_LEN;
+        Records {
+            bytes: self
+                .bytes
+                .get(at..self.params_at + end * RECORD_LEN)
+                .unwrap_or(&[]),
+        }
+    }
+
     /// Quantized weight `i` of the whole model (zero when out of range).
     pub fn weight(&self, i: usize) -> Quantized {
         if i >= self.n_weights {
@@ -868,8 +903,17 @@ impl<'a> Model<'a> {
         } else {
             0
         };
-        let start = op.weights_start;
-        (start..start + n).map(move |i| self.weight(i))
+        // `parse` checked that every layer's range lies in the weight section; a range that
+        // does not (an `Op` not from this model) yields no weights.
+        let at = self.weights_at + 2 * op.weights_start;
+        let bytes = self.bytes.get(at..at + 2 * n).unwrap_or(&[]);
+        bytes.chunks_exact(2).map(|c| {
+            let v = u16::from_le_bytes([c[0], c[1]]);
+            Quantized {
+                negative: v & 0x8000 != 0,
+                magnitude: v & 0x7FFF,
+            }
+        })
     }
 
     /// Crossbar tiles a weighted op occupies, `ceil(fan_in / rows) * ceil(outputs / cols)`

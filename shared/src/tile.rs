@@ -33,8 +33,8 @@ use rand_core::RngCore;
 
 use crate::error::{Error, Result};
 use crate::quant::{MAX_SLICES, QuantConfig, Quantized};
-use crate::rng::standard_normal;
-use crate::variation::{VariationConfig, round_fixed};
+use crate::rng::Xoshiro128PlusPlus;
+use crate::variation::VariationConfig;
 
 /// Fractional bits of a device conductance in the programmed state.
 pub const FRAC_BITS: u32 = 4;
@@ -160,7 +160,7 @@ pub fn program_layer(
     weights: impl Iterator<Item = Quantized>,
     fan_in: usize,
     path: Path,
-    rng: &mut (impl RngCore + Clone),
+    rng: &mut Xoshiro128PlusPlus,
     state: &mut [i16],
 ) -> Result<()> {
     let cfg = var.quant();
@@ -170,27 +170,29 @@ pub fn program_layer(
     let per = path.state_per_weight(cfg);
     let mut count = 0usize;
     // Without faults, the collapsed path samples each device straight into the weight: the same
-    // draws, the same `f32` expression and the same clamping as `device_state`, without building
-    // a `Readout` (the tile-programming hot path on the Cortex-M).
+    // draws, the same `f32` values and the same clamping as `device_state`, without building a
+    // `Readout` (the tile-programming hot path on the Cortex-M). The usual quantizations get
+    // their own copy of the loop, with the slicing shifts and masks as constants.
     if path == Path::Collapsed && !var.faults().any() {
-        // The generator lives in registers for the layer (a local copy, written back).
         let mut local = rng.clone();
-        let mut weights = weights;
-        let total = state.len();
-        for slot in state.iter_mut() {
-            let q = weights.next().ok_or(Error::LengthMismatch {
-                expected: count,
-                found: total,
-            })?;
-            *slot = collapsed_weight(var, q, &mut local, lim);
-            count += 1;
+        let (filled, more) = match (slices, n) {
+            (4, 2) => program_collapsed_for::<4, 2>(var, weights, &mut local, state),
+            (8, 1) => program_collapsed_for::<8, 1>(var, weights, &mut local, state),
+            (2, 4) => program_collapsed_for::<2, 4>(var, weights, &mut local, state),
+            _ => program_collapsed_any(var, weights, &mut local, state),
+        };
+        if filled < state.len() {
+            return Err(Error::LengthMismatch {
+                expected: filled,
+                found: state.len(),
+            });
         }
         *rng = local;
-        if weights.next().is_some() {
+        if more {
             return Err(Error::BufferTooSmall {
                 what: "tile state",
-                needed: count + 1,
-                found: count,
+                needed: filled + 1,
+                found: filled,
             });
         }
         return Ok(());
@@ -238,24 +240,125 @@ pub fn program_layer(
     Ok(())
 }
 
-/// One collapsed weight without faults: `±sum_j 2^(jN) clamp((g_j << F) + round(sd z_j 2^F),
-/// ±lim)`, bit for bit `device_state` summed (same draws, same `f32` products, same rounding).
-#[inline]
-fn collapsed_weight(var: &VariationConfig, q: Quantized, rng: &mut impl RngCore, lim: i32) -> i16 {
-    let cfg = var.quant();
-    let n = u32::from(cfg.n_bits());
-    let mask = i32::from(cfg.max_level());
-    let one = (1u32 << FRAC_BITS) as f32;
-    let sd = var.device_sigma(q.magnitude);
-    let mag = i32::from(q.magnitude);
-    let mut w = 0i32;
-    for j in 0..cfg.slices() as u32 {
-        let g = (mag >> (j * n)) & mask;
-        let d = (g << FRAC_BITS) + round_fixed(sd * standard_normal(rng) * one);
-        w += d.clamp(-lim, lim) << (j * n);
+/// The collapsed weights of a layer without faults, in order, until `state` is full or the
+/// weights run out; returns how many were written and whether weights were left over. Weight `i` is
+/// `±sum_j 2^(jN) clamp((g_j << F) + round_fixed(sd z_j 2^F), ±lim)`, bit for bit
+/// `device_state` summed: the same draws, the same `f32` value of each device (`z * (sd 2^F)`,
+/// see [`VariationConfig::device_sigma_fixed`]), the same rounding, saturation and clamp.
+///
+/// Per weight: its band's scale and the sign; per device: one
+/// [`Xoshiro128PlusPlus::next_normal_split`], one multiply, the rounding, and a few integer
+/// operations (the clamp is a range test whose rare failure takes a cold call). Inlined with
+/// constant `slices` and `n`, the device loop unrolls into shifts by constants.
+///
+/// **Why the sign may be split off.** With `v = z * sd` (`sd >= 0`), `|v|` is `|z| * sd` bit for
+/// bit (round to nearest is symmetric), and for `v < 0`, `v - 0.5 == -(|v| + 0.5)` exactly, so
+/// `round_fixed(v) == -round_fixed(|v|)`; for `v == -0.0` both are 0. The one difference is
+/// saturation (`|v| >= 2^31`, sigma beyond about 10^7): `i32::MIN` against `-i32::MAX`, and
+/// either device is then far below `-lim` and clamps to it. The integer adds wrap as the
+/// release build of `device_state` does, so the clamp sees the same values.
+#[inline(always)]
+fn program_collapsed(
+    var: &VariationConfig,
+    weights: impl Iterator<Item = Quantized>,
+    rng: &mut Xoshiro128PlusPlus,
+    state: &mut [i16],
+    slices: usize,
+    n: u32,
+) -> (usize, bool) {
+    // Everything below derives from `slices` and `n` (constants in the specialised copies).
+    let mask = (1i32 << n) - 1;
+    let gain: i32 = (0..slices as u32).map(|j| 1i32 << (j * n)).sum();
+    let lim = 32767 / gain; // `device_limit`
+    let safe = (lim - (mask << FRAC_BITS)) as u32;
+    let max = (1u32 << (slices as u32 * n)) - 1;
+    // `Profile::in_band` without its `multiplier().is_some()`: under `Profile::Uniform` both
+    // entries of `sd_fixed` are the same, so the band test only matters where it applies.
+    let sd_fixed = var.device_sigma_fixed(FRAC_BITS);
+    // A local copy that never has its address taken: its four words stay in registers.
+    let mut draws = rng.clone();
+    let mut filled = 0;
+    let mut weights = weights;
+    for slot in state.iter_mut() {
+        let Some(q) = weights.next() else { break };
+        let q4 = 4 * u32::from(q.magnitude);
+        let sd = sd_fixed[usize::from(q4 > max && q4 < 3 * max)];
+        let mag = i32::from(q.magnitude);
+        let mut w = 0i32;
+        for j in 0..slices as u32 {
+            let g = (mag >> (j * n)) & mask;
+            // `round_fixed(z * sd)` as `±round_fixed(|z| * sd)` (see above), applied to `g`.
+            let (z, negative) = draws.next_normal_split();
+            let r = round_fixed_nonneg(z * sd);
+            let g = g << FRAC_BITS;
+            // `0 <= g <= top`, so `r <= safe` keeps `g ± r` inside `±lim`: one unsigned compare
+            // (`r` is never negative) instead of the clamp's two.
+            let d = if r as u32 > safe {
+                clamp_device(g, r, negative, lim)
+            } else {
+                // `±r` as `(r ^ s) - s` with the sign mask `s`: no compare-and-branch.
+                let s = -i32::from(negative);
+                g + ((r ^ s) - s)
+            };
+            w += d << (j * n);
+        }
+        // |w| <= lim * sum_j 2^(jN) <= 32767 by the choice of `lim`.
+        *slot = (if q.negative { -w } else { w }) as i16;
+        filled += 1;
     }
-    // |w| <= lim * sum_j 2^(jN) <= 32767 by the choice of `lim`.
-    (if q.negative { -w } else { w }) as i16
+    *rng = draws;
+    (filled, weights.next().is_some())
+}
+
+/// `round_fixed(v)` for `v >= 0` (or `-0.0`): `trunc(v + 0.5)`, saturating.
+#[inline(always)]
+fn round_fixed_nonneg(v: f32) -> i32 {
+    (v + 0.5) as i32
+}
+
+/// [`program_collapsed`] for `S` slices of `N` bits, compiled on its own: the loop gets the
+/// whole register file (the generator's four words, the tables, the constants).
+#[inline(never)]
+fn program_collapsed_for<const S: usize, const N: u32>(
+    var: &VariationConfig,
+    weights: impl Iterator<Item = Quantized>,
+    rng: &mut Xoshiro128PlusPlus,
+    state: &mut [i16],
+) -> (usize, bool) {
+    program_collapsed(var, weights, rng, state, S, N)
+}
+
+/// [`program_collapsed`] for any other quantization.
+#[inline(never)]
+fn program_collapsed_any(
+    var: &VariationConfig,
+    weights: impl Iterator<Item = Quantized>,
+    rng: &mut Xoshiro128PlusPlus,
+    state: &mut [i16],
+) -> (usize, bool) {
+    let cfg = var.quant();
+    program_collapsed(
+        var,
+        weights,
+        rng,
+        state,
+        cfg.slices(),
+        u32::from(cfg.n_bits()),
+    )
+}
+
+/// A device `g ± r` whose deviation `r` may take it outside `±lim` (rare: about 21 levels, 8
+/// standard deviations at sigma 1), clamped, out of the programming loop. The adds wrap as the
+/// release build of `device_state` does.
+#[cold]
+#[inline(never)]
+fn clamp_device(g: i32, r: i32, negative: bool, lim: i32) -> i32 {
+    let d = if negative {
+        g.wrapping_sub(r)
+    } else {
+        g.wrapping_add(r)
+    };
+    d.clamp(-lim, lim)
 }
 
 /// The fixed-point devices of one weight, saturated to `±lim`.
@@ -297,6 +400,14 @@ pub trait DotKernel {
             acc += i64::from(Self::dot_i16(wc, xc));
         }
         acc
+    }
+
+    /// Two collapsed rows against the same inputs: `[dot_row(w[0], x, rows), dot_row(w[1], x,
+    /// rows)]`, the same bits. The executor calls it for pairs of output channels so that a
+    /// kernel can load each input word once for both rows and pay its set-up once per pair.
+    #[inline]
+    fn dot_rows2(w: [&[i16]; 2], x: &[i16], rows: usize) -> [i64; 2] {
+        [Self::dot_row(w[0], x, rows), Self::dot_row(w[1], x, rows)]
     }
 }
 
@@ -436,6 +547,72 @@ mod tests {
                 sigma >= 4.0,
                 "sigma {sigma}: {clamped} clamped"
             );
+        }
+    }
+
+    /// Every specialised copy of the collapsed loop (and the runtime one) against the
+    /// `Readout` path, at sigmas from subnormal products to saturating roundings.
+    #[test]
+    fn collapsed_loops_equal_the_readout_path_for_every_quantization() {
+        let mut sigmas = vec![0.0, 1e-40, 0.05, 0.7, 3.0, 30.0];
+        if !cfg!(debug_assertions) {
+            // `device_state`'s `(g << F) + round` overflows here, which only release wraps.
+            sigmas.push(1e9);
+        }
+        for (m, nb) in [
+            (8, 2),
+            (8, 1),
+            (8, 4),
+            (4, 2),
+            (6, 2),
+            (2, 1),
+            (4, 4),
+            (6, 1),
+        ] {
+            let quant = QuantConfig::new(m, nb).unwrap();
+            let lim = device_limit(quant);
+            let slices = quant.slices();
+            let top = u32::from(quant.max_magnitude()) + 1;
+            let qs: Vec<Quantized> = (0..3000u32)
+                .map(|i| Quantized {
+                    negative: i % 5 < 2,
+                    magnitude: (i * 97 % top) as u16,
+                })
+                .collect();
+            for &sigma in &sigmas {
+                for profile in [Profile::Uniform, Profile::Fefet6] {
+                    let var =
+                        VariationConfig::new(quant, sigma, SigmaUnit::Range, profile, Faults::NONE)
+                            .unwrap();
+                    let mut got = vec![0i16; qs.len()];
+                    let mut rng = stream(4, 1, 3);
+                    program_layer(
+                        &var,
+                        qs.iter().copied(),
+                        50,
+                        Path::Collapsed,
+                        &mut rng,
+                        &mut got,
+                    )
+                    .unwrap();
+                    let mut want_rng = stream(4, 1, 3);
+                    for (i, (q, &g)) in qs.iter().zip(&got).enumerate() {
+                        let d = device_state(&var, *q, &mut want_rng, lim);
+                        let w: i32 = d[..slices]
+                            .iter()
+                            .enumerate()
+                            .map(|(j, v)| v << (j as u32 * u32::from(nb)))
+                            .sum();
+                        let w = if q.negative { -w } else { w };
+                        assert_eq!(
+                            i32::from(g),
+                            w,
+                            "M {m} N {nb} sigma {sigma} {profile:?} weight {i}"
+                        );
+                    }
+                    assert_eq!(rng, want_rng, "the generator is written back");
+                }
+            }
         }
     }
 

@@ -284,6 +284,18 @@ impl VariationConfig {
         Self::new(self.quant, sigma, self.unit, self.profile, self.faults)
     }
 
+    /// The per-device std times `2^frac_bits`, outside and inside the profile's band (equal
+    /// for [`Profile::Uniform`]): the factor a fixed-point tile programmer applies to each
+    /// standard normal draw. Index it with `usize::from(profile.in_band(q, quant))`.
+    ///
+    /// `z * (sd * 2^F)` is bit for bit `(sd * z) * 2^F`: scaling by a power of two is exact and
+    /// commutes with rounding in the normal range; they differ only where `sd * z` is subnormal,
+    /// i.e. below `2^-126` in magnitude, where both round to the fixed-point value 0.
+    pub fn device_sigma_fixed(&self, frac_bits: u32) -> [f32; 2] {
+        let one = (1u32 << frac_bits) as f32;
+        [self.sd[0] * one, self.sd[1] * one]
+    }
+
     /// Per-device std in conductance levels for a weight of this magnitude.
     #[inline]
     pub fn device_sigma(&self, magnitude: u16) -> f32 {

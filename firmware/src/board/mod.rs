@@ -227,6 +227,11 @@ fn self_test(out: &mut Console, a: SelfTestArgs) -> ExitCode {
             let _ = writeln!(out, "selftest dot_i8 {} comparisons bit-exact", c.dot_i8);
             let _ = writeln!(out, "selftest dot_i16 {} comparisons bit-exact", c.dot_i16);
             let _ = writeln!(out, "selftest dot_row {} comparisons bit-exact", c.dot_row);
+            let _ = writeln!(
+                out,
+                "selftest dot_rows2 {} comparisons bit-exact",
+                c.dot_rows2
+            );
         }
         Err(m) => {
             let _ = writeln!(out, "selftest FAILED: {m}");

@@ -1208,3 +1208,44 @@ fn count_correct_counts_matching_labels() {
         );
     }
 }
+
+#[test]
+fn preloaded_records_equal_the_model_records() {
+    let blob = small_blob();
+    let model = Model::parse(&blob).unwrap();
+    let n = (0..model.op_count())
+        .map(|i| model.op(i).unwrap().params_start + 1)
+        .max()
+        .unwrap();
+    for start in [0, 1, n / 2, n - 1, n, n + 3] {
+        let r = model.records(start, 5);
+        for i in 0..7 {
+            let want = if i < 5 {
+                model.record(start + i)
+            } else {
+                Requant::default()
+            };
+            assert_eq!(r.get(i), want, "start {start} record {i}");
+        }
+    }
+}
+
+#[test]
+fn shift_round_is_round_half_up() {
+    let mut x = 0x1234_5678_9abc_def0u64;
+    for i in 0..200_000u32 {
+        x = mix64(x ^ u64::from(i));
+        let shift = 1 + (x >> 58) as u32 % 62;
+        // Values up to the executor's bound (|acc * m + bias| < 2^63 - 2^62), and small ones.
+        let v = if i % 2 == 0 {
+            (x as i64) >> 1
+        } else {
+            (x as i64) >> 50
+        };
+        let want = ((i128::from(v) + (1i128 << (shift - 1))) >> shift) as i64;
+        assert_eq!(shift_round(v, shift), want, "{v} >> {shift}");
+    }
+    assert_eq!(shift_round(-3, 1), -1); // -1.5 rounds up to -1
+    assert_eq!(shift_round(3, 1), 2);
+    assert_eq!(shift_round(7, 0), 7);
+}
