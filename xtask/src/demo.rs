@@ -161,7 +161,7 @@ pub fn run(root: &Path) -> Result<()> {
             .arg(&nft)
             .arg("-o")
             .arg(&cimb)
-            .args(["--test-images", "64"]),
+            .args(["--test-images", "32"]),
     )?;
     let firmware = capture(
         &mut timed,

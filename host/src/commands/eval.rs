@@ -19,7 +19,7 @@ use nvcim_shared::{
     exec::{Scratch, count_correct, program},
     format::{
         Model,
-        build::{self, PackConfig, Readback, TestBatch, calibrate_with, pack},
+        build::{self, PackConfig, Readback, TestBatch, act_scales, activation_max, pack},
     },
     quant::{ScaleMode, layer_scale},
     rng::stream,
@@ -260,8 +260,15 @@ pub fn pack_checkpoint(
     let mut nodes = desc_nodes(&net)?;
     let n = calibration.min(train.len());
     let images = &train.images[..n * train.image_bytes()];
-    let act = calibrate_with(&model_desc(&net, &nodes), &[None], images)
-        .map_err(|e| anyhow::anyhow!("calibrating activation scales: {e}"))?;
+    // With noisy calibration the first pass only makes a probe model whose weights the noisy
+    // runs read (its scales are replaced below), so a few images do.
+    let len = images.len() / n.max(1);
+    let first = if noisy_sigma > 0.0 {
+        &images[..n.min(8) * len]
+    } else {
+        images
+    };
+    let act = calibrate_parallel(&model_desc(&net, &nodes), &[None], first)?;
     for (node, a) in nodes.iter_mut().zip(act) {
         node.act_max = a;
     }
@@ -276,8 +283,7 @@ pub fn pack_checkpoint(
             .map_err(|e| anyhow::anyhow!("noisy calibration weights: {e}"))?;
         let mut weights: Vec<Option<&[Vec<f64>]>> = vec![None];
         weights.extend(sets.iter().map(|w| Some(w.as_slice())));
-        let act = calibrate_with(&model_desc(&net, &nodes), &weights, images)
-            .map_err(|e| anyhow::anyhow!("calibrating activation scales: {e}"))?;
+        let act = calibrate_parallel(&model_desc(&net, &nodes), &weights, images)?;
         for (node, a) in nodes.iter_mut().zip(act) {
             node.act_max = a;
         }
@@ -289,6 +295,43 @@ pub fn pack_checkpoint(
     });
     pack(&model_desc(&net, &nodes), cfg, batch)
         .map_err(|e| anyhow::anyhow!("packing {}: {e}", loaded.path.display()))
+}
+
+/// `calibrate_with` over the images split between the available cores: the elementwise
+/// maximum of the parts' raw maxima is exactly one pass over all images.
+fn calibrate_parallel(
+    desc: &build::ModelDesc<'_>,
+    weights: &[Option<&[Vec<f64>]>],
+    images: &[u8],
+) -> Result<Vec<f32>> {
+    let len = desc.input.channels * desc.input.height * desc.input.width;
+    let n = images.len() / len.max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .clamp(1, n.max(1));
+    let per = n.div_ceil(threads) * len;
+    let parts: Vec<Result<Vec<f64>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = images
+            .chunks(per.max(1))
+            .map(|chunk| {
+                s.spawn(move || {
+                    activation_max(desc, weights, chunk)
+                        .map_err(|e| anyhow::anyhow!("calibrating activation scales: {e}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("calibration threads do not panic"))
+            .collect()
+    });
+    let mut max = vec![0.0f64; desc.nodes.len()];
+    for part in parts {
+        for (m, v) in max.iter_mut().zip(part?) {
+            *m = m.max(v);
+        }
+    }
+    Ok(act_scales(&max))
 }
 
 /// The integer engine over a packed model and its packed test images.

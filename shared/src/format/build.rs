@@ -367,7 +367,7 @@ pub fn forward(
             Layer::Conv2d {
                 weight,
                 bias,
-                out_channels,
+                out_channels: _,
                 kernel: k,
                 stride,
                 padding,
@@ -379,29 +379,39 @@ pub fn forward(
                         found: own.len(),
                     });
                 }
+                // One patch per output position in `[c][ky][kx]` order (padding as 0.0), then
+                // one sequential dot per output channel: the same additions in the same order
+                // as the direct loop (a padded term adds 0.0), several times faster.
+                let fan_in = xs.c * k * k;
+                let mut patch = vec![0.0f64; fan_in];
                 let mut y = vec![0.0; ys.len()];
-                for o in 0..out_channels {
-                    for oy in 0..ys.h {
-                        for ox in 0..ys.w {
-                            let mut acc = bias.map_or(0.0, |b| f64::from(b[o]));
-                            for c in 0..xs.c {
-                                for ky in 0..k {
-                                    for kx in 0..k {
-                                        let iy = (oy * stride + ky) as isize - padding as isize;
-                                        let ix = (ox * stride + kx) as isize - padding as isize;
-                                        if iy >= 0
-                                            && ix >= 0
-                                            && (iy as usize) < xs.h
-                                            && (ix as usize) < xs.w
-                                        {
-                                            let xv =
-                                                x[(c * xs.h + iy as usize) * xs.w + ix as usize];
-                                            acc += own[((o * xs.c + c) * k + ky) * k + kx] * xv;
-                                        }
+                for oy in 0..ys.h {
+                    for ox in 0..ys.w {
+                        let mut p = patch.iter_mut();
+                        for c in 0..xs.c {
+                            for ky in 0..k {
+                                let iy = (oy * stride + ky) as isize - padding as isize;
+                                for kx in 0..k {
+                                    let ix = (ox * stride + kx) as isize - padding as isize;
+                                    let inside = iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < xs.h
+                                        && (ix as usize) < xs.w;
+                                    if let Some(slot) = p.next() {
+                                        *slot = if inside {
+                                            x[(c * xs.h + iy as usize) * xs.w + ix as usize]
+                                        } else {
+                                            0.0
+                                        };
                                     }
                                 }
                             }
-                            y[(o * ys.h + oy) * ys.w + ox] = acc;
+                        }
+                        for (o, row) in own.chunks_exact(fan_in.max(1)).enumerate() {
+                            y[(o * ys.h + oy) * ys.w + ox] = row
+                                .iter()
+                                .zip(&patch)
+                                .fold(bias.map_or(0.0, |b| f64::from(b[o])), |a, (w, v)| a + w * v);
                         }
                     }
                 }
@@ -495,6 +505,17 @@ pub fn calibrate_with(
     weights: &[Option<&[Vec<f64>]>],
     images: &[u8],
 ) -> Result<Vec<f32>> {
+    Ok(act_scales(&activation_max(desc, weights, images)?))
+}
+
+/// The raw largest `|output|` of every node over `images` under each weight set (0 for a node
+/// that never fires). Maxima of parts of the images combine by an elementwise maximum, so
+/// callers may split the images between threads; [`act_scales`] turns the result into scales.
+pub fn activation_max(
+    desc: &ModelDesc<'_>,
+    weights: &[Option<&[Vec<f64>]>],
+    images: &[u8],
+) -> Result<Vec<f64>> {
     let len = desc.input.channels * desc.input.height * desc.input.width;
     let mut max = vec![0.0f64; desc.nodes.len()];
     for w in weights {
@@ -504,10 +525,14 @@ pub fn calibrate_with(
             }
         }
     }
-    Ok(max
-        .into_iter()
-        .map(|m| if m > 0.0 { m as f32 } else { 1.0 })
-        .collect())
+    Ok(max)
+}
+
+/// Activation scales from [`activation_max`]: the maximum, or 1 for a node that never fires.
+pub fn act_scales(max: &[f64]) -> Vec<f32> {
+    max.iter()
+        .map(|&m| if m > 0.0 { m as f32 } else { 1.0 })
+        .collect()
 }
 
 /// How [`noisy_weights`] reads a device back.
