@@ -519,3 +519,54 @@ fn external_mc_rejects_shared_weights() {
     let err = weight_layers(&model, "s.onnx").unwrap_err().to_string();
     assert!(err.contains("shared"), "{err}");
 }
+
+/// The checked-in reference model (`models/`): at most 5 MB together, the ONNX file passes the
+/// format's checker, holds the backbone only with its provenance, and tract and ONNX Runtime
+/// agree on it; the packed file parses and carries a test batch.
+#[test]
+fn reference_model_files() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let onnx = dir.join("vgg8-w0.25-fmnist-nft.onnx");
+    let cimb = dir.join("vgg8-w0.25-fmnist-nft.cimb");
+    let total: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(total <= 5_000_000, "models/ holds {total} bytes");
+    check_with_onnx_checker(std::slice::from_ref(&onnx));
+    let model = read_model(&onnx).unwrap();
+    let g = model.graph.as_ref().unwrap();
+    assert!(
+        names(&model)
+            .iter()
+            .all(|n| !n.to_lowercase().contains("exit"))
+    );
+    let layers = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Conv" || n.op_type == "Gemm")
+        .count();
+    assert_eq!(layers, 8, "VGG-8: 6 conv + 2 linear");
+    let meta = |k: &str| {
+        model
+            .metadata_props
+            .iter()
+            .find(|p| p.key == k)
+            .map(|p| p.value.clone())
+    };
+    assert_eq!(meta("nvcim.method").as_deref(), Some("nft"));
+    assert_eq!(meta("nvcim.sigma_unit").as_deref(), Some("range"));
+    let x: Vec<f32> = {
+        let mut rng = stream_for(Purpose::Host, 5, 0, 0);
+        (0..3 * 32 * 32)
+            .map(|_| standard_normal(&mut rng))
+            .collect()
+    };
+    let t = TractRunner::load(&onnx).unwrap().run(&x, 3).unwrap();
+    let o = OrtRunner::load(&onnx, 0).unwrap().run(&x, 3).unwrap();
+    assert!(max_diff(&t, &o) < TOL, "{}", max_diff(&t, &o));
+    let blob = std::fs::read(&cimb).unwrap();
+    let packed = nvcim_shared::format::Model::parse(&blob).expect("the packed model parses");
+    assert_eq!(packed.layer_count(), 8);
+    assert!(packed.test_len() >= 16);
+}

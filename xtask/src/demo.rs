@@ -36,7 +36,7 @@ pub struct Plan {
 pub const PLAN: Plan = Plan {
     width: "0.25",
     epochs: "2",
-    max_train: "12800",
+    max_train: "10240",
     val_fraction: "0.04",
     sigmas: "0.2,0.4,0.6,0.8",
     mc: "8",
