@@ -558,6 +558,7 @@ fn reference_model_files() {
     assert_eq!(meta("nvcim.sigma_unit").as_deref(), Some("range"));
     let x: Vec<f32> = {
         let mut rng = stream_for(Purpose::Host, 5, 0, 0);
+        // Three 1 x 32 x 32 images.
         (0..3 * 32 * 32)
             .map(|_| standard_normal(&mut rng))
             .collect()
