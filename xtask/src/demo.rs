@@ -228,7 +228,8 @@ fn write_index(
     }
     writeln!(
         md,
-        "\n![accuracy vs sigma, nft](eval/nft/accuracy_vs_sigma.png)\n"
+        "\n![mean noisy accuracy by method and sigma](report/table2.png)\n\n\
+         ![accuracy vs sigma, nft](eval/nft/accuracy_vs_sigma.png)\n"
     )?;
     writeln!(
         md,
