@@ -229,7 +229,18 @@ pub fn eval(root: &Path) -> Result<()> {
         "--sigma",
         "0.4",
     ];
-    let mut args = vec!["bench", "-p", "nvcim", "--bench", "mc_eval", "--"];
+    // The release profile, which the tests and the demo share: the `bench` profile would build
+    // Burn and tract a second time.
+    let mut args = vec![
+        "bench",
+        "--profile",
+        "release",
+        "-p",
+        "nvcim",
+        "--bench",
+        "mc_eval",
+        "--",
+    ];
     args.extend(common);
     args.extend(["--jobs", "1,2"]);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
