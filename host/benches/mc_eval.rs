@@ -106,9 +106,8 @@ fn throughput<C: NoisyClassifier>(
     let secs = t.elapsed().as_secs_f64();
     let images = runs[0].examples;
     eprintln!(
-        "  jobs {jobs}: {} runs x {images} images in {secs:.2} s, mean accuracy {:.2}%",
-        a.mc,
-        runs[0].accuracies().iter().sum::<f64>() / f64::from(a.mc)
+        "  jobs {jobs}: {} runs x {images} images in {secs:.2} s, correct per run {:?}",
+        a.mc, runs[0].correct
     );
     Ok(f64::from(a.mc) * images as f64 / secs)
 }
@@ -116,6 +115,9 @@ fn throughput<C: NoisyClassifier>(
 fn main() -> Result<()> {
     let a = parse()?;
     let device = Device::flex();
+    // A fixed initialisation, so that runs with other settings (`--float-batch`) can be compared
+    // run by run.
+    device.seed(0);
     let spec = ModelSpec {
         arch: Arch::Vgg8,
         width: a.width,
