@@ -74,9 +74,12 @@ pub struct EvalOptions {
     /// Evaluate on the first N test examples only (a quick look).
     #[arg(long, value_name = "N")]
     pub test_subset: Option<usize>,
-    /// Worker threads for the Monte Carlo runs.
-    #[arg(long, default_value_t = 1)]
-    pub jobs: usize,
+    /// Worker threads for the Monte Carlo runs; results do not depend on it. Default: 1 with
+    /// the float engine (Burn's CPU ops already spread each batch over every core, and more
+    /// workers measured no faster), the number of cores with the int engine (one run is
+    /// single-threaded).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
     /// Output directory of eval.json, eval.csv, runs.csv and the plots.
     #[arg(long, value_name = "DIR", default_value = "runs/eval")]
     pub out: PathBuf,
@@ -89,6 +92,14 @@ pub struct EvalOptions {
 }
 
 impl EvalOptions {
+    /// Monte Carlo worker threads: `--jobs`, or the engine's default (see its help).
+    pub fn jobs(&self) -> usize {
+        self.jobs.unwrap_or_else(|| match self.engine {
+            Engine::Float => 1,
+            Engine::Int => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        })
+    }
+
     /// The quantization scale mode.
     pub fn scale_mode(&self) -> ScaleMode {
         if self.scale == "model" {
@@ -102,7 +113,7 @@ impl EvalOptions {
     pub fn check(&self) -> Result<Vec<f32>> {
         let sigmas = parse_sigmas(&self.sigma)?;
         ensure!(self.mc > 0, "--mc must be at least 1");
-        ensure!(self.jobs > 0, "--jobs must be at least 1");
+        ensure!(self.jobs != Some(0), "--jobs must be at least 1");
         ensure!(
             self.test_subset != Some(0),
             "--test-subset must be at least 1"
@@ -221,7 +232,7 @@ pub fn evaluate_quiet<C: NoisyClassifier>(
         sigmas: sigmas.clone(),
         mc: opts.mc,
         seed: opts.seed,
-        jobs: opts.jobs,
+        jobs: opts.jobs(),
         progress: !opts.quiet,
     };
     let clean = engine.clean(data)?;

@@ -18,6 +18,7 @@ pub mod data;
 pub mod evaluation;
 pub mod firmware;
 pub mod ir;
+pub mod kernel;
 pub mod mc;
 pub mod model;
 pub mod onnx;

@@ -209,6 +209,88 @@ pub fn train(root: &Path) -> Result<()> {
     )
 }
 
+/// Monte Carlo runs and test images of `cargo xtask bench eval` (nvcim and PyTorch alike).
+const EVAL_MC: u32 = 5;
+const EVAL_IMAGES: usize = 1000;
+
+/// `cargo xtask bench eval`: Monte Carlo throughput (runs x images per second) of `nvcim eval`'s
+/// float and integer engines and of the PyTorch reference (`bench/reference/mc_eval.py`), in one
+/// run, on VGG-8 w0.25 with random weights, the first 1000 Fashion-MNIST test images padded to
+/// 32x32, sigma 0.4 (`range`), 5 runs. nvcim's figure per engine is its best over `--jobs` 1
+/// and 2 (the host bench `mc_eval` times `mc::monte_carlo` on the engines `nvcim eval` builds).
+pub fn eval(root: &Path) -> Result<()> {
+    let python = bench_python(root, &["torch", "numpy"])?;
+    let (mc, images) = (EVAL_MC.to_string(), EVAL_IMAGES.to_string());
+    let common = [
+        "--mc",
+        mc.as_str(),
+        "--images",
+        images.as_str(),
+        "--sigma",
+        "0.4",
+    ];
+    // The release profile, which the tests and the demo share: the `bench` profile would build
+    // Burn and tract a second time.
+    let mut args = vec![
+        "bench",
+        "--profile",
+        "release",
+        "-p",
+        "nvcim",
+        "--bench",
+        "mc_eval",
+        "--",
+    ];
+    args.extend(common);
+    args.extend(["--jobs", "1,2"]);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("\n==> cargo {}", args.join(" "));
+    let out = Command::new(cargo)
+        .current_dir(root)
+        .args(&args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running the mc_eval bench")?;
+    if !out.status.success() {
+        bail!("the mc_eval bench failed ({})", out.status);
+    }
+    let ours = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .map(str::to_string)
+        .context("the mc_eval bench printed nothing")?;
+    let best = |engine: &str| -> Result<f64> {
+        ["1", "2"]
+            .iter()
+            .filter_map(|j| json_number_after(&ours, "{", &format!("\"{engine}_jobs{j}\"")))
+            .reduce(f64::max)
+            .with_context(|| format!("no {engine} figure in the bench's output: {ours}"))
+    };
+    let (float, int) = (best("float")?, best("int")?);
+    let script = root.join("bench/reference/mc_eval.py");
+    let line = python_reference(
+        &python,
+        &script,
+        &common.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )?;
+    let torch = json_number_after(&line, "{", "\"runs_x_images_per_s\"")
+        .with_context(|| format!("no runs_x_images_per_s in the reference's output: {line}"))?;
+    record(
+        root,
+        "eval",
+        &format!(
+            "{{\"runs_x_images_per_s\": {{\"nvcim_float\": {float:.1}, \"nvcim_int\": {int:.1}, \
+             \"pytorch\": {torch:.1}}}, \"float_over_pytorch\": {:.2}, \"int_over_pytorch\": {:.2}, \
+             \"target_float_over_pytorch\": 2.0, \"target_int_over_pytorch\": 1.0, \
+             \"model\": \"vgg8 w0.25 random weights, fashion-mnist 32x32\", \"mc\": {EVAL_MC}, \
+             \"images\": {EVAL_IMAGES}, \"sigma\": 0.4, \"sigma_unit\": \"range\", \
+             \"nvcim\": {ours}, \"pytorch_reference\": {line}}}",
+            float / torch,
+            int / torch
+        ),
+    )
+}
+
 /// `cargo xtask bench export`: latency at batch 1 and throughput at batch 128 of an exported
 /// VGG-8 backbone in tract and ONNX Runtime (criterion prints the table).
 pub fn export() -> Result<()> {

@@ -20,8 +20,7 @@ mod bench;
 mod demo;
 mod setup;
 
-const USAGE: &str =
-    "usage: cargo xtask <setup | test | demo | bench [variation|engine|train|export|firmware|all]>";
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|engine|train|eval|export|firmware|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -139,11 +138,13 @@ fn bench(root: &Path, what: &[String]) -> Result<()> {
         "variation" => bench::variation(root),
         "engine" => bench::engine(root),
         "train" => bench::train(root),
+        "eval" => bench::eval(root),
         "export" => bench::export(),
         "firmware" => bench::firmware(root),
         "all" => bench::variation(root)
             .and_then(|()| bench::engine(root))
             .and_then(|()| bench::train(root))
+            .and_then(|()| bench::eval(root))
             .and_then(|()| bench::export())
             .and_then(|()| bench::firmware(root)),
         other => bail!("unknown benchmark `{other}`\n{USAGE}"),

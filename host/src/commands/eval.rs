@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, ensure};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use clap::Args;
 use nvcim_shared::{
-    exec::{Scratch, count_correct, program},
+    exec::{Scratch, count_correct_with, program},
     format::{
         Model,
         build::{self, PackConfig, Readback, TestBatch, act_scales, activation_max, pack},
@@ -31,6 +31,7 @@ use crate::{
     convert::{Loaded, desc_nodes, load_checkpoint, model_desc},
     data::{self, Batch, Dataset},
     evaluation::{Engine, EvalOptions, ModelInfo, evaluate},
+    kernel::HostKernel,
     mc::NoisyClassifier,
     model::{Backbone, correct},
 };
@@ -72,30 +73,65 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let info = model_info(&loaded, ckpt);
     match args.eval.engine {
         Engine::Float => {
-            let engine = FloatEngine::new(&loaded.backbone, args.eval.scale_mode(), device)?;
-            let batches = batches(&test);
-            evaluate(&args.eval, &info, &engine, batches.as_slice())?;
+            let (engine, data) =
+                float_engine(&loaded, &test, args.eval.scale_mode(), FLOAT_BATCH, device)?;
+            evaluate(&args.eval, &info, &engine, &data)?;
         }
         Engine::Int => {
-            let var = args.eval.device.variation(0.0)?;
-            let blob = pack_checkpoint(
+            let cfg = PackConfig {
+                variation: args.eval.device.variation(0.0)?,
+                tile_rows: args.eval.tile_rows,
+                tile_cols: args.eval.tile_cols,
+                scale_mode: args.eval.scale_mode(),
+            };
+            let engine = int_engine(
                 &loaded,
                 &train,
                 &test,
                 args.calibration_images,
-                &PackConfig {
-                    variation: var,
-                    tile_rows: args.eval.tile_rows,
-                    tile_cols: args.eval.tile_cols,
-                    scale_mode: args.eval.scale_mode(),
-                },
+                &cfg,
+                args.eval.adc_bits,
                 sigmas.iter().copied().fold(0.0, f32::max),
             )?;
-            let engine = IntEngine::new(blob, args.eval.adc_bits)?;
             evaluate(&args.eval, &info, &engine, &())?;
         }
     }
     Ok(())
+}
+
+/// Images per forward pass of the float engine in `nvcim eval`: measured fastest on VGG-8 w0.25
+/// (`cargo xtask bench eval`, 2 cores: batch 64 about 1.6x batch 256, whose activations no
+/// longer fit in cache; 16-32 lose to per-op overhead).
+pub const FLOAT_BATCH: usize = 64;
+
+/// The float engine of `nvcim eval` over the checkpoint's backbone, and its test data as tensors
+/// of `batch` images.
+pub fn float_engine(
+    loaded: &Loaded,
+    test: &Dataset,
+    mode: ScaleMode,
+    batch: usize,
+    device: Device,
+) -> Result<(FloatEngine, FloatData)> {
+    let engine = FloatEngine::new(&loaded.backbone, mode, device)?;
+    let data = engine.prepare(&batches(test, batch));
+    Ok((engine, data))
+}
+
+/// The integer engine of `nvcim eval`: the checkpoint packed with `test` and activation scales
+/// calibrated on `calibration` training images (see [`pack_checkpoint`]), with an ideal ADC or
+/// one of `adc_bits`.
+pub fn int_engine(
+    loaded: &Loaded,
+    train: &Dataset,
+    test: &Dataset,
+    calibration: usize,
+    cfg: &PackConfig,
+    adc_bits: Option<u8>,
+    noisy_sigma: f32,
+) -> Result<IntEngine> {
+    let blob = pack_checkpoint(loaded, train, test, calibration, cfg, noisy_sigma)?;
+    IntEngine::new(blob, adc_bits)
 }
 
 /// The first `n` examples of `test` (all when `None` or larger).
@@ -123,10 +159,10 @@ pub fn model_info(loaded: &Loaded, given: &Path) -> ModelInfo {
     }
 }
 
-/// The test set as normalized batches of at most 256 images.
-pub fn batches(test: &Dataset) -> Vec<Batch> {
+/// The test set as normalized batches of at most `size` images.
+pub fn batches(test: &Dataset, size: usize) -> Vec<Batch> {
     let idx: Vec<usize> = (0..test.len()).collect();
-    idx.chunks(256)
+    idx.chunks(size.max(1))
         .map(|c| data::make_batch(test, c, None))
         .collect()
 }
@@ -194,12 +230,23 @@ impl FloatEngine {
             .clone()
     }
 
-    fn count(&self, b: &Backbone, data: &[Batch]) -> usize {
-        data.iter()
-            .map(|batch| {
-                let (x, _) = data::tensor::to_tensors(batch, &self.device);
-                correct(b.forward(x), &batch.labels)
-            })
+    /// The test set as tensors on the engine's device, converted once for every run.
+    pub fn prepare(&self, batches: &[Batch]) -> FloatData {
+        FloatData {
+            batches: batches
+                .iter()
+                .map(|b| {
+                    let (x, _) = data::tensor::to_tensors(b, &self.device);
+                    (x, b.labels.clone())
+                })
+                .collect(),
+        }
+    }
+
+    fn count(&self, b: &Backbone, data: &FloatData) -> usize {
+        data.batches
+            .iter()
+            .map(|(x, labels)| correct(b.forward(x.clone()), labels))
             .sum()
     }
 
@@ -212,22 +259,28 @@ impl FloatEngine {
     }
 }
 
+/// The float engine's test set: image tensors `[n, c, h, w]` (cloning one shares its storage)
+/// and their labels.
+pub struct FloatData {
+    batches: Vec<(Tensor<4>, Vec<i64>)>,
+}
+
 impl NoisyClassifier for FloatEngine {
-    type Data = [Batch];
+    type Data = FloatData;
 
     fn num_layers(&self) -> usize {
         self.clean.len()
     }
 
-    fn num_examples(&self, data: &[Batch]) -> usize {
-        data.iter().map(|b| b.labels.len()).sum()
+    fn num_examples(&self, data: &FloatData) -> usize {
+        data.batches.iter().map(|(_, l)| l.len()).sum()
     }
 
-    fn clean(&self, data: &[Batch]) -> Result<usize> {
+    fn clean(&self, data: &FloatData) -> Result<usize> {
         Ok(self.count(&self.backbone(), data))
     }
 
-    fn run(&self, var: &VariationConfig, seed: u64, run: u32, data: &[Batch]) -> Result<usize> {
+    fn run(&self, var: &VariationConfig, seed: u64, run: u32, data: &FloatData) -> Result<usize> {
         let b = self.noisy_backbone(var, seed, run)?;
         Ok(self.count(&b, data))
     }
@@ -380,7 +433,7 @@ impl IntEngine {
             act: &mut act,
             patch: &mut patch,
         };
-        count_correct(&m, self.path, &state, &mut scratch, &mut logits)
+        count_correct_with::<HostKernel>(&m, self.path, &state, &mut scratch, &mut logits)
             .map_err(|e| anyhow::anyhow!("classifying run {run}: {e}"))
     }
 }
@@ -412,7 +465,7 @@ mod tests {
     use crate::convert::to_network;
     use crate::ir::{Normalization, Provenance};
     use crate::model::{Arch, ModelSpec};
-    use burn::tensor::{Distribution, Tensor};
+    use burn::tensor::Distribution;
     use nvcim_shared::quant::QuantConfig;
     use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
 

@@ -1,0 +1,198 @@
+//! The host's tile-column kernel for the integer engine: AVX2 when the CPU has it, `shared`'s
+//! portable [`Plain`] otherwise.
+//!
+//! The workspace is built for generic x86-64, where [`Plain`]'s reduction vectorizes to SSE2
+//! `pmaddwd` (8 products per instruction). [`HostKernel`] detects AVX2 at run time and then
+//! uses `_mm256_madd_epi16` (16 products per instruction, two accumulators). Both compute in
+//! `i32` modulo `2^32` — `vpmaddwd` is exact modulo `2^32`, its one overflowing case
+//! (`-32768 * -32768` twice) gives `2^31` wrapped, like `Plain`'s wrapping adds — so
+//! [`DotKernel::dot_i16`] returns `Plain`'s bits for every input, and `dot_row` sums the same
+//! tiles in `i64` in the same order. The integer engine's results therefore do not depend on
+//! the CPU.
+//!
+//! ```
+//! use nvcim::kernel::HostKernel;
+//! use nvcim_shared::tile::{DotKernel, Plain};
+//! let (w, x): (Vec<i16>, Vec<i16>) = ((0..300).map(|i| i * 7 - 900).collect(), (0..300).map(|i| i % 256).collect());
+//! assert_eq!(HostKernel::dot_row(&w, &x, 128), Plain::dot_row(&w, &x, 128));
+//! ```
+
+use nvcim_shared::tile::{DotKernel, MAX_TILE_ROWS, Plain};
+
+/// AVX2 when detected at run time, else [`Plain`]; bit-identical to [`Plain`] (module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostKernel;
+
+/// Whether this CPU runs the AVX2 path (the detection result is cached by std).
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl DotKernel for HostKernel {
+    #[inline]
+    fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: AVX2 is present (checked just above).
+            return unsafe { avx2::dot_i16(w, x) };
+        }
+        Plain::dot_i16(w, x)
+    }
+
+    #[inline]
+    fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: AVX2 is present (checked just above).
+            return unsafe { avx2::dot_row(w, x, rows) };
+        }
+        Plain::dot_row(w, x, rows)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi32, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_setzero_si256,
+        _mm256_storeu_si256,
+    };
+
+    use super::MAX_TILE_ROWS;
+
+    /// 16 `i16` lanes from `s[..16]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load(s: &[i16]) -> __m256i {
+        assert!(s.len() >= 16, "a 256-bit load reads 16 values");
+        // SAFETY: `s` holds at least 16 `i16` (32 bytes, asserted); `loadu` has no alignment
+        // requirement.
+        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+    }
+
+    /// The wrapping sum of the 8 `i32` lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes_sum(v: __m256i) -> i32 {
+        let mut lanes = [0i32; 8];
+        // SAFETY: `lanes` is 32 writable bytes; `storeu` has no alignment requirement.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), v) };
+        lanes.iter().fold(0i32, |s, &l| s.wrapping_add(l))
+    }
+
+    /// [`super::Plain`]'s `dot_i16`: `sum w[i] x[i]` over the shorter length, modulo `2^32`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
+        let n = w.len().min(x.len());
+        let (w, x) = (&w[..n], &x[..n]);
+        let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut i = 0;
+        while i + 32 <= n {
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(load(&w[i..]), load(&x[i..])));
+            a1 = _mm256_add_epi32(
+                a1,
+                _mm256_madd_epi16(load(&w[i + 16..]), load(&x[i + 16..])),
+            );
+            i += 32;
+        }
+        if i + 16 <= n {
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(load(&w[i..]), load(&x[i..])));
+            i += 16;
+        }
+        let mut s = lanes_sum(_mm256_add_epi32(a0, a1));
+        for (&a, &b) in w[i..].iter().zip(&x[i..]) {
+            s = s.wrapping_add(i32::from(a) * i32::from(b));
+        }
+        s
+    }
+
+    /// [`super::Plain`]'s `dot_row`: per tile of `rows` inputs, [`dot_i16`], added in `i64`.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
+        let rows = rows.clamp(1, MAX_TILE_ROWS);
+        let mut acc = 0i64;
+        for (wc, xc) in w.chunks(rows).zip(x.chunks(rows)) {
+            acc += i64::from(dot_i16(wc, xc));
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nvcim_shared::rng::Xoshiro128PlusPlus;
+    use rand_core::{RngCore, SeedableRng};
+
+    fn uniform(rng: &mut Xoshiro128PlusPlus, lo: i32, hi: i32) -> i16 {
+        let span = (hi - lo + 1) as u32;
+        (lo + (rng.next_u32() % span) as i32) as i16
+    }
+
+    #[test]
+    fn equals_plain_at_the_engines_bounds() {
+        let mut rng = Xoshiro128PlusPlus::seed_from_u64(5);
+        for case in 0..2000 {
+            // Lengths around the vector widths (not multiples of 16) and up to FC fan-ins.
+            let len = match case % 4 {
+                0 => (rng.next_u32() % 40) as usize,
+                1 => 16 * (1 + (rng.next_u32() % 8) as usize) + 1 + (rng.next_u32() % 15) as usize,
+                _ => (rng.next_u32() % 2400) as usize,
+            };
+            let rows = 1 + (rng.next_u32() % MAX_TILE_ROWS as u32) as usize;
+            // Half the cases at the extremes of the bound, half uniform within it.
+            let extreme = case % 2 == 0;
+            let w: Vec<i16> = (0..len)
+                .map(|_| {
+                    if extreme {
+                        [32767, -32767][(rng.next_u32() & 1) as usize]
+                    } else {
+                        uniform(&mut rng, -32767, 32767)
+                    }
+                })
+                .collect();
+            let x: Vec<i16> = (0..len)
+                .map(|_| {
+                    if extreme {
+                        [255, -128][(rng.next_u32() & 1) as usize]
+                    } else {
+                        uniform(&mut rng, -128, 255)
+                    }
+                })
+                .collect();
+            assert_eq!(
+                HostKernel::dot_row(&w, &x, rows),
+                Plain::dot_row(&w, &x, rows),
+                "case {case}: len {len} rows {rows}"
+            );
+            let k = len.min(rows);
+            assert_eq!(
+                HostKernel::dot_i16(&w[..k], &x[..k]),
+                Plain::dot_i16(&w[..k], &x[..k]),
+                "case {case}: dot_i16 len {k}"
+            );
+        }
+    }
+
+    #[test]
+    fn wraps_like_plain_outside_the_bound() {
+        // Every i16, including -32768 * -32768 (vpmaddwd's one overflowing pair), and unequal
+        // lengths (the shorter one counts).
+        let mut rng = Xoshiro128PlusPlus::seed_from_u64(9);
+        for len in [1, 15, 16, 17, 31, 32, 33, 100, 1000, 4099] {
+            let w: Vec<i16> = (0..len).map(|_| rng.next_u32() as i16).collect();
+            let x: Vec<i16> = (0..len + 3).map(|_| rng.next_u32() as i16).collect();
+            assert_eq!(HostKernel::dot_i16(&w, &x), Plain::dot_i16(&w, &x));
+            let min = vec![i16::MIN; len];
+            assert_eq!(HostKernel::dot_i16(&min, &min), Plain::dot_i16(&min, &min));
+            assert_eq!(HostKernel::dot_row(&w, &x, 64), Plain::dot_row(&w, &x, 64));
+        }
+    }
+}
