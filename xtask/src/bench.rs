@@ -131,9 +131,28 @@ pub fn record(root: &Path, name: &str, json: &str) -> Result<()> {
     Ok(())
 }
 
+/// `cargo bench` of one bench target in the release profile and the workspace's feature set —
+/// the profile and features `cargo xtask test` and the demo build with, so a bench reuses that
+/// build instead of compiling Burn and tract again — with `extra` arguments for the bench.
+fn bench_args<'a>(bench: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "bench",
+        "--profile",
+        "release",
+        "--workspace",
+        "--exclude",
+        "nvcim-firmware",
+        "--bench",
+        bench,
+        "--",
+    ];
+    args.extend(extra);
+    args
+}
+
 /// `cargo xtask bench variation`: Gaussian samples/s and noisy weights/s on one core.
 pub fn variation(root: &Path) -> Result<()> {
-    crate::cargo(&["bench", "-p", "nvcim-shared", "--bench", "variation"])?;
+    crate::cargo(&bench_args("variation", &[]))?;
     let t = target_dir(root);
     let n = 65536.0;
     let gauss = n / criterion_mean_ns(&t, "gaussian", "ziggurat_f32")? * 1e3;
@@ -152,7 +171,7 @@ pub fn variation(root: &Path) -> Result<()> {
 /// 0.25, against an int8 dot product in L1 compiled with the same flags (the bench prints the
 /// MAC count, programmed state per weight and peak scratch).
 pub fn engine(root: &Path) -> Result<()> {
-    crate::cargo(&["bench", "-p", "nvcim-shared", "--bench", "engine"])?;
+    crate::cargo(&bench_args("engine", &[]))?;
     let t = target_dir(root);
     let per_ns = |group: &str, id: &str| -> Result<(f64, f64)> {
         let ns = criterion_mean_ns(&t, group, id)?;
@@ -177,7 +196,7 @@ pub fn engine(root: &Path) -> Result<()> {
 pub fn train(root: &Path) -> Result<()> {
     let python = bench_python(root, &["torch", "numpy"])?;
     let script = root.join("bench/reference/train_step.py");
-    crate::cargo(&["bench", "-p", "nvcim", "--bench", "train_step"])?;
+    crate::cargo(&bench_args("train_step", &[]))?;
     let t = target_dir(root);
     let mut rows = Vec::new();
     for (width, id) in [("0.25", "vgg8_w0.25_b128_nft"), ("1.0", "vgg8_w1_b128_nft")] {
@@ -229,19 +248,7 @@ pub fn eval(root: &Path) -> Result<()> {
         "--sigma",
         "0.4",
     ];
-    // The release profile, which the tests and the demo share: the `bench` profile would build
-    // Burn and tract a second time.
-    let mut args = vec![
-        "bench",
-        "--profile",
-        "release",
-        "-p",
-        "nvcim",
-        "--bench",
-        "mc_eval",
-        "--",
-    ];
-    args.extend(common);
+    let mut args = bench_args("mc_eval", &common);
     args.extend(["--jobs", "1,2"]);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("\n==> cargo {}", args.join(" "));
@@ -294,7 +301,7 @@ pub fn eval(root: &Path) -> Result<()> {
 /// `cargo xtask bench export`: latency at batch 1 and throughput at batch 128 of an exported
 /// VGG-8 backbone in tract and ONNX Runtime (criterion prints the table).
 pub fn export() -> Result<()> {
-    crate::cargo(&["bench", "-p", "nvcim", "--bench", "onnx_runtimes"])
+    crate::cargo(&bench_args("onnx_runtimes", &[]))
 }
 
 /// `cargo xtask bench firmware`: instructions per MAC and per sampled device deviation of the
