@@ -111,6 +111,55 @@ fn tiny_resnet18_with_nft() {
     );
     let s = summary(&o);
     check_run(out.path(), &s, 2);
+
+    // The trained ResNet-18 backbone exported to ONNX: tract and ONNX Runtime give Burn's
+    // logits within 1e-4 at batch 1 and 7, the graph has no exit, the checker accepts it.
+    let onnx = out.path().join("resnet18.onnx");
+    let run = out.path().to_str().unwrap();
+    let exported = common::nvcim(&["export", run, "-o", onnx.to_str().unwrap()]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let model = nvcim::onnx::read_model(&onnx).unwrap();
+    let g = model.graph.as_ref().unwrap();
+    assert!(
+        g.node
+            .iter()
+            .map(|n| &n.name)
+            .chain(g.initializer.iter().map(|t| &t.name))
+            .all(|n| !n.to_lowercase().contains("exit"))
+    );
+    common::check_with_onnx_checker(std::slice::from_ref(&onnx));
+    for batch in ["1", "7"] {
+        let o = common::nvcim(&[
+            "check-onnx",
+            onnx.to_str().unwrap(),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--limit",
+            "7",
+            "--batch",
+            batch,
+            "--checkpoint",
+            run,
+            "--max-diff",
+            "1e-4",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let pairs = rep["max_abs_diff"].as_array().unwrap();
+        assert_eq!(
+            pairs.len(),
+            3,
+            "tract, onnxruntime and burn compared: {rep}"
+        );
+        for pair in pairs {
+            assert!(pair[2].as_f64().unwrap() <= 1e-4, "batch {batch}: {pair}");
+        }
+    }
 }
 
 /// Every parameter, BN statistic and exit weight of the checkpoint in `out`.
