@@ -218,25 +218,7 @@ fn eval_both_engines_agree_and_files_are_consistent() {
         "the run trained with exits: {ckpt}"
     );
     let model = nvcim::onnx::read_model(&onnx).unwrap();
-    let g = model.graph.as_ref().unwrap();
-    for name in g
-        .node
-        .iter()
-        .map(|n| &n.name)
-        .chain(g.initializer.iter().map(|t| &t.name))
-        .chain(g.node.iter().flat_map(|n| &n.output))
-    {
-        assert!(
-            !name.to_lowercase().contains("exit"),
-            "`{name}` in the graph"
-        );
-    }
-    let layers = g
-        .node
-        .iter()
-        .filter(|n| n.op_type == "Conv" || n.op_type == "Gemm")
-        .count();
-    assert_eq!(layers, 8, "VGG-8 backbone: 6 conv + 2 linear");
+    common::assert_backbone_only(&model, 8); // VGG-8: 6 conv + 2 linear
     common::check_with_onnx_checker(std::slice::from_ref(&onnx));
     for batch in ["1", "7"] {
         let out = ok(&nvcim(&[

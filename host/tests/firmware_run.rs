@@ -18,6 +18,8 @@ use nvcim::{
 };
 use nvcim_firmware::testmodel;
 
+mod common;
+
 const IMAGES: usize = 32;
 /// (seed, sigma) of the two configurations.
 const CONFIGS: [(u64, &str); 2] = [(7, "0.3"), (2026, "0.6")];
@@ -71,19 +73,7 @@ fn simulated_runs_match_the_host_engine_and_the_golden_file() {
         all.extend(mc_lines(&lines));
     }
     let text = all.join("\n") + "\n";
-    let path = golden();
-    if std::env::var_os("NVCIM_BLESS").is_some_and(|v| v == "1") {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &text).unwrap();
-        println!("blessed {}", path.display());
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; create it with NVCIM_BLESS=1 cargo test -p nvcim --release --test firmware_run",
-            path.display()
-        )
-    });
-    assert_eq!(text, want, "lines differ from {}", path.display());
+    common::golden(&golden(), &text);
     // The noise moves the counts: some summary has a non-zero spread.
     assert!(
         all.iter()
@@ -217,16 +207,8 @@ fn reference_model_in_qemu_equals_the_host_and_the_golden_file() {
         all.extend(mc_lines(&out.lines));
     }
     let text = all.join("\n") + "\n";
-    let golden = root.join("firmware/tests/expected/run_reference.txt");
-    if std::env::var_os("NVCIM_BLESS").is_some_and(|v| v == "1") {
-        std::fs::write(&golden, &text).unwrap();
-        println!("blessed {}", golden.display());
-    }
-    let want = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; create it with NVCIM_BLESS=1 cargo test -p nvcim --release --test firmware_run",
-            golden.display()
-        )
-    });
-    assert_eq!(text, want, "lines differ from {}", golden.display());
+    common::golden(
+        &root.join("firmware/tests/expected/run_reference.txt"),
+        &text,
+    );
 }

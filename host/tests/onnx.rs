@@ -535,18 +535,7 @@ fn reference_model_files() {
     assert!(total <= 5_000_000, "models/ holds {total} bytes");
     check_with_onnx_checker(std::slice::from_ref(&onnx));
     let model = read_model(&onnx).unwrap();
-    let g = model.graph.as_ref().unwrap();
-    assert!(
-        names(&model)
-            .iter()
-            .all(|n| !n.to_lowercase().contains("exit"))
-    );
-    let layers = g
-        .node
-        .iter()
-        .filter(|n| n.op_type == "Conv" || n.op_type == "Gemm")
-        .count();
-    assert_eq!(layers, 8, "VGG-8: 6 conv + 2 linear");
+    common::assert_backbone_only(&model, 8); // VGG-8: 6 conv + 2 linear
     let meta = |k: &str| {
         model
             .metadata_props

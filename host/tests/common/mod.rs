@@ -79,3 +79,44 @@ pub fn run_checker(files: &[PathBuf]) -> std::process::Output {
         .output()
         .expect("running the venv python")
 }
+
+/// Asserts that an exported graph is a backbone only: no node, output or initializer name
+/// mentions an exit, and it has `layers` Conv/Gemm nodes (one per backbone weight layer).
+pub fn assert_backbone_only(model: &tract_onnx::pb::ModelProto, layers: usize) {
+    let g = model.graph.as_ref().expect("a graph");
+    for name in g
+        .node
+        .iter()
+        .map(|n| &n.name)
+        .chain(g.initializer.iter().map(|t| &t.name))
+        .chain(g.node.iter().flat_map(|n| &n.output))
+    {
+        assert!(
+            !name.to_lowercase().contains("exit"),
+            "`{name}` in the graph"
+        );
+    }
+    let found = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Conv" || n.op_type == "Gemm")
+        .count();
+    assert_eq!(found, layers, "Conv/Gemm nodes");
+}
+
+/// Compares `text` with the golden file `path`, rewriting it first under `NVCIM_BLESS=1`.
+pub fn golden(path: &Path, text: &str) {
+    if std::env::var_os("NVCIM_BLESS").is_some_and(|v| v == "1") {
+        std::fs::create_dir_all(path.parent().expect("a parent directory")).unwrap();
+        std::fs::write(path, text).unwrap();
+        println!("blessed {}", path.display());
+    }
+    let want = std::fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; create it with NVCIM_BLESS=1 cargo test --release --workspace \
+             --exclude nvcim-firmware --test firmware_run",
+            path.display()
+        )
+    });
+    assert_eq!(text, want, "lines differ from {}", path.display());
+}
