@@ -419,23 +419,36 @@ impl IntEngine {
     }
 
     fn count(&self, var: &VariationConfig, seed: u64, run: u32) -> Result<usize> {
-        let m = self.model()?;
-        let mut state = vec![0i16; m.state_len(self.path)];
-        program(&m, var, seed, run, self.path, &mut state)
-            .map_err(|e| anyhow::anyhow!("programming run {run}: {e}"))?;
-        let s = m.scratch();
-        let (mut act, mut patch, mut logits) = (
-            vec![0u8; s.act_bytes],
-            vec![0i16; s.patch],
-            vec![0i32; s.logits],
-        );
-        let mut scratch = Scratch {
-            act: &mut act,
-            patch: &mut patch,
-        };
-        count_correct_with::<HostKernel>(&m, self.path, &state, &mut scratch, &mut logits)
-            .map_err(|e| anyhow::anyhow!("classifying run {run}: {e}"))
+        int_run(&self.model()?, self.path, var, seed, run)
     }
+}
+
+/// One Monte Carlo run of the integer engine: programs run `run`'s tiles under `seed` and
+/// counts the packed test batch's correct classifications (the host's AVX2 kernel, the same bits
+/// as the firmware's). `nvcim eval --engine int` and `nvcim firmware run`'s comparison both
+/// call it.
+pub fn int_run(
+    m: &Model<'_>,
+    path: TilePath,
+    var: &VariationConfig,
+    seed: u64,
+    run: u32,
+) -> Result<usize> {
+    let mut state = vec![0i16; m.state_len(path)];
+    program(m, var, seed, run, path, &mut state)
+        .map_err(|e| anyhow::anyhow!("programming run {run}: {e}"))?;
+    let s = m.scratch();
+    let (mut act, mut patch, mut logits) = (
+        vec![0u8; s.act_bytes],
+        vec![0i16; s.patch],
+        vec![0i32; s.logits],
+    );
+    let mut scratch = Scratch {
+        act: &mut act,
+        patch: &mut patch,
+    };
+    count_correct_with::<HostKernel>(m, path, &state, &mut scratch, &mut logits)
+        .map_err(|e| anyhow::anyhow!("classifying run {run}: {e}"))
 }
 
 impl NoisyClassifier for IntEngine {

@@ -3,8 +3,8 @@
 //! compared run by run with the host's integer engine.
 //!
 //! Both paths print the firmware's lines (`config`, `run R correct C of N`, `summary ...`);
-//! this verb parses them, recomputes every run with `exec::program` + `exec::count_correct` on
-//! the host, prints the agreement and fails on any difference.
+//! this verb parses them, recomputes every run on the host with the integer engine of `nvcim
+//! eval --engine int` (`eval::int_run`), prints the agreement and fails on any difference.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -15,11 +15,7 @@ use nvcim_firmware::{
     mc,
     stats::{Accumulator, RunLine},
 };
-use nvcim_shared::{
-    exec::{Scratch, count_correct, program},
-    format::Model,
-    tile::Plain,
-};
+use nvcim_shared::{format::Model, tile::Plain};
 
 use crate::{
     firmware::{Build, ExitCode, Memory, QemuRun, firmware_elf},
@@ -181,24 +177,9 @@ pub fn host_counts(blob: &[u8], words: &[String]) -> Result<Vec<u32>> {
     };
     let model = Model::parse(blob).map_err(|e| anyhow::anyhow!("invalid packed model: {e}"))?;
     let plan = mc::plan(&model, &a).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let m = &plan.model;
-    let mut state = vec![0i16; m.state_len(plan.path)];
-    let s = m.scratch();
-    let (mut act, mut patch, mut logits) = (
-        vec![0u8; s.act_bytes],
-        vec![0i16; s.patch],
-        vec![0i32; s.logits],
-    );
     (0..plan.mc)
         .map(|r| {
-            program(m, &plan.variation, plan.seed, r, plan.path, &mut state)
-                .with_context(|| format!("programming run {r}"))?;
-            let mut scratch = Scratch {
-                act: &mut act,
-                patch: &mut patch,
-            };
-            let c = count_correct(m, plan.path, &state, &mut scratch, &mut logits)
-                .with_context(|| format!("classifying run {r}"))?;
+            let c = super::eval::int_run(&plan.model, plan.path, &plan.variation, plan.seed, r)?;
             Ok(c as u32)
         })
         .collect()
