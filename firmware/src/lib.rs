@@ -4,7 +4,8 @@
 //! - [`args`]: the semihosting command line, parsed into a typed [`args::Command`];
 //! - [`blob`]: validation of the packed model QEMU loads into PSRAM (`Model::parse`);
 //! - [`kernel`]: integer dot products, SMLAD on the M4 and plain Rust as the reference;
-//! - [`selftest`]: the bit-exactness check of the kernels;
+//! - [`program`]: tile programming, in assembly on the M4 ([`nvcim_shared::tile::Programmer`]);
+//! - [`selftest`]: the bit-exactness check of the kernels and of the programming loop;
 //! - [`mc`]: the Monte Carlo loop of `run` (the board and `nvcim firmware run --simulated`);
 //! - [`stats`]: output lines and the Monte Carlo summary in integers / fixed point;
 //! - [`exit`]: every exit code, documented in one place.
@@ -24,6 +25,7 @@ pub mod blob;
 pub mod exit;
 pub mod kernel;
 pub mod mc;
+pub mod program;
 pub mod selftest;
 pub mod stats;
 #[cfg(any(test, feature = "testmodel"))]

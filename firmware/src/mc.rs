@@ -9,7 +9,7 @@
 //! summary runs 5 total 32 mean 26.8000 std 0.8366 min 26 max 28 acc 83.7500%
 //! ```
 //!
-//! For run `r`: [`nvcim_shared::exec::program`] from the streams `(seed, r, layer)`, then
+//! For run `r`: [`nvcim_shared::exec::program_with`] from the streams `(seed, r, layer)`, then
 //! [`nvcim_shared::exec::count_correct_with`] over the packed test batch.
 //!
 //! ```
@@ -30,10 +30,10 @@
 use core::fmt::{self, Write};
 
 use nvcim_shared::{
-    exec::{Scratch, count_correct_with, program},
+    exec::{Scratch, count_correct_with, program_with},
     format::{Model, OpKind, ScratchSizes},
     quant::QuantConfig,
-    tile::{Adc, DotKernel, FRAC_BITS, MAX_TILE_ROWS, Path},
+    tile::{Adc, DotKernel, FRAC_BITS, MAX_TILE_ROWS, Path, Programmer},
     variation::VariationConfig,
 };
 
@@ -221,7 +221,7 @@ impl Clock for NoClock {
 /// Clock counts spent programming and classifying, over all runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cost {
-    /// Counts in [`program`].
+    /// Counts in [`program_with`].
     pub program: u64,
     /// Counts in the classification of the test batch.
     pub infer: u64,
@@ -270,9 +270,9 @@ pub fn config_line<'a>(plan: &'a Plan<'_>) -> impl fmt::Display + 'a {
     Line(plan)
 }
 
-/// Runs the Monte Carlo loop with the tile-column kernel `K`, printing the `config` line, one
-/// `run` line per run and the `summary` line to `out`.
-pub fn run<K: DotKernel>(
+/// Runs the Monte Carlo loop with the tile-column kernel and tile programmer `K`, printing the
+/// `config` line, one `run` line per run and the `summary` line to `out`.
+pub fn run<K: DotKernel + Programmer>(
     plan: &Plan<'_>,
     bufs: &mut Buffers<'_>,
     out: &mut impl Write,
@@ -285,7 +285,7 @@ pub fn run<K: DotKernel>(
     let mut cost = Cost::default();
     for r in 0..plan.mc {
         let t0 = clock.now();
-        program(model, &plan.variation, plan.seed, r, plan.path, bufs.state)?;
+        program_with::<K>(model, &plan.variation, plan.seed, r, plan.path, bufs.state)?;
         let t1 = clock.now();
         let mut scratch = Scratch {
             act: bufs.act,
@@ -318,7 +318,10 @@ mod tests {
     use super::*;
     use crate::testmodel;
     use alloc::string::String;
-    use nvcim_shared::{exec::count_correct, tile::Plain};
+    use nvcim_shared::{
+        exec::{count_correct, program},
+        tile::Plain,
+    };
 
     fn args(mc: u32, sigma: f32, seed: u64) -> RunArgs {
         RunArgs {
@@ -338,6 +341,7 @@ mod tests {
             })
         }
     }
+    impl Programmer for Reversed {}
 
     #[test]
     fn lines_match_the_engine_run_by_run() {

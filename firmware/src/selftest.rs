@@ -1,14 +1,18 @@
 //! The kernel self-test: every DSP kernel against its plain reference, bit for bit, on seeded
-//! random vectors of awkward lengths and at every start offset modulo 4 bytes.
+//! random vectors of awkward lengths and at every start offset modulo 4 bytes; and the
+//! tile-programming loop ([`crate::program`]) against [`nvcim_shared::tile::program_layer`].
 //!
 //! Portable: on the host it compares the reference with itself (the plumbing is still
-//! tested); on the Cortex-M4 it compares SMLAD with plain Rust.
+//! tested); on the Cortex-M4 it compares SMLAD and the assembly with plain Rust.
 
 use core::fmt;
 
+use nvcim_shared::quant::QuantConfig;
 use nvcim_shared::rng::Xoshiro128PlusPlus;
+use nvcim_shared::tile::{DotKernel, Path, Plain, Programmer};
+use nvcim_shared::variation::{Faults, Profile, SigmaUnit, VariationConfig};
 
-use nvcim_shared::tile::{DotKernel, Plain};
+use crate::kernel::Smlad;
 
 use crate::kernel::{dot_i8, dot_i8_plain, dot_i16, dot_i16_plain, dot_row, dot_rows2};
 
@@ -207,9 +211,112 @@ pub fn check_kernels(seed: u64, cases: u32) -> Result<Checked, Mismatch> {
     Ok(checked)
 }
 
+/// Weight counts of the programming check: empty, one, a partial pass, larger layers.
+pub const PROGRAM_LENGTHS: [usize; 5] = [0, 1, 5, 64, 257];
+
+/// Sigmas (`range`) of the programming check: none, typical, and large enough that the
+/// clamp fires often (a weight with such a device restarts in Rust).
+pub const PROGRAM_SIGMAS: [f32; 6] = [0.0, 0.1, 0.4, 1.0, 3.0, 20.0];
+
+/// Compares [`Smlad`]'s tile programmer with the reference ([`Plain`]'s, i.e.
+/// `program_layer`) on `cases` seeded random layers per length, sigma and profile (uniform and
+/// `fefet6`, whose band gives two stds), records at an even and an odd byte address; one
+/// record in eight has a random 15-bit magnitude (outside M = 8). Compares every state word,
+/// the generator's state after the layer and the result. Returns the number of layers.
+pub fn check_programming(seed: u64, cases: u32) -> Result<u32, Mismatch> {
+    const MAX: usize = 257;
+    let mut rng = Xoshiro128PlusPlus::from_u64(seed ^ 0x5eed_7111);
+    let mut bytes = [0u8; 2 * MAX + 1];
+    let mut fast = [0i16; MAX];
+    let mut plain = [0i16; MAX];
+    let mut checked = 0;
+    let mismatch = |len, offsets, case, f: i32, p: i32| Mismatch {
+        kernel: "program",
+        len,
+        offsets,
+        case,
+        fast: f,
+        plain: p,
+    };
+    for case in 0..cases {
+        for b in bytes.chunks_exact_mut(2) {
+            let r = rng.next();
+            let magnitude = if r.is_multiple_of(8) {
+                (r >> 8) & 0x7fff
+            } else {
+                (r >> 8) & 0xff
+            };
+            let v = (magnitude | (r & 0x8000_0000) >> 16) as u16;
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        for &len in &PROGRAM_LENGTHS {
+            for &sigma in &PROGRAM_SIGMAS {
+                for profile in [Profile::Uniform, Profile::Fefet6] {
+                    let var = VariationConfig::new(
+                        QuantConfig::DEFAULT,
+                        sigma,
+                        SigmaUnit::Range,
+                        profile,
+                        Faults::default(),
+                    )
+                    .map_err(|_| mismatch(len, (0, 0), case, 0, 0))?;
+                    for odd in [0usize, 1] {
+                        let records = &bytes[odd..odd + 2 * len];
+                        let start = Xoshiro128PlusPlus::from_u64(u64::from(rng.next()));
+                        let (mut a, mut b) = (start.clone(), start);
+                        let rf = <Smlad as Programmer>::program_records(
+                            &var,
+                            records,
+                            len.max(1),
+                            Path::Collapsed,
+                            &mut a,
+                            &mut fast[..len],
+                        );
+                        let rp = <Plain as Programmer>::program_records(
+                            &var,
+                            records,
+                            len.max(1),
+                            Path::Collapsed,
+                            &mut b,
+                            &mut plain[..len],
+                        );
+                        if rf != rp {
+                            return Err(mismatch(len, (0, odd), case, -1, -1));
+                        }
+                        if let Some(i) = (0..len).find(|&i| fast[i] != plain[i]) {
+                            return Err(mismatch(
+                                len,
+                                (i, odd),
+                                case,
+                                i32::from(fast[i]),
+                                i32::from(plain[i]),
+                            ));
+                        }
+                        if a != b {
+                            let (x, y) = (a.state(), b.state());
+                            return Err(mismatch(len, (len, odd), case, x[0] as i32, y[0] as i32));
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(checked)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_programming_agrees_and_counts() {
+        let n = check_programming(5, 2).unwrap();
+        assert_eq!(
+            n as usize,
+            2 * PROGRAM_LENGTHS.len() * PROGRAM_SIGMAS.len() * 2 * 2
+        );
+    }
 
     #[test]
     fn host_kernels_agree_and_count() {

@@ -52,6 +52,12 @@ fn selftest_is_bit_exact_and_smlad_is_cheaper() {
             .expect("a count");
         assert!(n > 1000, "{l}");
     }
+    // The assembly tile programmer against `program_layer`: 4 cases x 5 lengths x 6 sigmas x
+    // 2 profiles x 2 alignments.
+    let l = out
+        .line("selftest program ")
+        .unwrap_or_else(|| panic!("no program line:\n{text}"));
+    assert_eq!(l, "selftest program 480 comparisons bit-exact");
     assert!(out.line("selftest ok").is_some(), "{text}");
     assert!(out.line("memory code ").is_some(), "{text}");
 

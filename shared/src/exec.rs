@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::format::{ActKind, Model, Op, OpKind, Records, Requant, Shape, Tensor};
 use crate::rng::stream;
 use crate::tile::{
-    ACC_LIMIT, DotKernel, Path, Plain, dot_collapsed_with, dot_sliced_with, program_layer,
+    ACC_LIMIT, DotKernel, Path, Plain, Programmer, dot_collapsed_with, dot_sliced_with,
 };
 use crate::variation::VariationConfig;
 
@@ -52,6 +52,18 @@ fn need(what: &'static str, needed: usize, found: usize) -> Result<()> {
 /// `var` is usually [`Model::variation`] (or it with another sigma); its M and N must be the
 /// model's. `state` must hold exactly [`Model::state_len`]`(path)` elements.
 pub fn program(
+    model: &Model<'_>,
+    var: &VariationConfig,
+    seed: u64,
+    run: u32,
+    path: Path,
+    state: &mut [i16],
+) -> Result<()> {
+    program_with::<Plain>(model, var, seed, run, path, state)
+}
+
+/// [`program`] with the tile programmer `P` (a firmware's own loop, see [`Programmer`]).
+pub fn program_with<P: Programmer>(
     model: &Model<'_>,
     var: &VariationConfig,
     seed: u64,
@@ -89,7 +101,14 @@ pub fn program(
                 found: expected,
             })?;
         let mut rng = stream(seed, run, layer as u32);
-        program_layer(var, model.layer_weights(&op), fan_in, path, &mut rng, out)?;
+        P::program_records(
+            var,
+            model.layer_weight_bytes(&op),
+            fan_in,
+            path,
+            &mut rng,
+            out,
+        )?;
     }
     Ok(())
 }

@@ -898,6 +898,12 @@ impl<'a> Model<'a> {
 
     /// The quantized weights of a weighted op, in canonical order.
     pub fn layer_weights(&self, op: &Op) -> impl Iterator<Item = Quantized> + '_ {
+        crate::tile::decode_records(self.layer_weight_bytes(op))
+    }
+
+    /// The weight records of a weighted op as stored (two bytes per weight, little-endian,
+    /// bit 15 the sign; see [`crate::tile::decode_records`]); empty for other ops.
+    pub fn layer_weight_bytes(&self, op: &Op) -> &[u8] {
         let n = if op.kind.is_weighted() {
             op.out.c * self.fan_in(op)
         } else {
@@ -906,14 +912,7 @@ impl<'a> Model<'a> {
         // `parse` checked that every layer's range lies in the weight section; a range that
         // does not (an `Op` not from this model) yields no weights.
         let at = self.weights_at + 2 * op.weights_start;
-        let bytes = self.bytes.get(at..at + 2 * n).unwrap_or(&[]);
-        bytes.chunks_exact(2).map(|c| {
-            let v = u16::from_le_bytes([c[0], c[1]]);
-            Quantized {
-                negative: v & 0x8000 != 0,
-                magnitude: v & 0x7FFF,
-            }
-        })
+        self.bytes.get(at..at + 2 * n).unwrap_or(&[])
     }
 
     /// Crossbar tiles a weighted op occupies, `ceil(fan_in / rows) * ceil(outputs / cols)`

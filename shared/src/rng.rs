@@ -228,13 +228,52 @@ impl Xoshiro128PlusPlus {
     }
 }
 
+impl Xoshiro128PlusPlus {
+    /// The rest of [`Self::next_normal`] after its first draw `r` missed the ziggurat's fast
+    /// path (see [`Strip`]): the wedge or tail test, drawing more as needed. `self` is the
+    /// generator just after drawing `r`. For target code that runs the fast path itself.
+    ///
+    /// ```
+    /// use nvcim_shared::rng::{stream, ziggurat_strips};
+    /// let (mut a, mut b) = (stream(9, 1, 0), stream(9, 1, 0));
+    /// for _ in 0..2000 {
+    ///     let r = a.next();
+    ///     let strip = &ziggurat_strips()[(r & 0x7f) as usize];
+    ///     let z = if (r >> 9) < strip.k {
+    ///         let m = ((r >> 8) | 1) as f32 * strip.w;
+    ///         if r & 0x80 != 0 { -m } else { m }
+    ///     } else {
+    ///         a.normal_after_fast_miss(r)
+    ///     };
+    ///     assert_eq!(z.to_bits(), b.next_normal().to_bits());
+    /// }
+    /// assert_eq!(a, b);
+    /// ```
+    #[inline(never)]
+    pub fn normal_after_fast_miss(&mut self, r: u32) -> f32 {
+        normal_slow(self, r)
+    }
+}
+
 /// Strip `i`'s fast-path bound `ZIG_K[i]` and width `ZIG_W[i]` side by side (`i < 128`, the
 /// positive half), so that the fast path reads both through one base address.
+///
+/// Public, with a fixed layout (`k` at byte 0, `w` at byte 4), for target code that
+/// re-implements [`Xoshiro128PlusPlus::next_normal_split`]'s fast path (the firmware's
+/// tile-programming loop): draw `r`, strip `r & 0x7f`; the fast path applies when
+/// `(r >> 9) < k`, and then `|z| = ((r >> 8) | 1) as f32 * w` and `z < 0` is bit 7 of `r`.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
-struct Strip {
-    k: u32,
-    w: f32,
+pub struct Strip {
+    /// The fast path's bound on `r >> 9`.
+    pub k: u32,
+    /// The strip's width: `|z| = ((r >> 8) | 1) as f32 * w`.
+    pub w: f32,
+}
+
+/// The ziggurat's fast-path table (see [`Strip`]).
+pub fn ziggurat_strips() -> &'static [Strip; ZIG_LAYERS] {
+    &ZIG_STRIPS
 }
 
 static ZIG_STRIPS: [Strip; ZIG_LAYERS] = {

@@ -57,6 +57,14 @@ pub fn device_limit(cfg: QuantConfig) -> i32 {
     32767 / gain
 }
 
+/// The largest rounded deviation `r` (in `2^-FRAC_BITS` levels) that cannot take any device
+/// level `g << FRAC_BITS` (`0 <= g <= 2^N - 1`) outside `±device_limit`: below it, `g ± r`
+/// needs no clamp. The tile programmer tests `r` against it once per device.
+pub fn unclamped_deviation(cfg: QuantConfig) -> u32 {
+    let mask = (1i32 << cfg.n_bits()) - 1;
+    (device_limit(cfg) - (mask << FRAC_BITS)) as u32
+}
+
 /// The analog-to-digital converter that reads a tile column's per-slice partial sum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Adc {
@@ -270,7 +278,7 @@ fn program_collapsed(
     let mask = (1i32 << n) - 1;
     let gain: i32 = (0..slices as u32).map(|j| 1i32 << (j * n)).sum();
     let lim = 32767 / gain; // `device_limit`
-    let safe = (lim - (mask << FRAC_BITS)) as u32;
+    let safe = (lim - (mask << FRAC_BITS)) as u32; // `unclamped_deviation`
     let max = (1u32 << (slices as u32 * n)) - 1;
     // `Profile::in_band` without its `multiplier().is_some()`: under `Profile::Uniform` both
     // entries of `sd_fixed` are the same, so the band test only matters where it applies.
@@ -410,6 +418,42 @@ pub trait DotKernel {
         [Self::dot_row(w[0], x, rows), Self::dot_row(w[1], x, rows)]
     }
 }
+
+/// The tile programmer's hook for target-specific code, as [`DotKernel`] is the inner
+/// product's: [`crate::exec::program_with`] programs every layer through it. The provided
+/// method is [`program_layer`] on the decoded records; a firmware overrides it with a loop
+/// written for its core (the Cortex-M4's is in assembly) and must write the same state and
+/// leave `rng` in the same state as [`program_layer`] for every input, errors included.
+pub trait Programmer {
+    /// [`program_layer`] on a layer's weight records as the packed model stores them
+    /// ([`crate::format::Model::layer_weight_bytes`]: little-endian `u16`, bit 15 the sign,
+    /// bits 0-14 the magnitude; a trailing odd byte is ignored).
+    #[inline]
+    fn program_records(
+        var: &VariationConfig,
+        records: &[u8],
+        fan_in: usize,
+        path: Path,
+        rng: &mut Xoshiro128PlusPlus,
+        state: &mut [i16],
+    ) -> Result<()> {
+        program_layer(var, decode_records(records), fan_in, path, rng, state)
+    }
+}
+
+/// Weight records (little-endian `u16`: bit 15 the sign, bits 0-14 the magnitude) as
+/// [`Quantized`] weights; a trailing odd byte is ignored.
+pub fn decode_records(records: &[u8]) -> impl Iterator<Item = Quantized> + '_ {
+    records.chunks_exact(2).map(|c| {
+        let v = u16::from_le_bytes([c[0], c[1]]);
+        Quantized {
+            negative: v & 0x8000 != 0,
+            magnitude: v & 0x7FFF,
+        }
+    })
+}
+
+impl Programmer for Plain {}
 
 /// The portable reference kernel, a plain reduction that LLVM vectorizes (`pmaddwd` on x86).
 #[derive(Debug, Clone, Copy, Default)]

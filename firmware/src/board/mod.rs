@@ -238,6 +238,15 @@ fn self_test(out: &mut Console, a: SelfTestArgs) -> ExitCode {
             return ExitCode::SelfTestFailed;
         }
     }
+    match selftest::check_programming(a.seed, a.cases.min(4)) {
+        Ok(n) => {
+            let _ = writeln!(out, "selftest program {n} comparisons bit-exact");
+        }
+        Err(m) => {
+            let _ = writeln!(out, "selftest FAILED: {m}");
+            return ExitCode::SelfTestFailed;
+        }
+    }
     bench_kernels(out, a.seed);
     bench_sampling(out, a.seed);
     let _ = writeln!(out, "selftest ok");
