@@ -10,19 +10,23 @@
 //! - the ziggurat's fast path from [`ziggurat_strips`] (`r & 0x7f` picks the strip, `(r >> 9)
 //!   < k` accepts, `|z| = ((r >> 8) | 1) as f32 * w`, the sign is bit 7 of `r`);
 //! - `r = trunc(|z| * sd + 0.5)` (VMUL then VMLA, each rounded as Rust's two operations are;
-//!   VCVT truncates and saturates as `as i32` does), the unclamped test `r <= safe`, the sign,
-//!   the device level `g << 4` and the sum `w += d << 2j`; the weight's sign, one STRH.
+//!   VCVT truncates and saturates as `as i32` does), the unclamped test `r <= safe`, the sign;
+//! - the weight: its levels' sum `(magnitude & 0xff) << 4` (the devices are the magnitude's bit
+//!   pairs, so `sum_j (g_j << 4) << 2j` is that), plus `±r_j << 2j` per device, the weight's
+//!   sign, one STRH.
 //!
-//! About 32 instructions per device and 14 per weight (`cargo xtask bench firmware` measures it;
-//! the Rust loop took about 50 per device, most of the difference being register spills and
-//! moves the compiler could not avoid with 14 live values).
+//! 30 instructions per device and 16 per weight on the fast path; 38.5 per device measured on
+//! VGG-8 w0.25 at sigma 0.4 with the slow draws (`cargo xtask bench firmware`; the Rust loop
+//! took 50.4, most of the difference being register spills and moves the compiler could not
+//! avoid with 14 live values).
 //!
-//! The rare devices the fast path does not cover, a draw in a wedge or the tail of the
-//! ziggurat (about 1.2% of draws) or a deviation that may need the clamp, end the assembly
-//! loop *before* the weight they belong to: it saves the generator at the start of every weight
-//! (one STM), so Rust re-runs that one weight through [`program_layer`] from that state and
-//! resumes the assembly after it. The self-test ([`crate::selftest::check_programming`])
-//! compares the two on the target, including sigmas where the clamp fires.
+//! The draws the fast path does not cover, a wedge or the tail of the ziggurat (about 2.8% of
+//! draws), call [`Xoshiro128PlusPlus::normal_after_fast_miss`] from the assembly and continue.
+//! A deviation that may need the clamp (never at sigma 0.4) ends the assembly loop *before* the
+//! weight it belongs to: the loop saves the generator at the start of every weight (one STM), so
+//! Rust re-runs that one weight through [`program_layer`] from that state and resumes the
+//! assembly after it. The self-test ([`crate::selftest::check_programming`]) compares the two on
+//! the target, including sigmas where the clamp fires.
 
 use nvcim_shared::Result;
 use nvcim_shared::rng::Xoshiro128PlusPlus;

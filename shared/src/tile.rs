@@ -663,6 +663,8 @@ mod tests {
     #[test]
     fn device_limits() {
         assert_eq!(device_limit(QuantConfig::DEFAULT), 385);
+        // 385 - (3 << 4): any level 0..=3 plus or minus 337 sixteenths stays inside ±385.
+        assert_eq!(unclamped_deviation(QuantConfig::DEFAULT), 337);
         assert_eq!(device_limit(QuantConfig::new(8, 1).unwrap()), 128);
         assert_eq!(device_limit(QuantConfig::new(8, 4).unwrap()), 1927);
         // The noiseless top magnitude fits: 255 << 4 = 4080.
