@@ -126,14 +126,15 @@ mod arm {
             // SAFETY: `src` has two bytes for every slot of `dst..end` (the caller checked
             // `records.len() == 2 * state.len()`), `dst..end` lies in `state`, which nothing
             // else touches while the assembly runs, and `tab` points at the 128 strips. The
-            // function follows the AAPCS (it saves r4-r11 and lr, uses s0-s6, which are
-            // caller-saved) and writes only `job`, the slots and its own stack frame.
+            // function follows the AAPCS (it saves r4-r11, lr and s16-s19, keeps sp 8-aligned
+            // at its call of `finish_normal`, and otherwise uses the caller-saved s4-s6) and
+            // writes only `job`, the slots and its own stack frame.
             unsafe { program_8x2_asm(&mut job) };
             if job.dst == job.end {
                 break;
             }
-            // The weight at `dst` needs a wedge or tail draw or the clamp: the reference, from
-            // the generator's state at the start of that weight.
+            // A device of the weight at `dst` may need the clamp: the reference, from the
+            // generator's state at the start of that weight.
             // (`from_state` refuses only the all-zero state, which xoshiro never reaches from
             // a seeded one: its step is a bijection on the non-zero states.)
             let mut g = Xoshiro128PlusPlus::from_state(job.s).unwrap_or_else(|| rng.clone());
