@@ -49,10 +49,15 @@ fn run() -> Result<()> {
     }
 }
 
-/// The workspace root (the parent of this crate's manifest directory).
+/// The workspace root (the parent of this crate's manifest directory). `cargo run` (the
+/// `cargo xtask` alias) sets `CARGO_MANIFEST_DIR` for the process, which follows the checkout
+/// it runs in; the compile-time value is only the fallback, because a target directory shared
+/// by two checkouts (as `.ci/run` allows) can hand one of them an `xtask` built in the other.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+    let dir = env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
 }
