@@ -15,17 +15,17 @@
 //!   pairs, so `sum_j (g_j << 4) << 2j` is that), plus `±r_j << 2j` per device, the weight's
 //!   sign, one STRH.
 //!
-//! 30 instructions per device and 16 per weight on the fast path; 38.5 per device measured on
-//! VGG-8 w0.25 at sigma 0.4 with the slow draws (`cargo xtask bench firmware`; the Rust loop
-//! took 50.4, most of the difference being register spills and moves the compiler could not
-//! avoid with 14 live values).
+//! By count of the listing, 30 instructions per device and 16 per weight on the fast path; 38.5
+//! per device measured on VGG-8 w0.25 at sigma 0.4 with the slow draws (`cargo xtask bench
+//! firmware`; the Rust loop took 50.4, most of the difference being register spills and moves
+//! the compiler could not avoid with 14 live values).
 //!
 //! The draws the fast path does not cover, a wedge or the tail of the ziggurat (about 2.8% of
 //! draws), call [`Xoshiro128PlusPlus::normal_after_fast_miss`] from the assembly and continue.
-//! A deviation that may need the clamp (never at sigma 0.4) ends the assembly loop *before* the
-//! weight it belongs to: the loop saves the generator at the start of every weight (one STM), so
-//! Rust re-runs that one weight through [`program_layer`] from that state and resumes the
-//! assembly after it. The self-test ([`crate::selftest::check_programming`]) compares the two on
+//! A deviation that may need the clamp (above 337/16 levels: about 17 standard deviations at
+//! sigma 0.4) ends the assembly loop *before* the weight it belongs to: the loop saves the
+//! generator at the start of every weight (one STM), so Rust re-runs that one weight through
+//! [`program_layer`] from that state and resumes the assembly after it. The self-test ([`crate::selftest::check_programming`]) compares the two on
 //! the target, including sigmas where the clamp fires.
 
 use nvcim_shared::Result;

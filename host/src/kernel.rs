@@ -25,9 +25,33 @@
 
 use nvcim_shared::tile::{DotKernel, MAX_TILE_ROWS, Plain};
 
-/// AVX2 when detected at run time, else [`Plain`]; bit-identical to [`Plain`] (module docs).
+/// AVX-512 VNNI or AVX2 when detected at run time, else [`Plain`]; bit-identical to [`Plain`]
+/// (module docs).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostKernel;
+
+/// The path [`HostKernel`] takes on this CPU.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Vnni,
+    Avx2,
+    Portable,
+}
+
+/// The detection, once: one load per dot product instead of three feature tests.
+fn simd() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if has_avx512_vnni() {
+            Simd::Vnni
+        } else if has_avx2() {
+            Simd::Avx2
+        } else {
+            Simd::Portable
+        }
+    })
+}
 
 /// Whether this CPU runs the AVX2 path (the detection result is cached by std).
 pub fn has_avx2() -> bool {
@@ -58,44 +82,38 @@ pub fn has_avx512_vnni() -> bool {
 impl DotKernel for HostKernel {
     #[inline]
     fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if has_avx512_vnni() {
-                // SAFETY: AVX-512 F, BW and VNNI are present (checked just above).
-                return unsafe { vnni::dot_i16(w, x) };
-            }
-            if has_avx2() {
-                // SAFETY: AVX2 is present (checked just above).
-                return unsafe { avx2::dot_i16(w, x) };
-            }
+        match simd() {
+            // SAFETY: `simd` returns `Vnni` only when AVX-512 F, BW and VNNI were detected.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Vnni => unsafe { vnni::dot_i16(w, x) },
+            // SAFETY: `simd` returns `Avx2` only when AVX2 was detected.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { avx2::dot_i16(w, x) },
+            _ => Plain::dot_i16(w, x),
         }
-        Plain::dot_i16(w, x)
     }
 
     #[inline]
     fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if has_avx512_vnni() {
-                // SAFETY: AVX-512 F, BW and VNNI are present (checked just above).
-                return unsafe { vnni::dot_row(w, x, rows) };
-            }
-            if has_avx2() {
-                // SAFETY: AVX2 is present (checked just above).
-                return unsafe { avx2::dot_row(w, x, rows) };
-            }
+        match simd() {
+            // SAFETY: as in `dot_i16`.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Vnni => unsafe { vnni::dot_row(w, x, rows) },
+            // SAFETY: as in `dot_i16`.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { avx2::dot_row(w, x, rows) },
+            _ => Plain::dot_row(w, x, rows),
         }
-        Plain::dot_row(w, x, rows)
     }
 
     #[inline]
     fn dot_rows2(w: [&[i16]; 2], x: &[i16], rows: usize) -> [i64; 2] {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512_vnni() {
-            // SAFETY: AVX-512 F, BW and VNNI are present (checked just above).
-            return unsafe { vnni::dot_rows2(w, x, rows) };
+        match simd() {
+            // SAFETY: as in `dot_i16`.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Vnni => unsafe { vnni::dot_rows2(w, x, rows) },
+            _ => [Self::dot_row(w[0], x, rows), Self::dot_row(w[1], x, rows)],
         }
-        [Self::dot_row(w[0], x, rows), Self::dot_row(w[1], x, rows)]
     }
 }
 
