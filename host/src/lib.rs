@@ -19,6 +19,7 @@ pub mod evaluation;
 pub mod firmware;
 pub mod ir;
 pub mod kernel;
+pub mod layerwise;
 pub mod mc;
 pub mod model;
 pub mod onnx;

@@ -32,6 +32,7 @@ use crate::{
     data::{self, Batch, Dataset},
     evaluation::{Engine, EvalOptions, ModelInfo, evaluate},
     kernel::HostKernel,
+    layerwise,
     mc::NoisyClassifier,
     model::{Backbone, correct},
 };
@@ -424,8 +425,9 @@ impl IntEngine {
 }
 
 /// One Monte Carlo run of the integer engine: programs run `run`'s tiles under `seed` and
-/// counts the packed test batch's correct classifications (the host's AVX2 kernel, the same bits
-/// as the firmware's). `nvcim eval --engine int` and `nvcim firmware run`'s comparison both
+/// counts the packed test batch's correct classifications, the same bits as the firmware's: on
+/// the collapsed path by the layer-at-a-time [`layerwise`] engine, with a non-ideal ADC image by
+/// image through `exec` on the host's tile kernel. `nvcim eval --engine int` and `nvcim firmware run`'s comparison both
 /// call it.
 pub fn int_run(
     m: &Model<'_>,
@@ -437,6 +439,10 @@ pub fn int_run(
     let mut state = vec![0i16; m.state_len(path)];
     program(m, var, seed, run, path, &mut state)
         .map_err(|e| anyhow::anyhow!("programming run {run}: {e}"))?;
+    if layerwise::unsupported(m, path).is_none() {
+        return layerwise::count_correct(m, &state, layerwise::BATCH, layerwise::Isa::detect())
+            .with_context(|| format!("classifying run {run}"));
+    }
     let s = m.scratch();
     let (mut act, mut patch, mut logits) = (
         vec![0u8; s.act_bytes],
