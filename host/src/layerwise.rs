@@ -255,22 +255,43 @@ fn drive(
             None
         });
     }
-    let classes = model.classes();
-    let mut acts: Vec<Vec<i16>> = shapes
+    let records = ops
+        .iter()
+        .map(|op| {
+            let n = match op.kind {
+                OpKind::Conv | OpKind::Linear => op.out.c,
+                OpKind::Add => 2,
+                OpKind::AvgPool | OpKind::GlobalAvgPool => 1,
+                _ => 0,
+            };
+            (0..n).map(|o| model.record(op.params_start + o)).collect()
+        })
+        .collect();
+    let net = Net {
+        ops,
+        shapes,
+        packed,
+        records,
+        classes: model.classes(),
+        isa,
+    };
+    let mut acts: Vec<Vec<i16>> = net
+        .shapes
         .iter()
         .map(|(s, _)| vec![0; s.len() * batch])
         .collect();
-    let mut logits = vec![0i32; classes * batch];
+    let mut logits = vec![0i32; net.classes * batch];
     let mut scratch = Scratch::default();
     let input = model.input_shape();
     let plane = input.h * input.w;
     let luts: Vec<[i16; 256]> = (0..input.c)
         .map(|c| {
             let t = model.input_table(c);
-            std::array::from_fn(|b| value(shapes[0].1, t.get(b).copied().unwrap_or(0)))
+            std::array::from_fn(|b| value(net.shapes[0].1, t.get(b).copied().unwrap_or(0)))
         })
         .collect();
     let mut first = 0;
+    let mut one = vec![0i32; net.classes];
     while first < model.test_len() {
         let nb = batch.min(model.test_len() - first);
         let mut labels = Vec::with_capacity(nb);
@@ -286,55 +307,7 @@ fn drive(
                 }
             }
         }
-        for (i, op) in ops.iter().enumerate() {
-            let (done, rest) = acts.split_at_mut(i + 1);
-            let (xs, x_kind) = (&done[op.src], shapes[op.src]);
-            let x = Tensor {
-                v: &xs[..x_kind.0.len() * nb],
-                shape: x_kind.0,
-            };
-            let mut out = if op.out_kind == ActKind::I32 {
-                Out::Logits(&mut logits[..op.out.c.min(classes) * nb])
-            } else {
-                Out::Act(&mut rest[0][..op.out.len() * nb], op.out_kind)
-            };
-            match op.kind {
-                OpKind::Conv | OpKind::Linear => {
-                    let p = packed[i].as_ref().context("a weighted op without weights")?;
-                    let records: Vec<Requant> = (0..op.out.c)
-                        .map(|o| model.record(op.params_start + o))
-                        .collect();
-                    weighted(op, &x, nb, p, &records, &mut out, &mut scratch, isa);
-                }
-                OpKind::Relu => {
-                    for (k, &v) in x.v.iter().enumerate() {
-                        out.put(k, i64::from(v).max(0));
-                    }
-                }
-                OpKind::MaxPool => pool(op, &x, nb, &mut out, None),
-                OpKind::AvgPool => pool(op, &x, nb, &mut out, Some(model.record(op.params_start))),
-                OpKind::GlobalAvgPool => {
-                    let r = model.record(op.params_start);
-                    let hw = x.shape.h * x.shape.w;
-                    for (k, ch) in x.v.chunks(hw.max(1)).enumerate() {
-                        let sum: i64 = ch.iter().map(|&v| i64::from(v)).sum();
-                        out.put(k, requant(sum, r));
-                    }
-                }
-                OpKind::Add => {
-                    let ys = &done[op.src2][..shapes[op.src2].0.len() * nb];
-                    let (ra, rb) = (
-                        model.record(op.params_start),
-                        model.record(op.params_start + 1),
-                    );
-                    for (k, (&a, &b)) in x.v.iter().zip(ys).enumerate() {
-                        let acc = i64::from(a) * i64::from(ra.m) + i64::from(b) * i64::from(rb.m);
-                        out.put(k, shift_round(acc + ra.bias, ra.shift));
-                    }
-                }
-            }
-        }
-        let mut one = vec![0i32; classes];
+        net.run(&mut acts, &mut logits, nb, &mut scratch);
         for (n, &label) in labels.iter().enumerate() {
             for (k, v) in one.iter_mut().enumerate() {
                 *v = logits[k * nb + n];
@@ -344,6 +317,103 @@ fn drive(
         first += nb;
     }
     Ok(())
+}
+
+/// A model resolved for one run: its ops, tensor shapes, packed weights and records.
+struct Net {
+    ops: Vec<Op>,
+    /// Tensor `t`'s shape and element type (0 the input, `i + 1` op `i`'s output).
+    shapes: Vec<(Shape, ActKind)>,
+    packed: Vec<Option<Packed>>,
+    /// Each op's requantization records (per output channel, or the op's one or two).
+    records: Vec<Vec<Requant>>,
+    classes: usize,
+    isa: Isa,
+}
+
+impl Net {
+    /// Every op over a batch of `nb` images (`acts[0]` holds the input).
+    fn run(&self, acts: &mut [Vec<i16>], logits: &mut [i32], nb: usize, s: &mut Scratch) {
+        match self.isa {
+            // SAFETY: `Isa::Avx512Vnni` is only detected (or listed) when the CPU has it.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe { self.run_avx512(acts, logits, nb, s) },
+            _ => self.run_ops(acts, logits, nb, s),
+        }
+    }
+
+    /// [`Self::run_ops`] compiled for AVX-512, where LLVM vectorizes the gathers, the
+    /// requantization and the pools 16 or 32 lanes wide.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, DQ and VNNI.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vl")]
+    unsafe fn run_avx512(
+        &self,
+        acts: &mut [Vec<i16>],
+        logits: &mut [i32],
+        nb: usize,
+        s: &mut Scratch,
+    ) {
+        self.run_ops(acts, logits, nb, s);
+    }
+
+    #[inline(always)]
+    fn run_ops(&self, acts: &mut [Vec<i16>], logits: &mut [i32], nb: usize, s: &mut Scratch) {
+        for (i, op) in self.ops.iter().enumerate() {
+            let (done, rest) = acts.split_at_mut(i + 1);
+            let (xs, x_kind) = (&done[op.src], self.shapes[op.src]);
+            let x = Tensor {
+                v: &xs[..x_kind.0.len() * nb],
+                shape: x_kind.0,
+            };
+            let mut out = if op.out_kind == ActKind::I32 {
+                Out::Logits(&mut logits[..op.out.c.min(self.classes) * nb])
+            } else {
+                Out::Act(&mut rest[0][..op.out.len() * nb], op.out_kind)
+            };
+            let records = &self.records[i];
+            match op.kind {
+                OpKind::Conv | OpKind::Linear => {
+                    if let Some(p) = &self.packed[i] {
+                        weighted(op, &x, nb, p, records, &mut out, s, self.isa);
+                    }
+                }
+                OpKind::Relu => match &mut out {
+                    Out::Act(o, kind) => {
+                        let hi = if *kind == ActKind::U8 { 255 } else { 127 };
+                        for (d, &v) in o.iter_mut().zip(x.v) {
+                            *d = v.clamp(0, hi);
+                        }
+                    }
+                    Out::Logits(_) => {
+                        for (k, &v) in x.v.iter().enumerate() {
+                            out.put(k, i64::from(v).max(0));
+                        }
+                    }
+                },
+                OpKind::MaxPool => pool(op, &x, nb, &mut out, None),
+                OpKind::AvgPool => pool(op, &x, nb, &mut out, records.first().copied()),
+                OpKind::GlobalAvgPool => {
+                    let r = records[0];
+                    let hw = x.shape.h * x.shape.w;
+                    for (k, ch) in x.v.chunks(hw.max(1)).enumerate() {
+                        let sum: i64 = ch.iter().map(|&v| i64::from(v)).sum();
+                        out.put(k, requant(sum, r));
+                    }
+                }
+                OpKind::Add => {
+                    let ys = &done[op.src2][..self.shapes[op.src2].0.len() * nb];
+                    let (ra, rb) = (records[0], records[1]);
+                    for (k, (&a, &b)) in x.v.iter().zip(ys).enumerate() {
+                        let acc = i64::from(a) * i64::from(ra.m) + i64::from(b) * i64::from(rb.m);
+                        out.put(k, shift_round(acc + ra.bias, ra.shift));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `exec`'s requantization (clamped accumulator).
@@ -359,9 +429,28 @@ struct Tensor<'a> {
 }
 
 /// Max or average pooling (no padding, floor mode) over each image's channel planes.
+#[inline(always)]
 fn pool(op: &Op, x: &Tensor<'_>, nb: usize, out: &mut Out<'_>, avg: Option<Requant>) {
     let (ih, iw) = (x.shape.h, x.shape.w);
     let (oh, ow) = (op.out.h, op.out.w);
+    if let (None, Out::Act(o, kind), 2, 2, 2) = (avg, &mut *out, op.kh, op.kw, op.stride) {
+        let (lo, hi) = if *kind == ActKind::U8 { (0, 255) } else { (-127, 127) };
+        // 2x2 max pooling, stride 2 (VGG's): two rows at a time, same type in and out.
+        if 2 * oh <= ih && 2 * ow <= iw {
+            for plane in 0..x.shape.c * nb {
+                let src = &x.v[plane * ih * iw..(plane + 1) * ih * iw];
+                let dst = &mut o[plane * oh * ow..(plane + 1) * oh * ow];
+                for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
+                    let r0 = &src[2 * oy * iw..2 * oy * iw + 2 * ow];
+                    let r1 = &src[(2 * oy + 1) * iw..(2 * oy + 1) * iw + 2 * ow];
+                    for ((d, a), b) in d.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                        *d = a[0].max(a[1]).max(b[0].max(b[1])).clamp(lo, hi);
+                    }
+                }
+            }
+            return;
+        }
+    }
     for plane in 0..x.shape.c * nb {
         let src = &x.v[plane * ih * iw..(plane + 1) * ih * iw];
         for oy in 0..oh {
@@ -432,12 +521,15 @@ fn pack(
 struct Scratch {
     /// The im2col block, `[k / 2][pixel]` pairs.
     col: Vec<i32>,
-    /// Two gathered fan-in rows before interleaving.
-    rows: [Vec<i16>; 2],
+    /// A conv's input with its zero padding.
+    padded: Vec<i16>,
+    /// An im2col block's runs of output pixels along a row.
+    runs: Vec<(usize, usize, usize)>,
 }
 
 /// One conv or linear op over a batch: im2col block by block, the product, requantization.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn weighted(
     op: &Op,
     x: &Tensor<'_>,
@@ -448,36 +540,104 @@ fn weighted(
     s: &mut Scratch,
     isa: Isa,
 ) {
-    let (k, pixels_per_image) = match op.kind {
-        OpKind::Conv => (x.shape.c * op.kh * op.kw, op.out.h * op.out.w),
-        _ => (x.shape.len(), 1),
+    let conv = op.kind == OpKind::Conv;
+    let (k, pixels_per_image) = if conv {
+        (x.shape.c * op.kh * op.kw, op.out.h * op.out.w)
+    } else {
+        (x.shape.len(), 1)
     };
     let kp = k.div_ceil(2);
     let total = nb * pixels_per_image;
     let block = ((BLOCK_ELEMS / kp.max(1)) / (NR * LANES) * (NR * LANES)).max(NR * LANES);
     let block = block.min(total.next_multiple_of(LANES));
+    // The input with its zero padding, `[c][image][ih + 2 pad][iw + 2 pad]`: every tap of every
+    // output pixel is then in range.
+    let Shape {
+        c: ic,
+        h: ih,
+        w: iw,
+    } = x.shape;
+    let (ph, pw) = (ih + 2 * op.pad, iw + 2 * op.pad);
+    if conv {
+        s.padded.clear();
+        s.padded.resize(ic * nb * ph * pw, 0);
+        for (plane, src) in x.v.chunks_exact(ih * iw).enumerate() {
+            for (y, row) in src.chunks_exact(iw).enumerate() {
+                let at = (plane * ph + y + op.pad) * pw + op.pad;
+                s.padded[at..at + iw].copy_from_slice(row);
+            }
+        }
+    }
     let mut first = 0;
     while first < total {
         let np = block.min(total - first);
         let stride = np.next_multiple_of(LANES);
-        s.col.clear();
         s.col.resize(kp * stride, 0);
-        for r in &mut s.rows {
-            r.clear();
-            r.resize(np, 0);
-        }
-        for j in 0..kp {
-            for (h, row) in s.rows.iter_mut().enumerate() {
-                let kk = 2 * j + h;
-                if kk < k {
-                    gather(op, x, nb, kk, first, row);
-                } else {
-                    row.fill(0);
-                }
+        if conv {
+            // The block's runs of output pixels along a row: (input offset of the run's first
+            // window, im2col column, length).
+            s.runs.clear();
+            let (ow, st) = (op.out.w, op.stride);
+            let mut i = 0;
+            while i < np {
+                let q = first + i;
+                let (n, r) = (q / pixels_per_image, q % pixels_per_image);
+                let (oy, ox) = (r / ow, r % ow);
+                let len = (ow - ox).min(np - i);
+                s.runs.push(((n * ph + oy * st) * pw + ox * st, i, len));
+                i += len;
             }
-            let dst = &mut s.col[j * stride..j * stride + np];
-            for ((d, &a), &b) in dst.iter_mut().zip(&s.rows[0]).zip(&s.rows[1]) {
-                *d = (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
+            let taps = op.kh * op.kw;
+            let tap_at = |kk: usize| -> Option<usize> {
+                (kk < k).then(|| {
+                    let (c, t) = (kk / taps, kk % taps);
+                    c * nb * ph * pw + (t / op.kw) * pw + t % op.kw
+                })
+            };
+            for j in 0..kp {
+                let dst = &mut s.col[j * stride..(j + 1) * stride];
+                let (a, b) = (tap_at(2 * j), tap_at(2 * j + 1));
+                for &(base, at, len) in &s.runs {
+                    let d = &mut dst[at..at + len];
+                    let src_a = &s.padded[base + a.unwrap_or(0)..];
+                    match (b, st) {
+                        (Some(b), 1) => {
+                            let src_b = &s.padded[base + b..];
+                            for ((d, &va), &vb) in d.iter_mut().zip(src_a).zip(src_b) {
+                                *d = pair(va, vb);
+                            }
+                        }
+                        (Some(b), _) => {
+                            let src_b = &s.padded[base + b..];
+                            for (i, d) in d.iter_mut().enumerate() {
+                                *d = pair(src_a[i * st], src_b[i * st]);
+                            }
+                        }
+                        (None, _) => {
+                            for (i, d) in d.iter_mut().enumerate() {
+                                *d = pair(src_a[i * st], 0);
+                            }
+                        }
+                    }
+                }
+                dst[np..].fill(0);
+            }
+        } else {
+            // Linear over the flattened `[c][h][w]` input: feature `kk` of image `n`.
+            let plane = (ih * iw).max(1);
+            let feature = |kk: usize, n: usize| -> i16 {
+                if kk < k {
+                    x.v[((kk / plane) * nb + n) * plane + kk % plane]
+                } else {
+                    0
+                }
+            };
+            for j in 0..kp {
+                let dst = &mut s.col[j * stride..(j + 1) * stride];
+                for (i, d) in dst[..np].iter_mut().enumerate() {
+                    *d = pair(feature(2 * j, first + i), feature(2 * j + 1, first + i));
+                }
+                dst[np..].fill(0);
             }
         }
         product(p, kp, &s.col, stride, np, first, total, records, out, isa);
@@ -485,52 +645,16 @@ fn weighted(
     }
 }
 
-/// Fan-in row `kk` of the im2col matrix over output pixels `first .. first + row.len()` of the
-/// batch (pixel `p` = image `p / (oh * ow)`, then row-major), zeros in the padding.
-fn gather(op: &Op, x: &Tensor<'_>, nb: usize, kk: usize, first: usize, row: &mut [i16]) {
-    let Shape {
-        c: _,
-        h: ih,
-        w: iw,
-    } = x.shape;
-    let plane = ih * iw;
-    if op.kind != OpKind::Conv {
-        // Linear over the flattened `[c][h][w]` input: feature `kk` of image `n`.
-        let (c, at) = (kk / plane.max(1), kk % plane.max(1));
-        for (i, d) in row.iter_mut().enumerate() {
-            let n = first + i;
-            *d = x.v[(c * nb + n) * plane + at];
-        }
-        return;
-    }
-    let (c, tap) = (kk / (op.kh * op.kw), kk % (op.kh * op.kw));
-    let (ky, kx) = (tap / op.kw, tap % op.kw);
-    let (oh, ow) = (op.out.h, op.out.w);
-    let per_image = oh * ow;
-    let mut i = 0;
-    while i < row.len() {
-        let p = first + i;
-        let (n, r) = (p / per_image, p % per_image);
-        let (oy, ox0) = (r / ow, r % ow);
-        let len = (ow - ox0).min(row.len() - i);
-        let seg = &mut row[i..i + len];
-        let iy = (oy * op.stride + ky).wrapping_sub(op.pad);
-        if iy >= ih {
-            seg.fill(0);
-        } else {
-            let src = &x.v[(c * nb + n) * plane + iy * iw..][..iw];
-            for (j, d) in seg.iter_mut().enumerate() {
-                let ix = ((ox0 + j) * op.stride + kx).wrapping_sub(op.pad);
-                *d = if ix < iw { src[ix] } else { 0 };
-            }
-        }
-        i += len;
-    }
+/// Two `i16` as one `i32`, `lo` in the low half (`vpdpwssd`'s pair order).
+#[inline(always)]
+fn pair(lo: i16, hi: i16) -> i32 {
+    (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32
 }
 
 /// `C = W X` over one im2col block (`np` pixels, rows `stride` apart), requantized into `out`
 /// at pixels `first ..` of `total` per output channel.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn product(
     p: &Packed,
     kp: usize,
@@ -556,13 +680,31 @@ fn product(
             for r in 0..MR.min(channels - b * MR) {
                 let o = b * MR + r;
                 let rq = records[o];
-                let base = o * total + first + v * LANES;
-                for (j, &a) in acc[r][..valid].iter().enumerate() {
-                    let y = shift_round(a * i64::from(rq.m) + rq.bias, rq.shift).clamp(lo, hi);
-                    out.put(base + j, y);
+                let at = o * total + first + v * LANES;
+                let src = &acc[r][..valid];
+                match out {
+                    Out::Act(dst, _) => requant_row(src, rq, lo, hi, &mut dst[at..at + valid]),
+                    Out::Logits(dst) => requant_row(src, rq, lo, hi, &mut dst[at..at + valid]),
                 }
             }
             v += nr;
+        }
+    }
+}
+
+/// `dst[j] = clamp(shift_round(acc[j] * m + bias, shift), lo, hi)`: `exec`'s requantization of
+/// an in-bound accumulator and its saturation, in a loop LLVM vectorizes.
+#[inline(always)]
+fn requant_row<T: TryFrom<i64> + Default>(acc: &[i64], r: Requant, lo: i64, hi: i64, dst: &mut [T]) {
+    let (m, bias) = (i64::from(r.m), r.bias);
+    if r.shift == 0 {
+        for (d, &a) in dst.iter_mut().zip(acc) {
+            *d = T::try_from((a * m + bias).clamp(lo, hi)).unwrap_or_default();
+        }
+    } else {
+        let s = r.shift - 1;
+        for (d, &a) in dst.iter_mut().zip(acc) {
+            *d = T::try_from(((((a * m + bias) >> s) + 1) >> 1).clamp(lo, hi)).unwrap_or_default();
         }
     }
 }
