@@ -153,9 +153,8 @@ fn main() -> Result<()> {
         format!("\"float_batch\": {}", a.batch),
     ];
     if a.float {
-        eprintln!("float engine (Burn flex)");
-        let (engine, data) =
-            float_engine(&loaded, &test, ScaleMode::PerLayer, a.batch, device.clone())?;
+        eprintln!("float engine (layer-wise f32)");
+        let (engine, data) = float_engine(&loaded, &test, ScaleMode::PerLayer, a.batch)?;
         for &jobs in &a.jobs {
             let t = throughput(&engine, &data, &var, &a, jobs)?;
             fields.push(format!("\"float_jobs{jobs}\": {t:.1}"));

@@ -434,7 +434,11 @@ fn pool(op: &Op, x: &Tensor<'_>, nb: usize, out: &mut Out<'_>, avg: Option<Requa
     let (ih, iw) = (x.shape.h, x.shape.w);
     let (oh, ow) = (op.out.h, op.out.w);
     if let (None, Out::Act(o, kind), 2, 2, 2) = (avg, &mut *out, op.kh, op.kw, op.stride) {
-        let (lo, hi) = if *kind == ActKind::U8 { (0, 255) } else { (-127, 127) };
+        let (lo, hi) = if *kind == ActKind::U8 {
+            (0, 255)
+        } else {
+            (-127, 127)
+        };
         // 2x2 max pooling, stride 2 (VGG's): two rows at a time, same type in and out.
         if 2 * oh <= ih && 2 * ow <= iw {
             for plane in 0..x.shape.c * nb {
@@ -443,7 +447,8 @@ fn pool(op: &Op, x: &Tensor<'_>, nb: usize, out: &mut Out<'_>, avg: Option<Requa
                 for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
                     let r0 = &src[2 * oy * iw..2 * oy * iw + 2 * ow];
                     let r1 = &src[(2 * oy + 1) * iw..(2 * oy + 1) * iw + 2 * ow];
-                    for ((d, a), b) in d.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                    for ((d, a), b) in d.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2))
+                    {
                         *d = a[0].max(a[1]).max(b[0].max(b[1])).clamp(lo, hi);
                     }
                 }
@@ -559,14 +564,7 @@ fn weighted(
     } = x.shape;
     let (ph, pw) = (ih + 2 * op.pad, iw + 2 * op.pad);
     if conv {
-        s.padded.clear();
-        s.padded.resize(ic * nb * ph * pw, 0);
-        for (plane, src) in x.v.chunks_exact(ih * iw).enumerate() {
-            for (y, row) in src.chunks_exact(iw).enumerate() {
-                let at = (plane * ph + y + op.pad) * pw + op.pad;
-                s.padded[at..at + iw].copy_from_slice(row);
-            }
-        }
+        pad_planes(x.v, ic * nb, ih, iw, op.pad, &mut s.padded);
     }
     let mut first = 0;
     while first < total {
@@ -576,19 +574,11 @@ fn weighted(
         if conv {
             // The block's runs of output pixels along a row: (input offset of the run's first
             // window, im2col column, length).
-            s.runs.clear();
-            let (ow, st) = (op.out.w, op.stride);
-            let mut i = 0;
-            while i < np {
-                let q = first + i;
-                let (n, r) = (q / pixels_per_image, q % pixels_per_image);
-                let (oy, ox) = (r / ow, r % ow);
-                let len = (ow - ox).min(np - i);
-                s.runs.push(((n * ph + oy * st) * pw + ox * st, i, len));
-                i += len;
-            }
+            let st = op.stride;
+            pixel_runs(first, np, op.out.h, op.out.w, st, ph, pw, &mut s.runs);
             let taps = op.kh * op.kw;
             let tap_at = |kk: usize| -> Option<usize> {
+                // Channel `c`'s planes start `c * nb` planes in.
                 (kk < k).then(|| {
                     let (c, t) = (kk / taps, kk % taps);
                     c * nb * ph * pw + (t / op.kw) * pw + t % op.kw
@@ -645,6 +635,55 @@ fn weighted(
     }
 }
 
+/// Copies `planes` planes of `ih x iw` values into `out` with `pad` zeros on every side.
+#[inline(always)]
+pub(crate) fn pad_planes<T: Copy + Default>(
+    x: &[T],
+    planes: usize,
+    ih: usize,
+    iw: usize,
+    pad: usize,
+    out: &mut Vec<T>,
+) {
+    let (ph, pw) = (ih + 2 * pad, iw + 2 * pad);
+    out.clear();
+    out.resize(planes * ph * pw, T::default());
+    for (plane, src) in x.chunks_exact(ih * iw).take(planes).enumerate() {
+        for (y, row) in src.chunks_exact(iw).enumerate() {
+            let at = (plane * ph + y + pad) * pw + pad;
+            out[at..at + iw].copy_from_slice(row);
+        }
+    }
+}
+
+/// The runs of output pixels `first .. first + np` (pixel `p` = image `p / (oh * ow)`, then
+/// row-major) along output rows: (offset of the run's first window in the padded input planes
+/// of image 0 / channel 0, with `ph x pw` planes; im2col column; length).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn pixel_runs(
+    first: usize,
+    np: usize,
+    oh: usize,
+    ow: usize,
+    st: usize,
+    ph: usize,
+    pw: usize,
+    runs: &mut Vec<(usize, usize, usize)>,
+) {
+    runs.clear();
+    let per_image = oh * ow;
+    let mut i = 0;
+    while i < np {
+        let q = first + i;
+        let (n, r) = (q / per_image, q % per_image);
+        let (oy, ox) = (r / ow, r % ow);
+        let len = (ow - ox).min(np - i);
+        runs.push(((n * ph + oy * st) * pw + ox * st, i, len));
+        i += len;
+    }
+}
+
 /// Two `i16` as one `i32`, `lo` in the low half (`vpdpwssd`'s pair order).
 #[inline(always)]
 fn pair(lo: i16, hi: i16) -> i32 {
@@ -695,7 +734,13 @@ fn product(
 /// `dst[j] = clamp(shift_round(acc[j] * m + bias, shift), lo, hi)`: `exec`'s requantization of
 /// an in-bound accumulator and its saturation, in a loop LLVM vectorizes.
 #[inline(always)]
-fn requant_row<T: TryFrom<i64> + Default>(acc: &[i64], r: Requant, lo: i64, hi: i64, dst: &mut [T]) {
+fn requant_row<T: TryFrom<i64> + Default>(
+    acc: &[i64],
+    r: Requant,
+    lo: i64,
+    hi: i64,
+    dst: &mut [T],
+) {
     let (m, bias) = (i64::from(r.m), r.bias);
     if r.shift == 0 {
         for (d, &a) in dst.iter_mut().zip(acc) {
@@ -735,7 +780,9 @@ fn tile(
             // SAFETY: `Isa::Avx512Vnni` is only detected (or listed as available) when the CPU
             // has AVX-512 F, BW, DQ and VNNI; the bounds the kernel relies on are checked here.
             Isa::Avx512Vnni => {
-                assert!(w.len() >= kp * MR && col0 + nr * LANES <= stride && col.len() >= kp * stride);
+                assert!(
+                    w.len() >= kp * MR && col0 + nr * LANES <= stride && col.len() >= kp * stride
+                );
                 unsafe { vnni::tile(w, col, stride, col0, k0, k1, nr, acc) }
             }
             _ => portable_tile(w, col, stride, col0, k0, k1, nr, acc),
@@ -779,9 +826,9 @@ fn portable_tile(
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::{
-        _mm512_add_epi64, _mm512_cvtepi32_epi64, _mm512_dpwssd_epi32,
-        _mm512_extracti64x4_epi64, _mm512_castsi512_si256, _mm512_loadu_si512,
-        _mm512_set1_epi32, _mm512_setzero_si512, _mm512_storeu_si512, _mm512_loadu_epi64,
+        _mm512_add_epi64, _mm512_castsi512_si256, _mm512_cvtepi32_epi64, _mm512_dpwssd_epi32,
+        _mm512_extracti64x4_epi64, _mm512_loadu_epi64, _mm512_loadu_si512, _mm512_set1_epi32,
+        _mm512_setzero_si512, _mm512_storeu_si512,
     };
 
     use super::{LANES, MR, NR};
@@ -881,7 +928,9 @@ mod tests {
     /// A packed random network with `n` random test images, calibrated on them.
     fn packed(net: &Network, n: usize, tile_rows: usize) -> Vec<u8> {
         let len = net.input.iter().product::<usize>();
-        let images: Vec<u8> = (0..n * len).map(|i| mix64(i as u64 ^ 0x5eed) as u8).collect();
+        let images: Vec<u8> = (0..n * len)
+            .map(|i| mix64(i as u64 ^ 0x5eed) as u8)
+            .collect();
         let labels: Vec<u16> = (0..n).map(|i| (mix64(i as u64) % 10) as u16).collect();
         let mut nodes = desc_nodes(net).unwrap();
         let act = calibrate(&model_desc(net, &nodes), &images).unwrap();
@@ -932,7 +981,10 @@ mod tests {
             for isa in Isa::available() {
                 for (batch, chunk) in [(1, usize::MAX), (3, 5), (8, usize::MAX), (64, 1)] {
                     let got = logits(&m, &state, batch, isa, chunk).unwrap();
-                    assert_eq!(got, want, "{isa:?} batch {batch} chunk {chunk} sigma {sigma}");
+                    assert_eq!(
+                        got, want,
+                        "{isa:?} batch {batch} chunk {chunk} sigma {sigma}"
+                    );
                 }
             }
             let correct = count_correct(&m, &state, BATCH, Isa::detect()).unwrap();

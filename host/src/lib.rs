@@ -20,6 +20,7 @@ pub mod firmware;
 pub mod ir;
 pub mod kernel;
 pub mod layerwise;
+pub mod layerwise_f32;
 pub mod mc;
 pub mod model;
 pub mod onnx;

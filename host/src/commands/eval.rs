@@ -1,5 +1,5 @@
 //! `nvcim eval CKPT`: Monte Carlo robustness evaluation (Algorithm 2) of a trained checkpoint,
-//! with the float engine (Burn, perturbed weights) or the integer CiM engine (the packed model
+//! with the float engine (the network with perturbed weights in `f32`, [`crate::layerwise_f32`]) or the integer CiM engine (the packed model
 //! the firmware runs).
 //!
 //! Both engines follow the contract of [`crate::mc`]: run `r` under seed `s` perturbs weight
@@ -10,10 +10,9 @@
 //! activations, so the two differ only by activation quantization and the tile's fixed point.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{Context, Result, ensure};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use clap::Args;
 use nvcim_shared::{
     exec::{Scratch, count_correct_with, program},
@@ -31,10 +30,10 @@ use crate::{
     convert::{Loaded, desc_nodes, load_checkpoint, model_desc},
     data::{self, Batch, Dataset},
     evaluation::{Engine, EvalOptions, ModelInfo, evaluate},
+    ir::Network,
     kernel::HostKernel,
-    layerwise,
+    layerwise, layerwise_f32,
     mc::NoisyClassifier,
-    model::{Backbone, correct},
 };
 
 /// Arguments of `nvcim eval`.
@@ -74,8 +73,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let info = model_info(&loaded, ckpt);
     match args.eval.engine {
         Engine::Float => {
-            let (engine, data) =
-                float_engine(&loaded, &test, args.eval.scale_mode(), FLOAT_BATCH, device)?;
+            let (engine, data) = float_engine(&loaded, &test, args.eval.scale_mode(), FLOAT_BATCH)?;
             evaluate(&args.eval, &info, &engine, &data)?;
         }
         Engine::Int => {
@@ -100,22 +98,19 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Images per forward pass of the float engine in `nvcim eval`: measured fastest on VGG-8 w0.25
-/// (`cargo xtask bench eval`, 2 cores: batch 64 about 1.6x batch 256, whose activations no
-/// longer fit in cache; 16-32 lose to per-op overhead).
-pub const FLOAT_BATCH: usize = 64;
+/// Images per batch of the float engine in `nvcim eval` ([`layerwise_f32::BATCH`]).
+pub const FLOAT_BATCH: usize = layerwise_f32::BATCH;
 
-/// The float engine of `nvcim eval` over the checkpoint's backbone, and its test data as tensors
-/// of `batch` images.
+/// The float engine of `nvcim eval` over the checkpoint's backbone, and its test data in
+/// batches of `batch` images.
 pub fn float_engine(
     loaded: &Loaded,
     test: &Dataset,
     mode: ScaleMode,
     batch: usize,
-    device: Device,
 ) -> Result<(FloatEngine, FloatData)> {
-    let engine = FloatEngine::new(&loaded.backbone, mode, device)?;
-    let data = engine.prepare(&batches(test, batch));
+    let engine = FloatEngine::new(loaded.network()?, mode)?;
+    let data = FloatData::new(&batches(test, batch));
     Ok((engine, data))
 }
 
@@ -203,67 +198,72 @@ pub fn noisy_weights(
         .collect()
 }
 
-/// The float engine: the Burn backbone with each run's perturbed weights.
+/// The float engine: the checkpoint's network ([`crate::ir`]) with each run's perturbed
+/// weights, classified by [`layerwise_f32`] (an `f32` engine that matches Burn's forward pass
+/// to `1e-4` of the logits' scale; see the test below).
 pub struct FloatEngine {
-    backbone: Mutex<Backbone>,
+    net: Network,
     clean: Vec<Vec<f32>>,
     scales: Vec<f32>,
-    device: Device,
 }
 
 impl FloatEngine {
-    /// An engine over a copy of `backbone`.
-    pub fn new(backbone: &Backbone, mode: ScaleMode, device: Device) -> Result<Self> {
-        let clean = backbone.weights();
+    /// An engine over `net`, its weights quantized against per-layer or per-model `max|W|`.
+    pub fn new(net: Network, mode: ScaleMode) -> Result<Self> {
+        let clean: Vec<Vec<f32>> = net.weights().into_iter().map(<[f32]>::to_vec).collect();
         let scales = weight_scales(&clean, mode)?;
-        Ok(FloatEngine {
-            backbone: Mutex::new(backbone.clone()),
-            clean,
-            scales,
-            device,
-        })
+        Ok(FloatEngine { net, clean, scales })
     }
 
-    fn backbone(&self) -> Backbone {
-        self.backbone
-            .lock()
-            .expect("no engine panics holding the lock")
-            .clone()
-    }
-
-    /// The test set as tensors on the engine's device, converted once for every run.
-    pub fn prepare(&self, batches: &[Batch]) -> FloatData {
-        FloatData {
-            batches: batches
-                .iter()
-                .map(|b| {
-                    let (x, _) = data::tensor::to_tensors(b, &self.device);
-                    (x, b.labels.clone())
-                })
-                .collect(),
-        }
-    }
-
-    fn count(&self, b: &Backbone, data: &FloatData) -> usize {
-        data.batches
-            .iter()
-            .map(|(x, labels)| correct(b.forward(x.clone()), labels))
-            .sum()
-    }
-
-    /// The backbone with the weights of run `run` under `seed`.
-    pub fn noisy_backbone(&self, var: &VariationConfig, seed: u64, run: u32) -> Result<Backbone> {
+    /// The network with the weights of run `run` under `seed`.
+    pub fn noisy_network(&self, var: &VariationConfig, seed: u64, run: u32) -> Result<Network> {
         let noisy = noisy_weights(&self.clean, &self.scales, var, seed, run)?;
-        let mut b = self.backbone();
-        b.set_weights(&noisy)?;
-        Ok(b)
+        let mut net = self.net.clone();
+        net.set_weights(noisy)?;
+        Ok(net)
+    }
+
+    fn count(&self, net: &Network, data: &FloatData) -> Result<usize> {
+        let p = layerwise_f32::Prepared::new(net, layerwise_f32::Isa::detect())?;
+        let mut correct = 0;
+        for (images, labels) in &data.batches {
+            let logits = p.logits(images, labels.len())?;
+            let classes = net.num_classes.max(1);
+            for (row, &label) in logits.chunks(classes).zip(labels) {
+                correct += usize::from(usize::try_from(label).ok() == Some(argmax(row)));
+            }
+        }
+        Ok(correct)
     }
 }
 
-/// The float engine's test set: image tensors `[n, c, h, w]` (cloning one shares its storage)
-/// and their labels.
+/// The first index of the largest value (NaN never wins).
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (k, &x) in v.iter().enumerate() {
+        if x > v[best] || v[best].is_nan() && !x.is_nan() {
+            best = k;
+        }
+    }
+    best
+}
+
+/// The float engine's test set: normalized `[n][c][h][w]` batches and their labels, converted
+/// once for every run.
 pub struct FloatData {
-    batches: Vec<(Tensor<4>, Vec<i64>)>,
+    batches: Vec<(Vec<f32>, Vec<i64>)>,
+}
+
+impl FloatData {
+    /// The batches' images and labels.
+    pub fn new(batches: &[Batch]) -> Self {
+        FloatData {
+            batches: batches
+                .iter()
+                .map(|b| (b.images.clone(), b.labels.clone()))
+                .collect(),
+        }
+    }
 }
 
 impl NoisyClassifier for FloatEngine {
@@ -278,12 +278,12 @@ impl NoisyClassifier for FloatEngine {
     }
 
     fn clean(&self, data: &FloatData) -> Result<usize> {
-        Ok(self.count(&self.backbone(), data))
+        self.count(&self.net, data)
     }
 
     fn run(&self, var: &VariationConfig, seed: u64, run: u32, data: &FloatData) -> Result<usize> {
-        let b = self.noisy_backbone(var, seed, run)?;
-        Ok(self.count(&b, data))
+        let net = self.noisy_network(var, seed, run)?;
+        self.count(&net, data)
     }
 }
 
@@ -484,51 +484,65 @@ mod tests {
     use crate::convert::to_network;
     use crate::ir::{Normalization, Provenance};
     use crate::model::{Arch, ModelSpec};
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, Tensor};
     use nvcim_shared::quant::QuantConfig;
     use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
 
     #[test]
-    fn float_engine_run_equals_the_networks_noisy_instance() {
-        let spec = ModelSpec {
-            arch: Arch::Resnet18,
-            width: 0.0625,
-            in_channels: 1,
-            image_size: 16,
-            num_classes: 10,
-        };
-        let dev = Device::flex();
-        let b = spec.init_backbone(&dev);
-        let engine = FloatEngine::new(&b, ScaleMode::PerLayer, dev.clone()).unwrap();
-        let var = VariationConfig::new(
-            QuantConfig::new(8, 2).unwrap(),
-            0.5,
-            SigmaUnit::Range,
-            Profile::Uniform,
-            Faults::NONE,
-        )
-        .unwrap();
-        let noisy = engine.noisy_backbone(&var, 7, 3).unwrap();
-        let net = to_network(&b, &spec, Normalization::identity(1), Provenance::default())
-            .unwrap()
-            .noisy_instance(&var, 7, 3)
+    fn float_engine_run_equals_burn_with_the_perturbed_weights() {
+        for arch in [Arch::Vgg8, Arch::Resnet18] {
+            let spec = ModelSpec {
+                arch,
+                width: 0.0625,
+                in_channels: 1,
+                image_size: 16,
+                num_classes: 10,
+            };
+            let dev = Device::flex();
+            dev.seed(4);
+            let b = spec.init_backbone(&dev);
+            let net =
+                to_network(&b, &spec, Normalization::identity(1), Provenance::default()).unwrap();
+            let engine = FloatEngine::new(net.clone(), ScaleMode::PerLayer).unwrap();
+            let var = VariationConfig::new(
+                QuantConfig::new(8, 2).unwrap(),
+                0.5,
+                SigmaUnit::Range,
+                Profile::Uniform,
+                Faults::NONE,
+            )
             .unwrap();
-        let x = Tensor::<4>::random([3, 1, 16, 16], Distribution::Default, &dev);
-        let input: Vec<f32> = x.clone().into_data().try_to_vec::<f32>().unwrap();
-        let want: Vec<f32> = noisy.forward(x).into_data().try_to_vec::<f32>().unwrap();
-        let got = net.forward(&input, 3).unwrap();
-        let diff = want
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        // Random init: BatchNorm is the identity, so logits grow with depth; compare relatively.
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        assert!(
-            diff < 1e-5 * scale,
-            "max diff {diff} at logit scale {scale}"
-        );
-        // And the weights differ from the clean ones (the test can fail).
-        assert_ne!(noisy.weights(), b.weights());
+            // Burn's backbone with the run's weights: the float engine's definition.
+            let clean = b.weights();
+            let scales = weight_scales(&clean, ScaleMode::PerLayer).unwrap();
+            let mut noisy = b.clone();
+            noisy
+                .set_weights(&noisy_weights(&clean, &scales, &var, 7, 3).unwrap())
+                .unwrap();
+            let x = Tensor::<4>::random([3, 1, 16, 16], Distribution::Default, &dev);
+            let input: Vec<f32> = x.clone().into_data().try_to_vec::<f32>().unwrap();
+            let want: Vec<f32> = noisy.forward(x).into_data().try_to_vec::<f32>().unwrap();
+            let run = engine.noisy_network(&var, 7, 3).unwrap();
+            for isa in layerwise_f32::Isa::available() {
+                let got = layerwise_f32::Prepared::new(&run, isa)
+                    .unwrap()
+                    .logits(&input, 3)
+                    .unwrap();
+                let diff = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                // Random init: BatchNorm is the identity, so logits grow with depth; compare
+                // relatively.
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                assert!(
+                    diff < 1e-4 * scale,
+                    "{arch:?} {isa:?}: max diff {diff} at logit scale {scale}"
+                );
+            }
+            // And the run's weights differ from the clean ones (the test can fail).
+            assert_ne!(noisy.weights(), clean);
+        }
     }
 }

@@ -1,0 +1,604 @@
+//! The float engine of `nvcim eval`: an [`ir::Network`] with one Monte Carlo run's weights,
+//! run a batch of images at a time, one node at a time, each conv and linear node as an `f32`
+//! matrix product.
+//!
+//! The layout and blocking are the integer engine's ([`crate::layerwise`]): activations in
+//! `[c][image][h][w]` order, the conv input zero-padded once per node, im2col blocks of about
+//! 256 KiB, a register block of 8 output channels x 48 output pixels (AVX-512 FMA with the
+//! weight broadcast from memory when the CPU has AVX-512 F, portable Rust otherwise). A
+//! BatchNorm that only reads a conv or linear node is folded into that node's output step
+//! (`y = acc * m + b`, `m` and `b` from [`ir::BatchNorm::affine`]), and so is a ReLU that
+//! only reads it; everything else runs as its own node.
+//!
+//! The numbers are `f32` sums in another order than Burn's or [`ir::Network::forward`]'s
+//! (which sums in `f64`): the tests bound the difference of the logits to `1e-4` of their scale,
+//! the same bound the ONNX runtimes meet.
+
+use anyhow::{Result, ensure};
+
+use crate::ir::{self, Network, Op, Value};
+use crate::layerwise::{pad_planes, pixel_runs};
+
+/// Images per batch (as the integer engine).
+pub const BATCH: usize = 8;
+
+const MR: usize = 8;
+const LANES: usize = 16;
+const NR: usize = 3;
+/// Fan-in rows times padded pixels of one im2col block, at most (256 KiB of `f32`).
+const BLOCK_ELEMS: usize = 1 << 16;
+
+/// Which inner loops this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F (and FMA).
+    Avx512,
+    /// Portable Rust.
+    Portable,
+}
+
+impl Isa {
+    /// The best this CPU has.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx512;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every path this CPU can run (for tests).
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        if Isa::detect() == Isa::Avx512 {
+            v.push(Isa::Avx512);
+        }
+        v
+    }
+}
+
+/// What a node does in this engine.
+enum Step {
+    /// A conv or linear node with the folded output step; the nodes it absorbed are skipped.
+    Weighted {
+        /// `[o / MR][k][o % MR]`.
+        w: Vec<f32>,
+        /// Per output channel: `y = acc * m + b`.
+        affine: Vec<(f32, f32)>,
+        relu: bool,
+        /// The last node it stands for (its output is this node's value).
+        last: usize,
+    },
+    /// Folded into an earlier step.
+    Skip,
+    /// Runs as it is.
+    Plain,
+}
+
+/// The network of one run, ready to classify batches.
+pub struct Prepared<'n> {
+    net: &'n Network,
+    shapes: Vec<ir::Shape>,
+    steps: Vec<Step>,
+    isa: Isa,
+}
+
+impl<'n> Prepared<'n> {
+    /// Resolves `net` (the run's weights already in it) for `isa`.
+    pub fn new(net: &'n Network, isa: Isa) -> Result<Self> {
+        let shapes = net.shapes()?;
+        let n = net.nodes.len();
+        let mut readers = vec![0usize; n];
+        for node in &net.nodes {
+            for v in &node.inputs {
+                if let Some(p) = v.producer() {
+                    readers[p] += 1;
+                }
+            }
+        }
+        // Reads only `p`, and is `p`'s only reader.
+        let sole = |i: usize, p: usize| {
+            i < n && net.nodes[i].inputs == [Value::node(p)] && readers[p] == 1
+        };
+        let mut steps: Vec<Step> = (0..n).map(|_| Step::Plain).collect();
+        let mut i = 0;
+        while i < n {
+            let (w, bias, out) = match &net.nodes[i].op {
+                Op::Conv2d(c) => (&c.weight, &c.bias, c.out_channels),
+                Op::Linear(l) => (&l.weight, &l.bias, l.out_features),
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            let mut affine: Vec<(f64, f64)> = (0..out)
+                .map(|o| (1.0, bias.as_ref().map_or(0.0, |b| f64::from(b[o]))))
+                .collect();
+            let mut last = i;
+            if sole(i + 1, i) {
+                if let Op::BatchNorm(bn) = &net.nodes[i + 1].op {
+                    for ((m, b), (bm, bb)) in affine.iter_mut().zip(bn.affine()) {
+                        *b = *b * bm + bb;
+                        *m *= bm;
+                    }
+                    last = i + 1;
+                }
+            }
+            let relu = sole(last + 1, last) && matches!(net.nodes[last + 1].op, Op::Relu);
+            if relu {
+                last += 1;
+            }
+            let k = w.len() / out.max(1);
+            let mut packed = vec![0f32; out.div_ceil(MR) * k * MR];
+            for o in 0..out {
+                for (j, &v) in w[o * k..(o + 1) * k].iter().enumerate() {
+                    packed[((o / MR) * k + j) * MR + o % MR] = v;
+                }
+            }
+            steps[i] = Step::Weighted {
+                w: packed,
+                affine: affine.iter().map(|&(m, b)| (m as f32, b as f32)).collect(),
+                relu,
+                last,
+            };
+            for s in &mut steps[i + 1..=last] {
+                *s = Step::Skip;
+            }
+            i = last + 1;
+        }
+        Ok(Prepared {
+            net,
+            shapes,
+            steps,
+            isa,
+        })
+    }
+
+    /// The logits (`[image][class]`) of `nb` normalized `[n][c][h][w]` images.
+    pub fn logits(&self, images: &[f32], nb: usize) -> Result<Vec<f32>> {
+        let [c, h, w] = self.net.input;
+        ensure!(
+            images.len() == nb * c * h * w,
+            "{} input values for {nb} images of {c}x{h}x{w}",
+            images.len()
+        );
+        let mut s = Scratch::default();
+        let mut values: Vec<Vec<f32>> = Vec::with_capacity(self.steps.len());
+        let mut input = vec![0f32; images.len()];
+        let plane = h * w;
+        for n in 0..nb {
+            for ch in 0..c {
+                input[(ch * nb + n) * plane..(ch * nb + n + 1) * plane]
+                    .copy_from_slice(&images[(n * c + ch) * plane..(n * c + ch + 1) * plane]);
+            }
+        }
+        match self.isa {
+            // SAFETY: `Isa::Avx512` is only detected (or listed) when the CPU has it.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.run_avx512(&input, nb, &mut values, &mut s) },
+            _ => self.run(&input, nb, &mut values, &mut s),
+        }
+        let classes = self.net.num_classes;
+        let out = values.last().map_or(&[][..], |v| v.as_slice());
+        let mut logits = vec![0f32; nb * classes];
+        for n in 0..nb {
+            for k in 0..classes {
+                logits[n * classes + k] = out[k * nb + n];
+            }
+        }
+        Ok(logits)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512 F and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+    unsafe fn run_avx512(
+        &self,
+        input: &[f32],
+        nb: usize,
+        values: &mut Vec<Vec<f32>>,
+        s: &mut Scratch,
+    ) {
+        self.run(input, nb, values, s);
+    }
+
+    /// Every node over the batch (`[c][n][h][w]` input); `values[i]` is node `i`'s output
+    /// (empty for nodes folded into a later one's step).
+    #[inline(always)]
+    fn run(&self, input: &[f32], nb: usize, values: &mut Vec<Vec<f32>>, s: &mut Scratch) {
+        values.clear();
+        let mut i = 0;
+        while i < self.steps.len() {
+            let node = &self.net.nodes[i];
+            let val = |v: Value| -> (&[f32], ir::Shape) {
+                match v.producer() {
+                    None => (input, self.net.input),
+                    Some(p) => (values[p].as_slice(), self.shapes[p]),
+                }
+            };
+            let (x, shape) = val(node.inputs[0]);
+            let (out, last) = match &self.steps[i] {
+                Step::Skip => (Vec::new(), i),
+                Step::Weighted {
+                    w,
+                    affine,
+                    relu,
+                    last,
+                } => (
+                    weighted(node, x, shape, nb, w, affine, *relu, s, self.isa),
+                    *last,
+                ),
+                Step::Plain => match &node.op {
+                    Op::Add => {
+                        let (y, _) = val(node.inputs[1]);
+                        (x.iter().zip(y).map(|(a, b)| a + b).collect(), i)
+                    }
+                    op => (plain(op, x, shape, self.shapes[i], nb), i),
+                },
+            };
+            for _ in i..last {
+                values.push(Vec::new());
+            }
+            values.push(out);
+            i = last + 1;
+        }
+    }
+}
+
+/// A node that is not a product: elementwise ops, pools, flatten.
+#[inline(always)]
+fn plain(op: &Op, x: &[f32], s: ir::Shape, o: ir::Shape, nb: usize) -> Vec<f32> {
+    let [c, h, w] = s;
+    match op {
+        Op::BatchNorm(bn) => {
+            let aff = bn.affine();
+            let plane = h * w * nb;
+            let mut y = x.to_vec();
+            for (ch, p) in y.chunks_mut(plane).enumerate() {
+                let (m, b) = (aff[ch].0 as f32, aff[ch].1 as f32);
+                p.iter_mut().for_each(|v| *v = *v * m + b);
+            }
+            y
+        }
+        Op::Relu => x.iter().map(|&v| v.max(0.0)).collect(),
+        Op::MaxPool { kernel, stride } | Op::AvgPool { kernel, stride } => {
+            let max = matches!(op, Op::MaxPool { .. });
+            let (oh, ow) = (o[1], o[2]);
+            let mut y = Vec::with_capacity(c * nb * oh * ow);
+            for plane in x.chunks(h * w).take(c * nb) {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let at =
+                            |ky: usize, kx: usize| plane[(oy * stride + ky) * w + ox * stride + kx];
+                        let v = if max {
+                            let mut m = f32::NEG_INFINITY;
+                            for ky in 0..*kernel {
+                                for kx in 0..*kernel {
+                                    m = m.max(at(ky, kx));
+                                }
+                            }
+                            m
+                        } else {
+                            let mut sum = 0f32;
+                            for ky in 0..*kernel {
+                                for kx in 0..*kernel {
+                                    sum += at(ky, kx);
+                                }
+                            }
+                            sum / (kernel * kernel) as f32
+                        };
+                        y.push(v);
+                    }
+                }
+            }
+            y
+        }
+        Op::GlobalAvgPool => x
+            .chunks(h * w)
+            .map(|p| p.iter().sum::<f32>() / p.len() as f32)
+            .collect(),
+        Op::Flatten => {
+            // `[c][n][h][w]` -> `[c * h * w][n]`.
+            let plane = h * w;
+            let mut y = vec![0f32; x.len()];
+            for ch in 0..c {
+                for n in 0..nb {
+                    for q in 0..plane {
+                        y[(ch * plane + q) * nb + n] = x[(ch * nb + n) * plane + q];
+                    }
+                }
+            }
+            y
+        }
+        // Run by `Prepared::run` (two inputs) and `weighted`.
+        Op::Add | Op::Conv2d(_) | Op::Linear(_) => Vec::new(),
+    }
+}
+
+/// Working memory, grown on demand.
+#[derive(Default)]
+struct Scratch {
+    col: Vec<f32>,
+    padded: Vec<f32>,
+    runs: Vec<(usize, usize, usize)>,
+}
+
+/// A conv or linear node over the batch with its folded output step; output `[o][n][oh][ow]`
+/// (a linear node's input is `[features][n]`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn weighted(
+    node: &ir::Node,
+    x: &[f32],
+    s_in: ir::Shape,
+    nb: usize,
+    w: &[f32],
+    affine: &[(f32, f32)],
+    relu: bool,
+    s: &mut Scratch,
+    isa: Isa,
+) -> Vec<f32> {
+    let [ic, ih, iw] = s_in;
+    let (k, per_image, conv) = match &node.op {
+        Op::Conv2d(c) => {
+            let oh = (ih + 2 * c.padding - c.kernel[0]) / c.stride + 1;
+            let ow = (iw + 2 * c.padding - c.kernel[1]) / c.stride + 1;
+            (ic * c.kernel[0] * c.kernel[1], oh * ow, Some((c, oh, ow)))
+        }
+        _ => (ic * ih * iw, 1, None),
+    };
+    let channels = affine.len();
+    let total = nb * per_image;
+    let mut out = vec![0f32; channels * total];
+    let block = ((BLOCK_ELEMS / k.max(1)) / (NR * LANES) * (NR * LANES)).max(NR * LANES);
+    let block = block.min(total.next_multiple_of(LANES));
+    let (pad, st, kh, kw) = conv.map_or((0, 1, 1, 1), |(c, ..)| {
+        (c.padding, c.stride, c.kernel[0], c.kernel[1])
+    });
+    let (ph, pw) = (ih + 2 * pad, iw + 2 * pad);
+    if conv.is_some() {
+        pad_planes(x, ic * nb, ih, iw, pad, &mut s.padded);
+    }
+    let mut first = 0;
+    while first < total {
+        let np = block.min(total - first);
+        let stride = np.next_multiple_of(LANES);
+        s.col.resize(k * stride, 0.0);
+        if let Some((_, oh, ow)) = conv {
+            pixel_runs(first, np, oh, ow, st, ph, pw, &mut s.runs);
+            let taps = kh * kw;
+            for kk in 0..k {
+                let (c, t) = (kk / taps, kk % taps);
+                let tap = c * nb * ph * pw + (t / kw) * pw + t % kw;
+                let dst = &mut s.col[kk * stride..(kk + 1) * stride];
+                for &(base, at, len) in &s.runs {
+                    let src = &s.padded[base + tap..];
+                    let d = &mut dst[at..at + len];
+                    if st == 1 {
+                        d.copy_from_slice(&src[..len]);
+                    } else {
+                        for (i, d) in d.iter_mut().enumerate() {
+                            *d = src[i * st];
+                        }
+                    }
+                }
+                dst[np..].fill(0.0);
+            }
+        } else {
+            // `x` is `[features][n]` after a flatten, or `[c][n][1][1]` after a global pool:
+            // either way feature `kk` of image `n` is `x[kk * nb + n]` when `ih = iw = 1`; a
+            // linear node straight on a `[c][n][h][w]` map reads it as `[c][n][hw]`.
+            let plane = ih * iw;
+            for kk in 0..k {
+                let dst = &mut s.col[kk * stride..(kk + 1) * stride];
+                for (i, d) in dst[..np].iter_mut().enumerate() {
+                    let n = first + i;
+                    *d = x[((kk / plane) * nb + n) * plane + kk % plane];
+                }
+                dst[np..].fill(0.0);
+            }
+        }
+        let mut acc = [[0f32; NR * LANES]; MR];
+        for b in 0..channels.div_ceil(MR) {
+            let wb = &w[b * k * MR..(b + 1) * k * MR];
+            let mut v = 0;
+            while v * LANES < np {
+                let nr = (np.div_ceil(LANES) - v).min(NR);
+                tile(isa, wb, &s.col, stride, v * LANES, k, nr, &mut acc);
+                let valid = (np - v * LANES).min(nr * LANES);
+                for r in 0..MR.min(channels - b * MR) {
+                    let o = b * MR + r;
+                    let (m, c) = affine[o];
+                    let at = o * total + first + v * LANES;
+                    let dst = &mut out[at..at + valid];
+                    if relu {
+                        for (d, &a) in dst.iter_mut().zip(&acc[r][..valid]) {
+                            *d = (a * m + c).max(0.0);
+                        }
+                    } else {
+                        for (d, &a) in dst.iter_mut().zip(&acc[r][..valid]) {
+                            *d = a * m + c;
+                        }
+                    }
+                }
+                v += nr;
+            }
+        }
+        first += np;
+    }
+    out
+}
+
+/// `acc[r][j] = sum_k W[r][k] X[k][col0 + j]`, `j < nr * LANES`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile(
+    isa: Isa,
+    w: &[f32],
+    col: &[f32],
+    stride: usize,
+    col0: usize,
+    k: usize,
+    nr: usize,
+    acc: &mut [[f32; NR * LANES]; MR],
+) {
+    assert!(w.len() >= k * MR && col0 + nr * LANES <= stride && col.len() >= k * stride);
+    match isa {
+        // SAFETY: detected AVX-512 F and FMA; the bounds were checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            match nr {
+                3 => avx512::tile::<3>(w, col, stride, col0, k, acc),
+                2 => avx512::tile::<2>(w, col, stride, col0, k, acc),
+                _ => avx512::tile::<1>(w, col, stride, col0, k, acc),
+            }
+        },
+        _ => {
+            let n = nr * LANES;
+            for a in acc.iter_mut() {
+                a.fill(0.0);
+            }
+            for j in 0..k {
+                let xs = &col[j * stride + col0..j * stride + col0 + n];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let wv = w[j * MR + r];
+                    for (a, &xv) in a[..n].iter_mut().zip(xs) {
+                        *a += wv * xv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::{
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+
+    use super::{LANES, MR, NR};
+
+    /// # Safety
+    /// AVX-512 F and FMA; `w` holds `k * MR` values, `col` `k` rows of `stride >= col0 + N *
+    /// LANES` values.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    pub unsafe fn tile<const N: usize>(
+        w: &[f32],
+        col: &[f32],
+        stride: usize,
+        col0: usize,
+        k: usize,
+        acc: &mut [[f32; NR * LANES]; MR],
+    ) {
+        let mut a = [[_mm512_setzero_ps(); N]; MR];
+        let (wp, xp) = (w.as_ptr(), col.as_ptr());
+        for j in 0..k {
+            let mut x = [_mm512_setzero_ps(); N];
+            for (v, xv) in x.iter_mut().enumerate() {
+                // SAFETY: row `j < k` has `stride >= col0 + N * LANES` values.
+                *xv = unsafe { _mm512_loadu_ps(xp.add(j * stride + col0 + v * LANES)) };
+            }
+            for (r, ar) in a.iter_mut().enumerate() {
+                // SAFETY: `j * MR + r < k * MR <= w.len()`.
+                let wv = _mm512_set1_ps(unsafe { *wp.add(j * MR + r) });
+                for (av, &xv) in ar.iter_mut().zip(&x) {
+                    *av = _mm512_fmadd_ps(wv, xv, *av);
+                }
+            }
+        }
+        for (ar, accr) in a.iter().zip(acc.iter_mut()) {
+            for (v, &av) in ar.iter().enumerate() {
+                // SAFETY: `v * LANES + 16 <= N * LANES`, inside the row.
+                unsafe { _mm512_storeu_ps(accr.as_mut_ptr().add(v * LANES), av) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::RandomArch;
+    use nvcim_shared::rng::mix64;
+    use nvcim_shared::variation::VariationConfig;
+
+    fn images(net: &Network, n: usize) -> Vec<f32> {
+        let len = net.input.iter().product::<usize>();
+        (0..n * len)
+            .map(|i| (mix64(i as u64) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn check(net: &Network, n: usize) {
+        let x = images(net, n);
+        let want = net.forward(&x, n).unwrap();
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for isa in Isa::available() {
+            let p = Prepared::new(net, isa).unwrap();
+            for nb in [1, 3, n] {
+                let mut got = Vec::new();
+                for chunk in x.chunks(nb * net.input.iter().product::<usize>()) {
+                    let m = chunk.len() / net.input.iter().product::<usize>();
+                    got.extend(p.logits(chunk, m).unwrap());
+                }
+                let diff = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert_eq!(got.len(), want.len());
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{isa:?} batch {nb}: max diff {diff}, scale {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn vgg8_logits_match_the_reference_forward() {
+        let arch = RandomArch {
+            channels: 1,
+            size: 16,
+            classes: 10,
+            width: 0.125,
+            seed: 2,
+        };
+        let net = Network::vgg8(&arch).unwrap();
+        check(&net, 7);
+        // A noisy instance too (the engine's use).
+        let var = VariationConfig::paper(0.3).unwrap();
+        check(&net.noisy_instance(&var, 4, 1).unwrap(), 5);
+    }
+
+    #[test]
+    fn resnet18_logits_match_the_reference_forward() {
+        let arch = RandomArch {
+            channels: 3,
+            size: 16,
+            classes: 10,
+            width: 0.0625,
+            seed: 9,
+        };
+        check(&Network::resnet18(&arch).unwrap(), 5);
+    }
+
+    #[test]
+    fn wrong_input_length_is_an_error() {
+        let arch = RandomArch {
+            channels: 1,
+            size: 16,
+            classes: 10,
+            width: 0.125,
+            seed: 2,
+        };
+        let net = Network::vgg8(&arch).unwrap();
+        let p = Prepared::new(&net, Isa::Portable).unwrap();
+        assert!(p.logits(&[0.0; 10], 1).is_err());
+    }
+}
