@@ -158,30 +158,9 @@ impl<'n> Prepared<'n> {
 
     /// The logits (`[image][class]`) of `nb` normalized `[n][c][h][w]` images.
     pub fn logits(&self, images: &[f32], nb: usize) -> Result<Vec<f32>> {
-        let [c, h, w] = self.net.input;
-        ensure!(
-            images.len() == nb * c * h * w,
-            "{} input values for {nb} images of {c}x{h}x{w}",
-            images.len()
-        );
-        let mut s = Scratch::default();
-        let mut values: Vec<Vec<f32>> = Vec::with_capacity(self.steps.len());
-        let mut input = vec![0f32; images.len()];
-        let plane = h * w;
-        for n in 0..nb {
-            for ch in 0..c {
-                input[(ch * nb + n) * plane..(ch * nb + n + 1) * plane]
-                    .copy_from_slice(&images[(n * c + ch) * plane..(n * c + ch + 1) * plane]);
-            }
-        }
-        match self.isa {
-            // SAFETY: `Isa::Avx512` is only detected (or listed) when the CPU has it.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { self.run_avx512(&input, nb, &mut values, &mut s) },
-            _ => self.run(&input, nb, &mut values, &mut s),
-        }
+        let mut ws = Workspace::default();
+        let out = self.forward(images, nb, &mut ws)?;
         let classes = self.net.num_classes;
-        let out = values.last().map_or(&[][..], |v| v.as_slice());
         let mut logits = vec![0f32; nb * classes];
         for n in 0..nb {
             for k in 0..classes {
@@ -191,68 +170,142 @@ impl<'n> Prepared<'n> {
         Ok(logits)
     }
 
+    /// How many of `batches` (normalized `[n][c][h][w]` images and their labels) are
+    /// classified correctly: the first index of the largest logit (a NaN never wins).
+    pub fn count_correct(&self, batches: &[(Vec<f32>, Vec<i64>)]) -> Result<usize> {
+        let mut ws = Workspace::default();
+        let classes = self.net.num_classes;
+        let mut correct = 0;
+        for (images, labels) in batches {
+            let nb = labels.len();
+            let out = self.forward(images, nb, &mut ws)?;
+            for (n, &label) in labels.iter().enumerate() {
+                let mut best = 0;
+                for k in 1..classes {
+                    let (v, b) = (out[k * nb + n], out[best * nb + n]);
+                    if v > b || b.is_nan() && !v.is_nan() {
+                        best = k;
+                    }
+                }
+                correct += usize::from(usize::try_from(label).ok() == Some(best));
+            }
+        }
+        Ok(correct)
+    }
+
+    /// The last node's output, `[class][image]`, computed in `ws` (reused batch to batch).
+    fn forward<'w>(&self, images: &[f32], nb: usize, ws: &'w mut Workspace) -> Result<&'w [f32]> {
+        let [c, h, w] = self.net.input;
+        ensure!(
+            images.len() == nb * c * h * w,
+            "{} input values for {nb} images of {c}x{h}x{w}",
+            images.len()
+        );
+        let plane = h * w;
+        ws.input.resize(images.len(), 0.0);
+        for n in 0..nb {
+            for ch in 0..c {
+                ws.input[(ch * nb + n) * plane..(ch * nb + n + 1) * plane]
+                    .copy_from_slice(&images[(n * c + ch) * plane..(n * c + ch + 1) * plane]);
+            }
+        }
+        ws.values.resize_with(self.steps.len(), Vec::new);
+        match self.isa {
+            // SAFETY: `Isa::Avx512` is only detected (or listed) when the CPU has it.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.run_avx512(nb, ws) },
+            _ => self.run(nb, ws),
+        }
+        Ok(ws.values.last().map_or(&[][..], |v| v.as_slice()))
+    }
+
     /// # Safety
     /// The CPU must have AVX-512 F and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
-    unsafe fn run_avx512(
-        &self,
-        input: &[f32],
-        nb: usize,
-        values: &mut Vec<Vec<f32>>,
-        s: &mut Scratch,
-    ) {
-        self.run(input, nb, values, s);
+    unsafe fn run_avx512(&self, nb: usize, ws: &mut Workspace) {
+        self.run(nb, ws);
     }
 
-    /// Every node over the batch (`[c][n][h][w]` input); `values[i]` is node `i`'s output
-    /// (empty for nodes folded into a later one's step).
+    /// Every node over the batch in `ws.input` (`[c][n][h][w]`); `ws.values[i]` becomes node
+    /// `i`'s output (stale for nodes folded into a later one's step).
     #[inline(always)]
-    fn run(&self, input: &[f32], nb: usize, values: &mut Vec<Vec<f32>>, s: &mut Scratch) {
-        values.clear();
+    fn run(&self, nb: usize, ws: &mut Workspace) {
+        let Workspace {
+            input,
+            values,
+            scratch: s,
+        } = ws;
         let mut i = 0;
         while i < self.steps.len() {
             let node = &self.net.nodes[i];
+            let last = match &self.steps[i] {
+                Step::Weighted { last, .. } => *last,
+                _ => i,
+            };
+            // The output buffer, out of `values` while the inputs are read.
+            let mut out = std::mem::take(&mut values[last]);
             let val = |v: Value| -> (&[f32], ir::Shape) {
                 match v.producer() {
-                    None => (input, self.net.input),
+                    None => (input.as_slice(), self.net.input),
                     Some(p) => (values[p].as_slice(), self.shapes[p]),
                 }
             };
             let (x, shape) = val(node.inputs[0]);
-            let (out, last) = match &self.steps[i] {
-                Step::Skip => (Vec::new(), i),
+            match &self.steps[i] {
+                Step::Skip => {}
                 Step::Weighted {
-                    w,
-                    affine,
-                    relu,
-                    last,
-                } => (
-                    weighted(node, x, shape, nb, w, affine, *relu, s, self.isa),
-                    *last,
-                ),
+                    w, affine, relu, ..
+                } => weighted(node, x, shape, nb, w, affine, *relu, s, self.isa, &mut out),
                 Step::Plain => match &node.op {
                     Op::Add => {
                         let (y, _) = val(node.inputs[1]);
-                        (x.iter().zip(y).map(|(a, b)| a + b).collect(), i)
+                        out.resize(x.len(), 0.0);
+                        for ((d, &a), &b) in out.iter_mut().zip(x).zip(y) {
+                            *d = a + b;
+                        }
                     }
-                    op => (plain(op, x, shape, self.shapes[i], nb), i),
+                    op => plain(op, x, shape, self.shapes[i], nb, &mut out),
                 },
-            };
-            for _ in i..last {
-                values.push(Vec::new());
             }
-            values.push(out);
+            values[last] = out;
             i = last + 1;
         }
     }
 }
 
+/// Buffers of [`Prepared::forward`], kept from batch to batch.
+#[derive(Default)]
+struct Workspace {
+    input: Vec<f32>,
+    values: Vec<Vec<f32>>,
+    scratch: Scratch,
+}
+
 /// A node that is not a product: elementwise ops, pools, flatten.
 #[inline(always)]
-fn plain(op: &Op, x: &[f32], s: ir::Shape, o: ir::Shape, nb: usize) -> Vec<f32> {
+fn plain(op: &Op, x: &[f32], s: ir::Shape, o: ir::Shape, nb: usize, out: &mut Vec<f32>) {
     let [c, h, w] = s;
-    match op {
+    if let Op::MaxPool {
+        kernel: 2,
+        stride: 2,
+    } = op
+    {
+        // VGG's pool: two input rows per output row, pairs along them (vectorizes).
+        let (oh, ow) = (o[1], o[2]);
+        out.resize(c * nb * oh * ow, 0.0);
+        for (plane, dst) in x.chunks(h * w).zip(out.chunks_mut(oh * ow)) {
+            for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
+                let r0 = &plane[2 * oy * w..2 * oy * w + 2 * ow];
+                let r1 = &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
+                for ((d, a), b) in d.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                    *d = a[0].max(a[1]).max(b[0].max(b[1]));
+                }
+            }
+        }
+        return;
+    }
+    *out = match op {
         Op::BatchNorm(bn) => {
             let aff = bn.affine();
             let plane = h * w * nb;
@@ -324,6 +377,8 @@ struct Scratch {
     col: Vec<f32>,
     padded: Vec<f32>,
     runs: Vec<(usize, usize, usize)>,
+    /// Each fan-in row's offset in the padded input (the direct path).
+    taps: Vec<usize>,
 }
 
 /// A conv or linear node over the batch with its folded output step; output `[o][n][oh][ow]`
@@ -340,7 +395,8 @@ fn weighted(
     relu: bool,
     s: &mut Scratch,
     isa: Isa,
-) -> Vec<f32> {
+    out: &mut Vec<f32>,
+) {
     let [ic, ih, iw] = s_in;
     let (k, per_image, conv) = match &node.op {
         Op::Conv2d(c) => {
@@ -352,15 +408,33 @@ fn weighted(
     };
     let channels = affine.len();
     let total = nb * per_image;
-    let mut out = vec![0f32; channels * total];
+    // Every element is written below: no need to clear what a previous batch left.
+    out.resize(channels * total, 0.0);
     let block = ((BLOCK_ELEMS / k.max(1)) / (NR * LANES) * (NR * LANES)).max(NR * LANES);
     let block = block.min(total.next_multiple_of(LANES));
     let (pad, st, kh, kw) = conv.map_or((0, 1, 1, 1), |(c, ..)| {
         (c.padding, c.stride, c.kernel[0], c.kernel[1])
     });
     let (ph, pw) = (ih + 2 * pad, iw + 2 * pad);
-    if conv.is_some() {
+    if let Some((_, oh, ow)) = conv {
         pad_planes(x, ic * nb, ih, iw, pad, &mut s.padded);
+        if st == 1 && ow % LANES == 0 {
+            direct(
+                k,
+                kh,
+                kw,
+                nb,
+                (oh, ow),
+                (ph, pw),
+                w,
+                affine,
+                relu,
+                s,
+                isa,
+                out,
+            );
+            return;
+        }
     }
     let mut first = 0;
     while first < total {
@@ -378,7 +452,7 @@ fn weighted(
                     let src = &s.padded[base + tap..];
                     let d = &mut dst[at..at + len];
                     if st == 1 {
-                        d.copy_from_slice(&src[..len]);
+                        copy(d, &src[..len]);
                     } else {
                         for (i, d) in d.iter_mut().enumerate() {
                             *d = src[i * st];
@@ -413,23 +487,144 @@ fn weighted(
                     let o = b * MR + r;
                     let (m, c) = affine[o];
                     let at = o * total + first + v * LANES;
-                    let dst = &mut out[at..at + valid];
-                    if relu {
-                        for (d, &a) in dst.iter_mut().zip(&acc[r][..valid]) {
-                            *d = (a * m + c).max(0.0);
-                        }
-                    } else {
-                        for (d, &a) in dst.iter_mut().zip(&acc[r][..valid]) {
-                            *d = a * m + c;
-                        }
-                    }
+                    output(&acc[r][..valid], (m, c), relu, &mut out[at..at + valid]);
                 }
                 v += nr;
             }
         }
         first += np;
     }
-    out
+}
+
+/// A stride-1 conv whose output rows are whole vectors (`ow % 16 == 0`), without im2col: the
+/// product reads each fan-in row `k` of 16 output pixels straight from the padded input, at the
+/// tap's offset (an indirect matrix product).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn direct(
+    k: usize,
+    kh: usize,
+    kw: usize,
+    nb: usize,
+    (oh, ow): (usize, usize),
+    (ph, pw): (usize, usize),
+    w: &[f32],
+    affine: &[(f32, f32)],
+    relu: bool,
+    s: &mut Scratch,
+    isa: Isa,
+    out: &mut [f32],
+) {
+    let taps = kh * kw;
+    s.taps.clear();
+    s.taps.extend((0..k).map(|kk| {
+        let (c, t) = (kk / taps, kk % taps);
+        c * nb * ph * pw + (t / kw) * pw + t % kw
+    }));
+    let per_image = oh * ow;
+    let total = nb * per_image;
+    let vectors = total / LANES;
+    let base = |q: usize| {
+        let p = q * LANES;
+        let (n, r) = (p / per_image, p % per_image);
+        (n * ph + r / ow) * pw + r % ow
+    };
+    let channels = affine.len();
+    let mut acc = [[0f32; NR * LANES]; MR];
+    let mut q = 0;
+    while q < vectors {
+        let nr = (vectors - q).min(NR);
+        let bases: [usize; NR] = std::array::from_fn(|v| base(q + v.min(nr - 1)));
+        for b in 0..channels.div_ceil(MR) {
+            let wb = &w[b * k * MR..(b + 1) * k * MR];
+            tile_direct(isa, wb, &s.padded, &s.taps, bases, nr, &mut acc);
+            for r in 0..MR.min(channels - b * MR) {
+                let o = b * MR + r;
+                let at = o * total + q * LANES;
+                output(
+                    &acc[r][..nr * LANES],
+                    affine[o],
+                    relu,
+                    &mut out[at..at + nr * LANES],
+                );
+            }
+        }
+        q += nr;
+    }
+}
+
+/// `dst = relu?(acc * m + c)`.
+#[inline(always)]
+fn output(acc: &[f32], (m, c): (f32, f32), relu: bool, dst: &mut [f32]) {
+    if relu {
+        for (d, &a) in dst.iter_mut().zip(acc) {
+            *d = (a * m + c).max(0.0);
+        }
+    } else {
+        for (d, &a) in dst.iter_mut().zip(acc) {
+            *d = a * m + c;
+        }
+    }
+}
+
+/// `dst = src` in 16-value pieces that the compiler keeps inline (im2col runs are short).
+#[inline(always)]
+fn copy(dst: &mut [f32], src: &[f32]) {
+    let mut d = dst.chunks_exact_mut(LANES);
+    let mut s = src.chunks_exact(LANES);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let s: &[f32; LANES] = s.try_into().expect("chunks of LANES");
+        let d: &mut [f32; LANES] = d.try_into().expect("chunks of LANES");
+        *d = *s;
+    }
+    for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d = s;
+    }
+}
+
+/// [`direct`]'s register block: `acc[r][16 v + j] = sum_k W[r][k] padded[taps[k] + bases[v] +
+/// j]`, `v < nr`.
+#[inline(always)]
+fn tile_direct(
+    isa: Isa,
+    w: &[f32],
+    padded: &[f32],
+    taps: &[usize],
+    bases: [usize; NR],
+    nr: usize,
+    acc: &mut [[f32; NR * LANES]; MR],
+) {
+    let k = taps.len();
+    let reach = taps.iter().max().copied().unwrap_or(0) + bases.iter().max().copied().unwrap_or(0);
+    assert!(w.len() >= k * MR && reach + LANES <= padded.len());
+    match isa {
+        // SAFETY: detected AVX-512 F and FMA; every load `taps[j] + bases[v] .. + 16` is
+        // inside `padded` (checked above).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            match nr {
+                3 => avx512::tile_direct::<3>(w, padded, taps, bases, acc),
+                2 => avx512::tile_direct::<2>(w, padded, taps, bases, acc),
+                _ => avx512::tile_direct::<1>(w, padded, taps, bases, acc),
+            }
+        },
+        _ => {
+            for a in acc.iter_mut() {
+                a.fill(0.0);
+            }
+            for (j, &t) in taps.iter().enumerate() {
+                for v in 0..nr {
+                    let xs = &padded[t + bases[v]..t + bases[v] + LANES];
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let wv = w[j * MR + r];
+                        for (a, &xv) in a[v * LANES..(v + 1) * LANES].iter_mut().zip(xs) {
+                            *a += wv * xv;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `acc[r][j] = sum_k W[r][k] X[k][col0 + j]`, `j < nr * LANES`.
@@ -481,6 +676,42 @@ mod avx512 {
     };
 
     use super::{LANES, MR, NR};
+
+    /// # Safety
+    /// AVX-512 F and FMA; `w` holds `k * MR` values, `col` `k` rows of `stride >= col0 + N *
+    /// LANES` values.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    pub unsafe fn tile_direct<const N: usize>(
+        w: &[f32],
+        padded: &[f32],
+        taps: &[usize],
+        bases: [usize; NR],
+        acc: &mut [[f32; NR * LANES]; MR],
+    ) {
+        let mut a = [[_mm512_setzero_ps(); N]; MR];
+        let (wp, xp) = (w.as_ptr(), padded.as_ptr());
+        for (j, &t) in taps.iter().enumerate() {
+            let mut x = [_mm512_setzero_ps(); N];
+            for (v, xv) in x.iter_mut().enumerate() {
+                // SAFETY: the caller checked `t + bases[v] + 16 <= padded.len()`.
+                *xv = unsafe { _mm512_loadu_ps(xp.add(t + bases[v])) };
+            }
+            for (r, ar) in a.iter_mut().enumerate() {
+                // SAFETY: `j * MR + r < k * MR <= w.len()`.
+                let wv = _mm512_set1_ps(unsafe { *wp.add(j * MR + r) });
+                for (av, &xv) in ar.iter_mut().zip(&x) {
+                    *av = _mm512_fmadd_ps(wv, xv, *av);
+                }
+            }
+        }
+        for (ar, accr) in a.iter().zip(acc.iter_mut()) {
+            for (v, &av) in ar.iter().enumerate() {
+                // SAFETY: `v * LANES + 16 <= N * LANES`, inside the row.
+                unsafe { _mm512_storeu_ps(accr.as_mut_ptr().add(v * LANES), av) };
+            }
+        }
+    }
 
     /// # Safety
     /// AVX-512 F and FMA; `w` holds `k * MR` values, `col` `k` rows of `stride >= col0 + N *

@@ -224,28 +224,9 @@ impl FloatEngine {
     }
 
     fn count(&self, net: &Network, data: &FloatData) -> Result<usize> {
-        let p = layerwise_f32::Prepared::new(net, layerwise_f32::Isa::detect())?;
-        let mut correct = 0;
-        for (images, labels) in &data.batches {
-            let logits = p.logits(images, labels.len())?;
-            let classes = net.num_classes.max(1);
-            for (row, &label) in logits.chunks(classes).zip(labels) {
-                correct += usize::from(usize::try_from(label).ok() == Some(argmax(row)));
-            }
-        }
-        Ok(correct)
+        layerwise_f32::Prepared::new(net, layerwise_f32::Isa::detect())?
+            .count_correct(&data.batches)
     }
-}
-
-/// The first index of the largest value (NaN never wins).
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (k, &x) in v.iter().enumerate() {
-        if x > v[best] || v[best].is_nan() && !x.is_nan() {
-            best = k;
-        }
-    }
-    best
 }
 
 /// The float engine's test set: normalized `[n][c][h][w]` batches and their labels, converted
