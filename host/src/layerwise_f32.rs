@@ -131,12 +131,25 @@ impl<'n> Prepared<'n> {
                 last += 1;
             }
             let k = w.len() / out.max(1);
-            let mut packed = vec![0f32; out.div_ceil(MR) * k * MR];
-            for o in 0..out {
-                for (j, &v) in w[o * k..(o + 1) * k].iter().enumerate() {
-                    packed[((o / MR) * k + j) * MR + o % MR] = v;
+            let packed = if matches!(net.nodes[i].op, Op::Linear(_)) {
+                // Transposed, `[k][o]` with rows of whole vectors (see `linear`).
+                let row = out.next_multiple_of(LANES);
+                let mut t = vec![0f32; k * row];
+                for o in 0..out {
+                    for (j, &v) in w[o * k..(o + 1) * k].iter().enumerate() {
+                        t[j * row + o] = v;
+                    }
                 }
-            }
+                t
+            } else {
+                let mut packed = vec![0f32; out.div_ceil(MR) * k * MR];
+                for o in 0..out {
+                    for (j, &v) in w[o * k..(o + 1) * k].iter().enumerate() {
+                        packed[((o / MR) * k + j) * MR + o % MR] = v;
+                    }
+                }
+                packed
+            };
             steps[i] = Step::Weighted {
                 w: packed,
                 affine: affine.iter().map(|&(m, b)| (m as f32, b as f32)).collect(),
@@ -379,6 +392,8 @@ struct Scratch {
     runs: Vec<(usize, usize, usize)>,
     /// Each fan-in row's offset in the padded input (the direct path).
     taps: Vec<usize>,
+    /// Each fan-in row's kernel column (the direct path's mask row).
+    tap_x: Vec<u8>,
 }
 
 /// A conv or linear node over the batch with its folded output step; output `[o][n][oh][ow]`
@@ -410,6 +425,10 @@ fn weighted(
     let total = nb * per_image;
     // Every element is written below: no need to clear what a previous batch left.
     out.resize(channels * total, 0.0);
+    if conv.is_none() {
+        linear(k, ih * iw, nb, x, w, affine, relu, s, isa, out);
+        return;
+    }
     let block = ((BLOCK_ELEMS / k.max(1)) / (NR * LANES) * (NR * LANES)).max(NR * LANES);
     let block = block.min(total.next_multiple_of(LANES));
     let (pad, st, kh, kw) = conv.map_or((0, 1, 1, 1), |(c, ..)| {
@@ -417,15 +436,21 @@ fn weighted(
     });
     let (ph, pw) = (ih + 2 * pad, iw + 2 * pad);
     if let Some((_, oh, ow)) = conv {
-        pad_planes(x, ic * nb, ih, iw, pad, &mut s.padded);
-        if st == 1 && ow % LANES == 0 {
+        let per_image = oh * ow;
+        if st == 1
+            && (oh, ow) == (ih, iw)
+            && kw <= MAX_KW
+            && per_image % LANES == 0
+            && (LANES % ow == 0 || ow % LANES == 0)
+        {
             direct(
                 k,
                 kh,
                 kw,
+                pad,
                 nb,
-                (oh, ow),
-                (ph, pw),
+                (ih, iw),
+                x,
                 w,
                 affine,
                 relu,
@@ -435,6 +460,7 @@ fn weighted(
             );
             return;
         }
+        pad_planes(x, ic * nb, ih, iw, pad, &mut s.padded);
     }
     let mut first = 0;
     while first < total {
@@ -496,18 +522,17 @@ fn weighted(
     }
 }
 
-/// A stride-1 conv whose output rows are whole vectors (`ow % 16 == 0`), without im2col: the
-/// product reads each fan-in row `k` of 16 output pixels straight from the padded input, at the
-/// tap's offset (an indirect matrix product).
+/// A linear node, `out[o][n] = sum_k W[o][k] x[k][n]`, with the roles of the product swapped:
+/// the output features are the vector lanes (the weights `w` are `[k][o]`, rows padded to whole
+/// vectors) and the batch's images (8 at a time) the broadcast rows, so every lane does work
+/// even for a batch of a few images. `x` is `[c][n][plane]` (`plane = 1` after a flatten).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn direct(
+fn linear(
     k: usize,
-    kh: usize,
-    kw: usize,
+    plane: usize,
     nb: usize,
-    (oh, ow): (usize, usize),
-    (ph, pw): (usize, usize),
+    x: &[f32],
     w: &[f32],
     affine: &[(f32, f32)],
     relu: bool,
@@ -515,29 +540,125 @@ fn direct(
     isa: Isa,
     out: &mut [f32],
 ) {
+    let channels = affine.len();
+    let row = channels.next_multiple_of(LANES);
+    let plane = plane.max(1);
+    let mut acc = [[0f32; NR * LANES]; MR];
+    for n0 in (0..nb).step_by(MR) {
+        let images = (nb - n0).min(MR);
+        // `[k][MR]`: feature `kk` of images `n0 ..`, zeros past the batch.
+        s.col.clear();
+        s.col.resize(k * MR, 0.0);
+        for kk in 0..k {
+            for n in 0..images {
+                s.col[kk * MR + n] = x[((kk / plane) * nb + n0 + n) * plane + kk % plane];
+            }
+        }
+        let mut v = 0;
+        while v * LANES < channels {
+            let nr = (row / LANES - v).min(NR);
+            tile(isa, &s.col, w, row, v * LANES, k, nr, &mut acc);
+            for (n, a) in acc.iter().enumerate().take(images) {
+                for (j, &a) in a[..nr * LANES].iter().enumerate() {
+                    let o = v * LANES + j;
+                    if o < channels {
+                        let (m, c) = affine[o];
+                        let y = a * m + c;
+                        out[o * nb + n0 + n] = if relu { y.max(0.0) } else { y };
+                    }
+                }
+            }
+            v += nr;
+        }
+    }
+}
+
+/// Widest kernel of the direct path.
+const MAX_KW: usize = 16;
+
+/// A "same" stride-1 conv (`oh x ow = ih x iw`) without im2col, when vectors of 16 output
+/// pixels never straddle two images and start at the same column phase (`16 % ow == 0` or
+/// `ow % 16 == 0`): VGG's every conv, ResNet's 3x3 stride-1 ones.
+///
+/// The input is copied once with `pad` zero rows above and below each image plane (no zero
+/// columns) and a guard of 16 zeros at both ends. A vector of 16 consecutive output pixels
+/// (crossing rows when `ow < 16`) then reads tap `(c, ky, kx)` as 16 consecutive inputs at a
+/// fixed offset; the lanes whose column `ox + kx - pad` falls outside the row — the left and
+/// right padding — are zeroed by the load's mask. The product reads the fan-in straight from the
+/// copy (an indirect matrix product), 8 output channels x 3 vectors per register block.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn direct(
+    k: usize,
+    kh: usize,
+    kw: usize,
+    pad: usize,
+    nb: usize,
+    (ih, iw): (usize, usize),
+    x: &[f32],
+    w: &[f32],
+    affine: &[(f32, f32)],
+    relu: bool,
+    s: &mut Scratch,
+    isa: Isa,
+    out: &mut [f32],
+) {
+    let ph = ih + 2 * pad;
+    let plane = ph * iw;
+    let planes = x.len() / (ih * iw).max(1);
+    // The copy: `LANES` guard zeros, `planes` padded planes, `LANES` guard zeros.
+    s.padded.clear();
+    s.padded.resize(LANES + planes * plane + LANES, 0.0);
+    for (p, src) in x.chunks_exact(ih * iw).enumerate() {
+        let at = LANES + p * plane + pad * iw;
+        s.padded[at..at + ih * iw].copy_from_slice(src);
+    }
     let taps = kh * kw;
     s.taps.clear();
-    s.taps.extend((0..k).map(|kk| {
+    s.tap_x.clear();
+    for kk in 0..k {
         let (c, t) = (kk / taps, kk % taps);
-        c * nb * ph * pw + (t / kw) * pw + t % kw
-    }));
-    let per_image = oh * ow;
+        s.taps.push(c * nb * plane + (t / kw) * iw + t % kw);
+        s.tap_x.push((t % kw) as u8);
+    }
+    let max_tap = s.taps.iter().max().copied().unwrap_or(0);
+    // Every `tap_x = t % kw < MAX_KW`, which `tile_direct`'s mask lookups rely on.
+    assert!(kw <= MAX_KW);
+    let per_image = ih * iw;
     let total = nb * per_image;
     let vectors = total / LANES;
+    // Vector `q`'s first window's offset in the copy (tap (0, 0, 0)), and its masks per `kx`.
     let base = |q: usize| {
-        let p = q * LANES;
-        let (n, r) = (p / per_image, p % per_image);
-        (n * ph + r / ow) * pw + r % ow
+        let (n, r) = ((q * LANES) / per_image, (q * LANES) % per_image);
+        LANES + n * plane + r - pad
     };
+    // The masks per `kx` of each column phase (`ox0 / 16`; one phase when `ow <= 16`).
+    let phases: Vec<[u16; MAX_KW]> = (0..iw.div_ceil(LANES))
+        .map(|ph| {
+            let ox0 = ph * LANES;
+            std::array::from_fn(|kx| {
+                (0..LANES)
+                    .filter(|&j| {
+                        let c = (ox0 + j) % iw + kx;
+                        c >= pad && c - pad < iw
+                    })
+                    .fold(0u16, |m, j| m | 1 << j)
+            })
+        })
+        .collect();
+    let masks = |q: usize| phases[(q * LANES) % per_image % iw / LANES];
     let channels = affine.len();
     let mut acc = [[0f32; NR * LANES]; MR];
     let mut q = 0;
     while q < vectors {
         let nr = (vectors - q).min(NR);
         let bases: [usize; NR] = std::array::from_fn(|v| base(q + v.min(nr - 1)));
+        let m: [[u16; MAX_KW]; NR] = std::array::from_fn(|v| masks(q + v.min(nr - 1)));
         for b in 0..channels.div_ceil(MR) {
             let wb = &w[b * k * MR..(b + 1) * k * MR];
-            tile_direct(isa, wb, &s.padded, &s.taps, bases, nr, &mut acc);
+            tile_direct(
+                isa, wb, &s.padded, &s.taps, &s.tap_x, max_tap, bases, &m, nr, &mut acc,
+            );
             for r in 0..MR.min(channels - b * MR) {
                 let o = b * MR + r;
                 let at = o * total + q * LANES;
@@ -582,43 +703,52 @@ fn copy(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// [`direct`]'s register block: `acc[r][16 v + j] = sum_k W[r][k] padded[taps[k] + bases[v] +
-/// j]`, `v < nr`.
+/// [`direct`]'s register block: `acc[r][16 v + j] = sum_k W[r][k] padded[taps[k] + bases[v]
+/// + j]`, lane `j` zero where bit `j` of `masks[v][tap_x[k]]` is clear, `v < nr`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn tile_direct(
     isa: Isa,
     w: &[f32],
     padded: &[f32],
     taps: &[usize],
+    tap_x: &[u8],
+    max_tap: usize,
     bases: [usize; NR],
+    masks: &[[u16; MAX_KW]; NR],
     nr: usize,
     acc: &mut [[f32; NR * LANES]; MR],
 ) {
     let k = taps.len();
-    let reach = taps.iter().max().copied().unwrap_or(0) + bases.iter().max().copied().unwrap_or(0);
-    assert!(w.len() >= k * MR && reach + LANES <= padded.len());
+    // `max_tap` and every `tap_x < MAX_KW` were checked once per node by `direct`.
+    let reach = max_tap + bases.iter().max().copied().unwrap_or(0);
+    assert!(w.len() >= k * MR && tap_x.len() == k && reach + LANES <= padded.len());
     match isa {
         // SAFETY: detected AVX-512 F and FMA; every load `taps[j] + bases[v] .. + 16` is
-        // inside `padded` (checked above).
+        // inside `padded` and every `tap_x` indexes the mask rows (checked above).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe {
             match nr {
-                3 => avx512::tile_direct::<3>(w, padded, taps, bases, acc),
-                2 => avx512::tile_direct::<2>(w, padded, taps, bases, acc),
-                _ => avx512::tile_direct::<1>(w, padded, taps, bases, acc),
+                3 => avx512::tile_direct::<3>(w, padded, taps, tap_x, bases, masks, acc),
+                2 => avx512::tile_direct::<2>(w, padded, taps, tap_x, bases, masks, acc),
+                _ => avx512::tile_direct::<1>(w, padded, taps, tap_x, bases, masks, acc),
             }
         },
         _ => {
             for a in acc.iter_mut() {
                 a.fill(0.0);
             }
-            for (j, &t) in taps.iter().enumerate() {
+            for (j, (&t, &kx)) in taps.iter().zip(tap_x).enumerate() {
                 for v in 0..nr {
+                    let m = masks[v][usize::from(kx)];
                     let xs = &padded[t + bases[v]..t + bases[v] + LANES];
                     for (r, a) in acc.iter_mut().enumerate() {
                         let wv = w[j * MR + r];
-                        for (a, &xv) in a[v * LANES..(v + 1) * LANES].iter_mut().zip(xs) {
-                            *a += wv * xv;
+                        let lanes = a[v * LANES..(v + 1) * LANES].iter_mut().zip(xs);
+                        for (l, (a, &xv)) in lanes.enumerate() {
+                            if m >> l & 1 != 0 {
+                                *a += wv * xv;
+                            }
                         }
                     }
                 }
@@ -672,30 +802,37 @@ fn tile(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::{
-        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_storeu_ps,
     };
 
-    use super::{LANES, MR, NR};
+    use super::{LANES, MAX_KW, MR, NR};
 
     /// # Safety
-    /// AVX-512 F and FMA; `w` holds `k * MR` values, `col` `k` rows of `stride >= col0 + N *
-    /// LANES` values.
+    /// AVX-512 F and FMA; `w` holds `k * MR` values, every `taps[j] + bases[v] + 16` is at most
+    /// `padded.len()` and every `tap_x[j] < MAX_KW`.
     #[target_feature(enable = "avx512f,fma")]
     #[inline]
     pub unsafe fn tile_direct<const N: usize>(
         w: &[f32],
         padded: &[f32],
         taps: &[usize],
+        tap_x: &[u8],
         bases: [usize; NR],
+        masks: &[[u16; MAX_KW]; NR],
         acc: &mut [[f32; NR * LANES]; MR],
     ) {
         let mut a = [[_mm512_setzero_ps(); N]; MR];
         let (wp, xp) = (w.as_ptr(), padded.as_ptr());
-        for (j, &t) in taps.iter().enumerate() {
+        for (j, (&t, &kx)) in taps.iter().zip(tap_x).enumerate() {
             let mut x = [_mm512_setzero_ps(); N];
             for (v, xv) in x.iter_mut().enumerate() {
-                // SAFETY: the caller checked `t + bases[v] + 16 <= padded.len()`.
-                *xv = unsafe { _mm512_loadu_ps(xp.add(t + bases[v])) };
+                // SAFETY: the caller checked `t + bases[v] + 16 <= padded.len()` and `kx <
+                // MAX_KW`; masked-off lanes are not read.
+                *xv = unsafe {
+                    let m = *masks[v].get_unchecked(usize::from(kx));
+                    _mm512_maskz_loadu_ps(m, xp.add(t + bases[v]))
+                };
             }
             for (r, ar) in a.iter_mut().enumerate() {
                 // SAFETY: `j * MR + r < k * MR <= w.len()`.
@@ -805,6 +942,15 @@ mod tests {
         // A noisy instance too (the engine's use).
         let var = VariationConfig::paper(0.3).unwrap();
         check(&net.noisy_instance(&var, 4, 1).unwrap(), 5);
+        // 32x32: rows of two vectors (two column phases in the direct path).
+        let arch = RandomArch {
+            channels: 3,
+            size: 32,
+            classes: 10,
+            width: 0.0625,
+            seed: 6,
+        };
+        check(&Network::vgg8(&arch).unwrap(), 3);
     }
 
     #[test]
