@@ -9,7 +9,7 @@
 //! `wall_seconds`. Not a criterion bench: one run takes seconds and the figure is a throughput.
 //!
 //! ```text
-//! cargo bench -p nvcim --bench mc_eval -- --mc 10 --images 1000 [--jobs 1,2] [--engine float|int|both]
+//! cargo bench -p nvcim --bench mc_eval -- --mc 10 --images 1000 [--jobs 1,2] [--engine float|int|both] [--float-batch N]
 //! ```
 //! Prints one JSON line with each engine's runs x images per second at each `--jobs` value.
 

@@ -74,10 +74,8 @@ pub struct EvalOptions {
     /// Evaluate on the first N test examples only (a quick look).
     #[arg(long, value_name = "N")]
     pub test_subset: Option<usize>,
-    /// Worker threads for the Monte Carlo runs; results do not depend on it. Default: 1 with
-    /// the float engine (Burn's CPU ops already spread each batch over every core, and more
-    /// workers measured no faster), the number of cores with the int engine (one run is
-    /// single-threaded).
+    /// Worker threads for the Monte Carlo runs (one run at a time each, single-threaded);
+    /// results do not depend on it. Default: the number of cores.
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
     /// Output directory of eval.json, eval.csv, runs.csv and the plots.
@@ -94,10 +92,8 @@ pub struct EvalOptions {
 impl EvalOptions {
     /// Monte Carlo worker threads: `--jobs`, or the engine's default (see its help).
     pub fn jobs(&self) -> usize {
-        self.jobs.unwrap_or_else(|| match self.engine {
-            Engine::Float => 1,
-            Engine::Int => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        })
+        self.jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
     /// The quantization scale mode.

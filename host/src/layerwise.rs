@@ -716,11 +716,11 @@ fn product(
             let nr = (np.div_ceil(LANES) - v).min(NR);
             tile(isa, w, col, stride, v * LANES, kp, p.chunk, nr, &mut acc);
             let valid = (np - v * LANES).min(nr * LANES);
-            for r in 0..MR.min(channels - b * MR) {
+            for (r, a) in acc.iter().enumerate().take(MR.min(channels - b * MR)) {
                 let o = b * MR + r;
                 let rq = records[o];
                 let at = o * total + first + v * LANES;
-                let src = &acc[r][..valid];
+                let src = &a[..valid];
                 match out {
                     Out::Act(dst, _) => requant_row(src, rq, lo, hi, &mut dst[at..at + valid]),
                     Out::Logits(dst) => requant_row(src, rq, lo, hi, &mut dst[at..at + valid]),

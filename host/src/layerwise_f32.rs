@@ -117,14 +117,14 @@ impl<'n> Prepared<'n> {
                 .map(|o| (1.0, bias.as_ref().map_or(0.0, |b| f64::from(b[o]))))
                 .collect();
             let mut last = i;
-            if sole(i + 1, i) {
-                if let Op::BatchNorm(bn) = &net.nodes[i + 1].op {
-                    for ((m, b), (bm, bb)) in affine.iter_mut().zip(bn.affine()) {
-                        *b = *b * bm + bb;
-                        *m *= bm;
-                    }
-                    last = i + 1;
+            if sole(i + 1, i)
+                && let Op::BatchNorm(bn) = &net.nodes[i + 1].op
+            {
+                for ((m, b), (bm, bb)) in affine.iter_mut().zip(bn.affine()) {
+                    *b = *b * bm + bb;
+                    *m *= bm;
                 }
+                last = i + 1;
             }
             let relu = sole(last + 1, last) && matches!(net.nodes[last + 1].op, Op::Relu);
             if relu {
@@ -441,7 +441,7 @@ fn weighted(
             && (oh, ow) == (ih, iw)
             && kw <= MAX_KW
             && per_image % LANES == 0
-            && (LANES % ow == 0 || ow % LANES == 0)
+            && (LANES.is_multiple_of(ow) || ow.is_multiple_of(LANES))
         {
             direct(
                 k,
@@ -487,19 +487,6 @@ fn weighted(
                 }
                 dst[np..].fill(0.0);
             }
-        } else {
-            // `x` is `[features][n]` after a flatten, or `[c][n][1][1]` after a global pool:
-            // either way feature `kk` of image `n` is `x[kk * nb + n]` when `ih = iw = 1`; a
-            // linear node straight on a `[c][n][h][w]` map reads it as `[c][n][hw]`.
-            let plane = ih * iw;
-            for kk in 0..k {
-                let dst = &mut s.col[kk * stride..(kk + 1) * stride];
-                for (i, d) in dst[..np].iter_mut().enumerate() {
-                    let n = first + i;
-                    *d = x[((kk / plane) * nb + n) * plane + kk % plane];
-                }
-                dst[np..].fill(0.0);
-            }
         }
         let mut acc = [[0f32; NR * LANES]; MR];
         for b in 0..channels.div_ceil(MR) {
@@ -509,11 +496,11 @@ fn weighted(
                 let nr = (np.div_ceil(LANES) - v).min(NR);
                 tile(isa, wb, &s.col, stride, v * LANES, k, nr, &mut acc);
                 let valid = (np - v * LANES).min(nr * LANES);
-                for r in 0..MR.min(channels - b * MR) {
+                for (r, a) in acc.iter().enumerate().take(MR.min(channels - b * MR)) {
                     let o = b * MR + r;
                     let (m, c) = affine[o];
                     let at = o * total + first + v * LANES;
-                    output(&acc[r][..valid], (m, c), relu, &mut out[at..at + valid]);
+                    output(&a[..valid], (m, c), relu, &mut out[at..at + valid]);
                 }
                 v += nr;
             }
@@ -659,11 +646,11 @@ fn direct(
             tile_direct(
                 isa, wb, &s.padded, &s.taps, &s.tap_x, max_tap, bases, &m, nr, &mut acc,
             );
-            for r in 0..MR.min(channels - b * MR) {
+            for (r, a) in acc.iter().enumerate().take(MR.min(channels - b * MR)) {
                 let o = b * MR + r;
                 let at = o * total + q * LANES;
                 output(
-                    &acc[r][..nr * LANES],
+                    &a[..nr * LANES],
                     affine[o],
                     relu,
                     &mut out[at..at + nr * LANES],

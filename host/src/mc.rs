@@ -12,7 +12,8 @@
 //! smoother than independent draws would).
 //!
 //! [`DenseNetwork`] is a Burn-free float engine over `nvcim_shared` for fully connected networks;
-//! the tests use it, and the Burn and integer engines implement the same [`NoisyClassifier`].
+//! the tests use it, and `nvcim eval`'s float and integer engines implement the same
+//! [`NoisyClassifier`].
 //!
 //! **Adding an engine.** Implement [`NoisyClassifier`]: `Data` is the engine's test set (e.g.
 //! prepared batches, computed once — input pipelines and anything else that does not depend on

@@ -228,14 +228,16 @@ pub fn train(root: &Path) -> Result<()> {
     )
 }
 
-/// Monte Carlo runs and test images of `cargo xtask bench eval` (nvcim and PyTorch alike).
-const EVAL_MC: u32 = 5;
+/// Monte Carlo runs and test images of `cargo xtask bench eval` (nvcim and PyTorch alike): an
+/// even number of runs, so that neither of nvcim's two `--jobs 2` workers idles through the last
+/// run while the other finishes it.
+const EVAL_MC: u32 = 10;
 const EVAL_IMAGES: usize = 1000;
 
 /// `cargo xtask bench eval`: Monte Carlo throughput (runs x images per second) of `nvcim eval`'s
 /// float and integer engines and of the PyTorch reference (`bench/reference/mc_eval.py`), in one
 /// run, on VGG-8 w0.25 with random weights, the first 1000 Fashion-MNIST test images padded to
-/// 32x32, sigma 0.4 (`range`), 5 runs. nvcim's figure per engine is its best over `--jobs` 1
+/// 32x32, sigma 0.4 (`range`), 10 runs. nvcim's figure per engine is its best over `--jobs` 1
 /// and 2 (the host bench `mc_eval` times `mc::monte_carlo` on the engines `nvcim eval` builds).
 pub fn eval(root: &Path) -> Result<()> {
     let python = bench_python(root, &["torch", "numpy"])?;
