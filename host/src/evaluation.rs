@@ -20,10 +20,11 @@ use crate::{
 /// The inference engine of a Monte Carlo evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Engine {
-    /// Float inference with perturbed weights.
+    /// `f32` inference with perturbed weights (AVX-512 FMA where the CPU has it; equal to
+    /// Burn's forward pass within 1e-4 of the logits' scale).
     #[default]
     Float,
-    /// The shared integer CiM engine (what the firmware computes).
+    /// The shared integer CiM engine (what the firmware computes, bit for bit).
     Int,
 }
 
@@ -90,7 +91,7 @@ pub struct EvalOptions {
 }
 
 impl EvalOptions {
-    /// Monte Carlo worker threads: `--jobs`, or the engine's default (see its help).
+    /// Monte Carlo worker threads: `--jobs`, or the number of cores.
     pub fn jobs(&self) -> usize {
         self.jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
