@@ -50,7 +50,7 @@ const BLOCK_ELEMS: usize = 1 << 16;
 /// Which inner loops this CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX-512 F, BW, DQ and VNNI.
+    /// AVX-512 F, BW, DQ, VL and VNNI.
     Avx512Vnni,
     /// Portable Rust.
     Portable,
@@ -64,6 +64,7 @@ impl Isa {
             if std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
                 && std::is_x86_feature_detected!("avx512vnni")
             {
                 return Isa::Avx512Vnni;
@@ -346,7 +347,7 @@ impl Net {
     /// requantization and the pools 16 or 32 lanes wide.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F, BW, DQ and VNNI.
+    /// The CPU must have AVX-512 F, BW, DQ, VL and VNNI.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vl")]
     unsafe fn run_avx512(
@@ -778,7 +779,7 @@ fn tile(
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512Vnni` is only detected (or listed as available) when the CPU
-            // has AVX-512 F, BW, DQ and VNNI; the bounds the kernel relies on are checked here.
+            // has AVX-512 F, BW, DQ, VL and VNNI; the bounds the kernel relies on are checked here.
             Isa::Avx512Vnni => {
                 assert!(
                     w.len() >= kp * MR && col0 + nr * LANES <= stride && col.len() >= kp * stride

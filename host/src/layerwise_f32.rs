@@ -39,7 +39,7 @@ const BLOCK_ELEMS: usize = 1 << 16;
 /// Which inner loops this CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX-512 F (and FMA).
+    /// AVX-512 F, BW, DQ and VL, and FMA (what the engine's AVX-512 functions are compiled for).
     Avx512,
     /// Portable Rust.
     Portable,
@@ -50,7 +50,12 @@ impl Isa {
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("fma")
+            {
                 return Isa::Avx512;
             }
         }
@@ -232,7 +237,8 @@ impl<'n> Prepared<'n> {
         }
         ws.values.resize_with(self.steps.len(), Vec::new);
         match self.isa {
-            // SAFETY: `Isa::Avx512` is only detected (or listed) when the CPU has it.
+            // SAFETY: `Isa::Avx512` is only detected (or listed) when the CPU has AVX-512 F, BW,
+            // DQ, VL and FMA, the features `run_avx512` is compiled for.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { self.run_avx512(nb, ws) },
             _ => self.run(nb, ws),

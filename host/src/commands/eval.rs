@@ -1,6 +1,7 @@
 //! `nvcim eval CKPT`: Monte Carlo robustness evaluation (Algorithm 2) of a trained checkpoint,
-//! with the float engine (the network with perturbed weights in `f32`, [`crate::layerwise_f32`]) or the integer CiM engine (the packed model
-//! the firmware runs).
+//! with the float engine (the network with perturbed weights in `f32`,
+//! [`crate::layerwise_f32`]) or the integer CiM engine (the packed model the firmware runs,
+//! [`crate::layerwise`]).
 //!
 //! Both engines follow the contract of [`crate::mc`]: run `r` under seed `s` perturbs weight
 //! layer `l` from `stream(s, r, l)`, one `VariationConfig::sample` per weight in canonical order,
