@@ -65,6 +65,34 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// Whether this CPU has AVX-512 F, BW, DQ and VL, the subset the layer-wise engines'
+/// AVX-512 functions are compiled for (cached by std).
+pub fn has_avx512_core() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU has FMA (cached by std).
+pub fn has_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU runs the AVX-512 VNNI path (AVX-512 F, BW and VNNI; cached by std).
 pub fn has_avx512_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -28,8 +28,11 @@
 //! [`exec::infer`]: nvcim_shared::exec::infer
 
 use anyhow::{Context, Result, bail, ensure};
+use nvcim_shared::exec::{requant, shift_round, value};
 use nvcim_shared::format::{ActKind, Model, Op, OpKind, Requant, Shape};
 use nvcim_shared::tile::{MAX_TILE_ROWS, Path};
+
+use crate::kernel;
 
 // No tile sum of `exec` can leave `i32` (module docs).
 const _: () = assert!(MAX_TILE_ROWS as i64 * 32768 * 255 <= i32::MAX as i64);
@@ -59,18 +62,11 @@ pub enum Isa {
 impl Isa {
     /// The best this CPU has.
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512dq")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("avx512vnni")
-            {
-                return Isa::Avx512Vnni;
-            }
+        if kernel::has_avx512_core() && kernel::has_avx512_vnni() {
+            Isa::Avx512Vnni
+        } else {
+            Isa::Portable
         }
-        Isa::Portable
     }
 
     /// Every path this CPU can run (for tests).
@@ -101,11 +97,13 @@ enum Out<'a> {
 }
 
 impl Out<'_> {
+    /// Output `k`, saturated to the output's range.
     #[inline]
     fn put(&mut self, k: usize, v: i64) {
+        let (lo, hi) = self.range();
         match self {
-            Out::Act(o, kind) => o[k] = saturate(v, *kind) as i16,
-            Out::Logits(o) => o[k] = v.clamp(-i64::from(i32::MAX), i64::from(i32::MAX)) as i32,
+            Out::Act(o, _) => o[k] = v.clamp(lo, hi) as i16,
+            Out::Logits(o) => o[k] = v.clamp(lo, hi) as i32,
         }
     }
 
@@ -116,33 +114,6 @@ impl Out<'_> {
             Out::Act(..) => (-127, 127),
             Out::Logits(_) => (-i64::from(i32::MAX), i64::from(i32::MAX)),
         }
-    }
-}
-
-#[inline]
-fn saturate(v: i64, kind: ActKind) -> i64 {
-    match kind {
-        ActKind::U8 => v.clamp(0, 255),
-        _ => v.clamp(-127, 127),
-    }
-}
-
-/// `exec`'s `value`: a stored byte as the number it codes.
-#[inline]
-fn value(kind: ActKind, b: u8) -> i16 {
-    match kind {
-        ActKind::U8 => i16::from(b),
-        _ => i16::from(b as i8),
-    }
-}
-
-/// `exec`'s rounding shift: `(v + 2^(shift-1)) >> shift`.
-#[inline]
-fn shift_round(v: i64, shift: u32) -> i64 {
-    if shift == 0 {
-        v
-    } else {
-        ((v >> (shift - 1)) + 1) >> 1
     }
 }
 
@@ -384,6 +355,7 @@ impl Net {
                 OpKind::Relu => match &mut out {
                     Out::Act(o, kind) => {
                         let hi = if *kind == ActKind::U8 { 255 } else { 127 };
+                        // `put(k, max(v, 0))` without the per-element dispatch.
                         for (d, &v) in o.iter_mut().zip(x.v) {
                             *d = v.clamp(0, hi);
                         }
@@ -415,12 +387,6 @@ impl Net {
             }
         }
     }
-}
-
-/// `exec`'s requantization (clamped accumulator).
-#[inline]
-fn requant(acc: i64, r: Requant) -> i64 {
-    nvcim_shared::exec::requant(acc, r)
 }
 
 /// An activation tensor of a batch: `[c][image][h][w]` values.
@@ -513,10 +479,8 @@ fn pack(
     for oc in 0..o {
         let row = &w[oc * k..(oc + 1) * k];
         let (b, r) = (oc / MR, oc % MR);
-        for (j, pair) in row.chunks(2).enumerate() {
-            let lo = pair[0] as u16 as u32;
-            let hi = pair.get(1).map_or(0, |&v| v as u16 as u32);
-            packed[(b * kp + j) * MR + r] = (lo | hi << 16) as i32;
+        for (j, two) in row.chunks(2).enumerate() {
+            packed[(b * kp + j) * MR + r] = pair(two[0], two.get(1).copied().unwrap_or(0));
         }
     }
     Ok(Packed { w: packed, chunk })
@@ -1008,8 +972,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn vgg8_logits_equal_exec() {
+    /// VGG-8 at width 1/8 on 16x16 single-channel images.
+    fn small_vgg() -> Network {
         let arch = RandomArch {
             channels: 1,
             size: 16,
@@ -1017,7 +981,12 @@ mod tests {
             width: 0.125,
             seed: 3,
         };
-        check(&Network::vgg8(&arch).unwrap(), 11, 128);
+        Network::vgg8(&arch).unwrap()
+    }
+
+    #[test]
+    fn vgg8_logits_equal_exec() {
+        check(&small_vgg(), 11, 128);
     }
 
     #[test]
@@ -1036,14 +1005,7 @@ mod tests {
 
     #[test]
     fn bad_state_and_batch_are_errors() {
-        let arch = RandomArch {
-            channels: 1,
-            size: 16,
-            classes: 10,
-            width: 0.125,
-            seed: 3,
-        };
-        let blob = packed(&Network::vgg8(&arch).unwrap(), 2, 128);
+        let blob = packed(&small_vgg(), 2, 128);
         let m = Model::parse(&blob).unwrap();
         let state = vec![0i16; m.state_len(Path::Collapsed)];
         assert!(count_correct(&m, &state, 4, Isa::Portable).is_ok());
@@ -1057,8 +1019,10 @@ mod tests {
 
     #[test]
     fn pair_packing_keeps_signs() {
-        let v = (-3i16 as u16 as u32 | (7u32) << 16) as i32;
-        assert_eq!(v as i16, -3);
-        assert_eq!((v >> 16) as i16, 7);
+        // `vpdpwssd` and `portable_tile` read the low half as the first row of the pair.
+        for (lo, hi) in [(-3, 7), (i16::MIN, i16::MAX), (5, -1), (0, -32767)] {
+            let v = pair(lo, hi);
+            assert_eq!((v as i16, (v >> 16) as i16), (lo, hi));
+        }
     }
 }

@@ -25,6 +25,7 @@
 use anyhow::{Result, ensure};
 
 use crate::ir::{self, Network, Op, Value};
+use crate::kernel;
 use crate::layerwise::{pad_planes, pixel_runs};
 
 /// Images per batch (as the integer engine).
@@ -48,18 +49,11 @@ pub enum Isa {
 impl Isa {
     /// The best this CPU has.
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512dq")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx512;
-            }
+        if kernel::has_avx512_core() && kernel::has_fma() {
+            Isa::Avx512
+        } else {
+            Isa::Portable
         }
-        Isa::Portable
     }
 
     /// Every path this CPU can run (for tests).
@@ -76,7 +70,8 @@ impl Isa {
 enum Step {
     /// A conv or linear node with the folded output step; the nodes it absorbed are skipped.
     Weighted {
-        /// `[o / MR][k][o % MR]`.
+        /// A conv's weights `[o / MR][k][o % MR]`; a linear node's `[k][o]` (rows padded to
+        /// whole vectors, see `linear`).
         w: Vec<f32>,
         /// Per output channel: `y = acc * m + b`.
         affine: Vec<(f32, f32)>,
@@ -803,11 +798,38 @@ fn tile(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::{
-        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps,
+        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps,
+        _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
     use super::{LANES, MAX_KW, MR, NR};
+
+    /// One fan-in row of the register block: `a[r][v] += w[r] * x[v]`.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    fn fma_rows<const N: usize>(a: &mut [[__m512; N]; MR], w: &[f32; MR], x: &[__m512; N]) {
+        for (ar, &wr) in a.iter_mut().zip(w) {
+            let wv = _mm512_set1_ps(wr);
+            for (av, &xv) in ar.iter_mut().zip(x) {
+                *av = _mm512_fmadd_ps(wv, xv, *av);
+            }
+        }
+    }
+
+    /// The register block into `acc[r][16 v ..]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn store<const N: usize>(a: &[[__m512; N]; MR], acc: &mut [[f32; NR * LANES]; MR]) {
+        for (ar, accr) in a.iter().zip(acc.iter_mut()) {
+            for (v, &av) in ar.iter().enumerate() {
+                let dst: &mut [f32; LANES] = (&mut accr[v * LANES..(v + 1) * LANES])
+                    .try_into()
+                    .expect("N <= NR vectors per row");
+                // SAFETY: `dst` is 16 writable `f32`s.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), av) };
+            }
+        }
+    }
 
     /// # Safety
     /// AVX-512 F and FMA; `w` holds `k * MR` values, every `taps[j] + bases[v] + 16` is at most
@@ -835,20 +857,10 @@ mod avx512 {
                     _mm512_maskz_loadu_ps(m, xp.add(t + bases[v]))
                 };
             }
-            for (r, ar) in a.iter_mut().enumerate() {
-                // SAFETY: `j * MR + r < k * MR <= w.len()`.
-                let wv = _mm512_set1_ps(unsafe { *wp.add(j * MR + r) });
-                for (av, &xv) in ar.iter_mut().zip(&x) {
-                    *av = _mm512_fmadd_ps(wv, xv, *av);
-                }
-            }
+            // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
+            fma_rows(&mut a, unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() }, &x);
         }
-        for (ar, accr) in a.iter().zip(acc.iter_mut()) {
-            for (v, &av) in ar.iter().enumerate() {
-                // SAFETY: `v * LANES + 16 <= N * LANES`, inside the row.
-                unsafe { _mm512_storeu_ps(accr.as_mut_ptr().add(v * LANES), av) };
-            }
-        }
+        store(&a, acc);
     }
 
     /// # Safety
@@ -872,20 +884,10 @@ mod avx512 {
                 // SAFETY: row `j < k` has `stride >= col0 + N * LANES` values.
                 *xv = unsafe { _mm512_loadu_ps(xp.add(j * stride + col0 + v * LANES)) };
             }
-            for (r, ar) in a.iter_mut().enumerate() {
-                // SAFETY: `j * MR + r < k * MR <= w.len()`.
-                let wv = _mm512_set1_ps(unsafe { *wp.add(j * MR + r) });
-                for (av, &xv) in ar.iter_mut().zip(&x) {
-                    *av = _mm512_fmadd_ps(wv, xv, *av);
-                }
-            }
+            // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
+            fma_rows(&mut a, unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() }, &x);
         }
-        for (ar, accr) in a.iter().zip(acc.iter_mut()) {
-            for (v, &av) in ar.iter().enumerate() {
-                // SAFETY: `v * LANES + 16 <= N * LANES`, inside the row.
-                unsafe { _mm512_storeu_ps(accr.as_mut_ptr().add(v * LANES), av) };
-            }
-        }
+        store(&a, acc);
     }
 }
 

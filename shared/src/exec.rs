@@ -319,8 +319,10 @@ fn split<'s>(
     Ok((xs, ys, out))
 }
 
+/// The number an activation byte of `kind` codes: `0..=255` for `U8`, the byte as `i8`
+/// otherwise.
 #[inline]
-fn value(kind: ActKind, b: u8) -> i16 {
+pub fn value(kind: ActKind, b: u8) -> i16 {
     match kind {
         ActKind::U8 => i16::from(b),
         _ => i16::from(b as i8),
@@ -331,7 +333,7 @@ fn value(kind: ActKind, b: u8) -> i16 {
 /// with `v = q 2^(s-1) + r`, `0 <= r < 2^(s-1)`, both are `floor((q + 1) / 2)`, and the second
 /// needs no 64-bit constant (one variable shift instead of two on the Cortex-M).
 #[inline]
-fn shift_round(v: i64, shift: u32) -> i64 {
+pub fn shift_round(v: i64, shift: u32) -> i64 {
     if shift == 0 {
         v
     } else {
