@@ -4,7 +4,7 @@
 //! Model: VGG-8 backbone at `--width` (default 0.25), randomly initialised (throughput does not
 //! depend on the weights), on the first `--images` Fashion-MNIST test images padded to 32x32.
 //! The engines are built and driven by the same functions `nvcim eval` calls
-//! (`commands::eval::{float_engine, int_engine}` and `mc::monte_carlo`), at sigma `--sigma` in
+//! (`engine::float::float_engine`, `engine::int::int_engine` and `eval::mc::monte_carlo`), at sigma `--sigma` in
 //! the `range` unit, `--mc` runs. The timed part is `monte_carlo` alone, as in `eval.json`'s
 //! `wall_seconds`. Not a criterion bench: one run takes seconds and the figure is a throughput.
 //!
@@ -18,10 +18,14 @@ use std::{path::PathBuf, time::Instant};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use nvcim::{
-    commands::eval::{FLOAT_BATCH, float_engine, int_engine},
-    convert::Loaded,
     data::DatasetKind,
-    mc::{McPlan, NoisyClassifier, monte_carlo},
+    engine::{
+        NoisyClassifier,
+        float::{FLOAT_BATCH, float_engine},
+        int::int_engine,
+    },
+    eval::mc::{McPlan, monte_carlo},
+    ir::convert::Loaded,
     model::{Arch, ModelSpec},
 };
 use nvcim_shared::{

@@ -8,8 +8,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use nvcim::{
-    convert::to_network,
-    ir::{Normalization, Provenance},
+    ir::{Normalization, Provenance, convert::to_network},
     model::{Arch, ModelSpec},
     onnx::{
         export::{ExportOptions, export},

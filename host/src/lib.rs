@@ -1,32 +1,48 @@
 //! `nvcim`: the host side of nvcim — the command-line tool and its library.
 //!
-//! The binary (`nvcim`) only parses arguments and dispatches to [`commands`]; every verb is a
-//! module there with a `run` function. The hardware model itself lives in `nvcim-shared`;
-//! [`data`] reads datasets, [`model`] holds the Burn networks and the training noise, and
-//! [`training`] the training loop. [`convert`] turns a checkpoint into the Burn-free [`ir`] network
-//! and the integer engine's model description (`nvcim eval`, `pack`, `export`).
+//! Data flows one way; each stage is a folder:
 //!
-//! Monte Carlo robustness evaluation (Algorithm 2): [`mc`] (the driver, generic over
-//! [`mc::NoisyClassifier`] engines, and a dense float engine), [`stats`] (mean, std, Student-t
-//! 95% interval), [`results`] (`eval.json`, CSVs, plots via [`plot`]), [`evaluation`] (the
-//! engine-independent `nvcim eval` pipeline) and [`sweep`] (experiment plans for `nvcim sweep`).
+//! ```text
+//!  data/          training/ + model/        ir/                      eval/ + engine/
+//!  IDX, CIFAR ──► Burn nets, NFT, noise ──► Burn-free network ──┬──► Monte Carlo accuracy
+//!  splits         checkpoint (.bpk +        (ir::convert)       │    (eval.json)
+//!                 config.json)                                  ├──► onnx/
+//!                                                               │    ONNX export, checks
+//!                                                               └──► pack/ ──► .cimb ──► firmware/
+//!                                                                    calibrated       QEMU or
+//!                                                                    integer model    simulated tiles
+//!
+//!  report/ (the paper's tables from many eval.json) and sweep/ (plans of train + eval cells,
+//!  local or Slurm) sit on top; commands/ holds one thin module per CLI verb.
+//! ```
+//!
+//! - [`data`]: datasets (IDX, CIFAR binaries), splits, batches.
+//! - [`model`]: the Burn networks (VGG-8, ResNet-18, exits) and the training noise;
+//!   [`training`]: the training loop, methods, checkpoints.
+//! - [`ir`]: the Burn-free [`ir::Network`] a checkpoint converts to ([`ir::convert`]): the hub
+//!   that evaluation, export and packing read.
+//! - [`engine`]: the inference engines (float, integer, ONNX) behind one trait,
+//!   [`engine::NoisyClassifier`], and the host's SIMD kernels; [`eval`]: Monte Carlo evaluation
+//!   over any engine (driver, statistics, result files).
+//! - [`onnx`]: export to ONNX and the tract / ONNX Runtime runners.
+//! - [`pack`]: the checkpoint as the integer engine's packed model (activation calibration);
+//!   [`firmware`]: running it on the Cortex-M4F firmware in QEMU or in process.
+//! - [`report`]: the paper's tables; [`sweep`]: experiment plans, local and Slurm.
+//! - [`commands`]: one module per CLI verb, each a thin shell (parse, call the library, print);
+//!   [`cli`] dispatches. The hardware model itself lives in `nvcim-shared`.
 
 pub mod cli;
 pub mod commands;
-pub mod convert;
 pub mod data;
-pub mod evaluation;
+pub mod engine;
+pub mod eval;
 pub mod firmware;
 pub mod ir;
-pub mod kernel;
-pub mod layerwise;
-pub mod layerwise_f32;
-pub mod mc;
 pub mod model;
 pub mod onnx;
 pub mod options;
+pub mod pack;
 pub mod plot;
-pub mod results;
-pub mod stats;
+pub mod report;
 pub mod sweep;
 pub mod training;

@@ -7,7 +7,7 @@ use std::process::Output;
 mod common;
 
 use common::{nvcim, write_idx};
-use nvcim::results::{EvalReport, histogram_name};
+use nvcim::eval::results::{EvalReport, histogram_name};
 
 fn ok(o: &Output) -> &Output {
     assert!(

@@ -5,9 +5,11 @@ use std::{fs, path::Path, process::Command};
 
 use clap::Parser;
 use nvcim::{
-    evaluation::{EvalOptions, ModelInfo, evaluate_quiet},
-    mc::fixture,
-    results::{EvalReport, histogram_name, read_eval_report},
+    engine::dense::fixture,
+    eval::{
+        EvalOptions, ModelInfo, evaluate_quiet,
+        results::{EvalReport, histogram_name, read_eval_report},
+    },
 };
 
 #[derive(Parser)]

@@ -12,9 +12,10 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use nvcim::{
-    commands::firmware::{compare, host_counts, mc_lines, simulate},
-    firmware::{Build, ExitCode, Memory, QemuOutput, QemuRun, find_qemu, firmware_elf},
+use nvcim::firmware::{
+    Build, ExitCode, Memory, QemuOutput, QemuRun,
+    compare::{compare, host_counts, mc_lines, simulate},
+    find_qemu, firmware_elf,
 };
 use nvcim_firmware::testmodel;
 

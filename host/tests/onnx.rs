@@ -11,10 +11,10 @@ mod common;
 use common::{check_with_onnx_checker, run_checker};
 
 use nvcim::{
+    engine::onnx::{accuracy, onnx_mc, perturbed_model, weight_layers},
     ir::{Network, RandomArch},
     onnx::{
         export::{ExportOptions, NoisyInstance, export, to_model_proto},
-        mc::{accuracy, onnx_mc, perturbed_model, weight_layers},
         read_model,
         run::{OrtRunner, TractRunner},
         write_model,
@@ -311,7 +311,7 @@ fn external_mc_matches_the_ir_noisy_instances() {
     let clean = net.forward(&x, n).unwrap();
     let labels: Vec<u32> = clean
         .chunks(net.num_classes)
-        .map(|r| nvcim::onnx::mc::argmax(r) as u32)
+        .map(|r| nvcim::engine::onnx::argmax(r) as u32)
         .collect();
     let cfg = VariationConfig::paper(0.5).unwrap();
     let acc = onnx_mc(&path, &x, &labels, &cfg, 4, 3).unwrap();

@@ -10,8 +10,10 @@ use std::{
 };
 
 use nvcim::{
-    mc::SigmaRuns,
-    results::{EvalConfig, EvalReport, write_eval_outputs},
+    eval::{
+        mc::SigmaRuns,
+        results::{EvalConfig, EvalReport, write_eval_outputs},
+    },
     sweep::{Plan, TRAIN_DONE},
 };
 

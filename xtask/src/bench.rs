@@ -244,7 +244,7 @@ const EVAL_ROUNDS: usize = 3;
 /// run, on VGG-8 w0.25 with random weights, the first 1000 Fashion-MNIST test images padded to
 /// 32x32, sigma 0.4 (`range`), 10 runs, [`EVAL_ROUNDS`] alternating rounds. nvcim's figure per
 /// engine and round is its best over `--jobs` 1 and 2 (the host bench `mc_eval` times
-/// `mc::monte_carlo` on the engines `nvcim eval` builds).
+/// `eval::mc::monte_carlo` on the engines `nvcim eval` builds).
 pub fn eval(root: &Path) -> Result<()> {
     let python = bench_python(root, &["torch", "numpy"])?;
     let (mc, images) = (EVAL_MC.to_string(), EVAL_IMAGES.to_string());

@@ -49,15 +49,8 @@ const METHODS: [&str; 3] = ["vanilla", "noise", "nft"];
 pub fn run(root: &Path) -> Result<()> {
     let total = Instant::now();
     crate::setup::run(root)?;
-    // The workspace's feature set, as `cargo xtask test` builds it: `-p nvcim` alone unifies
-    // Burn's features differently and would rebuild the binary after every test run.
-    crate::cargo(&[
-        "build",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "nvcim-firmware",
-    ])?;
+    // The build `cargo xtask test` already made (`crate::BUILD`): nothing compiles after it.
+    crate::cargo(&crate::BUILD)?;
     let nvcim = crate::bench::target_dir(root).join("release").join("nvcim");
     let out = root.join("runs").join("demo");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -62,6 +62,62 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The build of the binaries that `demo` and `bench` run: the release profile and the
+/// workspace's feature set. `cargo test --release --workspace ...` builds the same artifacts
+/// (host/Cargo.toml lists the dev dependencies' features as normal ones), which the `one build`
+/// step of `cargo xtask test` checks.
+pub(crate) const BUILD: [&str; 5] = [
+    "build",
+    "--release",
+    "--workspace",
+    "--exclude",
+    "nvcim-firmware",
+];
+
+/// Checks that [`BUILD`] right after the test suite compiles nothing: the binary the tests ran
+/// is the one the demo and the benches run (one build, not two).
+fn one_build() -> Result<()> {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let label = format!("cargo {} (one build: nothing may compile)", BUILD.join(" "));
+    eprintln!("\n==> {label}");
+    let t = Instant::now();
+    let out = Command::new(cargo)
+        .args(BUILD)
+        .arg("--message-format=json")
+        .output()
+        .with_context(|| format!("starting `{label}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{label}` failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rebuilt: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"fresh\":false"))
+        .filter_map(|l| {
+            let start = l.find("\"package_id\":\"")? + 14;
+            l[start..].split('"').next()
+        })
+        .collect();
+    if !rebuilt.is_empty() {
+        bail!(
+            "the release build after the tests recompiled {} crates ({}): the dev and the normal \
+             dependency graphs unify to different features; list the dev dependencies' extra \
+             features as normal dependencies in host/Cargo.toml",
+            rebuilt.len(),
+            rebuilt.join(", ")
+        );
+    }
+    eprintln!(
+        "<== {label}: nothing rebuilt in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Runs `cargo` with `args`, printing the command, failing on a non-zero exit.
 pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -118,6 +174,7 @@ fn test(root: &Path) -> Result<()> {
         "--exclude",
         "nvcim-firmware",
     ])?;
+    one_build()?;
     cargo(&["test", "--release", "-p", "nvcim-firmware", "--lib"])?;
     cargo(&[
         "build",

@@ -9,11 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use clap::Args;
 use nvcim_shared::rng::{Purpose, standard_normal, stream_for};
 
-use crate::onnx::{ModelInfo, check::check_onnx, read_model};
+use crate::onnx::{ModelInfo, check::check_onnx, idx_images, read_model};
 
 /// Arguments of `nvcim check-onnx`.
 #[derive(Debug, Clone, Args)]
@@ -105,7 +105,7 @@ pub fn run(args: &CheckOnnxArgs) -> Result<()> {
 fn burn_logits(ckpt: &Path, images: &[f32], n: usize, batch: usize) -> Result<Vec<f32>> {
     use burn::tensor::{Tensor, TensorData};
     let device = burn::tensor::Device::flex();
-    let loaded = crate::convert::load_checkpoint(ckpt, &device)?;
+    let loaded = crate::ir::convert::load_checkpoint(ckpt, &device)?;
     let s = &loaded.spec;
     let shape = [s.in_channels, s.image_size, s.image_size];
     let per: usize = shape.iter().product();
@@ -134,82 +134,4 @@ fn burn_logits(ckpt: &Path, images: &[f32], n: usize, batch: usize) -> Result<Ve
         );
     }
     Ok(out)
-}
-
-/// The model's normalization from its metadata (identity when absent).
-fn normalization(
-    model: &tract_onnx::pb::ModelProto,
-    channels: usize,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let get = |key: &str, default: f32| -> Result<Vec<f32>> {
-        match model.metadata_props.iter().find(|p| p.key == key) {
-            None => Ok(vec![default; channels]),
-            Some(p) => {
-                let v: Vec<f32> = p
-                    .value
-                    .split(',')
-                    .map(|s| s.trim().parse::<f32>())
-                    .collect::<Result<_, _>>()
-                    .with_context(|| {
-                        format!("metadata {key} = `{}` is not a number list", p.value)
-                    })?;
-                ensure!(
-                    v.len() == channels,
-                    "metadata {key} has {} values for {channels} channels",
-                    v.len()
-                );
-                Ok(v)
-            }
-        }
-    };
-    Ok((
-        get("nvcim.normalization.mean", 0.0)?,
-        get("nvcim.normalization.std", 1.0)?,
-    ))
-}
-
-/// The first `limit` test images, prepared for the model, and their labels.
-pub(crate) fn idx_images(
-    dir: &Path,
-    model: &tract_onnx::pb::ModelProto,
-    info: &ModelInfo,
-    limit: usize,
-) -> Result<(Vec<f32>, Vec<u32>)> {
-    let find = |stem: &str| {
-        crate::data::idx::find(dir, stem).with_context(|| {
-            format!(
-                "no {stem}[.gz] in {}; pass --data-dir with MNIST-style IDX test files (e.g. \
-                 /usr/share/datasets/fashion-mnist after `cargo xtask setup`)",
-                dir.display()
-            )
-        })
-    };
-    let ip = find("t10k-images-idx3-ubyte")?;
-    let (img, labels) = crate::data::idx::read_pair(&ip, &find("t10k-labels-idx1-ubyte")?)?;
-    let (idims, pixels) = (img.dims, img.data);
-    let [c, h, w] = info.image;
-    let (rows, cols) = (idims[1], idims[2]);
-    ensure!(
-        rows <= h && cols <= w,
-        "{}: {rows}x{cols} images do not fit the model's {h}x{w} input",
-        ip.display()
-    );
-    let (top, left) = ((h - rows) / 2, (w - cols) / 2);
-    let (mean, std) = normalization(model, c)?;
-    let n = limit.min(idims[0]);
-    let mut x = vec![0.0f32; n * c * h * w];
-    for i in 0..n {
-        let img = &pixels[i * rows * cols..(i + 1) * rows * cols];
-        for ch in 0..c {
-            let plane = &mut x[(i * c + ch) * h * w..(i * c + ch + 1) * h * w];
-            plane.fill((0.0 - mean[ch]) / std[ch]);
-            for r in 0..rows {
-                for col in 0..cols {
-                    let p = f32::from(img[r * cols + col]) / 255.0;
-                    plane[(top + r) * w + left + col] = (p - mean[ch]) / std[ch];
-                }
-            }
-        }
-    }
-    Ok((x, labels[..n].iter().map(|&l| u32::from(l)).collect()))
 }

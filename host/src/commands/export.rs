@@ -13,7 +13,7 @@ use burn::tensor::Device;
 use clap::Args;
 
 use crate::{
-    convert::load_checkpoint,
+    ir::convert::load_checkpoint,
     onnx::export::{ExportOptions, NoisyInstance, export},
     options::DeviceArgs,
 };

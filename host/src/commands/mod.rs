@@ -3,7 +3,6 @@
 pub mod alpha_search;
 pub mod check_onnx;
 pub mod eval;
-pub mod eval_onnx;
 pub mod export;
 pub mod firmware;
 pub mod import;

@@ -1,6 +1,6 @@
 //! `nvcim pack CKPT -o model.cimb`: the packed model of the integer CiM engine and the firmware.
 //!
-//! The checkpoint becomes the Burn-free network ([`crate::convert`]), its description (BatchNorm
+//! The checkpoint becomes the Burn-free network ([`crate::ir::convert`]), its description (BatchNorm
 //! folded into the requantization records by the packer, never into the weights), per-node
 //! activation scales calibrated on the first `--calibration-images` training images, and the
 //! packed blob with the device configuration recorded; `--test-images K` appends the first K
@@ -14,9 +14,7 @@ use clap::Args;
 use nvcim_shared::format::{Model, build::PackConfig};
 
 use crate::{
-    commands::eval::{pack_checkpoint, subset},
-    convert::load_checkpoint,
-    options::DeviceArgs,
+    data::subset, ir::convert::load_checkpoint, options::DeviceArgs, pack::pack_checkpoint,
     training::checkpoint::write_atomic,
 };
 

@@ -360,6 +360,22 @@ pub fn load_from(kind: DatasetKind, dir: Option<&Path>) -> Result<(Dataset, Data
     load(kind, &dir).with_context(|| format!("loading {}", kind.display_name()))
 }
 
+/// The first `n` examples of `test` (all when `None` or larger).
+pub fn subset(test: &Dataset, n: Option<usize>) -> Dataset {
+    match n {
+        Some(n) if n < test.len() => test.subset(&(0..n).collect::<Vec<_>>()),
+        _ => test.clone(),
+    }
+}
+
+/// The test set as normalized batches of at most `size` images.
+pub fn batches(test: &Dataset, size: usize) -> Vec<Batch> {
+    let idx: Vec<usize> = (0..test.len()).collect();
+    idx.chunks(size.max(1))
+        .map(|c| make_batch(test, c, None))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

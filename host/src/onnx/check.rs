@@ -10,10 +10,8 @@ use std::path::Path;
 use anyhow::{Result, ensure};
 use serde::Serialize;
 
-use super::{
-    mc::accuracy,
-    run::{OrtRunner, TractRunner},
-};
+use super::run::{OrtRunner, TractRunner};
+use crate::engine::onnx::accuracy;
 
 /// Logits of one implementation.
 #[derive(Debug, Clone, Serialize)]

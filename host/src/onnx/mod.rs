@@ -12,7 +12,6 @@
 
 pub mod check;
 pub mod export;
-pub mod mc;
 pub mod run;
 
 use std::{
@@ -221,6 +220,84 @@ pub fn venv_python() -> Result<PathBuf> {
                 repo_root().join(".venv").display()
             )
         })
+}
+
+/// The model's normalization from its metadata (identity when absent).
+fn normalization(
+    model: &tract_onnx::pb::ModelProto,
+    channels: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let get = |key: &str, default: f32| -> Result<Vec<f32>> {
+        match model.metadata_props.iter().find(|p| p.key == key) {
+            None => Ok(vec![default; channels]),
+            Some(p) => {
+                let v: Vec<f32> = p
+                    .value
+                    .split(',')
+                    .map(|s| s.trim().parse::<f32>())
+                    .collect::<Result<_, _>>()
+                    .with_context(|| {
+                        format!("metadata {key} = `{}` is not a number list", p.value)
+                    })?;
+                ensure!(
+                    v.len() == channels,
+                    "metadata {key} has {} values for {channels} channels",
+                    v.len()
+                );
+                Ok(v)
+            }
+        }
+    };
+    Ok((
+        get("nvcim.normalization.mean", 0.0)?,
+        get("nvcim.normalization.std", 1.0)?,
+    ))
+}
+
+/// The first `limit` test images, prepared for the model, and their labels.
+pub fn idx_images(
+    dir: &Path,
+    model: &tract_onnx::pb::ModelProto,
+    info: &ModelInfo,
+    limit: usize,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let find = |stem: &str| {
+        crate::data::idx::find(dir, stem).with_context(|| {
+            format!(
+                "no {stem}[.gz] in {}; pass --data-dir with MNIST-style IDX test files (e.g. \
+                 /usr/share/datasets/fashion-mnist after `cargo xtask setup`)",
+                dir.display()
+            )
+        })
+    };
+    let ip = find("t10k-images-idx3-ubyte")?;
+    let (img, labels) = crate::data::idx::read_pair(&ip, &find("t10k-labels-idx1-ubyte")?)?;
+    let (idims, pixels) = (img.dims, img.data);
+    let [c, h, w] = info.image;
+    let (rows, cols) = (idims[1], idims[2]);
+    ensure!(
+        rows <= h && cols <= w,
+        "{}: {rows}x{cols} images do not fit the model's {h}x{w} input",
+        ip.display()
+    );
+    let (top, left) = ((h - rows) / 2, (w - cols) / 2);
+    let (mean, std) = normalization(model, c)?;
+    let n = limit.min(idims[0]);
+    let mut x = vec![0.0f32; n * c * h * w];
+    for i in 0..n {
+        let img = &pixels[i * rows * cols..(i + 1) * rows * cols];
+        for ch in 0..c {
+            let plane = &mut x[(i * c + ch) * h * w..(i * c + ch + 1) * h * w];
+            plane.fill((0.0 - mean[ch]) / std[ch]);
+            for r in 0..rows {
+                for col in 0..cols {
+                    let p = f32::from(img[r * cols + col]) / 255.0;
+                    plane[(top + r) * w + left + col] = (p - mean[ch]) / std[ch];
+                }
+            }
+        }
+    }
+    Ok((x, labels[..n].iter().map(|&l| u32::from(l)).collect()))
 }
 
 #[cfg(test)]

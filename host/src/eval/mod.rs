@@ -1,20 +1,36 @@
-//! The engine-independent part of `nvcim eval`: its flags, and the pipeline from a
-//! [`NoisyClassifier`] to the result files.
+//! Monte Carlo evaluation (Algorithm 2), engine-independent: the `nvcim eval` flags, and the
+//! pipeline from a [`NoisyClassifier`] to the result files.
+//!
+//! - [`mc`]: the driver, runs spread over threads, per-run counts independent of scheduling;
+//! - [`stats`]: mean, std, Student-t 95% interval, min, max;
+//! - [`results`]: `eval.json`, CSVs, plots;
+//! - this module: the flags ([`EvalOptions`]), the resolved configuration and [`evaluate`].
 //!
 //! A verb that has loaded a checkpoint into an engine calls [`evaluate`] with the flags and the
 //! checkpoint's description ([`ModelInfo`]); everything else — the sigma list, the device model,
 //! the Monte Carlo runs, the summary, the files in `--out`, the table or JSON on stdout — is here.
 
-use std::{path::PathBuf, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
 use nvcim_shared::{quant::ScaleMode, variation::Profile};
 
-use crate::{
-    mc::{McPlan, NoisyClassifier, monte_carlo},
-    options::{DeviceArgs, parse_sigmas},
+pub mod mc;
+pub mod results;
+pub mod stats;
+
+use self::{
+    mc::{McPlan, monte_carlo},
     results::{EvalConfig, EvalReport, TileOptions, table, write_eval_outputs},
+};
+use crate::{
+    engine::NoisyClassifier,
+    ir::convert::Loaded,
+    options::{DeviceArgs, parse_sigmas},
 };
 
 /// The inference engine of a Monte Carlo evaluation.
@@ -243,4 +259,21 @@ pub fn evaluate_quiet<C: NoisyClassifier>(
     )?;
     write_eval_outputs(&opts.out, &report)?;
     Ok(report)
+}
+
+/// The checkpoint's description for the result files.
+pub fn checkpoint_info(loaded: &Loaded, given: &Path) -> ModelInfo {
+    let c = &loaded.config;
+    let method = c["method"].as_str().unwrap_or("unknown").to_string();
+    ModelInfo {
+        checkpoint: given.display().to_string(),
+        model: format!("{:?}", loaded.spec.arch).to_lowercase(),
+        dataset: loaded.dataset.display_name().to_string(),
+        noise_injection: Some(method != "vanilla"),
+        method,
+        alpha: c["alpha"].as_f64(),
+        train_sigma: c["variation"]["sigma"].as_f64().map(|s| s as f32),
+        train_seed: c["seed"].as_u64(),
+        drop_exit: c["drop_exit"].as_u64().map(|d| d as usize),
+    }
 }

@@ -19,11 +19,11 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
-use crate::{
+use super::{
     mc::{SigmaRuns, percent},
-    plot::{self, Point, Series},
     stats::{Summary, summarize},
 };
+use crate::plot::{self, Point, Series};
 
 /// The name of the main result file; its presence marks a finished evaluation.
 pub const EVAL_JSON: &str = "eval.json";

@@ -17,7 +17,7 @@
 //! machine running them has with `Plain`).
 //!
 //! ```
-//! use nvcim::kernel::HostKernel;
+//! use nvcim::engine::simd::HostKernel;
 //! use nvcim_shared::tile::{DotKernel, Plain};
 //! let (w, x): (Vec<i16>, Vec<i16>) = ((0..300).map(|i| i * 7 - 900).collect(), (0..300).map(|i| i % 256).collect());
 //! assert_eq!(HostKernel::dot_row(&w, &x, 128), Plain::dot_row(&w, &x, 128));
@@ -113,7 +113,7 @@ impl DotKernel for HostKernel {
         match simd() {
             // SAFETY: `simd` returns `Vnni` only when AVX-512 F, BW and VNNI were detected.
             #[cfg(target_arch = "x86_64")]
-            Simd::Vnni => unsafe { vnni::dot_i16(w, x) },
+            Simd::Vnni => unsafe { avx512::dot_i16(w, x) },
             // SAFETY: `simd` returns `Avx2` only when AVX2 was detected.
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => unsafe { avx2::dot_i16(w, x) },
@@ -126,7 +126,7 @@ impl DotKernel for HostKernel {
         match simd() {
             // SAFETY: as in `dot_i16`.
             #[cfg(target_arch = "x86_64")]
-            Simd::Vnni => unsafe { vnni::dot_row(w, x, rows) },
+            Simd::Vnni => unsafe { avx512::dot_row(w, x, rows) },
             // SAFETY: as in `dot_i16`.
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => unsafe { avx2::dot_row(w, x, rows) },
@@ -139,157 +139,17 @@ impl DotKernel for HostKernel {
         match simd() {
             // SAFETY: as in `dot_i16`.
             #[cfg(target_arch = "x86_64")]
-            Simd::Vnni => unsafe { vnni::dot_rows2(w, x, rows) },
+            Simd::Vnni => unsafe { avx512::dot_rows2(w, x, rows) },
             _ => [Self::dot_row(w[0], x, rows), Self::dot_row(w[1], x, rows)],
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod vnni {
-    use std::arch::x86_64::{
-        __m512i, _mm512_dpwssd_epi32, _mm512_maskz_loadu_epi16, _mm512_reduce_add_epi32,
-        _mm512_setzero_si512,
-    };
-
-    use super::MAX_TILE_ROWS;
-
-    /// `s[..min(n, 32)]` in the low `i16` lanes, zeros above; never reads past that prefix.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn load(s: &[i16], n: usize) -> __m512i {
-        let n = n.min(32).min(s.len());
-        let mask = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
-        // SAFETY: the masked load touches only the `n` lanes its mask selects, all inside `s`
-        // (masked-off lanes are neither read nor able to fault); no alignment requirement.
-        unsafe { _mm512_maskz_loadu_epi16(mask, s.as_ptr()) }
-    }
-
-    /// One tile of one row: `sum w[i] x[i]` over the shorter length, modulo `2^32`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
-        let n = w.len().min(x.len());
-        let mut acc = _mm512_setzero_si512();
-        let mut i = 0;
-        while i < n {
-            acc = _mm512_dpwssd_epi32(acc, load(&w[i..], n - i), load(&x[i..], n - i));
-            i += 32;
-        }
-        _mm512_reduce_add_epi32(acc)
-    }
-
-    /// One tile of two rows of equal length against the same inputs, each modulo `2^32`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn dot2(w0: &[i16], w1: &[i16], x: &[i16]) -> [i32; 2] {
-        let n = x.len().min(w0.len()).min(w1.len());
-        let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-        let mut i = 0;
-        while i < n {
-            let xv = load(&x[i..], n - i);
-            a0 = _mm512_dpwssd_epi32(a0, load(&w0[i..], n - i), xv);
-            a1 = _mm512_dpwssd_epi32(a1, load(&w1[i..], n - i), xv);
-            i += 32;
-        }
-        [_mm512_reduce_add_epi32(a0), _mm512_reduce_add_epi32(a1)]
-    }
-
-    /// [`super::Plain`]'s `dot_row`: per tile of `rows` inputs, [`dot_i16`], added in `i64`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
-        let rows = rows.clamp(1, MAX_TILE_ROWS);
-        let mut acc = 0i64;
-        for (wc, xc) in w.chunks(rows).zip(x.chunks(rows)) {
-            acc += i64::from(dot_i16(wc, xc));
-        }
-        acc
-    }
-
-    /// `[dot_row(w[0], x, rows), dot_row(w[1], x, rows)]`, each input vector loaded once.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) fn dot_rows2(w: [&[i16]; 2], x: &[i16], rows: usize) -> [i64; 2] {
-        let rows = rows.clamp(1, MAX_TILE_ROWS);
-        if w[0].len() != w[1].len() {
-            return [dot_row(w[0], x, rows), dot_row(w[1], x, rows)];
-        }
-        let mut acc = [0i64; 2];
-        for ((w0, w1), xc) in w[0].chunks(rows).zip(w[1].chunks(rows)).zip(x.chunks(rows)) {
-            let [s0, s1] = dot2(w0, w1, xc);
-            acc[0] += i64::from(s0);
-            acc[1] += i64::from(s1);
-        }
-        acc
-    }
-}
-
+mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::{
-        __m256i, _mm256_add_epi32, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_setzero_si256,
-        _mm256_storeu_si256,
-    };
-
-    use super::MAX_TILE_ROWS;
-
-    /// 16 `i16` lanes from `s[..16]`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn load(s: &[i16]) -> __m256i {
-        assert!(s.len() >= 16, "a 256-bit load reads 16 values");
-        // SAFETY: `s` holds at least 16 `i16` (32 bytes, asserted); `loadu` has no alignment
-        // requirement.
-        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
-    }
-
-    /// The wrapping sum of the 8 `i32` lanes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn lanes_sum(v: __m256i) -> i32 {
-        let mut lanes = [0i32; 8];
-        // SAFETY: `lanes` is 32 writable bytes; `storeu` has no alignment requirement.
-        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), v) };
-        lanes.iter().fold(0i32, |s, &l| s.wrapping_add(l))
-    }
-
-    /// [`super::Plain`]'s `dot_i16`: `sum w[i] x[i]` over the shorter length, modulo `2^32`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(super) fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
-        let n = w.len().min(x.len());
-        let (w, x) = (&w[..n], &x[..n]);
-        let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        let mut i = 0;
-        while i + 32 <= n {
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(load(&w[i..]), load(&x[i..])));
-            a1 = _mm256_add_epi32(
-                a1,
-                _mm256_madd_epi16(load(&w[i + 16..]), load(&x[i + 16..])),
-            );
-            i += 32;
-        }
-        if i + 16 <= n {
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(load(&w[i..]), load(&x[i..])));
-            i += 16;
-        }
-        let mut s = lanes_sum(_mm256_add_epi32(a0, a1));
-        for (&a, &b) in w[i..].iter().zip(&x[i..]) {
-            s = s.wrapping_add(i32::from(a) * i32::from(b));
-        }
-        s
-    }
-
-    /// [`super::Plain`]'s `dot_row`: per tile of `rows` inputs, [`dot_i16`], added in `i64`.
-    #[target_feature(enable = "avx2")]
-    pub(super) fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
-        let rows = rows.clamp(1, MAX_TILE_ROWS);
-        let mut acc = 0i64;
-        for (wc, xc) in w.chunks(rows).zip(x.chunks(rows)) {
-            acc += i64::from(dot_i16(wc, xc));
-        }
-        acc
-    }
-}
+mod avx512;
+pub mod portable;
 
 #[cfg(test)]
 mod tests {
@@ -382,7 +242,7 @@ mod tests {
             // SAFETY: `each_path` hands out only the paths whose features were detected.
             unsafe {
                 match self.0 {
-                    "vnni" => vnni::dot_i16(w, x),
+                    "vnni" => avx512::dot_i16(w, x),
                     _ => avx2::dot_i16(w, x),
                 }
             }
@@ -392,7 +252,7 @@ mod tests {
             // SAFETY: as in `i16`.
             unsafe {
                 match self.0 {
-                    "vnni" => vnni::dot_row(w, x, rows),
+                    "vnni" => avx512::dot_row(w, x, rows),
                     _ => avx2::dot_row(w, x, rows),
                 }
             }
@@ -402,7 +262,7 @@ mod tests {
             // SAFETY: as in `i16`.
             unsafe {
                 match self.0 {
-                    "vnni" => vnni::dot_rows2(w, x, rows),
+                    "vnni" => avx512::dot_rows2(w, x, rows),
                     _ => [avx2::dot_row(w[0], x, rows), avx2::dot_row(w[1], x, rows)],
                 }
             }

@@ -32,7 +32,7 @@ use nvcim_shared::exec::{requant, shift_round, value};
 use nvcim_shared::format::{ActKind, Model, Op, OpKind, Requant, Shape};
 use nvcim_shared::tile::{MAX_TILE_ROWS, Path};
 
-use crate::kernel;
+use crate::engine::simd;
 
 // No tile sum of `exec` can leave `i32` (module docs).
 const _: () = assert!(MAX_TILE_ROWS as i64 * 32768 * 255 <= i32::MAX as i64);
@@ -62,7 +62,7 @@ pub enum Isa {
 impl Isa {
     /// The best this CPU has.
     pub fn detect() -> Isa {
-        if kernel::has_avx512_core() && kernel::has_avx512_vnni() {
+        if simd::has_avx512_core() && simd::has_avx512_vnni() {
             Isa::Avx512Vnni
         } else {
             Isa::Portable
@@ -871,7 +871,7 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::{desc_nodes, model_desc};
+    use crate::ir::convert::{desc_nodes, model_desc};
     use crate::ir::{Network, RandomArch};
     use nvcim_shared::exec::{Scratch, infer, program};
     use nvcim_shared::format::build::{PackConfig, TestBatch, calibrate, pack as pack_blob};

@@ -2,7 +2,7 @@
 //! run a batch of images at a time, one node at a time, each conv and linear node as an `f32`
 //! matrix product.
 //!
-//! The layout is the integer engine's ([`crate::layerwise`]): activations in `[c][image][h][w]`
+//! The layout is the integer engine's ([`crate::engine::int::layers`]): activations in `[c][image][h][w]`
 //! order. The register block is 8 output channels x 48 output pixels (AVX-512 FMA with the
 //! weight broadcast from memory when the CPU has AVX-512 F, portable Rust otherwise), fed three
 //! ways:
@@ -24,9 +24,9 @@
 
 use anyhow::{Result, ensure};
 
+use crate::engine::int::layers::{pad_planes, pixel_runs};
+use crate::engine::simd;
 use crate::ir::{self, Network, Op, Value};
-use crate::kernel;
-use crate::layerwise::{pad_planes, pixel_runs};
 
 /// Images per batch (as the integer engine).
 pub const BATCH: usize = 8;
@@ -49,7 +49,7 @@ pub enum Isa {
 impl Isa {
     /// The best this CPU has.
     pub fn detect() -> Isa {
-        if kernel::has_avx512_core() && kernel::has_fma() {
+        if simd::has_avx512_core() && simd::has_fma() {
             Isa::Avx512
         } else {
             Isa::Portable

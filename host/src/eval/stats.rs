@@ -24,8 +24,8 @@ const Z975: f64 = 1.959_963_984_540_054;
 /// Student's t quantile `t(0.975, df)` (two-sided 95%), `df >= 1`.
 ///
 /// ```
-/// assert!((nvcim::stats::t_975(4) - 2.7764).abs() < 1e-4);
-/// assert!((nvcim::stats::t_975(199) - 1.9720).abs() < 1e-4);
+/// assert!((nvcim::eval::stats::t_975(4) - 2.7764).abs() < 1e-4);
+/// assert!((nvcim::eval::stats::t_975(199) - 1.9720).abs() < 1e-4);
 /// ```
 pub fn t_975(df: usize) -> f64 {
     assert!(df >= 1, "Student's t needs at least one degree of freedom");

@@ -1,4 +1,5 @@
-//! Host-side runner of the Cortex-M4F firmware under QEMU.
+//! Host-side runner of the Cortex-M4F firmware under QEMU, and ([`compare`]) the in-process
+//! simulation and host comparison that `nvcim firmware run` checks it against.
 //!
 //! Builds (or finds) the firmware ELF, boots it on `qemu-system-arm -M mps2-an386` with
 //! semihosting and `-icount shift=0`, optionally with a blob loaded into PSRAM, under a hard
@@ -25,6 +26,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 pub use nvcim_firmware::exit::ExitCode;
+
+pub mod compare;
 
 /// The firmware's target triple.
 pub const TARGET: &str = "thumbv7em-none-eabihf";

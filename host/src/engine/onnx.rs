@@ -24,7 +24,10 @@ use anyhow::{Context, Result, bail, ensure};
 use nvcim_shared::{quant::layer_scale, rng::stream, variation::VariationConfig};
 use tract_onnx::pb::{ModelProto, TensorProto, tensor_proto::DataType};
 
-use super::{ModelInfo, run::TractRunner};
+use crate::onnx::{ModelInfo, read_model, run::TractRunner};
+
+use super::NoisyClassifier;
+pub use super::argmax;
 
 /// Ops that carry weights this evaluator cannot perturb.
 const UNSUPPORTED: &[&str] = &[
@@ -258,17 +261,6 @@ pub fn accuracy(logits: &[f32], labels: &[u32]) -> f32 {
     correct as f32 / labels.len() as f32
 }
 
-/// Index of the largest value (the first on ties).
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// Runs `runner` over all images in batches of [`BATCH`].
 pub fn logits_of(runner: &mut TractRunner, images: &[f32], n: usize) -> Result<Vec<f32>> {
     let per = images.len() / n.max(1);
@@ -293,7 +285,7 @@ pub fn onnx_mc(
     runs: u32,
 ) -> Result<Vec<f32>> {
     let what = path.display().to_string();
-    let model = super::read_model(path)?;
+    let model = crate::onnx::read_model(path)?;
     let info = ModelInfo::of(&model, &what)?;
     let per: usize = info.image.iter().product();
     ensure!(
@@ -312,6 +304,78 @@ pub fn onnx_mc(
         accuracies.push(accuracy(&logits, labels));
     }
     Ok(accuracies)
+}
+
+/// An external ONNX model whose Conv/Gemm/MatMul weights are perturbed per run.
+pub struct OnnxEngine {
+    model: ModelProto,
+    layers: Vec<ForeignLayer>,
+    what: String,
+}
+
+/// Normalized test images (flat NCHW) and their labels.
+pub struct OnnxData {
+    /// Normalized images, flat NCHW.
+    pub images: Vec<f32>,
+    /// Their labels.
+    pub labels: Vec<u32>,
+}
+
+impl OnnxEngine {
+    /// Reads `path` and finds its weight layers (an op it cannot perturb is named in the error).
+    pub fn new(path: &Path) -> Result<Self> {
+        let what = path.display().to_string();
+        let model = read_model(path)?;
+        let layers = weight_layers(&model, &what)?;
+        Ok(OnnxEngine {
+            model,
+            layers,
+            what,
+        })
+    }
+
+    /// The model as read.
+    pub fn model(&self) -> &ModelProto {
+        &self.model
+    }
+
+    /// The file the model was read from, for messages.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    fn count(&self, model: &ModelProto, data: &OnnxData) -> Result<usize> {
+        let mut runner = TractRunner::from_proto(model, &self.what)?;
+        let logits = logits_of(&mut runner, &data.images, data.labels.len())?;
+        let classes = logits.len() / data.labels.len().max(1);
+        ensure!(classes > 0, "{}: no logits", self.what);
+        Ok(logits
+            .chunks(classes)
+            .zip(&data.labels)
+            .filter(|&(row, &y)| argmax(row) == y as usize)
+            .count())
+    }
+}
+
+impl NoisyClassifier for OnnxEngine {
+    type Data = OnnxData;
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn num_examples(&self, data: &OnnxData) -> usize {
+        data.labels.len()
+    }
+
+    fn clean(&self, data: &OnnxData) -> Result<usize> {
+        self.count(&self.model, data)
+    }
+
+    fn run(&self, var: &VariationConfig, seed: u64, run: u32, data: &OnnxData) -> Result<usize> {
+        let noisy = perturbed_model(&self.model, &self.layers, var, seed, run, &self.what)?;
+        self.count(&noisy, data)
+    }
 }
 
 #[cfg(test)]

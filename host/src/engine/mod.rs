@@ -1,0 +1,110 @@
+//! The inference engines that Monte Carlo evaluation (Algorithm 2) runs, and the one trait they
+//! implement, [`NoisyClassifier`].
+//!
+//! | engine | what it computes | used by |
+//! |---|---|---|
+//! | [`float`] | the checkpoint's network ([`crate::ir`]) with each run's perturbed weights in `f32`, layer by layer (equal to Burn's forward pass within `1e-4`) | `nvcim eval --engine float` |
+//! | [`int`] | the packed integer CiM model the firmware runs, bit-exact with `shared`'s `exec` and the firmware | `nvcim eval --engine int`, `nvcim firmware run` |
+//! | [`onnx`] | an external ONNX CNN through tract, its Conv/Gemm/MatMul weights perturbed | `nvcim eval --onnx` |
+//! | [`dense`] | a small fully connected network over `shared` (tests and fixtures) | tests |
+//!
+//! [`simd`] holds the host's runtime-dispatched integer kernels (AVX-512 VNNI, AVX2, portable);
+//! the float and integer engines' own register-blocked layer kernels are in `float::layers` and
+//! `int::layers`.
+//!
+//! **The contract.** For each sigma and each run `r`, an engine programs its noisy weights —
+//! layer `l` drawn from `nvcim_shared::rng::stream(seed, r, l)`, weights in canonical order
+//! (conv `[out][in][kh][kw]`, linear `[out][in]`), one `VariationConfig::sample` per weight —
+//! then classifies its test set and reports how many examples it got right.
+//! [`crate::eval::mc::monte_carlo`] runs the runs in parallel; [`crate::eval::evaluate`] turns
+//! the counts into result files.
+//!
+//! **Adding an engine.** Implement [`NoisyClassifier`]: `Data` is the engine's test set (e.g.
+//! prepared batches, computed once — input pipelines and anything else that does not depend on
+//! the weights belong there, not in `run`); `run` must, for each backbone weight layer `l`, take
+//! the layer's clean weights in canonical order (transpose Burn's `[in, out]` first), quantize
+//! against the layer's scale and draw one `VariationConfig::sample` per weight from
+//! `stream(seed, run, l)` ([`noisy_weights`] does all of that for a float engine; an integer
+//! engine uses the same `Readout`s for its tile state), then classify `data`. Then call
+//! [`crate::eval::evaluate`] with the `nvcim eval` flags.
+
+use anyhow::{Context, Result};
+use nvcim_shared::{
+    quant::{ScaleMode, layer_scale},
+    rng::stream,
+    variation::VariationConfig,
+};
+
+pub mod dense;
+pub mod float;
+pub mod int;
+pub mod onnx;
+pub mod simd;
+
+/// An inference engine whose weights can be reprogrammed with device variation.
+///
+/// `run` must be a pure function of its arguments (and the engine's clean weights): calling it
+/// twice, or from two threads at once, gives the same count.
+pub trait NoisyClassifier: Sync {
+    /// The test set in the engine's own representation (images and labels).
+    type Data: Sync + ?Sized;
+
+    /// Number of weight layers (backbone conv and linear layers; exits excluded).
+    fn num_layers(&self) -> usize;
+
+    /// Number of examples in `data`.
+    fn num_examples(&self, data: &Self::Data) -> usize;
+
+    /// Correct classifications with the clean (unperturbed) weights.
+    fn clean(&self, data: &Self::Data) -> Result<usize>;
+
+    /// Programs the noisy weights of Monte Carlo run `run` under `seed` (layer `l` from
+    /// `stream(seed, run, l)`) and returns the number of correct classifications of `data`.
+    fn run(&self, var: &VariationConfig, seed: u64, run: u32, data: &Self::Data) -> Result<usize>;
+}
+
+/// Index of the first largest value (NaN never wins).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] || v[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The quantization scale of every weight layer (`max|W|` of the layer, or of the model).
+pub fn weight_scales(weights: &[Vec<f32>], mode: ScaleMode) -> Result<Vec<f32>> {
+    let mut scales = weights
+        .iter()
+        .enumerate()
+        .map(|(l, w)| layer_scale(w).with_context(|| format!("weight layer {l}")))
+        .collect::<Result<Vec<f32>>>()?;
+    if mode == ScaleMode::PerModel {
+        let max = scales.iter().copied().fold(0.0f32, f32::max);
+        scales.iter_mut().for_each(|s| *s = max);
+    }
+    Ok(scales)
+}
+
+/// The weights of Monte Carlo run `run` under `seed` (the contract's streams).
+pub fn noisy_weights(
+    clean: &[Vec<f32>],
+    scales: &[f32],
+    var: &VariationConfig,
+    seed: u64,
+    run: u32,
+) -> Result<Vec<Vec<f32>>> {
+    clean
+        .iter()
+        .zip(scales)
+        .enumerate()
+        .map(|(l, (w, &scale))| {
+            let mut out = vec![0.0; w.len()];
+            var.perturb_f32(w, scale, &mut stream(seed, run, l as u32), &mut out)
+                .with_context(|| format!("perturbing weight layer {l}"))?;
+            Ok(out)
+        })
+        .collect()
+}
