@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let (out, fb) =
                     step_forward(&model, Method::Nft, &noise, x.clone()).expect("forward");
-                let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1);
+                let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1, None);
                 black_box(loss.clone().into_scalar::<f32>());
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(1e-3, model.clone(), grads);

@@ -10,7 +10,6 @@ use common::{nvcim, write_idx};
 use nvcim::data::idx;
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
-    let epochs_given = extra.contains(&"--epochs");
     let mut args = vec![
         "train",
         "--dataset",
@@ -19,21 +18,21 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
         data.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-        "--width",
-        "0.125",
-        "--batch-size",
-        "16",
-        "--lr",
-        "0.002",
-        "--mc-val",
-        "2",
-        "--sigma",
-        "0.2",
         "--quiet",
         "--json",
     ];
-    if !epochs_given {
-        args.extend(["--epochs", "1"]);
+    // Defaults of these tests, unless the test gives the flag itself.
+    for (flag, value) in [
+        ("--width", "0.125"),
+        ("--batch-size", "16"),
+        ("--lr", "0.002"),
+        ("--mc-val", "2"),
+        ("--sigma", "0.2"),
+        ("--epochs", "1"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
     }
     args.extend_from_slice(extra);
     nvcim(&args)
@@ -281,4 +280,141 @@ fn bad_data_gives_errors_that_name_the_file() {
         err.contains("data_batch_1.bin") && err.contains("truncated"),
         "{err}"
     );
+}
+
+/// Tables IV and V from real runs: nft trained at sigma 0 (without noise injection) and at
+/// 0.2 (with), and nft at 0.2 with exit 2 dropped, each evaluated, then `nvcim report`. Before
+/// issue #19 `eval` recorded every nft run as "with noise injection", so Table IV never
+/// appeared, and `train` had no `--drop-exit`, so Table V could not be made.
+#[test]
+fn report_renders_tables_four_and_five_from_real_runs() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 256, 64);
+    let root = tempfile::tempdir().unwrap();
+    let mut evals = Vec::new();
+    for (name, extra) in [
+        ("without", &["--sigma", "0"][..]),
+        ("with", &[][..]),
+        ("drop2", &["--drop-exit", "2"][..]),
+    ] {
+        let out = root.path().join(name).join("train");
+        let mut args = vec!["--method", "nft", "--no-pad", "--max-train", "128"];
+        args.extend_from_slice(extra);
+        let s = summary(&train(data.path(), &out, &args));
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["select"], "auto", "{cfg}");
+        assert_eq!(cfg["bn_stats"], "clean", "{cfg}");
+        assert_eq!(s["select"], "noisy", "{s}");
+        if name == "drop2" {
+            assert_eq!(cfg["drop_exit"], 2, "{cfg}");
+        } else {
+            assert!(cfg.get("drop_exit").is_none(), "{cfg}");
+        }
+        let eval = root.path().join(name).join("eval");
+        let o = nvcim(&[
+            "eval",
+            out.to_str().unwrap(),
+            "--sigma",
+            "0.2",
+            "--mc",
+            "2",
+            "--quiet",
+            "--out",
+            eval.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(eval.join("eval.json")).unwrap())
+                .unwrap();
+        let ni = json["config"]["noise_injection"].as_bool();
+        assert_eq!(ni, Some(name != "without"), "{name}: {}", json["config"]);
+        evals.push(eval);
+    }
+    let report = root.path().join("report");
+    let mut args = vec![
+        "report",
+        "--match",
+        "any",
+        "--out",
+        report.to_str().unwrap(),
+    ];
+    args.extend(evals.iter().map(|e| e.to_str().unwrap()));
+    let o = nvcim(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("## Table IV"), "{md}");
+    assert!(md.contains("nft with noise injection |"), "{md}");
+    assert!(md.contains("nft without noise injection |"), "{md}");
+    assert!(md.contains("## Table V"), "{md}");
+    assert!(md.contains("without exit 2 |"), "{md}");
+    assert!(md.contains("all exits |"), "{md}");
+    for f in ["table4.csv", "table5.csv", "table4.png", "table5.png"] {
+        assert!(report.join(f).is_file(), "missing {f}");
+    }
+}
+
+/// Selection: `--select clean` keeps the epoch of the best clean validation accuracy and
+/// says so; impossible combinations of the new flags are refused naming the flag.
+#[test]
+fn selection_rule_is_applied_and_recorded() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 256, 64);
+    let out = tempfile::tempdir().unwrap();
+    let s = summary(&train(
+        data.path(),
+        out.path(),
+        &[
+            "--method",
+            "vanilla",
+            "--no-pad",
+            "--max-train",
+            "128",
+            "--epochs",
+            "3",
+            "--sigma",
+            "3",
+        ],
+    ));
+    assert_eq!(s["select"], "clean", "{s}");
+    let lines = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
+    // At sigma 3 the noisy validation of a vanilla model is near chance (0.1) in every epoch:
+    // selecting by it would pick an epoch at random.
+    for l in lines.lines() {
+        let m: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(m["val_noisy_acc"].as_f64().unwrap() < 0.3, "{m}");
+    }
+    let clean: Vec<f64> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["val_clean_acc"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let best = s["best_epoch"].as_u64().unwrap() as usize;
+    let top = clean.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(clean[best - 1], top, "best epoch {best} of {clean:?}");
+    assert_eq!(clean.iter().position(|&c| c == top), Some(best - 1));
+    for (args, needle) in [
+        (
+            &["--method", "noise", "--drop-exit", "1"][..],
+            "--drop-exit needs --method nft",
+        ),
+        (
+            &["--method", "nft", "--drop-exit", "4"][..],
+            "--drop-exit 4",
+        ),
+        (
+            &["--select", "noisy", "--mc-val", "0"][..],
+            "--select noisy",
+        ),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let o = train(data.path(), out.path(), args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
 }

@@ -132,6 +132,9 @@ pub enum Purpose {
     Variation = 0,
     /// Anything on the host side that is not device variation (shuffles, splits, init).
     Host = 1,
+    /// The noisy validation of training (model selection): its own draws, never those of a
+    /// Monte Carlo evaluation run with the same seed.
+    Validation = 2,
 }
 
 /// The stream for device variation of `layer` in Monte Carlo run `run` under `seed`.

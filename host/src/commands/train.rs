@@ -1,7 +1,7 @@
 //! `nvcim train`: train VGG-8 or ResNet-18 with `vanilla`, `noise`, `nft` or `nft-ovf`.
 //!
 //! Writes under `--out`: `config.json`, `model.json`, `metrics.jsonl`, `checkpoint/` (every
-//! epoch, atomically) and `best/backbone.bpk` (best noisy validation accuracy). Progress goes
+//! epoch, atomically) and `best/backbone.bpk` (the best epoch under `--select`). Progress goes
 //! to stderr, the summary to stdout.
 
 use std::path::PathBuf;
@@ -12,7 +12,9 @@ use clap::Args;
 use crate::data::DatasetKind;
 use crate::model::{Arch, ModelSpec};
 use crate::options::DeviceArgs;
-use crate::training::{self, Backend, Method, RunOptions, TrainConfig, TrainSummary};
+use crate::training::{
+    self, Backend, BnStats, Method, RunOptions, Select, TrainConfig, TrainSummary,
+};
 
 /// The flags that define a training run (shared with `alpha-search`).
 #[derive(Debug, Clone, Args)]
@@ -66,6 +68,23 @@ pub struct TrainFlags {
     /// Monte Carlo runs of the noisy validation after each epoch (0: select by clean accuracy).
     #[arg(long, default_value_t = 3)]
     pub mc_val: u32,
+    /// Which epoch is kept as `best/`: `clean` validation accuracy, `noisy` (mean over
+    /// --mc-val runs at --sigma), or `auto` (clean for vanilla, noisy for the noise-injection
+    /// methods: a vanilla model is near chance at sigma 0.4 in every epoch, so its noisy
+    /// figures cannot tell its epochs apart).
+    #[arg(long, value_enum, default_value_t = Select::Auto)]
+    pub select: Select,
+    /// BatchNorm's running statistics under noise injection: `clean` (from a clean forward
+    /// pass of the same batch, no gradient through it; the network that is evaluated is the
+    /// clean one) or `noisy` (from the noisy pass that is trained on, the authors' code). The
+    /// batch itself is always normalized with its own statistics.
+    #[arg(long, value_enum, default_value_t = BnStats::Clean)]
+    pub bn_stats: BnStats,
+    /// Leave exit I (1-based, shallowest first) out of eq. 1 (`nft` only; Table V's ablation).
+    /// The other exits keep their coefficients 0.1^(i-1) and the divisor counts the terms that
+    /// remain (backbone + 2 exits on VGG-8: 3).
+    #[arg(long, value_name = "I")]
+    pub drop_exit: Option<usize>,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = Backend::Flex)]
     pub backend: Backend,
@@ -78,6 +97,23 @@ impl TrainFlags {
             self.alpha.is_finite() && self.alpha >= 0.0,
             "--alpha must be >= 0, got {}",
             self.alpha
+        );
+        if let Some(i) = self.drop_exit {
+            ensure!(
+                self.method == Method::Nft,
+                "--drop-exit needs --method nft (the only method with exits), got {:?}",
+                self.method
+            );
+            let exits = if self.model == Arch::Vgg8 { 3 } else { 4 };
+            ensure!(
+                (1..=exits).contains(&i),
+                "--drop-exit {i}: {:?} has exits 1..={exits}",
+                self.model
+            );
+        }
+        ensure!(
+            !(self.select == Select::Noisy && self.mc_val == 0),
+            "--select noisy needs noisy validation runs: --mc-val must be at least 1"
         );
         let pad32 = !self.no_pad && !self.dataset.augments();
         let native = if self.dataset.augments() { 32 } else { 28 };
@@ -106,6 +142,9 @@ impl TrainFlags {
             seed: self.seed,
             max_train: self.max_train,
             mc_val: self.mc_val,
+            select: self.select,
+            bn_stats: self.bn_stats,
+            drop_exit: self.drop_exit,
             backend: self.backend,
         })
     }
@@ -156,7 +195,10 @@ pub fn print_summary(cfg: &TrainConfig, s: &TrainSummary) {
             ""
         }
     );
-    println!("best epoch      {}", s.best_epoch);
+    println!(
+        "best epoch      {} (selected by {} validation accuracy)",
+        s.best_epoch, s.select
+    );
     println!("val clean acc   {:.2}%", 100.0 * s.best_val_clean_acc);
     println!(
         "val noisy acc   {:.2}% ({} runs)",

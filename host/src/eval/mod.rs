@@ -261,18 +261,25 @@ pub fn evaluate_quiet<C: NoisyClassifier>(
     Ok(report)
 }
 
+/// Whether a training run perturbed its weights: a noise-injection method at a sigma above 0
+/// (an `nft` run at sigma 0 is negative feedback *without* noise injection, Table IV).
+pub fn injected_noise(method: &str, train_sigma: Option<f32>) -> bool {
+    method != "vanilla" && train_sigma.is_some_and(|s| s > 0.0)
+}
+
 /// The checkpoint's description for the result files.
 pub fn checkpoint_info(loaded: &Loaded, given: &Path) -> ModelInfo {
     let c = &loaded.config;
     let method = c["method"].as_str().unwrap_or("unknown").to_string();
+    let train_sigma = c["variation"]["sigma"].as_f64().map(|s| s as f32);
     ModelInfo {
         checkpoint: given.display().to_string(),
         model: format!("{:?}", loaded.spec.arch).to_lowercase(),
         dataset: loaded.dataset.display_name().to_string(),
-        noise_injection: Some(method != "vanilla"),
+        noise_injection: Some(injected_noise(&method, train_sigma)),
         method,
         alpha: c["alpha"].as_f64(),
-        train_sigma: c["variation"]["sigma"].as_f64().map(|s| s as f32),
+        train_sigma,
         train_seed: c["seed"].as_u64(),
         drop_exit: c["drop_exit"].as_u64().map(|d| d as usize),
     }

@@ -19,7 +19,7 @@
 pub mod import;
 pub mod noise;
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use burn::module::{Initializer, Module};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
@@ -482,6 +482,49 @@ impl Backbone {
                 let _ = c.bn.running_var.value_sync();
             }
         }
+    }
+
+    /// Every BatchNorm's running (mean, variance), in forward order, with pending updates
+    /// folded in.
+    pub fn running_stats(&self) -> Vec<(Tensor<1>, Tensor<1>)> {
+        self.layers()
+            .into_iter()
+            .filter_map(|(_, l)| match l {
+                LayerRef::Conv(c) => Some((
+                    c.bn.running_mean.value_sync(),
+                    c.bn.running_var.value_sync(),
+                )),
+                LayerRef::Linear(_) => None,
+            })
+            .collect()
+    }
+
+    /// Sets every BatchNorm's running statistics to `stats` (as [`Backbone::running_stats`]
+    /// returns them).
+    pub fn set_running_stats(&mut self, stats: &[(Tensor<1>, Tensor<1>)]) -> Result<()> {
+        let mut it = stats.iter();
+        let mut n = 0;
+        for l in self.layers_mut() {
+            if let LayerMut::Conv(c) = l {
+                let Some((m, v)) = it.next() else {
+                    bail!(
+                        "{} BatchNorm statistics for a network with more",
+                        stats.len()
+                    );
+                };
+                c.bn.running_mean.update(m.clone());
+                c.bn.running_var.update(v.clone());
+                let _ = c.bn.running_mean.value_sync();
+                let _ = c.bn.running_var.value_sync();
+                n += 1;
+            }
+        }
+        ensure!(
+            n == stats.len(),
+            "{} BatchNorm statistics for a network with {n}",
+            stats.len()
+        );
+        Ok(())
     }
 
     /// Number of weight layers.

@@ -144,12 +144,14 @@ fn sigma_columns(entries: &[&Entry]) -> Vec<f32> {
     s
 }
 
-/// Rows of mean accuracy per group, one column per sigma.
+/// Rows of mean accuracy per group, one column per sigma. A cell for which `maximum` holds
+/// (and that has several runs) is the maximum over the runs' means, written `<= x (max of n)`.
 fn accuracy_table(
     title: &str,
     note: &str,
     groups: &[(String, Vec<&Entry>)],
     m: Match,
+    maximum: impl Fn(&Entry, f32) -> bool,
 ) -> Result<Table> {
     let all: Vec<&Entry> = groups.iter().flat_map(|g| g.1.iter().copied()).collect();
     let sigmas = sigma_columns(&all);
@@ -163,6 +165,13 @@ fn accuracy_table(
                 .copied()
                 .filter(|e| e.uses_sigma(sg, m))
                 .collect();
+            let means: Vec<f64> = fill.iter().filter_map(|e| e.mean_at(sg)).collect();
+            if means.len() > 1 && fill.iter().all(|e| maximum(e, sg)) {
+                let max = means.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                values.push((label.clone(), sg, max, None, means.len()));
+                cells.push(Some(format!("<= {max:.2} (max of {})", means.len())));
+                continue;
+            }
             let v = aggregate(&fill, sg)?;
             if let Some(v) = v {
                 values.push((label.clone(), sg, v.mean, v.ci, v.runs));
@@ -210,6 +219,9 @@ fn group_by<'a>(
     out
 }
 
+/// The sigma from which Table II reports noise injection as the maximum over trainings.
+pub const TABLE2_MAX_SIGMA: f32 = 0.6;
+
 /// Table II.
 pub fn table2(entries: &[Entry], m: Match) -> Result<Table> {
     // With `--match any`, runs trained at different sigmas are different rows.
@@ -229,7 +241,7 @@ pub fn table2(entries: &[Entry], m: Match) -> Result<Table> {
     accuracy_table(
         "Table II: mean noisy accuracy (%) by method and sigma",
         &format!(
-            "Mean ± 95% CI of the Monte Carlo runs; with n runs, the mean of their means ± the 95% CI over runs. Columns: {}.",
+            "Mean ± 95% CI of the Monte Carlo runs; with n runs, the mean of their means ± the 95% CI over runs. `<= x (max of n)`: noise injection at sigma >= {TABLE2_MAX_SIGMA}, where trainings do not converge reliably, as the paper's `<= x*` cells: the best of n independent trainings. Columns: {}.",
             match m {
                 Match::Train => "runs trained at that sigma, and runs trained without noise",
                 Match::Any => "every run",
@@ -237,11 +249,12 @@ pub fn table2(entries: &[Entry], m: Match) -> Result<Table> {
         ),
         &groups,
         m,
+        |e, sg| e.report.config.method == "noise" && sg >= TABLE2_MAX_SIGMA - 1e-6,
     )
 }
 
 /// Table III: non-converging runs out of N per setting, at each sigma.
-pub fn table3(entries: &[Entry], m: Match, threshold: f64) -> Result<Table> {
+pub fn table3(entries: &[Entry], m: Match, threshold: f64, reference: Reference) -> Result<Table> {
     let groups = group_by(
         entries
             .iter()
@@ -259,6 +272,7 @@ pub fn table3(entries: &[Entry], m: Match, threshold: f64) -> Result<Table> {
     let sigmas = sigma_columns(&all);
     let mut rows = Vec::new();
     let mut values = Vec::new();
+    let mut per_run = String::new();
     for (label, group) in &groups {
         let mut cells = Vec::new();
         for &sg in &sigmas {
@@ -271,7 +285,10 @@ pub fn table3(entries: &[Entry], m: Match, threshold: f64) -> Result<Table> {
                 cells.push(None);
                 continue;
             }
-            let (bad, n) = non_converged(&means, threshold);
+            let list: Vec<String> = means.iter().map(|x| format!("{x:.2}")).collect();
+            write!(per_run, "\n- {label}, σ = {sg}: {}", list.join(", "))
+                .expect("writing to a String");
+            let (bad, n) = non_converged(&means, threshold, reference);
             values.push((label.clone(), sg, bad as f64, None, n));
             cells.push(Some(format!("{bad}/{n}")));
         }
@@ -280,7 +297,12 @@ pub fn table3(entries: &[Entry], m: Match, threshold: f64) -> Result<Table> {
     Ok(Table {
         title: "Table III: non-converging trainings".into(),
         note: format!(
-            "Runs whose mean noisy accuracy is more than {threshold} points from the mean over the setting's independent runs, out of the number of runs."
+            "Runs whose mean noisy accuracy is more than {threshold} points {} {reference}, out of the setting's independent runs. Each run's mean noisy accuracy (%):{per_run}",
+            if reference == Reference::Mean {
+                "from"
+            } else {
+                "below"
+            }
         ),
         sigmas,
         rows,
@@ -289,16 +311,65 @@ pub fn table3(entries: &[Entry], m: Match, threshold: f64) -> Result<Table> {
     })
 }
 
-/// `(runs more than threshold points from the mean, runs)`.
-pub fn non_converged(means: &[f64], threshold: f64) -> (usize, usize) {
-    let mean = means.iter().sum::<f64>() / means.len() as f64;
-    (
-        means
-            .iter()
-            .filter(|&&x| (x - mean).abs() > threshold)
-            .count(),
-        means.len(),
-    )
+/// What Table III measures a run against (`nvcim report --convergence-ref`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reference {
+    /// The best run of the setting: a run has not converged if it is more than the threshold
+    /// below it (the paper's reading: the runs that did not reach what the setting can reach).
+    Max,
+    /// The mean over the setting's runs, two-sided (nvcim's earlier rule). It miscounts the
+    /// bimodal case: with most runs stuck low the mean sits among them.
+    Mean,
+    /// A fixed accuracy (percent): a run has not converged if it is more than the threshold
+    /// below it.
+    Target(f64),
+}
+
+impl std::str::FromStr for Reference {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "max" => Ok(Reference::Max),
+            "mean" => Ok(Reference::Mean),
+            t => match t.parse::<f64>() {
+                Ok(v) if v.is_finite() && (0.0..=100.0).contains(&v) => Ok(Reference::Target(v)),
+                _ => Err(format!(
+                    "`{s}` is not `max`, `mean` or an accuracy in percent (0 to 100)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reference::Max => f.write_str("the best run"),
+            Reference::Mean => f.write_str("the mean over runs"),
+            Reference::Target(t) => write!(f, "{t}%"),
+        }
+    }
+}
+
+/// `(runs that have not converged, runs)` against `reference` (see [`Reference`]).
+pub fn non_converged(means: &[f64], threshold: f64, reference: Reference) -> (usize, usize) {
+    let bad = match reference {
+        Reference::Mean => {
+            let mean = means.iter().sum::<f64>() / means.len() as f64;
+            means
+                .iter()
+                .filter(|&&x| (x - mean).abs() > threshold)
+                .count()
+        }
+        Reference::Max | Reference::Target(_) => {
+            let r = match reference {
+                Reference::Target(t) => t,
+                _ => means.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            };
+            means.iter().filter(|&&x| r - x > threshold).count()
+        }
+    };
+    (bad, means.len())
 }
 
 /// Table IV: nft with and without noise injection; `None` without runs of both kinds.
@@ -331,6 +402,7 @@ pub fn table4(entries: &[Entry], m: Match) -> Result<Option<Table>> {
         "Mean noisy accuracy (%) ± 95% CI.",
         &groups,
         m,
+        |_, _| false,
     )
     .map(Some)
 }
@@ -362,6 +434,7 @@ pub fn table5(entries: &[Entry], m: Match) -> Result<Option<Table>> {
         "Mean noisy accuracy (%) ± 95% CI.",
         &groups,
         m,
+        |_, _| false,
     )
     .map(Some)
 }
@@ -438,24 +511,105 @@ mod tests {
 
     #[test]
     fn table3_counts_runs_far_from_the_mean() {
+        let mean = Reference::Mean;
         // Mean 86.25: only 60 is more than 5 points away.
         assert_eq!(
-            non_converged(&[90.0, 91.0, 89.0, 90.0, 91.0, 89.0, 90.0, 60.0], 5.0),
+            non_converged(&[90.0, 91.0, 89.0, 90.0, 91.0, 89.0, 90.0, 60.0], 5.0, mean),
             (1, 8)
         );
         // One outlier in four drags the mean (82.5) more than 5 points from every run.
-        assert_eq!(non_converged(&[90.0, 91.0, 89.0, 60.0], 5.0), (4, 4));
-        assert_eq!(non_converged(&[90.0, 91.0], 5.0), (0, 2));
+        assert_eq!(non_converged(&[90.0, 91.0, 89.0, 60.0], 5.0, mean), (4, 4));
+        assert_eq!(non_converged(&[90.0, 91.0], 5.0, mean), (0, 2));
+        // Against the best run only the outlier has not converged.
+        assert_eq!(
+            non_converged(&[90.0, 91.0, 89.0, 60.0], 5.0, Reference::Max),
+            (1, 4)
+        );
+        assert_eq!(
+            non_converged(&[90.0, 91.0, 89.0, 60.0], 5.0, Reference::Target(88.0)),
+            (1, 4)
+        );
         let mut e: Vec<Entry> = (0..4)
             .map(|s| entry("noise", Some(0.6), s, None, &[(0.6, 90)]))
             .collect();
         e.push(entry("noise", Some(0.6), 9, None, &[(0.6, 30)]));
-        let t = table3(&e, Match::Train, 5.0).unwrap();
+        let t = table3(&e, Match::Train, 5.0, mean).unwrap();
         assert_eq!(t.rows[0].1[0].as_deref(), Some("5/5"));
+        let t = table3(&e, Match::Train, 5.0, Reference::Max).unwrap();
+        assert_eq!(t.rows[0].1[0].as_deref(), Some("1/5"));
         // mean 78: the four at 90 are 12 points off too; with a tighter group only the outlier.
         e.extend((10..20).map(|s| entry("noise", Some(0.6), s, None, &[(0.6, 90)])));
-        let t = table3(&e, Match::Train, 5.0).unwrap();
+        let t = table3(&e, Match::Train, 5.0, mean).unwrap();
         assert_eq!(t.rows[0].1[0].as_deref(), Some("1/15"));
+    }
+
+    /// Table II's `<= x*` convention: noise injection at sigma >= 0.6 over several trainings
+    /// is the best training; below 0.6, and for other methods, the mean over trainings.
+    #[test]
+    fn table2_noise_at_high_sigma_is_the_maximum_over_trainings() {
+        let mut e = Vec::new();
+        for (seed, a) in [(0, 30), (1, 70), (2, 50)] {
+            e.push(entry("noise", Some(0.6), seed, None, &[(0.6, a)]));
+            e.push(entry("noise", Some(0.4), seed, None, &[(0.4, a + 10)]));
+            e.push(entry("nft", Some(0.6), seed, None, &[(0.6, a + 5)]));
+        }
+        let t = table2(&e, Match::Train).unwrap();
+        let row = |label: &str| {
+            t.rows
+                .iter()
+                .find(|r| r.0.contains(label))
+                .unwrap_or_else(|| panic!("{label}: {:?}", t.rows))
+                .1
+                .clone()
+        };
+        let noise = row("noise");
+        assert_eq!(
+            noise[1].as_deref(),
+            Some("<= 70.00 (max of 3)"),
+            "{noise:?}"
+        );
+        assert!(
+            noise[0].as_deref().unwrap().starts_with("60.00 ±"),
+            "{noise:?}"
+        );
+        assert!(row("nft")[1].as_deref().unwrap().starts_with("55.00 ±"));
+        assert!(t.note.contains("best of n independent trainings"));
+    }
+
+    /// The case Table III is about: nine runs stuck at 15-55% and one at 89.6%. Against the
+    /// mean (46.7) the 40% and 45% runs count as converged (8 of 10); against the best run all
+    /// nine stuck runs have not converged, the paper's reading. Each run is in the notes.
+    #[test]
+    fn table3_bimodal_case() {
+        let stuck = [15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0];
+        let mut all = stuck.to_vec();
+        all.push(89.6);
+        assert_eq!(non_converged(&all, 5.0, Reference::Mean), (8, 10));
+        assert_eq!(non_converged(&all, 5.0, Reference::Max), (9, 10));
+        assert_eq!(non_converged(&all, 5.0, Reference::Target(85.0)), (9, 10));
+        // 100 test images: accuracies are whole percents in the files, so 89.6 becomes 90.
+        let e: Vec<Entry> = all
+            .iter()
+            .enumerate()
+            .map(|(s, &a)| {
+                entry(
+                    "noise",
+                    Some(0.6),
+                    s as u64,
+                    None,
+                    &[(0.6, a.round() as usize)],
+                )
+            })
+            .collect();
+        let t = table3(&e, Match::Train, 5.0, Reference::Max).unwrap();
+        assert_eq!(t.rows[0].1[0].as_deref(), Some("9/10"));
+        assert!(t.note.contains("below the best run"), "{}", t.note);
+        assert!(t.note.contains("15.00, 20.00, 25.00"), "{}", t.note);
+        assert!(t.note.contains("90.00"), "{}", t.note);
+        assert_eq!("max".parse::<Reference>(), Ok(Reference::Max));
+        assert_eq!("85".parse::<Reference>(), Ok(Reference::Target(85.0)));
+        assert!("median".parse::<Reference>().is_err());
+        assert!("120".parse::<Reference>().is_err());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! alphas = [0.01]                  # nft / nft-ovf only
 //! seeds = [0]
 //! epochs = 10
-//! # optional: out, data_dir, width, sigma_unit, alpha_by_model, drop_exits, train_args
+//! # optional: out, data_dir, width, sigma_unit, alpha_by_model, drop_exits, train_args,
+//! #           train_args_by_model = { resnet18 = ["--lr", "0.01"] }
 //!
 //! [eval]
 //! sigmas = [0.2, 0.4, 0.6]
@@ -26,7 +27,14 @@
 //! alpha, `noise` no alpha, and only `nft` has exits to drop (`drop_exits = [i, ...]` adds one
 //! ablation cell per listed exit next to the full model). `alpha_by_model` overrides `alphas`
 //! for the models it names (the paper's best alpha differs per model). A training sigma of 0
-//! trains without noise injection (Table IV's "without" row).
+//! trains without noise injection (Table IV's "without" row). `train_args_by_model` adds
+//! flags to the trainings of the models it names, after `train_args` (the authors train
+//! ResNet-18 at `--lr 0.01`, VGG-8 at the default 1e-3).
+//!
+//! **Settings both verbs take flow through.** The device model a cell is trained under
+//! (`--m`, `--n`, `--device-profile`, `--stuck-low`, `--stuck-high` in `train_args`, and
+//! `sigma_unit`) is passed on to its `nvcim eval`, unless `[eval] args` sets that flag itself
+//! (evaluating under another device model is then a visible choice of the plan).
 //!
 //! **Layout.** Cell `c` lives in `OUT/<c.name>/`: `train/` (the `nvcim train --out`),
 //! `train.done` (written by the sweep when training exited successfully) and `eval/` (the
@@ -102,6 +110,9 @@ pub struct Plan {
     /// Extra flags for every `nvcim train`.
     #[serde(default)]
     pub train_args: Vec<String>,
+    /// Extra flags for the trainings of particular models (after `train_args`).
+    #[serde(default)]
+    pub train_args_by_model: BTreeMap<String, Vec<String>>,
     /// The evaluation of every cell.
     pub eval: EvalPlan,
     /// Cluster options for `--emit slurm`.
@@ -434,11 +445,59 @@ pub fn train_command(plan: &Plan, cell: &Cell, cell_dir: &Path, resume: bool) ->
         a.push("--resume".into());
     }
     a.extend(plan.train_args.iter().cloned());
+    if let Some(extra) = plan.train_args_by_model.get(&cell.model) {
+        a.extend(extra.iter().cloned());
+    }
     a
 }
 
-/// `nvcim eval CKPT ...` for a cell.
-pub fn eval_command(plan: &Plan, cell_dir: &Path) -> Args {
+/// The device-model flags of `nvcim train` that `nvcim eval` takes too (`--sigma-unit` is
+/// passed from the plan's `sigma_unit`). Aliases are listed with their flag.
+const DEVICE_FLAGS: [&[&str]; 5] = [
+    &["--m"],
+    &["--n"],
+    &["--device-profile", "--profile"],
+    &["--stuck-low"],
+    &["--stuck-high"],
+];
+
+/// The device-model flags (with their values) in `args`, as `[flag, value]` pairs, for the
+/// flags `skip` does not set itself.
+fn device_flags(args: &[String], skip: &[String]) -> Vec<String> {
+    let sets = |names: &[&str], list: &[String]| {
+        list.iter().any(|a| {
+            names
+                .iter()
+                .any(|n| a == n || a.starts_with(&format!("{n}=")))
+        })
+    };
+    let mut out = Vec::new();
+    for names in DEVICE_FLAGS {
+        if sets(names, skip) {
+            continue;
+        }
+        let mut i = 0;
+        while i < args.len() {
+            let a = &args[i];
+            if names.contains(&a.as_str()) {
+                if let Some(v) = args.get(i + 1) {
+                    out.extend([a.clone(), v.clone()]);
+                }
+                i += 2;
+                continue;
+            }
+            if names.iter().any(|n| a.starts_with(&format!("{n}="))) {
+                out.push(a.clone());
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+/// `nvcim eval CKPT ...` for a cell (`cell` gives the model whose `train_args_by_model`
+/// device flags also flow through).
+pub fn eval_command(plan: &Plan, cell: &Cell, cell_dir: &Path) -> Args {
     let e = &plan.eval;
     let sigmas: Vec<String> = e.sigmas.iter().map(f32::to_string).collect();
     let mut a: Args = vec![
@@ -465,6 +524,11 @@ pub fn eval_command(plan: &Plan, cell_dir: &Path) -> Args {
     }
     a.push("--out".into());
     a.push(cell_dir.join("eval").display().to_string());
+    let mut train_args = plan.train_args.clone();
+    if let Some(extra) = plan.train_args_by_model.get(&cell.model) {
+        train_args.extend(extra.iter().cloned());
+    }
+    a.extend(device_flags(&train_args, &e.args));
     a.extend(e.args.iter().cloned());
     a
 }
@@ -570,7 +634,7 @@ mc = 5
             t.ends_with(&format!("--out {}/train --resume", dir.display())),
             "{t}"
         );
-        let e = eval_command(&plan, &dir).join(" ");
+        let e = eval_command(&plan, &cell, &dir).join(" ");
         assert_eq!(
             e,
             format!(
@@ -583,24 +647,95 @@ mc = 5
         assert_eq!(shell_quote("0.2,0.4"), "0.2,0.4");
     }
 
-    /// The eval command the sweep builds is accepted by `nvcim eval`'s flags.
+    /// Every command the sweep emits — train and eval, fresh and resumed, for every cell of
+    /// the test plan and of every plan shipped in `plans/` — parses with `nvcim`'s own CLI.
     #[test]
-    fn eval_command_parses_as_eval_flags() {
+    fn every_emitted_command_parses() {
+        use crate::cli::{Cli, Command};
         use clap::Parser;
-        #[derive(Parser)]
-        struct Eval {
-            ckpt: String,
-            #[command(flatten)]
-            opts: crate::eval::EvalOptions,
+        let mut plans = vec![Plan::parse(PLAN).unwrap()];
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            plans.push(Plan::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display())));
         }
+        let mut parsed = 0;
+        for plan in &plans {
+            for cell in plan.cells() {
+                let dir = cell.dir(Path::new("/o"));
+                for resume in [false, true] {
+                    let mut args = vec!["nvcim".to_string()];
+                    args.extend(train_command(plan, &cell, &dir, resume));
+                    let cli = Cli::try_parse_from(&args)
+                        .unwrap_or_else(|e| panic!("{}: {}\n{e}", plan.name, args.join(" ")));
+                    let Command::Train(t) = cli.command else {
+                        panic!("not a train command")
+                    };
+                    let cfg = t
+                        .flags
+                        .config()
+                        .unwrap_or_else(|e| panic!("{}: {}: {e:#}", plan.name, args.join(" ")));
+                    assert_eq!(cfg.drop_exit, cell.drop_exit);
+                    assert_eq!(cfg.seed, cell.seed);
+                    parsed += 1;
+                }
+                let mut args = vec!["nvcim".to_string()];
+                args.extend(eval_command(plan, &cell, &dir));
+                let cli = Cli::try_parse_from(&args)
+                    .unwrap_or_else(|e| panic!("{}: {}\n{e}", plan.name, args.join(" ")));
+                let Command::Eval(e) = cli.command else {
+                    panic!("not an eval command")
+                };
+                e.eval.check().unwrap();
+                assert_eq!(e.checkpoint.unwrap(), dir.join("train/best/backbone.bpk"));
+                parsed += 1;
+            }
+        }
+        assert!(parsed > 100, "{parsed} commands");
+    }
+
+    /// The device model of the training reaches the evaluation, unless `[eval] args` sets it.
+    #[test]
+    fn device_settings_flow_from_train_to_eval() {
+        use crate::{
+            cli::{Cli, Command},
+            options::DeviceProfile,
+        };
+        use clap::Parser;
         let mut plan = Plan::parse(PLAN).unwrap();
-        plan.eval.test_subset = Some(100);
-        let args = eval_command(&plan, Path::new("/o/c"));
-        let e = Eval::try_parse_from(&args).unwrap();
-        assert_eq!(e.ckpt, "/o/c/train/best/backbone.bpk");
-        assert_eq!(e.opts.check().unwrap(), vec![0.2, 0.4, 0.6]);
-        assert_eq!((e.opts.mc, e.opts.test_subset), (5, Some(100)));
-        assert_eq!(e.opts.out, Path::new("/o/c/eval"));
+        plan.train_args = vec![
+            "--device-profile".into(),
+            "rram1".into(),
+            "--stuck-low=0.01".into(),
+        ];
+        plan.train_args_by_model =
+            BTreeMap::from([("resnet18".to_string(), vec!["--lr".into(), "0.01".into()])]);
+        let cells = plan.cells();
+        let parse_eval = |plan: &Plan, cell: &Cell| {
+            let mut args = vec!["nvcim".to_string()];
+            args.extend(eval_command(plan, cell, Path::new("/o/c")));
+            match Cli::try_parse_from(&args).unwrap().command {
+                Command::Eval(e) => e,
+                _ => unreachable!(),
+            }
+        };
+        let e = parse_eval(&plan, &cells[0]);
+        assert_eq!(e.eval.device.profile, DeviceProfile::Rram1);
+        assert_eq!(e.eval.device.stuck_low, 0.01);
+        let resnet = cells.iter().find(|c| c.model == "resnet18").unwrap();
+        let vgg = cells.iter().find(|c| c.model == "vgg8").unwrap();
+        let t = train_command(&plan, resnet, Path::new("/o/c"), false).join(" ");
+        assert!(
+            t.ends_with("--device-profile rram1 --stuck-low=0.01 --lr 0.01"),
+            "{t}"
+        );
+        let t = train_command(&plan, vgg, Path::new("/o/c"), false).join(" ");
+        assert!(!t.contains("--lr"), "{t}");
+        // The plan's own eval flags win.
+        plan.eval.args = vec!["--profile".into(), "fefet2".into()];
+        let e = parse_eval(&plan, &cells[0]);
+        assert_eq!(e.eval.device.profile, DeviceProfile::Fefet2);
+        assert_eq!(e.eval.device.stuck_low, 0.01);
     }
 
     #[test]

@@ -128,7 +128,7 @@ fn commands(
 ) -> Vec<Vec<String>> {
     match state {
         CellState::Finished => vec![],
-        CellState::Trained => vec![eval_command(plan, dir)],
+        CellState::Trained => vec![eval_command(plan, cell, dir)],
         CellState::New | CellState::PartialTraining => vec![
             train_command(
                 plan,
@@ -136,7 +136,7 @@ fn commands(
                 dir,
                 resume && state == CellState::PartialTraining,
             ),
-            eval_command(plan, dir),
+            eval_command(plan, cell, dir),
         ],
     }
 }
@@ -171,7 +171,11 @@ fn run_cell(
                 .with_context(|| format!("writing {}", dir.join(TRAIN_DONE).display()))?;
         }
         eprintln!("[{index}] {}: eval", cell.name());
-        run_logged(nvcim, &eval_command(plan, &dir), &dir.join("eval.log"))?;
+        run_logged(
+            nvcim,
+            &eval_command(plan, cell, &dir),
+            &dir.join("eval.log"),
+        )?;
         Ok(())
     })();
     match result {

@@ -23,14 +23,14 @@ use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use nvcim_shared::rng::{Purpose, mix64, stream, stream_for};
+use nvcim_shared::rng::{Purpose, mix64, stream_for};
 use nvcim_shared::variation::VariationConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset, DatasetKind, tags};
 use crate::model::noise::{NoiseMapper, TrainingNoise};
 use crate::model::{Backbone, ModelSpec, TrainModel, correct};
-pub use method::Method;
+pub use method::{BnStats, Method, Select};
 
 /// Everything that determines a training run (saved as `config.json` beside the checkpoint).
 #[derive(Debug, Clone, Serialize)]
@@ -64,8 +64,35 @@ pub struct TrainConfig {
     pub max_train: Option<usize>,
     /// Monte Carlo runs of the noisy validation per epoch.
     pub mc_val: u32,
+    /// The model-selection rule as given (`auto` is recorded as `auto`; the summary and
+    /// `state.json` name the rule it resolved to).
+    pub select: Select,
+    /// Where BatchNorm's running statistics come from under noise injection.
+    pub bn_stats: BnStats,
+    /// The exit left out of eq. 1 (1-based, `nft` only; Table V's ablation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_exit: Option<usize>,
     /// The backend (`flex`, `cuda`, `wgpu`).
     pub backend: Backend,
+}
+
+impl TrainConfig {
+    /// The selection rule this run applies: `auto` resolved for the method, and clean when
+    /// there is no noisy validation (`--mc-val 0`).
+    pub fn selection(&self) -> Select {
+        match self.select.resolve(self.method) {
+            Select::Noisy if self.mc_val == 0 => Select::Clean,
+            rule => rule,
+        }
+    }
+
+    /// The epoch's score under [`TrainConfig::selection`].
+    pub fn score(&self, m: &EpochMetrics) -> f64 {
+        match self.selection() {
+            Select::Noisy => m.val_noisy_acc,
+            _ => m.val_clean_acc,
+        }
+    }
 }
 
 fn ser_variation<S: serde::Serializer>(v: &VariationConfig, s: S) -> Result<S::Ok, S::Error> {
@@ -157,11 +184,13 @@ pub struct EpochMetrics {
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainSummary {
+    /// The selection rule applied (`clean` or `noisy`; `auto` resolved).
+    pub select: &'static str,
     /// Epochs completed in total.
     pub epochs_done: usize,
-    /// The epoch of the best noisy validation accuracy (1-based).
+    /// The best epoch under the selection rule (1-based).
     pub best_epoch: usize,
-    /// Best noisy validation accuracy.
+    /// Noisy validation accuracy at the best epoch.
     pub best_val_noisy_acc: f64,
     /// Clean validation accuracy at the best epoch.
     pub best_val_clean_acc: f64,
@@ -174,6 +203,9 @@ pub struct TrainSummary {
     /// Whether the run stopped early (`--stop-after-epochs`).
     pub interrupted: bool,
 }
+
+/// Adam's epsilon: PyTorch's default, which the authors train with (Burn's is 1e-5).
+pub const ADAM_EPSILON: f32 = 1e-8;
 
 /// The device generator's seed for an epoch (`u32::MAX` is model initialization).
 pub fn epoch_seed(seed: u64, epoch: u32) -> u64 {
@@ -244,8 +276,11 @@ pub fn accuracy(backbone: &Backbone, data: &Dataset, device: &Device) -> f64 {
     right as f64 / data.len() as f64
 }
 
-/// Accuracies of `backbone` under `runs` Monte Carlo perturbations (float engine, `shared`
-/// streams: run `r`, layer `l` -> `stream(seed, r, l)`).
+/// Accuracies of `backbone` under `runs` Monte Carlo perturbations (the float engine's
+/// contract with validation's own streams: run `r`, layer `l` ->
+/// `stream_for(Purpose::Validation, seed, r, l)`, so that selection never sees the draws of
+/// `nvcim eval --seed` with the training seed). The same `runs` instances every epoch: common
+/// random numbers make the epochs' scores comparable.
 pub fn noisy_accuracies(
     backbone: &Backbone,
     data: &Dataset,
@@ -263,7 +298,12 @@ pub fn noisy_accuracies(
             let mut p = w.clone();
             if scale > 0.0 {
                 variation
-                    .perturb_f32(w, scale, &mut stream(seed, r, l as u32), &mut p)
+                    .perturb_f32(
+                        w,
+                        scale,
+                        &mut stream_for(Purpose::Validation, seed, r, l as u32),
+                        &mut p,
+                    )
                     .with_context(|| format!("perturbing weight layer {l}"))?;
             }
             noisy.push(p);
@@ -314,6 +354,54 @@ pub fn step_forward(
     })
 }
 
+/// One optimizer step on a batch: the forward pass of `method` (noise injected), the loss,
+/// the backward pass and Adam's update. Returns the new model, the loss and the backbone's
+/// logits (detached).
+///
+/// With [`BnStats::Clean`] and noise injected, BatchNorm's running statistics are those of a
+/// clean forward pass of the same batch at the step's (pre-update) weights: that pass runs
+/// first with no backward (it only moves the running statistics), they are kept, and the noisy
+/// pass's update of them is undone. Normalization inside the noisy pass still uses the noisy
+/// batch's own statistics, as in training mode it must.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: TrainModel,
+    optim: &mut burn::optim::ModuleOptimizer,
+    cfg: &TrainConfig,
+    noise: &TrainingNoise,
+    x: burn::tensor::Tensor<4>,
+    y: burn::tensor::Tensor<1, burn::tensor::Int>,
+    lr: f64,
+) -> Result<(TrainModel, f32, burn::tensor::Tensor<2>)> {
+    let clean_stats =
+        cfg.bn_stats == BnStats::Clean && cfg.method.injects_noise() && !noise.is_zero();
+    let kept = if clean_stats {
+        let _ = model.backbone.forward(x.clone().detach());
+        Some(model.backbone.running_stats())
+    } else {
+        None
+    };
+    let (out, feedback) = step_forward(&model, cfg.method, noise, x)?;
+    let loss = method::loss(
+        cfg.method,
+        out.clone(),
+        &feedback,
+        y,
+        cfg.alpha,
+        cfg.drop_exit,
+    );
+    let value = loss.clone().into_scalar::<f32>();
+    if !value.is_finite() {
+        return Ok((model, value, out.detach()));
+    }
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut model = optim.step(lr, model, grads);
+    if let Some(stats) = kept {
+        model.backbone.set_running_stats(&stats)?;
+    }
+    Ok((model, value, out.detach()))
+}
+
 /// Trains per `cfg`, writing under `opts.out`.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let started = Instant::now();
@@ -345,7 +433,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let ad = device.clone().autodiff();
     let ckpt = checkpoint::Checkpoint::new(&opts.out);
 
-    let mut optim = AdamConfig::new().init();
+    // PyTorch's (and the authors') Adam epsilon; Burn's default is 1e-5.
+    let mut optim = AdamConfig::new().with_epsilon(ADAM_EPSILON).init();
     let (mut model, mut state) = match opts.resume.then(|| ckpt.latest()).flatten() {
         Some(dir) => {
             let saved = checkpoint::read_json(&opts.out.join("config.json"))?;
@@ -408,9 +497,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         for (step, chunk) in perm.chunks(cfg.batch_size).enumerate() {
             let batch = data::make_batch(train, chunk, aug.as_mut());
             let (x, y) = data::tensor::to_tensors(&batch, &ad);
-            let (out, feedback) = step_forward(&model, cfg.method, &noise, x)?;
-            let loss = method::loss(cfg.method, out.clone(), &feedback, y, cfg.alpha);
-            let value = loss.clone().into_scalar::<f32>();
+            let (next, value, out) = train_step(model, &mut optim, cfg, &noise, x, y, lr)?;
+            model = next;
             if !value.is_finite() {
                 bar.abandon();
                 bail!(
@@ -421,11 +509,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                     opts.out.join("checkpoint").display()
                 );
             }
-            right += correct(out.detach(), &batch.labels);
+            right += correct(out, &batch.labels);
             seen += chunk.len();
             loss_sum += f64::from(value) * chunk.len() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
             let ips = seen as f64 / t0.elapsed().as_secs_f64();
             bar.set_message(format!(
                 "loss {:.4} acc {:.2}% {ips:.0} img/s",
@@ -478,7 +564,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             );
         }
         state.epochs_done = epoch + 1;
-        let score = if cfg.mc_val > 0 { val_noisy } else { val_clean };
+        let score = cfg.score(&m);
         if state.best_epoch == 0 || score > state.best_score {
             state.best_epoch = epoch + 1;
             state.best_score = score;
@@ -497,6 +583,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         0.0
     };
     Ok(TrainSummary {
+        select: cfg.selection().name(),
         epochs_done: state.epochs_done,
         best_epoch: state.best_epoch,
         best_val_noisy_acc: state.best_val_noisy,
@@ -568,7 +655,7 @@ mod tests {
         let perturbed_w = noisy.backbone.weights();
         assert_ne!(perturbed_w, clean.backbone.weights());
         let (out, fb) = noisy.forward(x.clone());
-        let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1);
+        let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1, None);
         let g_train = GradientsParams::from_grads(loss.backward(), &clean);
 
         // The reference: a model whose weights *are* the perturbed ones (fresh leaves).
@@ -584,7 +671,7 @@ mod tests {
             e.fc2.weight = e.fc2.weight.clone().map(|_| w2.detach().require_grad());
         }
         let (out, fb) = reference.forward(x);
-        let loss = method::loss(Method::Nft, out, &fb, y, 0.1);
+        let loss = method::loss(Method::Nft, out, &fb, y, 0.1, None);
         let g_ref = GradientsParams::from_grads(loss.backward(), &reference);
 
         let Backbone::Vgg8(c) = &clean.backbone else {
@@ -630,6 +717,114 @@ mod tests {
 }
 
 #[cfg(test)]
+mod bn_stats_tests {
+    use super::*;
+    use crate::model::Arch;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+
+    fn config(method: Method, bn_stats: BnStats) -> TrainConfig {
+        TrainConfig {
+            dataset: DatasetKind::FashionMnist,
+            data_dir: PathBuf::new(),
+            pad32: true,
+            model: ModelSpec {
+                arch: Arch::Vgg8,
+                width: 0.125,
+                in_channels: 1,
+                image_size: 16,
+                num_classes: 10,
+            },
+            method,
+            alpha: 0.1,
+            variation: VariationConfig::paper(0.4).unwrap(),
+            epochs: 1,
+            batch_size: 4,
+            lr: 1e-3,
+            val_fraction: 0.1,
+            seed: 0,
+            max_train: None,
+            mc_val: 1,
+            select: Select::Auto,
+            bn_stats,
+            drop_exit: None,
+            backend: Backend::Flex,
+        }
+    }
+
+    /// `--bn-stats clean`: after a noise-injection step, every BatchNorm's running statistics
+    /// equal those a clean forward pass of the same batch leaves on an identical model; with
+    /// `noisy` they do not (the noisy pass moved them).
+    #[test]
+    fn clean_bn_stats_equal_a_clean_pass() {
+        let ad = Device::flex().autodiff();
+        let x = Tensor::<4>::random([4, 1, 16, 16], Distribution::Normal(0.0, 1.0), &ad);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 3, 5, 7], [4]), &ad);
+        let fresh = |cfg: &TrainConfig| {
+            ad.seed(5);
+            let backbone = cfg.model.init_backbone(&ad);
+            TrainModel {
+                backbone,
+                exits: Vec::new(),
+            }
+        };
+        for method in [Method::Noise, Method::Vanilla] {
+            let cfg = config(method, BnStats::Clean);
+            let reference = fresh(&cfg);
+            let _ = reference.backbone.forward(x.clone());
+            let expect = reference.backbone.running_stats();
+            let before = fresh(&cfg).backbone.running_stats();
+
+            let noise = TrainingNoise::new(cfg.variation);
+            let mut optim = AdamConfig::new().with_epsilon(ADAM_EPSILON).init();
+            let (model, loss, _) = train_step(
+                fresh(&cfg),
+                &mut optim,
+                &cfg,
+                &noise,
+                x.clone(),
+                y.clone(),
+                1e-3,
+            )
+            .unwrap();
+            assert!(loss.is_finite());
+            let got = model.backbone.running_stats();
+            assert_eq!(got.len(), 6);
+            for (l, ((gm, gv), (em, ev))) in got.iter().zip(&expect).enumerate() {
+                let (gm, em) = (gm.to_data(), em.to_data());
+                assert_eq!(gm, em, "{method:?}: layer {l} running mean");
+                assert_eq!(
+                    gv.to_data(),
+                    ev.to_data(),
+                    "{method:?}: layer {l} running var"
+                );
+                assert_ne!(gm, before[l].0.to_data(), "layer {l}: the statistics moved");
+            }
+
+            if method == Method::Noise {
+                let cfg = config(method, BnStats::Noisy);
+                let mut optim = AdamConfig::new().with_epsilon(ADAM_EPSILON).init();
+                let (model, _, _) = train_step(
+                    fresh(&cfg),
+                    &mut optim,
+                    &cfg,
+                    &noise,
+                    x.clone(),
+                    y.clone(),
+                    1e-3,
+                )
+                .unwrap();
+                let got = model.backbone.running_stats();
+                assert_ne!(
+                    got[5].0.to_data(),
+                    expect[5].0.to_data(),
+                    "the noisy pass's statistics differ from the clean pass's"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod resume_tests {
     use super::*;
     use crate::model::Arch;
@@ -655,7 +850,7 @@ mod resume_tests {
         let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 3, 5, 7], [4]), &ad);
         let step = |m: TrainModel, o: &mut burn::optim::ModuleOptimizer| {
             let (out, fb) = m.forward(x.clone());
-            let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1);
+            let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1, None);
             let g = GradientsParams::from_grads(loss.backward(), &m);
             o.step(1e-3, m, g)
         };
