@@ -28,7 +28,9 @@ pub struct ImportArgs {
     /// The dataset (sets input channels and classes).
     #[arg(long, value_enum, default_value_t = DatasetKind::Mnist)]
     pub dataset: DatasetKind,
-    /// Input image size (32 for the authors' padded MNIST and for CIFAR).
+    /// Input image size (32 for the authors' MNIST, which they resize from 28, and for CIFAR).
+    /// nvcim pads 28x28 images instead; an imported MNIST model's BatchNorm statistics were
+    /// measured on resized images (see the README's Fidelity section).
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
     /// Output directory.

@@ -54,6 +54,20 @@ pub struct ModelSpec {
     pub num_classes: usize,
 }
 
+/// How the backbone's linear layers start (`nvcim train --init`; convs are Kaiming-normal
+/// fan-out either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// PyTorch's `nn.Linear` default: Kaiming-uniform fan-in, bias in `±1/sqrt(fan_in)`.
+    #[default]
+    Pytorch,
+    /// The authors' `init_weights`: Kaiming-normal fan-out (ReLU gain), bias 0, on the
+    /// backbone's linear layers (their exits keep PyTorch's default, as their code creates them
+    /// after `init_weights` runs).
+    Authors,
+}
+
 /// Kaiming-normal, fan-out, ReLU gain: `kaiming_normal_(mode='fan_out', nonlinearity='relu')`.
 fn kaiming() -> Initializer {
     Initializer::KaimingNormal {
@@ -484,6 +498,18 @@ impl Backbone {
         }
     }
 
+    /// Re-initializes the backbone's linear layers as the authors do ([`Init::Authors`]):
+    /// weights Kaiming-normal fan-out with ReLU gain, biases 0.
+    pub fn authors_linear_init(&mut self, device: &Device) {
+        for l in self.layers_mut() {
+            if let LayerMut::Linear(lin) = l {
+                let [din, dout] = lin.weight.shape().dims();
+                lin.weight = kaiming().init_with([din, dout], Some(din), Some(dout), device);
+                lin.bias = Some(Initializer::Zeros.init([dout], device));
+            }
+        }
+    }
+
     /// Every BatchNorm's running (mean, variance), in forward order, with pending updates
     /// folded in.
     pub fn running_stats(&self) -> Vec<(Tensor<1>, Tensor<1>)> {
@@ -705,6 +731,46 @@ mod tests {
                 assert!(outs.iter().all(|o| o.dims() == [2, 10]));
                 assert_eq!(m.backbone.num_weight_layers(), layers);
             }
+        }
+    }
+
+    /// `--init authors`: the backbone's linear weights have std sqrt(2 / fan_out) and zero
+    /// biases; PyTorch's default has uniform weights in ±1/sqrt(fan_in) and non-zero biases.
+    #[test]
+    fn authors_linear_init() {
+        let device = Device::flex();
+        device.seed(3);
+        let s = spec(Arch::Vgg8, 1);
+        let mut b = s.init_backbone(&device);
+        let before = b.weight_layers();
+        let fc1 = &before[6];
+        let bound = 1.0 / (fc1.weights.len() as f64 / s.ch(1024) as f64).sqrt();
+        assert!(
+            fc1.weights
+                .iter()
+                .all(|w| f64::from(w.abs()) <= bound + 1e-6)
+        );
+        assert!(fc1.bias.as_ref().unwrap().iter().any(|&x| x != 0.0));
+        b.authors_linear_init(&device);
+        let after = b.weight_layers();
+        assert_eq!(after[0].weights, before[0].weights, "convs untouched");
+        for l in &after[6..] {
+            let bias = l.bias.as_ref().unwrap();
+            let fan_out = bias.len() as f64;
+            let n = l.weights.len() as f64;
+            let var = l
+                .weights
+                .iter()
+                .map(|&w| f64::from(w) * f64::from(w))
+                .sum::<f64>()
+                / n;
+            let expect = 2.0 / fan_out;
+            assert!(
+                (var / expect - 1.0).abs() < 0.1,
+                "{}: var {var} vs {expect}",
+                l.name
+            );
+            assert!(bias.iter().all(|&x| x == 0.0), "{}", l.name);
         }
     }
 

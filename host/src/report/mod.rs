@@ -228,12 +228,12 @@ pub fn write(args: &ReportArgs) -> Result<()> {
         ("table2", Some(table2(&entries, args.matching)?)),
         (
             "table3",
-            Some(table3(
+            table3(
                 &entries,
                 args.matching,
                 args.threshold,
                 args.convergence_ref,
-            )?),
+            )?,
         ),
         ("table4", table4(&entries, args.matching)?),
         ("table5", table5(&entries, args.matching)?),
@@ -254,10 +254,10 @@ pub fn write(args: &ReportArgs) -> Result<()> {
                 }
             }
             None => {
-                let what = if *name == "table4" {
-                    "no nft runs both with and without noise injection"
-                } else {
-                    "no runs with a dropped exit"
+                let what = match *name {
+                    "table3" => "no setting has two or more independent trainings (seeds)",
+                    "table4" => "no nft runs both with and without noise injection",
+                    _ => "no runs with a dropped exit",
                 };
                 writeln!(md, "_{name}: skipped, {what}._\n").expect("writing to a String");
             }

@@ -253,8 +253,14 @@ pub fn table2(entries: &[Entry], m: Match) -> Result<Table> {
     )
 }
 
-/// Table III: non-converging runs out of N per setting, at each sigma.
-pub fn table3(entries: &[Entry], m: Match, threshold: f64, reference: Reference) -> Result<Table> {
+/// Table III: non-converging runs out of N per setting, at each sigma; `None` when no setting
+/// has two or more independent runs at any sigma (a `0/1` cell says nothing).
+pub fn table3(
+    entries: &[Entry],
+    m: Match,
+    threshold: f64,
+    reference: Reference,
+) -> Result<Option<Table>> {
     let groups = group_by(
         entries
             .iter()
@@ -273,6 +279,7 @@ pub fn table3(entries: &[Entry], m: Match, threshold: f64, reference: Reference)
     let mut rows = Vec::new();
     let mut values = Vec::new();
     let mut per_run = String::new();
+    let mut repeated = false;
     for (label, group) in &groups {
         let mut cells = Vec::new();
         for &sg in &sigmas {
@@ -288,13 +295,17 @@ pub fn table3(entries: &[Entry], m: Match, threshold: f64, reference: Reference)
             let list: Vec<String> = means.iter().map(|x| format!("{x:.2}")).collect();
             write!(per_run, "\n- {label}, σ = {sg}: {}", list.join(", "))
                 .expect("writing to a String");
+            repeated |= means.len() > 1;
             let (bad, n) = non_converged(&means, threshold, reference);
             values.push((label.clone(), sg, bad as f64, None, n));
             cells.push(Some(format!("{bad}/{n}")));
         }
         rows.push((label.clone(), cells));
     }
-    Ok(Table {
+    if !repeated {
+        return Ok(None);
+    }
+    Ok(Some(Table {
         title: "Table III: non-converging trainings".into(),
         note: format!(
             "Runs whose mean noisy accuracy is more than {threshold} points {} {reference}, out of the setting's independent runs. Each run's mean noisy accuracy (%):{per_run}",
@@ -308,7 +319,7 @@ pub fn table3(entries: &[Entry], m: Match, threshold: f64, reference: Reference)
         rows,
         values,
         y_label: "non-converging runs".into(),
-    })
+    }))
 }
 
 /// What Table III measures a run against (`nvcim report --convergence-ref`).
@@ -533,13 +544,15 @@ mod tests {
             .map(|s| entry("noise", Some(0.6), s, None, &[(0.6, 90)]))
             .collect();
         e.push(entry("noise", Some(0.6), 9, None, &[(0.6, 30)]));
-        let t = table3(&e, Match::Train, 5.0, mean).unwrap();
+        let t = table3(&e, Match::Train, 5.0, mean).unwrap().unwrap();
         assert_eq!(t.rows[0].1[0].as_deref(), Some("5/5"));
-        let t = table3(&e, Match::Train, 5.0, Reference::Max).unwrap();
+        let t = table3(&e, Match::Train, 5.0, Reference::Max)
+            .unwrap()
+            .unwrap();
         assert_eq!(t.rows[0].1[0].as_deref(), Some("1/5"));
         // mean 78: the four at 90 are 12 points off too; with a tighter group only the outlier.
         e.extend((10..20).map(|s| entry("noise", Some(0.6), s, None, &[(0.6, 90)])));
-        let t = table3(&e, Match::Train, 5.0, mean).unwrap();
+        let t = table3(&e, Match::Train, 5.0, mean).unwrap().unwrap();
         assert_eq!(t.rows[0].1[0].as_deref(), Some("1/15"));
     }
 
@@ -601,7 +614,9 @@ mod tests {
                 )
             })
             .collect();
-        let t = table3(&e, Match::Train, 5.0, Reference::Max).unwrap();
+        let t = table3(&e, Match::Train, 5.0, Reference::Max)
+            .unwrap()
+            .unwrap();
         assert_eq!(t.rows[0].1[0].as_deref(), Some("9/10"));
         assert!(t.note.contains("below the best run"), "{}", t.note);
         assert!(t.note.contains("15.00, 20.00, 25.00"), "{}", t.note);
@@ -610,6 +625,12 @@ mod tests {
         assert_eq!("85".parse::<Reference>(), Ok(Reference::Target(85.0)));
         assert!("median".parse::<Reference>().is_err());
         assert!("120".parse::<Reference>().is_err());
+        // One run per setting: no Table III.
+        assert!(
+            table3(&e[..1], Match::Train, 5.0, Reference::Max)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset, DatasetKind, tags};
 use crate::model::noise::{NoiseMapper, TrainingNoise};
-use crate::model::{Backbone, ModelSpec, TrainModel, correct};
+use crate::model::{Backbone, Init, ModelSpec, TrainModel, correct};
 pub use method::{BnStats, Method, Select};
 
 /// Everything that determines a training run (saved as `config.json` beside the checkpoint).
@@ -39,7 +39,7 @@ pub struct TrainConfig {
     pub dataset: DatasetKind,
     /// Where it was read from.
     pub data_dir: PathBuf,
-    /// Pad 28x28 images to 32x32 (the authors' setting).
+    /// Zero-pad 28x28 images to 32x32 (nvcim's default; the authors resize).
     pub pad32: bool,
     /// The network.
     pub model: ModelSpec,
@@ -69,6 +69,10 @@ pub struct TrainConfig {
     pub select: Select,
     /// Where BatchNorm's running statistics come from under noise injection.
     pub bn_stats: BnStats,
+    /// How the backbone's linear layers are initialized.
+    pub init: Init,
+    /// The device profile the exits are perturbed with.
+    pub exit_profile: ExitProfile,
     /// The exit left out of eq. 1 (1-based, `nft` only; Table V's ablation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_exit: Option<usize>,
@@ -76,7 +80,34 @@ pub struct TrainConfig {
     pub backend: Backend,
 }
 
+/// The variation the exits are trained under (`--exit-profile`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExitProfile {
+    /// The backbone's device model, profile included: one device model for every perturbed
+    /// layer.
+    #[default]
+    Backbone,
+    /// The uniform profile at the same sigma, unit and faults (the authors' code).
+    Uniform,
+}
+
 impl TrainConfig {
+    /// The training noise of the exits.
+    pub fn exit_noise(&self) -> Result<TrainingNoise> {
+        let v = self.variation;
+        Ok(TrainingNoise::new(match self.exit_profile {
+            ExitProfile::Backbone => v,
+            ExitProfile::Uniform => VariationConfig::new(
+                v.quant(),
+                v.sigma(),
+                v.unit(),
+                nvcim_shared::variation::Profile::Uniform,
+                v.faults(),
+            )?,
+        }))
+    }
+
     /// The selection rule this run applies: `auto` resolved for the method, and clean when
     /// there is no noisy validation (`--mc-val 0`).
     pub fn selection(&self) -> Select {
@@ -332,6 +363,17 @@ pub fn step_forward(
     noise: &TrainingNoise,
     x: burn::tensor::Tensor<4>,
 ) -> Result<(burn::tensor::Tensor<2>, Vec<burn::tensor::Tensor<2>>)> {
+    step_forward_exits(model, method, noise, noise, x)
+}
+
+/// [`step_forward`] with the exits perturbed by `exit_noise` (`--exit-profile`).
+pub fn step_forward_exits(
+    model: &TrainModel,
+    method: Method,
+    noise: &TrainingNoise,
+    exit_noise: &TrainingNoise,
+    x: burn::tensor::Tensor<4>,
+) -> Result<(burn::tensor::Tensor<2>, Vec<burn::tensor::Tensor<2>>)> {
     let perturbed = |n: &TrainingNoise| -> TrainModel {
         if n.is_zero() {
             model.clone()
@@ -341,6 +383,25 @@ pub fn step_forward(
     };
     Ok(match method {
         Method::Vanilla => model.forward(x),
+        Method::Nft if exit_noise != noise => {
+            let backbone = if noise.is_zero() {
+                model.backbone.clone()
+            } else {
+                model.backbone.clone().map(&mut NoiseMapper::new(noise))
+            };
+            let exits = model
+                .exits
+                .iter()
+                .map(|e| {
+                    if exit_noise.is_zero() {
+                        e.clone()
+                    } else {
+                        e.clone().map(&mut NoiseMapper::new(exit_noise))
+                    }
+                })
+                .collect();
+            TrainModel { backbone, exits }.forward(x)
+        }
         Method::Noise | Method::Nft => perturbed(noise).forward(x),
         Method::NftOvf => {
             let (out, _) = perturbed(noise).forward(x.clone());
@@ -381,7 +442,8 @@ pub fn train_step(
     } else {
         None
     };
-    let (out, feedback) = step_forward(&model, cfg.method, noise, x)?;
+    let exit_noise = cfg.exit_noise()?;
+    let (out, feedback) = step_forward_exits(&model, cfg.method, noise, &exit_noise, x)?;
     let loss = method::loss(
         cfg.method,
         out.clone(),
@@ -456,7 +518,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 );
             }
             ad.seed(epoch_seed(cfg.seed, u32::MAX));
-            let backbone = cfg.model.init_backbone(&ad);
+            let mut backbone = cfg.model.init_backbone(&ad);
+            if cfg.init == Init::Authors {
+                backbone.authors_linear_init(&ad);
+            }
             let exits = if cfg.method.uses_exits() {
                 cfg.model.init_exits(&ad)
             } else {
@@ -746,9 +811,49 @@ mod bn_stats_tests {
             mc_val: 1,
             select: Select::Auto,
             bn_stats,
+            init: Init::Pytorch,
+            exit_profile: ExitProfile::Backbone,
             drop_exit: None,
             backend: Backend::Flex,
         }
+    }
+
+    /// `--exit-profile uniform` trains the exits under the uniform profile at the same sigma,
+    /// unit and faults; `backbone` under the backbone's own device model.
+    #[test]
+    fn exit_profile_choice() {
+        use nvcim_shared::quant::QuantConfig;
+        use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
+        let mut cfg = config(Method::Nft, BnStats::Clean);
+        cfg.variation = VariationConfig::new(
+            QuantConfig::DEFAULT,
+            0.3,
+            SigmaUnit::Range,
+            Profile::Rram1,
+            Faults::NONE,
+        )
+        .unwrap();
+        assert_eq!(*cfg.exit_noise().unwrap().config(), cfg.variation);
+        cfg.exit_profile = ExitProfile::Uniform;
+        let e = *cfg.exit_noise().unwrap().config();
+        assert_eq!(e.profile(), Profile::Uniform);
+        assert_eq!((e.sigma(), e.unit()), (0.3, SigmaUnit::Range));
+        assert_ne!(e, cfg.variation);
+        // One step with different noise on the exits runs and moves the weights.
+        let ad = Device::flex().autodiff();
+        ad.seed(1);
+        let model = TrainModel {
+            backbone: cfg.model.init_backbone(&ad),
+            exits: cfg.model.init_exits(&ad),
+        };
+        let before = model.backbone.weights();
+        let x = Tensor::<4>::random([4, 1, 16, 16], Distribution::Normal(0.0, 1.0), &ad);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 2, 4, 6], [4]), &ad);
+        let mut optim = AdamConfig::new().with_epsilon(ADAM_EPSILON).init();
+        let noise = TrainingNoise::new(cfg.variation);
+        let (model, loss, _) = train_step(model, &mut optim, &cfg, &noise, x, y, 1e-3).unwrap();
+        assert!(loss.is_finite());
+        assert_ne!(model.backbone.weights(), before);
     }
 
     /// `--bn-stats clean`: after a noise-injection step, every BatchNorm's running statistics
