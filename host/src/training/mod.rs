@@ -374,34 +374,18 @@ pub fn step_forward_exits(
     exit_noise: &TrainingNoise,
     x: burn::tensor::Tensor<4>,
 ) -> Result<(burn::tensor::Tensor<2>, Vec<burn::tensor::Tensor<2>>)> {
-    let perturbed = |n: &TrainingNoise| -> TrainModel {
-        if n.is_zero() {
-            model.clone()
-        } else {
-            model.clone().map(&mut NoiseMapper::new(n))
-        }
-    };
+    let perturbed = |n: &TrainingNoise| perturb(model.clone(), n);
     Ok(match method {
         Method::Vanilla => model.forward(x),
-        Method::Nft if exit_noise != noise => {
-            let backbone = if noise.is_zero() {
-                model.backbone.clone()
-            } else {
-                model.backbone.clone().map(&mut NoiseMapper::new(noise))
-            };
-            let exits = model
+        Method::Nft if exit_noise != noise => TrainModel {
+            backbone: perturb(model.backbone.clone(), noise),
+            exits: model
                 .exits
                 .iter()
-                .map(|e| {
-                    if exit_noise.is_zero() {
-                        e.clone()
-                    } else {
-                        e.clone().map(&mut NoiseMapper::new(exit_noise))
-                    }
-                })
-                .collect();
-            TrainModel { backbone, exits }.forward(x)
+                .map(|e| perturb(e.clone(), exit_noise))
+                .collect(),
         }
+        .forward(x),
         Method::Noise | Method::Nft => perturbed(noise).forward(x),
         Method::NftOvf => {
             let (out, _) = perturbed(noise).forward(x.clone());
@@ -413,6 +397,16 @@ pub fn step_forward_exits(
             (out, fb)
         }
     })
+}
+
+/// `module` with every conv/linear weight perturbed by one draw of `noise` (itself when the
+/// noise is zero).
+fn perturb<M: Module>(module: M, noise: &TrainingNoise) -> M {
+    if noise.is_zero() {
+        module
+    } else {
+        module.map(&mut NoiseMapper::new(noise))
+    }
 }
 
 /// One optimizer step on a batch: the forward pass of `method` (noise injected), the loss,
