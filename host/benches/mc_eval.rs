@@ -137,6 +137,7 @@ fn main() -> Result<()> {
         dataset: DatasetKind::FashionMnist,
         data_dir: a.data_dir.clone(),
         pad32: true,
+        preprocess: nvcim::data::Preprocess::Pad,
     };
     let (train, test) = loaded.data(None)?;
     let idx: Vec<usize> = (0..a.images.min(test.len())).collect();

@@ -75,6 +75,7 @@ fn check_run(out: &Path, s: &serde_json::Value, epochs: usize) {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["variation"]["sigma_unit"], "range");
+    assert_eq!(cfg["preprocess"], "pad", "nvcim's default preprocessing");
     let acc = s["best_val_clean_acc"].as_f64().unwrap();
     // Chance is 0.1; on 51 validation images 0.25 is 3.6 binomial standard deviations above it.
     assert!(
@@ -417,4 +418,103 @@ fn selection_rule_is_applied_and_recorded() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn preprocess_resize_is_recorded_and_evaluated_the_same_way() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 256, 100);
+    let out = tempfile::tempdir().unwrap();
+    let s = summary(&train(
+        data.path(),
+        out.path(),
+        &[
+            "--method",
+            "vanilla",
+            "--preprocess",
+            "resize",
+            "--sigma",
+            "0",
+        ],
+    ));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["preprocess"], "resize");
+    assert_eq!(cfg["model"]["image_size"], 32);
+    // eval reads the run's preprocessing: its clean accuracy is training's clean test accuracy
+    // (float engine within 1e-4 of Burn: at most one of the 100 images may flip).
+    let ev = tempfile::tempdir().unwrap();
+    let o = nvcim(&[
+        "eval",
+        out.path().to_str().unwrap(),
+        "--sigma",
+        "0",
+        "--mc",
+        "1",
+        "--json",
+        "--quiet",
+        "--out",
+        ev.path().to_str().unwrap(),
+    ]);
+    let r = summary(&o);
+    let (got, want) = (
+        r["clean_accuracy"].as_f64().unwrap() / 100.0,
+        s["test_clean_acc"].as_f64().unwrap(),
+    );
+    assert!(
+        (got - want).abs() <= 0.0101,
+        "eval {got} vs training {want}"
+    );
+    assert!(want > 0.3, "a learnable set: {s}");
+    // The ONNX export carries it too: `eval --onnx` resizes the IDX images and gets the same
+    // clean accuracy as the checkpoint.
+    let onnx = ev.path().join("m.onnx");
+    let o = nvcim(&[
+        "export",
+        out.path().to_str().unwrap(),
+        "--output",
+        onnx.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = nvcim(&[
+        "eval",
+        "--onnx",
+        onnx.to_str().unwrap(),
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--sigma",
+        "0",
+        "--mc",
+        "1",
+        "--json",
+        "--quiet",
+        "--out",
+        ev.path().join("onnx").to_str().unwrap(),
+    ]);
+    let onnx_acc = summary(&o)["clean_accuracy"].as_f64().unwrap() / 100.0;
+    assert!(
+        (onnx_acc - got).abs() <= 0.0101,
+        "onnx {onnx_acc} vs checkpoint {got}"
+    );
+    // Resize is refused where it means nothing.
+    let o = train(
+        data.path(),
+        out.path(),
+        &["--preprocess", "resize", "--no-pad"],
+    );
+    assert!(!o.status.success(), "--no-pad with resize was accepted");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--no-pad"));
+    let o = nvcim(&[
+        "train",
+        "--dataset",
+        "cifar10",
+        "--preprocess",
+        "resize",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "resize on CIFAR was accepted");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--preprocess resize"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! `nvcim import`: load a PyTorch state dict (`.pt`/`.pth`) or safetensors file (the authors'
-//! names or nvcim's) into a backbone and save it as `--out/backbone.bpk` with `model.json`, so
-//! it can be evaluated, exported and packed like a backbone nvcim trained.
+//! names or nvcim's) into a backbone and save it as a run directory (`--out/best/backbone.bpk`,
+//! `model.json`, and a `config.json` naming the dataset and its preprocessing), so that
+//! `nvcim eval --out`, `export` and `pack` take it like a backbone nvcim trained.
 
 use std::path::PathBuf;
 
@@ -9,7 +10,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use clap::Args;
 
-use crate::data::DatasetKind;
+use crate::data::{DatasetKind, Preprocess};
 use crate::model::{Arch, ModelSpec, import};
 use crate::training::checkpoint::write_json_atomic;
 
@@ -29,10 +30,16 @@ pub struct ImportArgs {
     #[arg(long, value_enum, default_value_t = DatasetKind::Mnist)]
     pub dataset: DatasetKind,
     /// Input image size (32 for the authors' MNIST, which they resize from 28, and for CIFAR).
-    /// nvcim pads 28x28 images instead; an imported MNIST model's BatchNorm statistics were
-    /// measured on resized images (see the README's Fidelity section).
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
+    /// How evaluation brings 28x28 images to --image-size: `resize` (default: the authors'
+    /// bilinear resize and mean/std 0.5, which their BatchNorm statistics were measured on) or
+    /// `pad` (nvcim's). Recorded in the run's config.json.
+    #[arg(long, value_enum, default_value_t = Preprocess::Resize)]
+    pub preprocess: Preprocess,
+    /// Where evaluation finds the dataset (default: the dataset's usual location).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Output directory.
     #[arg(long, value_name = "DIR", default_value = "runs/import")]
     pub out: PathBuf,
@@ -48,14 +55,29 @@ pub fn run(args: &ImportArgs) -> Result<()> {
         num_classes: args.dataset.classes(),
     };
     let backbone = import::import_backbone(&args.weights, &spec, &Device::flex())?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let path = args.out.join("backbone.bpk");
+    let best = args.out.join("best");
+    std::fs::create_dir_all(&best).with_context(|| format!("creating {}", best.display()))?;
+    let path = best.join("backbone.bpk");
     backbone
         .save_file(&path)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("writing {}", path.display()))?;
     write_json_atomic(&args.out.join("model.json"), &serde_json::to_value(&spec)?)?;
+    let native = if args.dataset.augments() { 32 } else { 28 };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| args.dataset.default_dir());
+    let config = serde_json::json!({
+        "dataset": args.dataset,
+        "data_dir": data_dir,
+        "pad32": args.image_size == 32 && native == 28,
+        "preprocess": args.preprocess,
+        "model": spec,
+        "method": "imported",
+        "imported_from": args.weights,
+    });
+    write_json_atomic(&args.out.join("config.json"), &config)?;
     println!("imported {} -> {}", args.weights.display(), path.display());
     Ok(())
 }

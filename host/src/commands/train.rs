@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Result, ensure};
 use clap::Args;
 
-use crate::data::DatasetKind;
+use crate::data::{DatasetKind, Preprocess};
 use crate::model::{Arch, Init, ModelSpec};
 use crate::options::DeviceArgs;
 use crate::training::{
@@ -26,10 +26,15 @@ pub struct TrainFlags {
     /// `/usr/share/datasets/mnist` for MNIST, `data/cifar-10` / `data/cifar-100`).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Keep 28x28 images as they are instead of zero-padding them to 32x32 (nvcim's default;
-    /// the authors resize 28 -> 32 instead, see the README's Fidelity section).
-    #[arg(long)]
+    /// Keep 28x28 images as they are instead of bringing them to 32x32.
+    #[arg(long, conflicts_with = "preprocess")]
     pub no_pad: bool,
+    /// How 28x28 images (MNIST, Fashion-MNIST) become 32x32: `pad` (nvcim's default: zero
+    /// padding, every pixel kept, the dataset's own mean/std) or `resize` (the authors': bilinear
+    /// 28 -> 32, mean/std 0.5). Recorded in config.json; eval, export and pack apply the same.
+    /// See the README's Fidelity section.
+    #[arg(long, value_enum, default_value_t = Preprocess::Pad)]
+    pub preprocess: Preprocess,
     /// The network.
     #[arg(long, value_enum, default_value_t = Arch::Vgg8)]
     pub model: Arch,
@@ -130,6 +135,11 @@ impl TrainFlags {
             !(self.select == Select::Noisy && self.mc_val == 0),
             "--select noisy needs noisy validation runs: --mc-val must be at least 1"
         );
+        ensure!(
+            !(self.preprocess == Preprocess::Resize && self.dataset.augments()),
+            "--preprocess resize applies to the 28x28 datasets (mnist, fashion-mnist); {} images are already 32x32",
+            self.dataset.display_name()
+        );
         let pad32 = !self.no_pad && !self.dataset.augments();
         let native = if self.dataset.augments() { 32 } else { 28 };
         let data_dir = self
@@ -140,6 +150,7 @@ impl TrainFlags {
             dataset: self.dataset,
             data_dir,
             pad32,
+            preprocess: self.preprocess,
             model: ModelSpec {
                 arch: self.model,
                 width: self.width,

@@ -98,6 +98,55 @@ impl DatasetKind {
     }
 }
 
+/// How 28x28 images become the 32x32 inputs of the networks, and how pixels are normalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preprocess {
+    /// nvcim's default: zero-pad 28 -> 32 (every pixel kept as it is), normalize with the
+    /// dataset's own mean and std (MNIST 0.1307 / 0.3081, Fashion-MNIST 0.2860 / 0.3530).
+    #[default]
+    Pad,
+    /// The authors' (`NF_Training`): bilinear resize 28 -> 32 (PIL's `Resize(32)` on the 8-bit
+    /// image: half-pixel centres, edges clamped, rounded to the nearest byte), normalize with
+    /// mean 0.5 and std 0.5. Needed to evaluate an imported authors' checkpoint, whose BatchNorm
+    /// statistics were measured on such inputs.
+    Resize,
+}
+
+impl Preprocess {
+    /// The name in `config.json`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Preprocess::Pad => "pad",
+            Preprocess::Resize => "resize",
+        }
+    }
+
+    /// Per-channel mean and std (in [0, 1] units) of `kind`'s images after this preprocessing:
+    /// the dataset's own, or 0.5 / 0.5 after the authors' resize.
+    pub const fn normalization(self, kind: DatasetKind) -> (&'static [f32], &'static [f32]) {
+        match self {
+            Preprocess::Pad => kind.normalization(),
+            Preprocess::Resize => (&[0.5], &[0.5]),
+        }
+    }
+
+    /// Brings `d` to `size x size` (pad or resize; a dataset already that size is returned as
+    /// it is, with this preprocessing's normalization).
+    pub fn apply(self, d: Dataset, size: usize) -> Result<Dataset> {
+        let mut out = if d.height == size && d.width == size {
+            d
+        } else {
+            match self {
+                Preprocess::Pad => d.pad_to(size)?,
+                Preprocess::Resize => d.resize_to(size)?,
+            }
+        };
+        out.preprocess = self;
+        Ok(out)
+    }
+}
+
 /// Images as bytes (`[n, c, h, w]`, channel-major) with their labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
@@ -113,6 +162,8 @@ pub struct Dataset {
     pub images: Vec<u8>,
     /// One label per image, `< kind.classes()`.
     pub labels: Vec<u8>,
+    /// How the images were brought to the network's size (and so how they are normalized).
+    pub preprocess: Preprocess,
 }
 
 impl Dataset {
@@ -145,8 +196,14 @@ impl Dataset {
         }
     }
 
+    /// Per-channel mean and std (in [0, 1] units) the batches are normalized with.
+    pub fn normalization(&self) -> (&'static [f32], &'static [f32]) {
+        self.preprocess.normalization(self.kind)
+    }
+
     fn clone_header(&self) -> Dataset {
         Dataset {
+            preprocess: self.preprocess,
             kind: self.kind,
             channels: self.channels,
             height: self.height,
@@ -174,6 +231,64 @@ impl Dataset {
                     let s = (c * self.height + y) * self.width;
                     let d = (c * size + y + top) * size + left;
                     dst[d..d + self.width].copy_from_slice(&src[s..s + self.width]);
+                }
+            }
+        }
+        Ok(Dataset {
+            images,
+            height: size,
+            width: size,
+            labels: self.labels.clone(),
+            ..self.clone_header()
+        })
+    }
+}
+
+impl Dataset {
+    /// Resizes every image to `size x size` as PIL's bilinear `Resize` does on 8-bit images when
+    /// enlarging (what torchvision's `Resize(32)` does to an MNIST image): output pixel `o`
+    /// samples the source at `(o + 0.5) * n / size - 0.5`, clamped to the image, interpolating
+    /// its two neighbours; a horizontal pass rounded to bytes, then a vertical one.
+    pub fn resize_to(&self, size: usize) -> Result<Dataset> {
+        ensure!(
+            size >= self.height && size >= self.width && self.height > 0 && self.width > 0,
+            "cannot resize {}x{} images to {size}x{size} (only enlarging is supported)",
+            self.height,
+            self.width
+        );
+        // Per output coordinate: the two source indices and the weight of the second.
+        let taps = |n: usize| -> Vec<(usize, usize, f64)> {
+            (0..size)
+                .map(|o| {
+                    let c = ((o as f64 + 0.5) * n as f64 / size as f64 - 0.5)
+                        .clamp(0.0, (n - 1) as f64);
+                    let i = c.floor() as usize;
+                    (i, (i + 1).min(n - 1), c - i as f64)
+                })
+                .collect()
+        };
+        let lerp = |a: u8, b: u8, w: f64| {
+            (f64::from(a) * (1.0 - w) + f64::from(b) * w)
+                .round()
+                .clamp(0.0, 255.0) as u8
+        };
+        let (ty, tx) = (taps(self.height), taps(self.width));
+        let (h, w, plane) = (self.height, self.width, size * size);
+        let mut images = vec![0u8; self.len() * self.channels * plane];
+        let mut rows = vec![0u8; h * size];
+        for (src, dst) in images_iter(self).zip(images.chunks_exact_mut(self.channels * plane)) {
+            for c in 0..self.channels {
+                let src = &src[c * h * w..(c + 1) * h * w];
+                for y in 0..h {
+                    for (ox, &(x0, x1, wx)) in tx.iter().enumerate() {
+                        rows[y * size + ox] = lerp(src[y * w + x0], src[y * w + x1], wx);
+                    }
+                }
+                let dst = &mut dst[c * plane..(c + 1) * plane];
+                for (oy, &(y0, y1, wy)) in ty.iter().enumerate() {
+                    for ox in 0..size {
+                        dst[oy * size + ox] = lerp(rows[y0 * size + ox], rows[y1 * size + ox], wy);
+                    }
                 }
             }
         }
@@ -231,6 +346,7 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<(Dataset, Dataset)> {
                     width: img.dims[2],
                     images: img.data,
                     labels,
+                    preprocess: Preprocess::Pad,
                 })
             };
             Ok((set(&paths[0], &paths[1])?, set(&paths[2], &paths[3])?))
@@ -259,6 +375,7 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<(Dataset, Dataset)> {
                     width: 32,
                     images,
                     labels,
+                    preprocess: Preprocess::Pad,
                 })
             };
             Ok((set(&train_files)?, set(&[test_file])?))
@@ -317,7 +434,7 @@ pub fn make_batch(
     mut augment: Option<&mut Xoshiro128PlusPlus>,
 ) -> Batch {
     let (c, h, w) = (data.channels, data.height, data.width);
-    let (mean, std) = data.kind.normalization();
+    let (mean, std) = data.normalization();
     let b = data.image_bytes();
     let mut images = Vec::with_capacity(indices.len() * b);
     for &i in indices {
@@ -388,7 +505,44 @@ mod tests {
             width: 3,
             images: (0..n * 6).map(|i| i as u8).collect(),
             labels: (0..n).map(|i| (i % 10) as u8).collect(),
+            preprocess: Preprocess::Pad,
         }
+    }
+
+    #[test]
+    fn resize_is_bilinear_with_half_pixel_centres() {
+        let d = Dataset {
+            height: 2,
+            width: 2,
+            images: vec![0, 100, 200, 255],
+            labels: vec![3],
+            ..tiny(0)
+        };
+        let r = Preprocess::Resize.apply(d.clone(), 4).unwrap();
+        assert_eq!(
+            (r.height, r.width, r.preprocess),
+            (4, 4, Preprocess::Resize)
+        );
+        // Computed by hand: source coordinates -0.25 (clamped), 0.25, 0.75, 1.25 (clamped).
+        #[rustfmt::skip]
+        let want = [
+            0, 25, 75, 100,
+            50, 72, 117, 139,
+            150, 167, 200, 216,
+            200, 214, 241, 255,
+        ];
+        assert_eq!(r.images, want);
+        assert_eq!(r.normalization(), (&[0.5f32][..], &[0.5f32][..]));
+        // Padding keeps every pixel and the dataset's own normalization.
+        let p = Preprocess::Pad.apply(d.clone(), 4).unwrap();
+        assert_eq!(p.images[5..7], [0, 100]);
+        assert_eq!(p.normalization(), DatasetKind::Mnist.normalization());
+        // Same size: untouched.
+        assert_eq!(
+            Preprocess::Resize.apply(d.clone(), 2).unwrap().images,
+            d.images
+        );
+        assert!(d.resize_to(1).is_err());
     }
 
     #[test]

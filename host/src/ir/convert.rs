@@ -19,7 +19,7 @@ use burn::tensor::Device;
 use nvcim_shared::format::build::{self, InputSpec, Layer, ModelDesc};
 use nvcim_shared::variation::SigmaUnit;
 
-use crate::data::{self, Dataset, DatasetKind};
+use crate::data::{self, Dataset, DatasetKind, Preprocess};
 use crate::training::checkpoint::{load_backbone, read_json};
 
 use crate::ir::{self, BatchNorm, Conv2d, Network, Node, Normalization, Op, Provenance, Value};
@@ -261,8 +261,10 @@ pub struct Loaded {
     pub dataset: DatasetKind,
     /// Where training read it.
     pub data_dir: PathBuf,
-    /// Whether 28x28 images were padded to 32x32.
+    /// Whether 28x28 images were brought to 32x32.
     pub pad32: bool,
+    /// How (`config.json`'s `preprocess`; `pad` in runs written before it existed).
+    pub preprocess: Preprocess,
 }
 
 fn read_spec(path: &Path) -> Result<ModelSpec> {
@@ -323,6 +325,15 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
         .as_str()
         .map_or_else(|| dataset.default_dir(), PathBuf::from);
     let pad32 = config["pad32"].as_bool().unwrap_or(false);
+    let preprocess = match config.get("preprocess") {
+        None => Preprocess::Pad,
+        Some(v) => serde_json::from_value(v.clone()).with_context(|| {
+            format!(
+                "{}: `preprocess` is {v}, expected \"pad\" or \"resize\"",
+                config_path.display()
+            )
+        })?,
+    };
     let backbone = load_backbone(&file, &spec, device)?;
     Ok(Loaded {
         path: file,
@@ -332,13 +343,14 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
         dataset,
         data_dir,
         pad32,
+        preprocess,
     })
 }
 
 impl Loaded {
     /// The input normalization of the training data, one entry per input channel.
     pub fn normalization(&self) -> Normalization {
-        let (mean, std) = self.dataset.normalization();
+        let (mean, std) = self.preprocess.normalization(self.dataset);
         let c = self.spec.in_channels;
         Normalization {
             mean: (0..c).map(|i| mean[i % mean.len()]).collect(),
@@ -357,6 +369,9 @@ impl Loaded {
             extra.insert("epochs".into(), e.to_string());
         }
         extra.insert("width".into(), self.spec.width.to_string());
+        if self.pad32 {
+            extra.insert("preprocess".into(), self.preprocess.name().to_string());
+        }
         let unit = match c["variation"]["sigma_unit"].as_str() {
             Some("level") => Some(SigmaUnit::Level),
             Some("range") => Some(SigmaUnit::Range),
@@ -389,8 +404,8 @@ impl Loaded {
         let dir = data_dir.unwrap_or(&self.data_dir);
         let (train, test) = data::load_from(self.dataset, Some(dir))?;
         let pad = |d: Dataset| {
-            if self.pad32 && d.height < 32 {
-                d.pad_to(32)
+            if self.pad32 {
+                self.preprocess.apply(d, 32)
             } else {
                 Ok(d)
             }

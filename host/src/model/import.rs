@@ -223,4 +223,39 @@ mod tests {
         );
         assert!(err.contains("x.onnx"), "{err}");
     }
+
+    #[test]
+    fn imported_run_is_evaluated_with_the_authors_preprocessing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vgg8.safetensors");
+        let spec = ModelSpec {
+            arch: Arch::Vgg8,
+            width: 0.125,
+            in_channels: 1,
+            image_size: 32,
+            num_classes: 10,
+        };
+        write_authors_vgg8(&p, &spec);
+        let out = dir.path().join("run");
+        crate::commands::import::run(&crate::commands::import::ImportArgs {
+            weights: p,
+            model: Arch::Vgg8,
+            width: 0.125,
+            dataset: crate::data::DatasetKind::Mnist,
+            image_size: 32,
+            preprocess: crate::data::Preprocess::Resize,
+            data_dir: None,
+            out: out.clone(),
+        })
+        .unwrap();
+        let loaded = crate::ir::convert::load_checkpoint(&out, &Device::flex()).unwrap();
+        assert_eq!(loaded.preprocess, crate::data::Preprocess::Resize);
+        assert!(loaded.pad32);
+        let net = loaded.network().unwrap();
+        assert_eq!(
+            (net.normalization.mean[0], net.normalization.std[0]),
+            (0.5, 0.5)
+        );
+        assert_eq!(loaded.config["method"], "imported");
+    }
 }

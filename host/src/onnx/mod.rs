@@ -272,8 +272,29 @@ pub fn idx_images(
     };
     let ip = find("t10k-images-idx3-ubyte")?;
     let (img, labels) = crate::data::idx::read_pair(&ip, &find("t10k-labels-idx1-ubyte")?)?;
-    let (idims, pixels) = (img.dims, img.data);
+    let (mut idims, mut pixels) = (img.dims, img.data);
     let [c, h, w] = info.image;
+    // A model trained with the authors' preprocessing (`nvcim.preprocess = resize`) sees its
+    // 28x28 images resized, not padded.
+    let resize = model
+        .metadata_props
+        .iter()
+        .find(|p| p.key == "nvcim.preprocess")
+        .is_some_and(|p| p.value == "resize");
+    if resize && (idims[1], idims[2]) != (h, w) && h == w {
+        let d = crate::data::Dataset {
+            kind: crate::data::DatasetKind::Mnist,
+            channels: 1,
+            height: idims[1],
+            width: idims[2],
+            labels: vec![0; idims[0]],
+            images: pixels,
+            preprocess: crate::data::Preprocess::Pad,
+        }
+        .resize_to(h)
+        .with_context(|| format!("resizing {} (nvcim.preprocess = resize)", ip.display()))?;
+        (idims, pixels) = (vec![idims[0], h, w], d.images);
+    }
     let (rows, cols) = (idims[1], idims[2]);
     ensure!(
         rows <= h && cols <= w,

@@ -39,8 +39,10 @@ pub struct TrainConfig {
     pub dataset: DatasetKind,
     /// Where it was read from.
     pub data_dir: PathBuf,
-    /// Zero-pad 28x28 images to 32x32 (nvcim's default; the authors resize).
+    /// Bring 28x28 images to 32x32 (with `preprocess`).
     pub pad32: bool,
+    /// How: zero-pad (nvcim's default) or the authors' resize, and the matching normalization.
+    pub preprocess: crate::data::Preprocess,
     /// The network.
     pub model: ModelSpec,
     /// The method.
@@ -264,8 +266,8 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<RunData> {
     let (train, test) = data::load(cfg.dataset, &cfg.data_dir)
         .with_context(|| format!("loading {}", cfg.dataset.display_name()))?;
     let pad = |d: Dataset| {
-        if cfg.pad32 && d.height < 32 {
-            d.pad_to(32)
+        if cfg.pad32 {
+            cfg.preprocess.apply(d, 32)
         } else {
             Ok(d)
         }
@@ -786,6 +788,7 @@ mod bn_stats_tests {
             dataset: DatasetKind::FashionMnist,
             data_dir: PathBuf::new(),
             pad32: true,
+            preprocess: crate::data::Preprocess::Pad,
             model: ModelSpec {
                 arch: Arch::Vgg8,
                 width: 0.125,
