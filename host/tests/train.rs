@@ -47,6 +47,13 @@ fn summary(o: &Output) -> serde_json::Value {
     serde_json::from_slice(o.stdout.trim_ascii()).expect("JSON summary on stdout")
 }
 
+/// Asserts that `o` failed with a message containing `needle`.
+fn assert_refused(o: &Output, what: &str, needle: &str) {
+    assert!(!o.status.success(), "{what} was accepted");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(needle), "{what}: {err}");
+}
+
 fn check_run(out: &Path, s: &serde_json::Value, epochs: usize) {
     for f in [
         "config.json",
@@ -414,9 +421,7 @@ fn selection_rule_is_applied_and_recorded() {
     ] {
         let out = tempfile::tempdir().unwrap();
         let o = train(data.path(), out.path(), args);
-        assert!(!o.status.success(), "{args:?} was accepted");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_refused(&o, &format!("{args:?}"), needle);
     }
 }
 
@@ -503,8 +508,7 @@ fn preprocess_resize_is_recorded_and_evaluated_the_same_way() {
         out.path(),
         &["--preprocess", "resize", "--no-pad"],
     );
-    assert!(!o.status.success(), "--no-pad with resize was accepted");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--no-pad"));
+    assert_refused(&o, "--no-pad with resize", "--no-pad");
     let o = nvcim(&[
         "train",
         "--dataset",
@@ -514,7 +518,5 @@ fn preprocess_resize_is_recorded_and_evaluated_the_same_way() {
         "--out",
         out.path().to_str().unwrap(),
     ]);
-    assert!(!o.status.success(), "resize on CIFAR was accepted");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--preprocess resize"), "{err}");
+    assert_refused(&o, "resize on CIFAR", "--preprocess resize");
 }

@@ -234,21 +234,10 @@ impl Dataset {
                 }
             }
         }
-        Ok(Dataset {
-            images,
-            height: size,
-            width: size,
-            labels: self.labels.clone(),
-            ..self.clone_header()
-        })
+        Ok(self.with_square_images(images, size))
     }
-}
 
-impl Dataset {
-    /// Resizes every image to `size x size` as PIL's bilinear `Resize` does on 8-bit images when
-    /// enlarging (what torchvision's `Resize(32)` does to an MNIST image): output pixel `o`
-    /// samples the source at `(o + 0.5) * n / size - 0.5`, clamped to the image, interpolating
-    /// its two neighbours; a horizontal pass rounded to bytes, then a vertical one.
+    /// Resizes every image to `size x size` with [`resize_bilinear`] (the authors' resize).
     pub fn resize_to(&self, size: usize) -> Result<Dataset> {
         ensure!(
             size >= self.height && size >= self.width && self.height > 0 && self.width > 0,
@@ -256,50 +245,61 @@ impl Dataset {
             self.height,
             self.width
         );
-        // Per output coordinate: the two source indices and the weight of the second.
-        let taps = |n: usize| -> Vec<(usize, usize, f64)> {
-            (0..size)
-                .map(|o| {
-                    let c = ((o as f64 + 0.5) * n as f64 / size as f64 - 0.5)
-                        .clamp(0.0, (n - 1) as f64);
-                    let i = c.floor() as usize;
-                    (i, (i + 1).min(n - 1), c - i as f64)
-                })
-                .collect()
-        };
-        let lerp = |a: u8, b: u8, w: f64| {
-            (f64::from(a) * (1.0 - w) + f64::from(b) * w)
-                .round()
-                .clamp(0.0, 255.0) as u8
-        };
-        let (ty, tx) = (taps(self.height), taps(self.width));
-        let (h, w, plane) = (self.height, self.width, size * size);
-        let mut images = vec![0u8; self.len() * self.channels * plane];
-        let mut rows = vec![0u8; h * size];
-        for (src, dst) in images_iter(self).zip(images.chunks_exact_mut(self.channels * plane)) {
-            for c in 0..self.channels {
-                let src = &src[c * h * w..(c + 1) * h * w];
-                for y in 0..h {
-                    for (ox, &(x0, x1, wx)) in tx.iter().enumerate() {
-                        rows[y * size + ox] = lerp(src[y * w + x0], src[y * w + x1], wx);
-                    }
-                }
-                let dst = &mut dst[c * plane..(c + 1) * plane];
-                for (oy, &(y0, y1, wy)) in ty.iter().enumerate() {
-                    for ox in 0..size {
-                        dst[oy * size + ox] = lerp(rows[y0 * size + ox], rows[y1 * size + ox], wy);
-                    }
-                }
-            }
-        }
-        Ok(Dataset {
+        let images = resize_bilinear(&self.images, self.height, self.width, size);
+        Ok(self.with_square_images(images, size))
+    }
+
+    /// These labels with `size x size` images.
+    fn with_square_images(&self, images: Vec<u8>, size: usize) -> Dataset {
+        Dataset {
             images,
             height: size,
             width: size,
             labels: self.labels.clone(),
             ..self.clone_header()
-        })
+        }
     }
+}
+
+/// Resizes every `h x w` byte plane of `images` (images x channels of them) to `size x size`
+/// as PIL's bilinear `Resize` does on 8-bit images when enlarging (what torchvision's
+/// `Resize(32)` does to an MNIST image): output pixel `o` samples the source at `(o + 0.5) * n / size - 0.5`, clamped to the image,
+/// interpolating its two neighbours; a horizontal pass rounded to bytes, then a vertical one.
+/// The caller checks `size >= h, w > 0`.
+pub fn resize_bilinear(images: &[u8], h: usize, w: usize, size: usize) -> Vec<u8> {
+    // Per output coordinate: the two source indices and the weight of the second.
+    let taps = |n: usize| -> Vec<(usize, usize, f64)> {
+        (0..size)
+            .map(|o| {
+                let c =
+                    ((o as f64 + 0.5) * n as f64 / size as f64 - 0.5).clamp(0.0, (n - 1) as f64);
+                let i = c.floor() as usize;
+                (i, (i + 1).min(n - 1), c - i as f64)
+            })
+            .collect()
+    };
+    let lerp = |a: u8, b: u8, w: f64| {
+        (f64::from(a) * (1.0 - w) + f64::from(b) * w)
+            .round()
+            .clamp(0.0, 255.0) as u8
+    };
+    let (ty, tx) = (taps(h), taps(w));
+    let plane = size * size;
+    let mut out = vec![0u8; images.len() / (h * w) * plane];
+    let mut rows = vec![0u8; h * size];
+    for (src, dst) in images.chunks_exact(h * w).zip(out.chunks_exact_mut(plane)) {
+        for y in 0..h {
+            for (ox, &(x0, x1, wx)) in tx.iter().enumerate() {
+                rows[y * size + ox] = lerp(src[y * w + x0], src[y * w + x1], wx);
+            }
+        }
+        for (oy, &(y0, y1, wy)) in ty.iter().enumerate() {
+            for ox in 0..size {
+                dst[oy * size + ox] = lerp(rows[y0 * size + ox], rows[y1 * size + ox], wy);
+            }
+        }
+    }
+    out
 }
 
 fn images_iter(d: &Dataset) -> impl Iterator<Item = &[u8]> {

@@ -281,19 +281,9 @@ pub fn idx_images(
         .iter()
         .find(|p| p.key == "nvcim.preprocess")
         .is_some_and(|p| p.value == "resize");
-    if resize && (idims[1], idims[2]) != (h, w) && h == w {
-        let d = crate::data::Dataset {
-            kind: crate::data::DatasetKind::Mnist,
-            channels: 1,
-            height: idims[1],
-            width: idims[2],
-            labels: vec![0; idims[0]],
-            images: pixels,
-            preprocess: crate::data::Preprocess::Pad,
-        }
-        .resize_to(h)
-        .with_context(|| format!("resizing {} (nvcim.preprocess = resize)", ip.display()))?;
-        (idims, pixels) = (vec![idims[0], h, w], d.images);
+    if resize && (idims[1], idims[2]) != (h, w) && h == w && idims[1] <= h && idims[2] <= w {
+        pixels = crate::data::resize_bilinear(&pixels, idims[1], idims[2], h);
+        idims = vec![idims[0], h, w];
     }
     let (rows, cols) = (idims[1], idims[2]);
     ensure!(
