@@ -173,7 +173,16 @@ fn main() -> Result<()> {
             tile_cols: 128,
             scale_mode: ScaleMode::PerLayer,
         };
-        let engine = int_engine(&loaded, &train, &test, a.calibration, &cfg, None, a.sigma)?;
+        let engine = int_engine(
+            &loaded,
+            &train,
+            &test,
+            a.calibration,
+            &cfg,
+            None,
+            a.sigma,
+            None,
+        )?;
         for &jobs in &a.jobs {
             let t = throughput(&engine, &(), &var, &a, jobs)?;
             fields.push(format!("\"int_jobs{jobs}\": {t:.1}"));

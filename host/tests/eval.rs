@@ -347,3 +347,125 @@ fn eval_both_engines_agree_and_files_are_consistent() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("model.json"), "{err}");
 }
+
+#[test]
+fn bn_recalibration_is_seeded_jobs_invariant_and_engines_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, run) = trained(dir.path());
+    let weights = std::fs::read(run.join("best/backbone.bpk")).unwrap();
+    let recal = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["--bn-recalibrate", "64"];
+        args.extend_from_slice(extra);
+        ok(&eval(&run, &out, &args));
+        report(&out)
+    };
+    let f1 = recal("f1", &["--engine", "float", "--jobs", "1"]);
+    let f2 = recal("f2", &["--engine", "float", "--jobs", "2"]);
+    assert_eq!(f1.config.bn_recalibrate, Some(64), "recorded in eval.json");
+    for (a, b) in f1.results.iter().zip(&f2.results) {
+        assert_eq!(a.correct, b.correct, "sigma {}: --jobs 1 vs 2", a.sigma);
+    }
+    // The same flags again give the same numbers (the images are a seeded choice).
+    let again = recal("f3", &["--engine", "float", "--jobs", "2"]);
+    assert_eq!(f1.results, again.results);
+    // Recalibration is not a no-op: without it some run at sigma 0.6 classifies differently.
+    let plain_out = dir.path().join("plain");
+    ok(&eval(
+        &run,
+        &plain_out,
+        &["--engine", "float", "--jobs", "2"],
+    ));
+    let plain = report(&plain_out);
+    assert_eq!(plain.config.bn_recalibrate, None);
+    assert_ne!(plain.results[2].correct, f1.results[2].correct);
+    // The clean accuracy keeps the checkpoint's statistics; the checkpoint is not touched.
+    assert_eq!(plain.clean_accuracy, f1.clean_accuracy);
+    assert_eq!(
+        std::fs::read(run.join("best/backbone.bpk")).unwrap(),
+        weights
+    );
+
+    // The integer engine folds each run's recalibrated statistics into its requantization:
+    // within the float/int agreement bound of `eval_both_engines_agree_and_files_are_consistent`.
+    let int = recal(
+        "int",
+        &[
+            "--engine",
+            "int",
+            "--jobs",
+            "2",
+            "--calibration-images",
+            "64",
+        ],
+    );
+    let bound = 100.0 * 8.0 / 128.0 + 100.0 / 200.0;
+    for (f, i) in f1.results.iter().zip(&int.results) {
+        let d = (f.summary.mean - i.summary.mean).abs();
+        assert!(
+            d <= bound,
+            "sigma {}: recalibrated float mean {} vs int mean {} (bound {bound})",
+            f.sigma,
+            f.summary.mean,
+            i.summary.mean
+        );
+    }
+
+    // Bad input: 0 images, more images than the training set has (400), the firmware, and an
+    // ONNX model without BatchNorm.
+    let bad = dir.path().join("bad");
+    for (n, needle) in [("0", "at least 1"), ("401", "400 training images")] {
+        let o = eval(&run, &bad, &["--bn-recalibrate", n]);
+        assert!(!o.status.success(), "--bn-recalibrate {n} should fail");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--bn-recalibrate") && err.contains(needle),
+            "{n}: {err}"
+        );
+    }
+    let cimb = dir.path().join("model.cimb");
+    let (r, d) = (run.to_str().unwrap(), data.to_str().unwrap());
+    ok(&nvcim(&[
+        "pack",
+        r,
+        "-o",
+        cimb.to_str().unwrap(),
+        "--test-images",
+        "20",
+        "--calibration-images",
+        "16",
+    ]));
+    let o = nvcim(&[
+        "firmware",
+        "run",
+        cimb.to_str().unwrap(),
+        "--simulated",
+        "--bn-recalibrate",
+        "64",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("firmware cannot recalibrate"), "{err}");
+    let folded = dir.path().join("folded.onnx");
+    ok(&nvcim(&[
+        "export",
+        r,
+        "-o",
+        folded.to_str().unwrap(),
+        "--fold-bn",
+    ]));
+    let o = nvcim(&[
+        "eval",
+        "--onnx",
+        folded.to_str().unwrap(),
+        "--data-dir",
+        d,
+        "--bn-recalibrate",
+        "64",
+        "--out",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no BatchNormalization node"), "{err}");
+}

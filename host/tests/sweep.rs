@@ -72,6 +72,7 @@ fn finish(eval_dir: &Path) {
         mc: 5,
         seed: 0,
         test_subset: None,
+        bn_recalibrate: None,
     };
     let runs: Vec<SigmaRuns> = [0.2f32, 0.4, 0.6]
         .iter()

@@ -22,6 +22,7 @@ use nvcim_shared::format::build::PackConfig;
 use crate::{
     data::subset,
     engine::{
+        BnRecalibration,
         float::{FLOAT_BATCH, float_engine},
         int::int_engine,
         onnx::{OnnxData, OnnxEngine},
@@ -66,9 +67,18 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let (train, test) = loaded.data(args.data_dir.as_deref())?;
     let test = subset(&test, args.eval.test_subset);
     let info = checkpoint_info(&loaded, ckpt);
+    let recal = args
+        .eval
+        .bn_recalibrate
+        .map(|n| BnRecalibration::new(&train, n, args.eval.seed))
+        .transpose()?;
     match args.eval.engine {
         Engine::Float => {
-            let (engine, data) = float_engine(&loaded, &test, args.eval.scale_mode(), FLOAT_BATCH)?;
+            let (mut engine, data) =
+                float_engine(&loaded, &test, args.eval.scale_mode(), FLOAT_BATCH)?;
+            if let Some(r) = recal {
+                engine = engine.with_recalibration(r)?;
+            }
             evaluate(&args.eval, &info, &engine, &data)?;
         }
         Engine::Int => {
@@ -86,6 +96,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 &cfg,
                 args.eval.adc_bits,
                 sigmas.iter().copied().fold(0.0, f32::max),
+                recal,
             )?;
             evaluate(&args.eval, &info, &engine, &())?;
         }
@@ -108,6 +119,27 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
         .as_deref()
         .context("--onnx needs --data-dir DIR with IDX test files")?;
     let engine = OnnxEngine::new(path)?;
+    if let Some(n) = args.eval.bn_recalibrate {
+        let bn = engine.model().graph.as_ref().map_or(0, |g| {
+            g.node
+                .iter()
+                .filter(|n| n.op_type == "BatchNormalization")
+                .count()
+        });
+        ensure!(
+            bn > 0,
+            "--bn-recalibrate {n}: {} has no BatchNormalization node (exported with BatchNorm \
+             folded, or a network without it): there are no statistics to recalibrate; leave \
+             the flag out",
+            path.display()
+        );
+        anyhow::bail!(
+            "--bn-recalibrate {n}: recalibrating the {bn} BatchNormalization nodes of an ONNX \
+             model ({}) is not supported yet; evaluate the nvcim checkpoint it came from \
+             (`nvcim eval RUN_DIR --bn-recalibrate {n}`) instead",
+            path.display()
+        );
+    }
     let info = OnnxInfo::of(engine.model(), engine.what())?;
     let limit = args.eval.test_subset.unwrap_or(usize::MAX);
     let (images, labels) = idx_images(dir, engine.model(), &info, limit)?;

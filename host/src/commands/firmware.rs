@@ -93,6 +93,11 @@ pub struct RunArgs {
     /// Kill QEMU after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+    /// Not supported by the firmware (refused with an explanation): BatchNorm is folded into
+    /// the packed requantization records, and the firmware has no training images to
+    /// re-estimate it from. Use `nvcim eval --engine int --bn-recalibrate N` on the host.
+    #[arg(long, value_name = "N")]
+    pub bn_recalibrate: Option<usize>,
 }
 
 /// Dispatches `nvcim firmware ...`.
@@ -141,6 +146,14 @@ impl RunArgs {
 }
 
 fn run_mc(a: &RunArgs) -> Result<()> {
+    if let Some(n) = a.bn_recalibrate {
+        bail!(
+            "--bn-recalibrate {n}: the firmware cannot recalibrate BatchNorm (the packed model \
+             folds it into fixed requantization records and carries no training images); run \
+             `nvcim eval RUN_DIR --engine int --bn-recalibrate {n}` on the host, which computes \
+             the same integer arithmetic with each run's recalibrated records"
+        );
+    }
     ensure!(a.mc > 0, "--mc must be at least 1");
     let blob = std::fs::read(&a.model)
         .with_context(|| format!("reading packed model {}", a.model.display()))?;

@@ -28,6 +28,8 @@ pub mod tags {
     pub const SHUFFLE: u32 = 3;
     /// The per-epoch augmentation.
     pub const AUGMENT: u32 = 4;
+    /// The images of `nvcim eval --bn-recalibrate`.
+    pub const RECALIBRATE: u32 = 5;
 }
 
 /// A supported dataset.

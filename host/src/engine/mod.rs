@@ -28,11 +28,16 @@
 //! engine uses the same `Readout`s for its tile state), then classify `data`. Then call
 //! [`crate::eval::evaluate`] with the `nvcim eval` flags.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use nvcim_shared::{
     quant::{ScaleMode, layer_scale},
-    rng::stream,
+    rng::{Purpose, stream, stream_for},
     variation::VariationConfig,
+};
+
+use crate::{
+    data::{Dataset, make_batch, permutation, tags},
+    ir::{Network, Op},
 };
 
 pub mod dense;
@@ -107,4 +112,66 @@ pub fn noisy_weights(
             Ok(out)
         })
         .collect()
+}
+
+/// BatchNorm recalibration after programming (`nvcim eval --bn-recalibrate N`): before a Monte
+/// Carlo run classifies its test set, every BatchNorm's running mean and variance are
+/// re-estimated on the same `N` training images through that run's perturbed weights
+/// ([`float::layers::recalibrate_batchnorm`]) — what a chip's digital periphery can do once
+/// after its arrays are programmed. The images are a seeded choice (`--seed`) from the
+/// training set, the same for every run; no weight changes.
+#[derive(Debug, Clone)]
+pub struct BnRecalibration {
+    images: Vec<f32>,
+    n: usize,
+}
+
+impl BnRecalibration {
+    /// `n` images of `train` chosen by `seed` (host stream, tag [`tags::RECALIBRATE`]).
+    pub fn new(train: &Dataset, n: usize, seed: u64) -> Result<Self> {
+        ensure!(n > 0, "--bn-recalibrate must be at least 1 image");
+        ensure!(
+            n <= train.len(),
+            "--bn-recalibrate {n} is more than the {} training images there are; give at most {}",
+            train.len(),
+            train.len()
+        );
+        let mut idx = permutation(
+            train.len(),
+            &mut stream_for(Purpose::Host, seed, 0, tags::RECALIBRATE),
+        );
+        idx.truncate(n);
+        idx.sort_unstable();
+        Ok(BnRecalibration {
+            images: make_batch(train, &idx, None).images,
+            n,
+        })
+    }
+
+    /// Images per recalibration.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether there are no images (never: [`BnRecalibration::new`] refuses 0).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Re-estimates the BatchNorm statistics of `net` (its weights as programmed); returns
+    /// each node's largest `|value|` over the images, after recalibration.
+    pub fn apply(&self, net: &mut Network) -> Result<Vec<f32>> {
+        float::layers::recalibrate_batchnorm(
+            net,
+            &self.images,
+            self.n,
+            float::layers::Isa::detect(),
+        )
+        .context("recalibrating BatchNorm")
+    }
+}
+
+/// Whether `net` has a BatchNorm node (what `--bn-recalibrate` re-estimates).
+pub fn has_batchnorm(net: &Network) -> bool {
+    net.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_)))
 }

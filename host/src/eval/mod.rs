@@ -91,6 +91,15 @@ pub struct EvalOptions {
     /// Evaluate on the first N test examples only (a quick look).
     #[arg(long, value_name = "N")]
     pub test_subset: Option<usize>,
+    /// BatchNorm recalibration after programming: before each Monte Carlo run classifies,
+    /// re-estimate every BatchNorm's mean and variance on N training images (a seeded choice,
+    /// the same for every run) through that run's perturbed weights, as a chip's digital
+    /// periphery can once after its arrays are programmed. No weight changes; the clean
+    /// accuracy keeps the checkpoint's statistics. Float and int engines of a checkpoint;
+    /// not --onnx or the firmware. Off by default (the paper's protocol); see the README
+    /// for what it does to the demo's models.
+    #[arg(long, value_name = "N")]
+    pub bn_recalibrate: Option<usize>,
     /// Worker threads for the Monte Carlo runs (one run at a time each, single-threaded);
     /// results do not depend on it. Default: the number of cores.
     #[arg(long, value_name = "N")]
@@ -130,6 +139,10 @@ impl EvalOptions {
         ensure!(
             self.test_subset != Some(0),
             "--test-subset must be at least 1"
+        );
+        ensure!(
+            self.bn_recalibrate != Some(0),
+            "--bn-recalibrate must be at least 1 image (leave it out for no recalibration)"
         );
         if self.engine == Engine::Int {
             ensure!(
@@ -197,6 +210,7 @@ pub fn resolve(opts: &EvalOptions, info: &ModelInfo, sigmas: Vec<f32>) -> EvalCo
         mc: opts.mc,
         seed: opts.seed,
         test_subset: opts.test_subset,
+        bn_recalibrate: opts.bn_recalibrate,
     }
 }
 

@@ -89,6 +89,10 @@ pub struct EvalConfig {
     pub seed: u64,
     /// The first this many test examples were used (`None`: the whole test set).
     pub test_subset: Option<usize>,
+    /// Training images each run's BatchNorm statistics were re-estimated on
+    /// (`--bn-recalibrate`; `None`: the checkpoint's statistics).
+    #[serde(default)]
+    pub bn_recalibrate: Option<usize>,
 }
 
 /// The results at one sigma.
@@ -424,6 +428,7 @@ pub(crate) mod tests {
             mc,
             seed: 3,
             test_subset: None,
+            bn_recalibrate: None,
         }
     }
 

@@ -3,6 +3,8 @@
 //! training images (clean and noisy runs), and the packed `.cimb` blob is written with a test
 //! batch appended (`nvcim pack`, `nvcim eval --engine int`, `nvcim firmware run`).
 
+use std::path::Path;
+
 use anyhow::{Result, ensure};
 use nvcim_shared::format::{
     Model,
@@ -11,7 +13,10 @@ use nvcim_shared::format::{
 
 use crate::{
     data::Dataset,
-    ir::convert::{Loaded, desc_nodes, model_desc},
+    ir::{
+        Network,
+        convert::{Loaded, desc_nodes, model_desc},
+    },
 };
 
 /// The seed of the Monte Carlo runs that activation calibration looks at: fixed, and kept away
@@ -36,6 +41,28 @@ pub fn pack_checkpoint(
     cfg: &PackConfig,
     noisy_sigma: f32,
 ) -> Result<Vec<u8>> {
+    let c = calibrate_checkpoint(loaded, train, calibration, cfg, noisy_sigma)?;
+    pack_network(&c.net, &c.act_max, test, cfg, &loaded.path)
+}
+
+/// A checkpoint's network and the calibrated largest `|value|` of each node's output (the
+/// activation scales [`pack_network`] packs with).
+#[derive(Debug, Clone)]
+pub struct Calibrated {
+    /// The network (clean weights).
+    pub net: Network,
+    /// Per node, `act_max` ([`build::Node::act_max`]).
+    pub act_max: Vec<f32>,
+}
+
+/// The activation calibration of [`pack_checkpoint`].
+pub fn calibrate_checkpoint(
+    loaded: &Loaded,
+    train: &Dataset,
+    calibration: usize,
+    cfg: &PackConfig,
+    noisy_sigma: f32,
+) -> Result<Calibrated> {
     ensure!(calibration > 0, "--calibration-images must be at least 1");
     let net = loaded.network()?;
     let mut nodes = desc_nodes(&net)?;
@@ -69,13 +96,37 @@ pub fn pack_checkpoint(
             node.act_max = a;
         }
     }
+    let act_max = nodes.iter().map(|n| n.act_max).collect();
+    drop(nodes);
+    Ok(Calibrated { net, act_max })
+}
+
+/// Packs `net` with the activation scales `act_max` (one per node) and `test` appended;
+/// `what` names the checkpoint in errors.
+pub fn pack_network(
+    net: &Network,
+    act_max: &[f32],
+    test: &Dataset,
+    cfg: &PackConfig,
+    what: &Path,
+) -> Result<Vec<u8>> {
+    let mut nodes = desc_nodes(net)?;
+    ensure!(
+        nodes.len() == act_max.len(),
+        "{} activation scales for {} nodes",
+        act_max.len(),
+        nodes.len()
+    );
+    for (node, &a) in nodes.iter_mut().zip(act_max) {
+        node.act_max = a;
+    }
     let labels: Vec<u16> = test.labels.iter().map(|&l| u16::from(l)).collect();
     let batch = (!test.is_empty()).then_some(TestBatch {
         images: &test.images,
         labels: &labels,
     });
-    pack(&model_desc(&net, &nodes), cfg, batch)
-        .map_err(|e| anyhow::anyhow!("packing {}: {e}", loaded.path.display()))
+    pack(&model_desc(net, &nodes), cfg, batch)
+        .map_err(|e| anyhow::anyhow!("packing {}: {e}", what.display()))
 }
 
 /// `calibrate_with` over the images split between the available cores: the elementwise

@@ -200,6 +200,10 @@ fn method_label(e: &Entry) -> String {
     if c.method != "vanilla" && !e.noise_injection() {
         s.push_str(" w/o noise injection");
     }
+    // Evaluated with another protocol: never averaged with the plain evaluations.
+    if let Some(n) = c.bn_recalibrate {
+        write!(s, ", BN recalibrated on {n}").expect("writing to a String");
+    }
     s
 }
 

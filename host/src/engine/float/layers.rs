@@ -96,6 +96,12 @@ pub struct Prepared<'n> {
 impl<'n> Prepared<'n> {
     /// Resolves `net` (the run's weights already in it) for `isa`.
     pub fn new(net: &'n Network, isa: Isa) -> Result<Self> {
+        Self::build(net, isa, true)
+    }
+
+    /// [`Prepared::new`], with BatchNorm folded into the producing step or (for recalibration,
+    /// which reads each BatchNorm's input) run as its own node.
+    fn build(net: &'n Network, isa: Isa, fold_bn: bool) -> Result<Self> {
         let shapes = net.shapes()?;
         let n = net.nodes.len();
         let mut readers = vec![0usize; n];
@@ -125,7 +131,8 @@ impl<'n> Prepared<'n> {
                 .map(|o| (1.0, bias.as_ref().map_or(0.0, |b| f64::from(b[o]))))
                 .collect();
             let mut last = i;
-            if sole(i + 1, i)
+            if fold_bn
+                && sole(i + 1, i)
                 && let Op::BatchNorm(bn) = &net.nodes[i + 1].op
             {
                 for ((m, b), (bm, bb)) in affine.iter_mut().zip(bn.affine()) {
@@ -257,6 +264,7 @@ impl<'n> Prepared<'n> {
             input,
             values,
             scratch: s,
+            recal,
         } = ws;
         let mut i = 0;
         while i < self.steps.len() {
@@ -287,6 +295,19 @@ impl<'n> Prepared<'n> {
                             *d = a + b;
                         }
                     }
+                    Op::BatchNorm(bn) if recal.is_some() => {
+                        let (mean, var) = channel_stats(x, shape[0], nb * shape[1] * shape[2]);
+                        let bn = ir::BatchNorm {
+                            mean,
+                            var,
+                            ..bn.clone()
+                        };
+                        let op = Op::BatchNorm(bn);
+                        plain(&op, x, shape, self.shapes[i], nb, &mut out);
+                        if let (Some(r), Op::BatchNorm(bn)) = (recal.as_mut(), op) {
+                            r[i] = Some((bn.mean, bn.var));
+                        }
+                    }
                     op => plain(op, x, shape, self.shapes[i], nb, &mut out),
                 },
             }
@@ -302,6 +323,70 @@ struct Workspace {
     input: Vec<f32>,
     values: Vec<Vec<f32>>,
     scratch: Scratch,
+    /// When set (a recalibration pass over an unfolded [`Prepared`]), every BatchNorm node
+    /// normalizes with the statistics of its input over the batch, stored here by node.
+    recal: Option<Vec<Option<BnStats>>>,
+}
+
+/// A BatchNorm's per-channel mean and (biased) variance.
+type BnStats = (Vec<f32>, Vec<f32>);
+
+/// Per channel, the mean and biased variance of `x` (`channels` runs of `len` values), summed
+/// in `f64`, two passes.
+fn channel_stats(x: &[f32], channels: usize, len: usize) -> BnStats {
+    let (mut mean, mut var) = (Vec::with_capacity(channels), Vec::with_capacity(channels));
+    for ch in x.chunks(len.max(1)).take(channels) {
+        let n = ch.len().max(1) as f64;
+        let m = ch.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let v = ch.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / n;
+        mean.push(m as f32);
+        var.push(v as f32);
+    }
+    (mean, var)
+}
+
+/// Re-estimates every BatchNorm's running mean and variance of `net` (weights as programmed)
+/// on `nb` normalized `[n][c][h][w]` images, in one forward pass in node order: each BatchNorm
+/// takes the mean and biased variance of its input over all `nb` images (every pixel of a
+/// channel), and the nodes after it see its output normalized with them — the population
+/// statistics of the network as it is, what BatchNorm recalibration after programming does.
+/// No weight changes. Holds every node's output for the `nb` images at once.
+///
+/// Returns each node's largest `|value|` over the images in the recalibrated network (a conv or
+/// linear followed directly by a ReLU shares the ReLU's).
+pub fn recalibrate_batchnorm(
+    net: &mut Network,
+    images: &[f32],
+    nb: usize,
+    isa: Isa,
+) -> Result<Vec<f32>> {
+    let (stats, max) = {
+        let p = Prepared::build(net, isa, false)?;
+        let mut ws = Workspace {
+            recal: Some(vec![None; net.nodes.len()]),
+            ..Workspace::default()
+        };
+        p.forward(images, nb, &mut ws)?;
+        // A step's output is in `values[last]`; the nodes it absorbed share its maximum.
+        let mut max: Vec<f32> = ws
+            .values
+            .iter()
+            .map(|v| v.iter().fold(0f32, |m, x| m.max(x.abs())))
+            .collect();
+        for (i, step) in p.steps.iter().enumerate() {
+            if let Step::Weighted { last, .. } = *step {
+                max[i] = max[last];
+            }
+        }
+        (ws.recal.take().unwrap_or_default(), max)
+    };
+    for (node, s) in net.nodes.iter_mut().zip(stats) {
+        if let (Op::BatchNorm(bn), Some((mean, var))) = (&mut node.op, s) {
+            bn.mean = mean;
+            bn.var = var;
+        }
+    }
+    Ok(max)
 }
 
 /// A node that is not a product: elementwise ops, pools, flatten.
@@ -966,6 +1051,67 @@ mod tests {
             seed: 9,
         };
         check(&Network::resnet18(&arch).unwrap(), 5);
+    }
+
+    #[test]
+    fn batchnorm_recalibration_measures_the_network_as_it_is_and_changes_no_weight() {
+        for net in [
+            Network::vgg8(&RandomArch {
+                channels: 1,
+                size: 16,
+                classes: 10,
+                width: 0.125,
+                seed: 3,
+            })
+            .unwrap(),
+            Network::resnet18(&RandomArch {
+                channels: 3,
+                size: 16,
+                classes: 10,
+                width: 0.0625,
+                seed: 5,
+            })
+            .unwrap(),
+        ] {
+            // A noisy instance: its statistics differ from the checkpoint's.
+            let noisy = net
+                .noisy_instance(&VariationConfig::paper(0.5).unwrap(), 2, 0)
+                .unwrap();
+            let n = 9;
+            let x = images(&noisy, n);
+            // The oracle: the reference f64 pass, BatchNorm by BatchNorm in node order.
+            let mut want = noisy.clone();
+            want.calibrate_batchnorm(&x, n).unwrap();
+            for isa in Isa::available() {
+                let mut got = noisy.clone();
+                recalibrate_batchnorm(&mut got, &x, n, isa).unwrap();
+                let mut changed = 0;
+                for ((g, w), before) in got.nodes.iter().zip(&want.nodes).zip(&noisy.nodes) {
+                    match (&g.op, &w.op, &before.op) {
+                        (Op::BatchNorm(g), Op::BatchNorm(w), Op::BatchNorm(b)) => {
+                            // gamma, beta and eps are the checkpoint's; mean and var measured.
+                            assert_eq!((&g.gamma, &g.beta, g.eps), (&b.gamma, &b.beta, b.eps));
+                            for c in 0..g.mean.len() {
+                                let tol = 1e-3 * (1.0 + w.var[c].sqrt());
+                                assert!((g.mean[c] - w.mean[c]).abs() <= tol, "{isa:?} mean");
+                                // The oracle floors the variance at 1e-3.
+                                assert!(
+                                    (g.var[c].max(1e-3) - w.var[c]).abs() <= 2e-3 * w.var[c],
+                                    "{isa:?} var {} vs {}",
+                                    g.var[c],
+                                    w.var[c]
+                                );
+                            }
+                            changed += usize::from(g.mean != b.mean);
+                        }
+                        // Every other node, weights included, is untouched.
+                        (g, _, b) => assert_eq!(g, b),
+                    }
+                }
+                assert!(changed > 0, "{isa:?}: no BatchNorm changed");
+                assert_eq!(got.weights(), noisy.weights());
+            }
+        }
     }
 
     #[test]

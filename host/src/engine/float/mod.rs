@@ -2,10 +2,10 @@
 //! weights, classified by [`layers`] (an `f32` layer-at-a-time engine that matches Burn's
 //! forward pass to `1e-4` of the logits' scale; see the test below).
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 use nvcim_shared::{quant::ScaleMode, variation::VariationConfig};
 
-use super::{NoisyClassifier, noisy_weights, weight_scales};
+use super::{BnRecalibration, NoisyClassifier, has_batchnorm, noisy_weights, weight_scales};
 use crate::{
     data::{Batch, Dataset, batches},
     ir::{Network, convert::Loaded},
@@ -36,6 +36,7 @@ pub struct FloatEngine {
     net: Network,
     clean: Vec<Vec<f32>>,
     scales: Vec<f32>,
+    recal: Option<BnRecalibration>,
 }
 
 impl FloatEngine {
@@ -43,7 +44,51 @@ impl FloatEngine {
     pub fn new(net: Network, mode: ScaleMode) -> Result<Self> {
         let clean: Vec<Vec<f32>> = net.weights().into_iter().map(<[f32]>::to_vec).collect();
         let scales = weight_scales(&clean, mode)?;
-        Ok(FloatEngine { net, clean, scales })
+        Ok(FloatEngine {
+            net,
+            clean,
+            scales,
+            recal: None,
+        })
+    }
+
+    /// The engine with every Monte Carlo run's BatchNorm statistics re-estimated by `recal`
+    /// after its weights are programmed (the clean accuracy keeps the checkpoint's statistics).
+    pub fn with_recalibration(mut self, recal: BnRecalibration) -> Result<Self> {
+        ensure!(
+            has_batchnorm(&self.net),
+            "--bn-recalibrate: the network has no BatchNorm to recalibrate"
+        );
+        self.recal = Some(recal);
+        Ok(self)
+    }
+
+    /// The network of run `run` under `seed` as it classifies: its perturbed weights, and its
+    /// BatchNorm statistics recalibrated through them when the engine recalibrates.
+    pub fn run_network(&self, var: &VariationConfig, seed: u64, run: u32) -> Result<Network> {
+        let mut net = self.noisy_network(var, seed, run)?;
+        if let Some(r) = &self.recal {
+            r.apply(&mut net)?;
+        }
+        Ok(net)
+    }
+
+    /// [`FloatEngine::run_network`] of an engine that recalibrates, with the largest `|value|`
+    /// of each node's output over the recalibration images (see
+    /// [`layers::recalibrate_batchnorm`]).
+    pub fn recalibrated_network(
+        &self,
+        var: &VariationConfig,
+        seed: u64,
+        run: u32,
+    ) -> Result<(Network, Vec<f32>)> {
+        let mut net = self.noisy_network(var, seed, run)?;
+        let r = self
+            .recal
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the engine does not recalibrate BatchNorm"))?;
+        let max = r.apply(&mut net)?;
+        Ok((net, max))
     }
 
     /// The network with the weights of run `run` under `seed`.
@@ -93,7 +138,7 @@ impl NoisyClassifier for FloatEngine {
     }
 
     fn run(&self, var: &VariationConfig, seed: u64, run: u32, data: &FloatData) -> Result<usize> {
-        let net = self.noisy_network(var, seed, run)?;
+        let net = self.run_network(var, seed, run)?;
         self.count(&net, data)
     }
 }

@@ -11,14 +11,20 @@ use nvcim_shared::{
     variation::VariationConfig,
 };
 
-use super::{NoisyClassifier, simd::HostKernel};
-use crate::{data::Dataset, ir::convert::Loaded, pack::pack_checkpoint};
+use super::{BnRecalibration, NoisyClassifier, float::FloatEngine, simd::HostKernel};
+use crate::{
+    data::Dataset,
+    ir::{Op, convert::Loaded},
+    pack::{calibrate_checkpoint, pack_network},
+};
 
 pub mod layers;
 
 /// The integer engine of `nvcim eval`: the checkpoint packed with `test` and activation scales
 /// calibrated on `calibration` training images (see [`pack_checkpoint`]), with an ideal ADC or
-/// one of `adc_bits`.
+/// one of `adc_bits`; with `recal`, every run's BatchNorm statistics are re-estimated through
+/// its perturbed weights and folded into its requantization records ([`IntEngine`]).
+#[allow(clippy::too_many_arguments)]
 pub fn int_engine(
     loaded: &Loaded,
     train: &Dataset,
@@ -27,15 +33,48 @@ pub fn int_engine(
     cfg: &PackConfig,
     adc_bits: Option<u8>,
     noisy_sigma: f32,
+    recal: Option<BnRecalibration>,
 ) -> Result<IntEngine> {
-    let blob = pack_checkpoint(loaded, train, test, calibration, cfg, noisy_sigma)?;
-    IntEngine::new(blob, adc_bits)
+    let c = calibrate_checkpoint(loaded, train, calibration, cfg, noisy_sigma)?;
+    let blob = pack_network(&c.net, &c.act_max, test, cfg, &loaded.path)?;
+    let mut engine = IntEngine::new(blob, adc_bits)?;
+    if let Some(r) = recal {
+        engine.recal = Some(IntRecal {
+            float: FloatEngine::new(c.net.clone(), cfg.scale_mode)?.with_recalibration(r)?,
+            net: c.net,
+            test: test.clone(),
+            cfg: *cfg,
+            what: loaded.path.clone(),
+        });
+    }
+    Ok(engine)
 }
 
 /// The integer engine over a packed model and its packed test images.
+///
+/// With BatchNorm recalibration (`--bn-recalibrate`), run `r` first takes the float engine's
+/// network of the same run (the same draws, [`FloatEngine::run_network`]) and its recalibrated
+/// BatchNorm statistics, repacks the clean weights with those statistics — `pack` folds
+/// BatchNorm into each channel's requantization multiplier and bias, not into the weights, so
+/// the tiles programmed from `stream(seed, r, l)` are the same — and classifies with that
+/// blob. The activation scales are re-derived the same way, from the largest `|value|` of each
+/// node's output over the recalibration images through that run's recalibrated network: the
+/// recalibrated BatchNorm changes the layers' output ranges (by 1.8x on a test model), and
+/// scales calibrated for the checkpoint's statistics would then clip them (the periphery
+/// that recalibrates BatchNorm after programming sets its activation ranges with it).
 pub struct IntEngine {
     blob: Vec<u8>,
     path: TilePath,
+    recal: Option<IntRecal>,
+}
+
+/// What a recalibrating [`IntEngine`] repacks from.
+struct IntRecal {
+    float: FloatEngine,
+    net: crate::ir::Network,
+    test: Dataset,
+    cfg: PackConfig,
+    what: std::path::PathBuf,
 }
 
 impl IntEngine {
@@ -56,7 +95,11 @@ impl IntEngine {
                 .map_err(|e| anyhow::anyhow!("--adc-bits {bits}: {e}"))?,
             ),
         };
-        Ok(IntEngine { blob, path })
+        Ok(IntEngine {
+            blob,
+            path,
+            recal: None,
+        })
     }
 
     fn model(&self) -> Result<Model<'_>> {
@@ -64,7 +107,26 @@ impl IntEngine {
     }
 
     fn count(&self, var: &VariationConfig, seed: u64, run: u32) -> Result<usize> {
-        int_run(&self.model()?, self.path, var, seed, run)
+        let Some(r) = &self.recal else {
+            return int_run(&self.model()?, self.path, var, seed, run);
+        };
+        let (noisy, mut act_max) = r.float.recalibrated_network(var, seed, run)?;
+        // As `act_scales`: a node that never fires (or is fused into the next) gets scale 1.
+        act_max
+            .iter_mut()
+            .filter(|m| **m <= 0.0)
+            .for_each(|m| *m = 1.0);
+        let mut net = r.net.clone();
+        for (node, from) in net.nodes.iter_mut().zip(&noisy.nodes) {
+            if let (Op::BatchNorm(bn), Op::BatchNorm(re)) = (&mut node.op, &from.op) {
+                bn.mean.clone_from(&re.mean);
+                bn.var.clone_from(&re.var);
+            }
+        }
+        let blob = pack_network(&net, &act_max, &r.test, &r.cfg, &r.what)
+            .with_context(|| format!("repacking run {run} with its recalibrated BatchNorm"))?;
+        let model = Model::parse(&blob).map_err(|e| anyhow::anyhow!("packed model: {e}"))?;
+        int_run(&model, self.path, var, seed, run)
     }
 }
 
@@ -113,8 +175,9 @@ impl NoisyClassifier for IntEngine {
     }
 
     fn clean(&self, _: &()) -> Result<usize> {
+        // The checkpoint's own BatchNorm statistics (as the float engine's clean accuracy).
         let var = self.model()?.variation().with_sigma(0.0)?;
-        self.count(&var, 0, 0)
+        int_run(&self.model()?, self.path, &var, 0, 0)
     }
 
     fn run(&self, var: &VariationConfig, seed: u64, run: u32, _: &()) -> Result<usize> {
