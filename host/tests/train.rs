@@ -520,3 +520,85 @@ fn preprocess_resize_is_recorded_and_evaluated_the_same_way() {
     ]);
     assert_refused(&o, "resize on CIFAR", "--preprocess resize");
 }
+
+/// The conv and linear weights of a run's `best/backbone.bpk`.
+fn best_weights(out: &Path) -> Vec<Vec<f32>> {
+    let spec: nvcim::model::ModelSpec =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+    let device = burn::tensor::Device::flex();
+    let b =
+        nvcim::training::checkpoint::load_backbone(&out.join("best/backbone.bpk"), &spec, &device)
+            .unwrap();
+    b.weight_layers().into_iter().map(|l| l.weights).collect()
+}
+
+#[test]
+fn init_from_starts_the_backbone_from_a_checkpoint() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 256, 64);
+    let tiny = ["--no-pad", "--max-train", "128", "--mc-val", "1"];
+    fn with<'a>(tiny: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = tiny.to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+    let a = tempfile::tempdir().unwrap();
+    summary(&train(
+        data.path(),
+        a.path(),
+        &with(&tiny, &["--method", "vanilla"]),
+    ));
+    let src = a.path().to_str().unwrap();
+    // With a learning rate of 1e-12 the fine-tuned weights are the checkpoint's (Adam moves a
+    // weight by about the learning rate per step); from random weights they are not.
+    let still = ["--method", "noise", "--lr", "1e-12"];
+    let b = tempfile::tempdir().unwrap();
+    let mut args = with(&tiny, &still);
+    args.extend(["--init-from", src]);
+    summary(&train(data.path(), b.path(), &args));
+    let c = tempfile::tempdir().unwrap();
+    summary(&train(data.path(), c.path(), &with(&tiny, &still)));
+    let (wa, wb, wc) = (
+        best_weights(a.path()),
+        best_weights(b.path()),
+        best_weights(c.path()),
+    );
+    let max_diff = |x: &[Vec<f32>], y: &[Vec<f32>]| {
+        x.iter()
+            .flatten()
+            .zip(y.iter().flatten())
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        max_diff(&wa, &wb) < 1e-6,
+        "init-from: {}",
+        max_diff(&wa, &wb)
+    );
+    assert!(
+        max_diff(&wa, &wc) > 1e-2,
+        "from scratch: {}",
+        max_diff(&wa, &wc)
+    );
+    let config = std::fs::read_to_string(b.path().join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["init_from"], src, "recorded in config.json");
+
+    // Another width, and a path that is not a run.
+    let bad = tempfile::tempdir().unwrap();
+    let mut args = with(&tiny, &["--method", "noise", "--width", "0.25"]);
+    args.extend(["--init-from", src]);
+    assert_refused(
+        &train(data.path(), bad.path(), &args),
+        "another width",
+        "--init-from",
+    );
+    let missing = a.path().join("nope");
+    let mut args = with(&tiny, &["--method", "noise"]);
+    args.extend(["--init-from", missing.to_str().unwrap()]);
+    assert_refused(
+        &train(data.path(), bad.path(), &args),
+        "a missing run",
+        "does not exist",
+    );
+}

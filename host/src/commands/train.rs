@@ -100,6 +100,12 @@ pub struct TrainFlags {
     /// 0.4 barely moved in a CPU budget (loss 81 after 20 steps, measured).
     #[arg(long, value_enum, default_value_t = Init::Pytorch)]
     pub init: Init,
+    /// Start the backbone from a trained checkpoint (a run directory or its `backbone.bpk`;
+    /// same architecture, width and data) instead of random weights: fine-tuning, e.g. noise
+    /// injection or nft on top of a vanilla model. The exits (nft) start random. The path is
+    /// recorded in config.json; --init then applies to the exits only.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub init_from: Option<PathBuf>,
     /// The device profile of the exits' training noise (`nft`): `backbone` (the backbone's
     /// --device-profile: one device model for every perturbed layer) or `uniform` (the
     /// authors' code). The exits are never deployed, so this changes only the feedback terms.
@@ -171,6 +177,7 @@ impl TrainFlags {
             select: self.select,
             bn_stats: self.bn_stats,
             init: self.init,
+            init_from: self.init_from.clone(),
             exit_profile: self.exit_profile,
             drop_exit: self.drop_exit,
             backend: self.backend,

@@ -73,6 +73,9 @@ pub struct TrainConfig {
     pub bn_stats: BnStats,
     /// How the backbone's linear layers are initialized.
     pub init: Init,
+    /// The checkpoint the backbone starts from (`--init-from`), if not random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     /// The device profile the exits are perturbed with.
     pub exit_profile: ExitProfile,
     /// The exit left out of eq. 1 (1-based, `nft` only; Table V's ablation).
@@ -80,6 +83,31 @@ pub struct TrainConfig {
     pub drop_exit: Option<usize>,
     /// The backend (`flex`, `cuda`, `wgpu`).
     pub backend: Backend,
+}
+
+/// The backbone of `--init-from`: the checkpoint's, checked to be the same network on the same
+/// data (architecture, width, input, classes, dataset and preprocessing).
+fn pretrained_backbone(from: &std::path::Path, cfg: &TrainConfig, ad: &Device) -> Result<Backbone> {
+    let what = || format!("--init-from {}", from.display());
+    let loaded = crate::ir::convert::load_checkpoint(from, ad).with_context(what)?;
+    ensure!(
+        loaded.spec == cfg.model,
+        "{}: the checkpoint is {:?}, this run trains {:?}; give a checkpoint of the same \
+         --model, --width and dataset",
+        what(),
+        loaded.spec,
+        cfg.model
+    );
+    ensure!(
+        loaded.dataset == cfg.dataset && loaded.preprocess == cfg.preprocess,
+        "{}: the checkpoint was trained on {} ({} preprocessing), this run on {} ({})",
+        what(),
+        loaded.dataset.display_name(),
+        loaded.preprocess.name(),
+        cfg.dataset.display_name(),
+        cfg.preprocess.name()
+    );
+    Ok(loaded.backbone)
 }
 
 /// The variation the exits are trained under (`--exit-profile`).
@@ -518,6 +546,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             if cfg.init == Init::Authors {
                 backbone.authors_linear_init(&ad);
             }
+            if let Some(from) = &cfg.init_from {
+                backbone = pretrained_backbone(from, cfg, &ad)?;
+            }
             let exits = if cfg.method.uses_exits() {
                 cfg.model.init_exits(&ad)
             } else {
@@ -809,6 +840,7 @@ mod bn_stats_tests {
             select: Select::Auto,
             bn_stats,
             init: Init::Pytorch,
+            init_from: None,
             exit_profile: ExitProfile::Backbone,
             drop_exit: None,
             backend: Backend::Flex,
