@@ -446,6 +446,51 @@ fn bn_recalibration_is_seeded_jobs_invariant_and_engines_agree() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("firmware cannot recalibrate"), "{err}");
+    // `eval --onnx` of the (BatchNorm-kept) export recalibrates the same way from --data-dir's
+    // training files: the same images for the same seed, so every run classifies like the
+    // float engine's (allowing one near-tie per run).
+    let kept = dir.path().join("kept.onnx");
+    ok(&nvcim(&["export", r, "-o", kept.to_str().unwrap()]));
+    let ox = dir.path().join("onnx-recal");
+    let onnx_eval = |out: &Path, n: &str| {
+        nvcim(&[
+            "eval",
+            "--onnx",
+            kept.to_str().unwrap(),
+            "--data-dir",
+            d,
+            "--bn-recalibrate",
+            n,
+            "--out",
+            out.to_str().unwrap(),
+            "--sigma",
+            "0,0.3,0.6",
+            "--mc",
+            "5",
+            "--seed",
+            "3",
+            "--quiet",
+            "--json",
+            "--jobs",
+            "2",
+        ])
+    };
+    ok(&onnx_eval(&ox, "64"));
+    let ext = report(&ox);
+    assert_eq!(ext.config.bn_recalibrate, Some(64));
+    for (f, e) in f1.results.iter().zip(&ext.results) {
+        for (a, b) in f.correct.iter().zip(&e.correct) {
+            assert!(
+                a.abs_diff(*b) <= 1,
+                "sigma {}: float {a} vs onnx {b}",
+                f.sigma
+            );
+        }
+    }
+    let o = onnx_eval(&bad, "401");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("400 training images"), "{err}");
     let folded = dir.path().join("folded.onnx");
     ok(&nvcim(&[
         "export",

@@ -17,19 +17,23 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use burn::tensor::Device;
 use clap::Args;
-use nvcim_shared::format::build::PackConfig;
+use nvcim_shared::{
+    format::build::PackConfig,
+    rng::{Purpose, stream_for},
+};
 
 use crate::{
     data::subset,
+    data::{permutation, tags},
     engine::{
         BnRecalibration,
         float::{FLOAT_BATCH, float_engine},
         int::int_engine,
-        onnx::{OnnxData, OnnxEngine},
+        onnx::{OnnxData, OnnxEngine, batchnorm_count},
     },
     eval::{Engine, EvalOptions, ModelInfo, checkpoint_info, evaluate},
     ir::convert::load_checkpoint,
-    onnx::{ModelInfo as OnnxInfo, idx_images},
+    onnx::{ModelInfo as OnnxInfo, idx_images, idx_split_images},
 };
 
 /// Arguments of `nvcim eval`.
@@ -119,30 +123,45 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
         .as_deref()
         .context("--onnx needs --data-dir DIR with IDX test files")?;
     let engine = OnnxEngine::new(path)?;
-    if let Some(n) = args.eval.bn_recalibrate {
-        let bn = engine.model().graph.as_ref().map_or(0, |g| {
-            g.node
-                .iter()
-                .filter(|n| n.op_type == "BatchNormalization")
-                .count()
-        });
-        ensure!(
-            bn > 0,
-            "--bn-recalibrate {n}: {} has no BatchNormalization node (exported with BatchNorm \
-             folded, or a network without it): there are no statistics to recalibrate; leave \
-             the flag out",
-            path.display()
-        );
-        anyhow::bail!(
-            "--bn-recalibrate {n}: recalibrating the {bn} BatchNormalization nodes of an ONNX \
-             model ({}) is not supported yet; evaluate the nvcim checkpoint it came from \
-             (`nvcim eval RUN_DIR --bn-recalibrate {n}`) instead",
-            path.display()
-        );
-    }
     let info = OnnxInfo::of(engine.model(), engine.what())?;
     let limit = args.eval.test_subset.unwrap_or(usize::MAX);
     let (images, labels) = idx_images(dir, engine.model(), &info, limit)?;
+    let engine = match args.eval.bn_recalibrate {
+        None => engine,
+        Some(n) => {
+            ensure!(
+                batchnorm_count(engine.model()) > 0,
+                "--bn-recalibrate {n}: {} has no BatchNormalization node (exported with \
+                 BatchNorm folded, or a network without it): there are no statistics to \
+                 recalibrate; leave the flag out",
+                path.display()
+            );
+            // The same seeded choice as a checkpoint's evaluation, from --data-dir's training
+            // files.
+            let mut err = None;
+            let (recal, _) = idx_split_images(dir, "train", engine.model(), &info, |len| {
+                if n > len {
+                    err = Some(len);
+                    return Vec::new();
+                }
+                let mut idx = permutation(
+                    len,
+                    &mut stream_for(Purpose::Host, args.eval.seed, 0, tags::RECALIBRATE),
+                );
+                idx.truncate(n);
+                idx.sort_unstable();
+                idx
+            })?;
+            if let Some(len) = err {
+                anyhow::bail!(
+                    "--bn-recalibrate {n} is more than the {len} training images there are in \
+                     {}; give at most {len}",
+                    dir.display()
+                );
+            }
+            engine.with_recalibration(recal, n)?
+        }
+    };
     let meta = |k: &str| {
         engine
             .model()

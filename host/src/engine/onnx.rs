@@ -311,6 +311,63 @@ pub struct OnnxEngine {
     model: ModelProto,
     layers: Vec<ForeignLayer>,
     what: String,
+    recal: Option<OnnxRecal>,
+}
+
+/// BatchNorm recalibration of an ONNX model (`--bn-recalibrate`): its `BatchNormalization`
+/// nodes in file order and the normalized recalibration images.
+struct OnnxRecal {
+    nodes: Vec<OnnxBn>,
+    images: Vec<f32>,
+    n: usize,
+}
+
+/// A `BatchNormalization` node: the tensor it normalizes and its statistics' initializers.
+struct OnnxBn {
+    input: String,
+    mean: String,
+    var: String,
+}
+
+/// The `BatchNormalization` nodes of `model` whose mean and variance are initializers.
+pub fn batchnorm_count(model: &ModelProto) -> usize {
+    model.graph.as_ref().map_or(0, |g| {
+        g.node
+            .iter()
+            .filter(|n| n.op_type == "BatchNormalization")
+            .count()
+    })
+}
+
+/// Per channel, the mean and biased variance of `x` laid out `[n][channels][plane]`, in `f64`.
+fn nchw_stats(x: &[f32], n: usize, channels: usize) -> (Vec<f32>, Vec<f32>) {
+    let plane = x.len() / (n * channels).max(1);
+    let count = (n * plane).max(1) as f64;
+    let mut mean = vec![0f64; channels];
+    for (k, chunk) in x.chunks(plane.max(1)).enumerate() {
+        mean[k % channels] += chunk.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    mean.iter_mut().for_each(|m| *m /= count);
+    let mut var = vec![0f64; channels];
+    for (k, chunk) in x.chunks(plane.max(1)).enumerate() {
+        let m = mean[k % channels];
+        var[k % channels] += chunk
+            .iter()
+            .map(|&v| (f64::from(v) - m).powi(2))
+            .sum::<f64>();
+    }
+    (
+        mean.iter().map(|&m| m as f32).collect(),
+        var.iter().map(|&v| (v / count) as f32).collect(),
+    )
+}
+
+fn set_f32(model: &mut ModelProto, name: &str, values: &[f32]) {
+    let graph = model.graph.as_mut().expect("checked by weight_layers");
+    if let Some(t) = graph.initializer.iter_mut().find(|t| t.name == name) {
+        t.float_data.clear();
+        t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    }
 }
 
 /// Normalized test images (flat NCHW) and their labels.
@@ -331,7 +388,94 @@ impl OnnxEngine {
             model,
             layers,
             what,
+            recal: None,
         })
+    }
+
+    /// The engine with every run's BatchNorm statistics re-estimated on `n` normalized
+    /// recalibration images (flat NCHW) through its perturbed weights, node by node in file
+    /// order (the file's order is topological): each node's input is computed by tract with
+    /// the statistics of the nodes before it already replaced. Mean and biased variance per
+    /// channel over the images and pixels, as the float engine's recalibration.
+    pub fn with_recalibration(mut self, images: Vec<f32>, n: usize) -> Result<Self> {
+        let graph = self.model.graph.as_ref().expect("checked by weight_layers");
+        let mut nodes = Vec::new();
+        for node in graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "BatchNormalization")
+        {
+            ensure!(
+                node.input.len() == 5,
+                "{}: BatchNormalization `{}` has {} inputs, expected 5",
+                self.what,
+                node.name,
+                node.input.len()
+            );
+            for init in &node.input[3..5] {
+                let t = graph
+                    .initializer
+                    .iter()
+                    .find(|t| &t.name == init)
+                    .with_context(|| {
+                        format!(
+                            "{}: BatchNormalization `{}`'s statistic `{init}` is computed, not \
+                             stored: it cannot be recalibrated",
+                            self.what, node.name
+                        )
+                    })?;
+                read_f32(t, &self.what)?;
+            }
+            nodes.push(OnnxBn {
+                input: node.input[0].clone(),
+                mean: node.input[3].clone(),
+                var: node.input[4].clone(),
+            });
+        }
+        ensure!(
+            !nodes.is_empty(),
+            "--bn-recalibrate: {} has no BatchNormalization node (exported with BatchNorm \
+             folded, or a network without it): there are no statistics to recalibrate; leave \
+             the flag out",
+            self.what
+        );
+        ensure!(n > 0, "--bn-recalibrate must be at least 1 image");
+        self.recal = Some(OnnxRecal { nodes, images, n });
+        Ok(self)
+    }
+
+    /// `model` with its BatchNorm statistics recalibrated (see [`Self::with_recalibration`]).
+    fn recalibrate(&self, mut model: ModelProto, r: &OnnxRecal) -> Result<ModelProto> {
+        for bn in &r.nodes {
+            let mut probe = model.clone();
+            let graph = probe.graph.as_mut().expect("checked by weight_layers");
+            graph.output = vec![tract_onnx::pb::ValueInfoProto {
+                name: bn.input.clone(),
+                ..Default::default()
+            }];
+            let what = format!(
+                "{} (the input of BatchNorm statistic `{}`)",
+                self.what, bn.mean
+            );
+            let mut runner = TractRunner::from_proto(&probe, &what)?;
+            let x = logits_of(&mut runner, &r.images, r.n)?;
+            let graph = model.graph.as_ref().expect("checked by weight_layers");
+            let channels = graph
+                .initializer
+                .iter()
+                .find(|t| t.name == bn.mean)
+                .map_or(0, |t| t.dims.iter().map(|&d| d.max(0) as usize).product());
+            ensure!(
+                channels > 0 && x.len() % (r.n * channels) == 0,
+                "{what}: {} values for {} images of {channels} channels",
+                x.len(),
+                r.n
+            );
+            let (mean, var) = nchw_stats(&x, r.n, channels);
+            set_f32(&mut model, &bn.mean, &mean);
+            set_f32(&mut model, &bn.var, &var);
+        }
+        Ok(model)
     }
 
     /// The model as read.
@@ -373,7 +517,12 @@ impl NoisyClassifier for OnnxEngine {
     }
 
     fn run(&self, var: &VariationConfig, seed: u64, run: u32, data: &OnnxData) -> Result<usize> {
-        let noisy = perturbed_model(&self.model, &self.layers, var, seed, run, &self.what)?;
+        let mut noisy = perturbed_model(&self.model, &self.layers, var, seed, run, &self.what)?;
+        if let Some(r) = &self.recal {
+            noisy = self
+                .recalibrate(noisy, r)
+                .context("recalibrating BatchNorm")?;
+        }
         self.count(&noisy, data)
     }
 }

@@ -95,9 +95,10 @@ pub struct EvalOptions {
     /// re-estimate every BatchNorm's mean and variance on N training images (a seeded choice,
     /// the same for every run) through that run's perturbed weights, as a chip's digital
     /// periphery can once after its arrays are programmed. No weight changes; the clean
-    /// accuracy keeps the checkpoint's statistics. Float and int engines of a checkpoint;
-    /// not --onnx or the firmware. Off by default (the paper's protocol); see the README
-    /// for what it does to the demo's models.
+    /// accuracy keeps the checkpoint's statistics. Float and int engines (the int engine
+    /// also re-derives each run's activation ranges) and --onnx (from --data-dir's IDX
+    /// training files; BatchNorm kept in the file); not the firmware. Off by default (the
+    /// paper's protocol); see the README for what it does to the demo's models.
     #[arg(long, value_name = "N")]
     pub bn_recalibrate: Option<usize>,
     /// Worker threads for the Monte Carlo runs (one run at a time each, single-threaded);

@@ -261,17 +261,31 @@ pub fn idx_images(
     info: &ModelInfo,
     limit: usize,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
+    idx_split_images(dir, "t10k", model, info, |n| (0..limit.min(n)).collect())
+}
+
+/// [`idx_images`] of the IDX split `split` (`t10k` or `train`) in `dir`: the images `choose`
+/// picks out of the split's count, in its order.
+pub fn idx_split_images(
+    dir: &Path,
+    split: &str,
+    model: &tract_onnx::pb::ModelProto,
+    info: &ModelInfo,
+    choose: impl FnOnce(usize) -> Vec<usize>,
+) -> Result<(Vec<f32>, Vec<u32>)> {
     let find = |stem: &str| {
         crate::data::idx::find(dir, stem).with_context(|| {
             format!(
-                "no {stem}[.gz] in {}; pass --data-dir with MNIST-style IDX test files (e.g. \
+                "no {stem}[.gz] in {}; pass --data-dir with MNIST-style IDX {} files (e.g. \
                  /usr/share/datasets/fashion-mnist after `cargo xtask setup`)",
-                dir.display()
+                dir.display(),
+                if split == "train" { "training" } else { "test" }
             )
         })
     };
-    let ip = find("t10k-images-idx3-ubyte")?;
-    let (img, labels) = crate::data::idx::read_pair(&ip, &find("t10k-labels-idx1-ubyte")?)?;
+    let ip = find(&format!("{split}-images-idx3-ubyte"))?;
+    let (img, labels) =
+        crate::data::idx::read_pair(&ip, &find(&format!("{split}-labels-idx1-ubyte"))?)?;
     let (mut idims, mut pixels) = (img.dims, img.data);
     let [c, h, w] = info.image;
     // A model trained with the authors' preprocessing (`nvcim.preprocess = resize`) sees its
@@ -293,10 +307,17 @@ pub fn idx_images(
     );
     let (top, left) = ((h - rows) / 2, (w - cols) / 2);
     let (mean, std) = normalization(model, c)?;
-    let n = limit.min(idims[0]);
+    let picked = choose(idims[0]);
+    let n = picked.len();
     let mut x = vec![0.0f32; n * c * h * w];
-    for i in 0..n {
-        let img = &pixels[i * rows * cols..(i + 1) * rows * cols];
+    for (i, &k) in picked.iter().enumerate() {
+        ensure!(
+            k < idims[0],
+            "image {k} of {} in {}",
+            idims[0],
+            ip.display()
+        );
+        let img = &pixels[k * rows * cols..(k + 1) * rows * cols];
         for ch in 0..c {
             let plane = &mut x[(i * c + ch) * h * w..(i * c + ch + 1) * h * w];
             plane.fill((0.0 - mean[ch]) / std[ch]);
@@ -308,7 +329,7 @@ pub fn idx_images(
             }
         }
     }
-    Ok((x, labels[..n].iter().map(|&l| u32::from(l)).collect()))
+    Ok((x, picked.iter().map(|&k| u32::from(labels[k])).collect()))
 }
 
 #[cfg(test)]
