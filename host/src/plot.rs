@@ -94,9 +94,32 @@ pub fn lines(
         let (lo, hi) = p.band.unwrap_or((p.y, p.y));
         [p.y, lo, hi]
     }));
-    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    // The legend goes in a strip below the chart, so it can never cover a line or a band.
+    let legend_h = 14 + 22 * series.len() as u32;
+    let root = BitMapBackend::new(path, (900, 560 + legend_h)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
+    let (plot, legend) = root.split_vertically(560);
+    for (i, s) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let y = 10 + 22 * i as i32;
+        legend
+            .draw(&PathElement::new(
+                vec![(80, y), (110, y)],
+                color.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?;
+        legend
+            .draw(&Circle::new((95, y), 3, color.filled()))
+            .map_err(|e| err(&e))?;
+        legend
+            .draw(&Text::new(
+                s.name.clone(),
+                (120, y - 9),
+                ("sans-serif", 15).into_font().color(&BLACK),
+            ))
+            .map_err(|e| err(&e))?;
+    }
+    let mut chart = ChartBuilder::on(&plot)
         .caption(title, ("sans-serif", 22))
         .margin(14)
         .x_label_area_size(44)
@@ -142,22 +165,11 @@ pub fn lines(
         let xy: Vec<(f64, f64)> = s.points.iter().map(|p| (p.x, p.y)).collect();
         chart
             .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(s.name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .map_err(|e| err(&e))?;
         chart
             .draw_series(xy.into_iter().map(|p| Circle::new(p, 3, color.filled())))
             .map_err(|e| err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()
-        .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
@@ -273,6 +285,33 @@ mod tests {
             assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", f.display());
             assert!(bytes.len() > 2000);
         }
+        // The legend is a strip below the 560-pixel chart (one 22-pixel row per series), so
+        // it never covers the data: the PNG header's height says so.
+        let two = dir.path().join("two.png");
+        let mut other = lines_series_for_test();
+        other.name = "vanilla".into();
+        lines(&two, "t", "x", "y", &[other.clone(), other]).unwrap();
+        let bytes = std::fs::read(&two).unwrap();
+        let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        assert_eq!(height, 560 + 14 + 2 * 22);
         assert!(lines(&dir.path().join("e.png"), "", "", "", &[]).is_err());
+    }
+
+    fn lines_series_for_test() -> Series {
+        Series {
+            name: "s".into(),
+            points: vec![
+                Point {
+                    x: 0.0,
+                    y: 1.0,
+                    band: None,
+                },
+                Point {
+                    x: 1.0,
+                    y: 2.0,
+                    band: None,
+                },
+            ],
+        }
     }
 }

@@ -200,11 +200,16 @@ fn method_label(e: &Entry) -> String {
     if c.method != "vanilla" && !e.noise_injection() {
         s.push_str(" w/o noise injection");
     }
-    // Evaluated with another protocol: never averaged with the plain evaluations.
-    if let Some(n) = c.bn_recalibrate {
-        write!(s, ", BN recalibrated on {n}").expect("writing to a String");
-    }
     s
+}
+
+/// The evaluation protocol's part of a row label (after the training's): recalibrated runs are
+/// never averaged with plain ones.
+fn protocol_label(e: &Entry) -> String {
+    e.report
+        .config
+        .bn_recalibrate
+        .map_or_else(String::new, |n| format!(", BN recalibrated ({n} images)"))
 }
 
 /// Groups entries by a label, keeping first-seen order.
@@ -238,6 +243,7 @@ pub fn table2(entries: &[Entry], m: Match) -> Result<Table> {
             if m == Match::Any && e.noise_injection() {
                 write!(s, " trained σ={}", e.train_sigma()).expect("writing to a String");
             }
+            s.push_str(&protocol_label(e));
             s
         },
     );
@@ -274,6 +280,7 @@ pub fn table3(
             if e.noise_injection() {
                 write!(s, " trained σ={}", e.train_sigma()).expect("writing to a String");
             }
+            s.push_str(&protocol_label(e));
             s
         },
     );
