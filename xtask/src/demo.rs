@@ -12,8 +12,13 @@ use std::{fmt::Write as _, fs, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context, Result};
 
-/// The demo's embedded default. Sized so that the whole run takes about 15 minutes on a
+/// The demo's embedded default. Sized so that the whole run takes about 11 minutes on a
 /// 2-core machine after the build (see the README for measured times).
+///
+/// Noise injection and nft start from the trained vanilla model (`--init-from`) and every
+/// evaluation recalibrates BatchNorm per Monte Carlo run: measured on the same budget, nft from
+/// scratch reached 47.9% at sigma 0.4 (61.7% recalibrated), fine-tuned and recalibrated 72.4%;
+/// noise 40.6 / 52.5 / 66.7% (see the README).
 pub struct Plan {
     /// VGG-8 width multiplier.
     pub width: &'static str,
@@ -30,6 +35,9 @@ pub struct Plan {
     pub mc: &'static str,
     /// Test images per Monte Carlo run.
     pub test_subset: &'static str,
+    /// Training images each Monte Carlo run's BatchNorm statistics are re-estimated on
+    /// (`nvcim eval --bn-recalibrate`).
+    pub bn_recalibrate: &'static str,
 }
 
 /// The default plan.
@@ -41,6 +49,7 @@ pub const PLAN: Plan = Plan {
     sigmas: "0.2,0.4,0.6,0.8",
     mc: "8",
     test_subset: "1000",
+    bn_recalibrate: "256",
 };
 
 const METHODS: [&str; 3] = ["vanilla", "noise", "nft"];
@@ -87,6 +96,11 @@ pub fn run(root: &Path) -> Result<()> {
         ])
         .args(["--sigma", "0.4", "--alpha", "0.1", "--seed", "0", "--out"])
         .arg(&dir);
+        if method != "vanilla" {
+            // Noise injection and nft fine-tune the vanilla model (see `Plan`).
+            cmd.arg("--init-from")
+                .arg(out.join("train").join("vanilla"));
+        }
         if dir.exists() {
             cmd.arg("--resume");
         }
@@ -106,6 +120,7 @@ pub fn run(root: &Path) -> Result<()> {
                 .arg("eval")
                 .arg(out.join("train").join(method))
                 .args(["--sigma", PLAN.sigmas, "--mc", PLAN.mc, "--seed", "1"])
+                .args(["--bn-recalibrate", PLAN.bn_recalibrate])
                 .args([
                     "--test-subset",
                     PLAN.test_subset,
@@ -174,6 +189,7 @@ pub fn run(root: &Path) -> Result<()> {
         &out.join("firmware.txt"),
     )?;
     let table = fs::read_to_string(report.join("report.md")).unwrap_or_default();
+    println!("{}", targets(&out)?);
     let elapsed = total.elapsed().as_secs_f64();
     write_index(&out, &table, &check, &firmware, &timings, elapsed)?;
     println!("{table}");
@@ -212,19 +228,25 @@ fn write_index(
     writeln!(md, "# nvcim demo\n")?;
     writeln!(
         md,
-        "VGG-8 (width {}) on Fashion-MNIST, {} epochs on {} training images, trained at sigma 0.4 \
-         (`range` convention: 0.7776 sigma max|W| weight noise, M = 8, N = 2) with vanilla, \
-         noise injection and negative feedback training (nft, alpha 0.1); BatchNorm running \
+        "VGG-8 (width {}) on Fashion-MNIST, {} epochs on {} training images each: vanilla from \
+         random weights, then noise injection and negative feedback training (nft, alpha 0.1) \
+         fine-tuning that vanilla model (`--init-from`) at training sigma 0.4 (`range` \
+         convention: 0.7776 sigma max|W| weight noise, M = 8, N = 2); BatchNorm running \
          statistics from clean passes (`--bn-stats clean`), best epoch by clean validation \
          accuracy for vanilla and noisy for the others (`--select auto`); Monte Carlo \
-         evaluation at sigma {} with {} runs of {} test images each (float engine, seed 1).\n\n\
+         evaluation at sigma {} with {} runs of {} test images each (float engine, seed 1), \
+         each run's BatchNorm statistics re-estimated on {} training images through its \
+         perturbed weights (`--bn-recalibrate`; the clean column keeps the trained \
+         statistics).\n\n\
          **Protocol.** Every model is trained once, at sigma 0.4, and evaluated at every sigma \
          (`nvcim report --match any`). The paper's Table II trains each column's models at that \
-         column's own sigma (`--match train`, `plans/fmnist-table2-cpu.toml`), so the demo's \
-         columns other than 0.4 are not the paper's protocol.\n",
-        p.width, p.epochs, p.max_train, p.sigmas, p.mc, p.test_subset
+         column's own sigma from scratch and evaluates without recalibration (`--match train`, \
+         `plans/fmnist-table2-cpu.toml`), so the demo's columns other than 0.4 are not the \
+         paper's protocol.\n",
+        p.width, p.epochs, p.max_train, p.sigmas, p.mc, p.test_subset, p.bn_recalibrate
     )?;
     writeln!(md, "## Accuracy under device variation\n\n{table}\n")?;
+    writeln!(md, "{}", targets(out)?)?;
     writeln!(md, "Files: [report](report/report.md), ")?;
     for m in METHODS {
         writeln!(
@@ -256,4 +278,123 @@ fn write_index(
     )?;
     let path = out.join("README.md");
     fs::write(&path, md).with_context(|| format!("writing {}", path.display()))
+}
+
+/// One method's evaluation: clean accuracy and, per sigma, (mean, 95% low, 95% high).
+struct Curve {
+    clean: f64,
+    points: Vec<(f64, f64, f64, f64)>,
+}
+
+fn curve(out: &Path, method: &str) -> Result<Curve> {
+    let path = out.join("eval").join(method).join("eval.json");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let num = |x: &serde_json::Value| {
+        x.as_f64()
+            .with_context(|| format!("{}: a number is missing", path.display()))
+    };
+    let mut points = Vec::new();
+    for r in v["results"].as_array().into_iter().flatten() {
+        let s = &r["summary"];
+        points.push((
+            num(&r["sigma"])?,
+            num(&s["mean"])?,
+            num(&s["ci95_low"])?,
+            num(&s["ci95_high"])?,
+        ));
+    }
+    Ok(Curve {
+        clean: num(&v["clean_accuracy"])?,
+        points,
+    })
+}
+
+/// The demo's acceptance figures (issue #15), each marked met or missed from the eval files.
+fn targets(out: &Path) -> Result<String> {
+    let [v, n, f] = [
+        curve(out, "vanilla")?,
+        curve(out, "noise")?,
+        curve(out, "nft")?,
+    ];
+    let mark = |ok: bool| if ok { "met" } else { "**missed**" };
+    let mut md = String::from("## Targets\n\n| target | measured | |\n|---|---|---|\n");
+    let mut row = |what: &str, measured: String, ok: bool| {
+        md.push_str(&format!("| {what} | {measured} | {} |\n", mark(ok)));
+    };
+    row(
+        "vanilla clean test accuracy >= 88%",
+        format!("{:.2}", v.clean),
+        v.clean >= 88.0,
+    );
+    row(
+        "noise and nft clean >= 85%",
+        format!("{:.2} / {:.2}", n.clean, f.clean),
+        n.clean >= 85.0 && f.clean >= 85.0,
+    );
+    // Non-increasing within the 95% interval: each sigma's interval reaches down to the mean
+    // before it (the first sigma's to the clean accuracy).
+    let monotone = |c: &Curve| {
+        let mut prev = c.clean;
+        c.points.iter().all(|&(_, mean, lo, _)| {
+            let ok = lo <= prev;
+            prev = mean;
+            ok
+        })
+    };
+    row(
+        "every mean non-increasing in sigma (within its 95% interval)",
+        format!(
+            "vanilla {}, noise {}, nft {}",
+            monotone(&v),
+            monotone(&n),
+            monotone(&f)
+        ),
+        monotone(&v) && monotone(&n) && monotone(&f),
+    );
+    let high: Vec<usize> = (0..f.points.len())
+        .filter(|&i| f.points[i].0 >= 0.4 - 1e-6)
+        .collect();
+    let order = high
+        .iter()
+        .all(|&i| f.points[i].1 >= n.points[i].1 && n.points[i].1 >= v.points[i].1);
+    row(
+        "nft >= noise >= vanilla at every sigma >= 0.4",
+        high.iter()
+            .map(|&i| {
+                format!(
+                    "σ {}: {:.1} / {:.1} / {:.1}",
+                    f.points[i].0, f.points[i].1, n.points[i].1, v.points[i].1
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        order,
+    );
+    let disjoint = high.iter().all(|&i| f.points[i].2 > v.points[i].3);
+    row(
+        "nft's and vanilla's 95% intervals disjoint there",
+        high.iter()
+            .map(|&i| {
+                format!(
+                    "σ {}: {:.1} > {:.1}",
+                    f.points[i].0, f.points[i].2, v.points[i].3
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        disjoint,
+    );
+    let at04 = f
+        .points
+        .iter()
+        .find(|p| (p.0 - 0.4).abs() < 1e-6)
+        .map(|p| p.1);
+    row(
+        "nft >= 70% at sigma 0.4",
+        at04.map_or("not evaluated".into(), |a| format!("{a:.2}")),
+        at04.is_some_and(|a| a >= 70.0),
+    );
+    Ok(md)
 }
