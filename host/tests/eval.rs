@@ -52,9 +52,15 @@ fn trained(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 fn eval(run: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "eval",
-        run.to_str().unwrap(),
+    mc_eval(&[run.to_str().unwrap()], out, extra)
+}
+
+/// `nvcim eval TARGET...` (a run directory, or `--onnx FILE --data-dir DIR`) with the tests'
+/// Monte Carlo flags.
+fn mc_eval(target: &[&str], out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["eval"];
+    args.extend_from_slice(target);
+    args.extend([
         "--out",
         out.to_str().unwrap(),
         "--sigma",
@@ -65,7 +71,7 @@ fn eval(run: &Path, out: &Path, extra: &[&str]) -> Output {
         "3",
         "--quiet",
         "--json",
-    ];
+    ]);
     args.extend_from_slice(extra);
     nvcim(&args)
 }
@@ -289,25 +295,11 @@ fn eval_both_engines_agree_and_files_are_consistent() {
     // `eval --onnx` on the (BatchNorm-kept) export: same layers and streams as the float engine,
     // so every run classifies the same images (allowing one near-tie per run).
     let ox = dir.path().join("onnx-eval");
-    ok(&nvcim(&[
-        "eval",
-        "--onnx",
-        o,
-        "--data-dir",
-        d,
-        "--out",
-        ox.to_str().unwrap(),
-        "--sigma",
-        "0,0.3,0.6",
-        "--mc",
-        "5",
-        "--seed",
-        "3",
-        "--quiet",
-        "--json",
-        "--jobs",
-        "2",
-    ]));
+    ok(&mc_eval(
+        &["--onnx", o, "--data-dir", d],
+        &ox,
+        &["--jobs", "2"],
+    ));
     let ext = report(&ox);
     check_files(&ox, &ext);
     for (f, e) in float.results.iter().zip(&ext.results) {
@@ -452,29 +444,9 @@ fn bn_recalibration_is_seeded_jobs_invariant_and_engines_agree() {
     let kept = dir.path().join("kept.onnx");
     ok(&nvcim(&["export", r, "-o", kept.to_str().unwrap()]));
     let ox = dir.path().join("onnx-recal");
-    let onnx_eval = |out: &Path, n: &str| {
-        nvcim(&[
-            "eval",
-            "--onnx",
-            kept.to_str().unwrap(),
-            "--data-dir",
-            d,
-            "--bn-recalibrate",
-            n,
-            "--out",
-            out.to_str().unwrap(),
-            "--sigma",
-            "0,0.3,0.6",
-            "--mc",
-            "5",
-            "--seed",
-            "3",
-            "--quiet",
-            "--json",
-            "--jobs",
-            "2",
-        ])
-    };
+    let target = ["--onnx", kept.to_str().unwrap(), "--data-dir", d];
+    let onnx_eval =
+        |out: &Path, n: &str| mc_eval(&target, out, &["--bn-recalibrate", n, "--jobs", "2"]);
     ok(&onnx_eval(&ox, "64"));
     let ext = report(&ox);
     assert_eq!(ext.config.bn_recalibrate, Some(64));

@@ -17,19 +17,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use burn::tensor::Device;
 use clap::Args;
-use nvcim_shared::{
-    format::build::PackConfig,
-    rng::{Purpose, stream_for},
-};
+use nvcim_shared::format::build::PackConfig;
 
 use crate::{
     data::subset,
-    data::{permutation, tags},
     engine::{
         BnRecalibration,
         float::{FLOAT_BATCH, float_engine},
         int::int_engine,
-        onnx::{OnnxData, OnnxEngine, batchnorm_count},
+        onnx::{OnnxData, OnnxEngine},
+        recalibration_images,
     },
     eval::{Engine, EvalOptions, ModelInfo, checkpoint_info, evaluate},
     ir::convert::load_checkpoint,
@@ -129,36 +126,12 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
     let engine = match args.eval.bn_recalibrate {
         None => engine,
         Some(n) => {
-            ensure!(
-                batchnorm_count(engine.model()) > 0,
-                "--bn-recalibrate {n}: {} has no BatchNormalization node (exported with \
-                 BatchNorm folded, or a network without it): there are no statistics to \
-                 recalibrate; leave the flag out",
-                path.display()
-            );
             // The same seeded choice as a checkpoint's evaluation, from --data-dir's training
             // files.
-            let mut err = None;
+            let where_ = format!(" in {}", dir.display());
             let (recal, _) = idx_split_images(dir, "train", engine.model(), &info, |len| {
-                if n > len {
-                    err = Some(len);
-                    return Vec::new();
-                }
-                let mut idx = permutation(
-                    len,
-                    &mut stream_for(Purpose::Host, args.eval.seed, 0, tags::RECALIBRATE),
-                );
-                idx.truncate(n);
-                idx.sort_unstable();
-                idx
+                recalibration_images(len, n, args.eval.seed, &where_)
             })?;
-            if let Some(len) = err {
-                anyhow::bail!(
-                    "--bn-recalibrate {n} is more than the {len} training images there are in \
-                     {}; give at most {len}",
-                    dir.display()
-                );
-            }
             engine.with_recalibration(recal, n)?
         }
     };

@@ -127,35 +127,13 @@ pub struct BnRecalibration {
 }
 
 impl BnRecalibration {
-    /// `n` images of `train` chosen by `seed` (host stream, tag [`tags::RECALIBRATE`]).
+    /// `n` images of `train` chosen by `seed` ([`recalibration_images`]).
     pub fn new(train: &Dataset, n: usize, seed: u64) -> Result<Self> {
-        ensure!(n > 0, "--bn-recalibrate must be at least 1 image");
-        ensure!(
-            n <= train.len(),
-            "--bn-recalibrate {n} is more than the {} training images there are; give at most {}",
-            train.len(),
-            train.len()
-        );
-        let mut idx = permutation(
-            train.len(),
-            &mut stream_for(Purpose::Host, seed, 0, tags::RECALIBRATE),
-        );
-        idx.truncate(n);
-        idx.sort_unstable();
+        let idx = recalibration_images(train.len(), n, seed, "")?;
         Ok(BnRecalibration {
             images: make_batch(train, &idx, None).images,
             n,
         })
-    }
-
-    /// Images per recalibration.
-    pub fn len(&self) -> usize {
-        self.n
-    }
-
-    /// Whether there are no images (never: [`BnRecalibration::new`] refuses 0).
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
     }
 
     /// Re-estimates the BatchNorm statistics of `net` (its weights as programmed); returns
@@ -169,6 +147,53 @@ impl BnRecalibration {
         )
         .context("recalibrating BatchNorm")
     }
+}
+
+/// The training images `--bn-recalibrate n` uses out of `len` (`where_` names where they are
+/// in the error): the first `n` of a seeded permutation (host stream, tag
+/// [`tags::RECALIBRATE`]), in file order. Checkpoints and ONNX models choose the same ones.
+pub fn recalibration_images(len: usize, n: usize, seed: u64, where_: &str) -> Result<Vec<usize>> {
+    ensure!(n > 0, "--bn-recalibrate must be at least 1 image");
+    ensure!(
+        n <= len,
+        "--bn-recalibrate {n} is more than the {len} training images there are{where_}; give at \
+         most {len}"
+    );
+    let mut idx = permutation(
+        len,
+        &mut stream_for(Purpose::Host, seed, 0, tags::RECALIBRATE),
+    );
+    idx.truncate(n);
+    idx.sort_unstable();
+    Ok(idx)
+}
+
+/// Per channel, the mean and biased variance (summed in `f64`, two passes) of `x` cut into
+/// runs of `run` values, run `k` belonging to channel `k % channels`: `[c][n][plane]` with
+/// `run = n * plane`, or `[n][c][plane]` with `run = plane`.
+pub fn channel_stats(x: &[f32], channels: usize, run: usize) -> (Vec<f32>, Vec<f32>) {
+    let runs = || {
+        x.chunks(run.max(1))
+            .enumerate()
+            .map(|(k, r)| (k % channels.max(1), r))
+    };
+    let count = (x.len() / channels.max(1)).max(1) as f64;
+    let mut mean = vec![0f64; channels];
+    for (c, r) in runs() {
+        mean[c] += r.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    mean.iter_mut().for_each(|m| *m /= count);
+    let mut var = vec![0f64; channels];
+    for (c, r) in runs() {
+        var[c] += r
+            .iter()
+            .map(|&v| (f64::from(v) - mean[c]).powi(2))
+            .sum::<f64>();
+    }
+    (
+        mean.iter().map(|&m| m as f32).collect(),
+        var.iter().map(|&v| (v / count) as f32).collect(),
+    )
 }
 
 /// Whether `net` has a BatchNorm node (what `--bn-recalibrate` re-estimates).

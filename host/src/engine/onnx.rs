@@ -329,39 +329,6 @@ struct OnnxBn {
     var: String,
 }
 
-/// The `BatchNormalization` nodes of `model` whose mean and variance are initializers.
-pub fn batchnorm_count(model: &ModelProto) -> usize {
-    model.graph.as_ref().map_or(0, |g| {
-        g.node
-            .iter()
-            .filter(|n| n.op_type == "BatchNormalization")
-            .count()
-    })
-}
-
-/// Per channel, the mean and biased variance of `x` laid out `[n][channels][plane]`, in `f64`.
-fn nchw_stats(x: &[f32], n: usize, channels: usize) -> (Vec<f32>, Vec<f32>) {
-    let plane = x.len() / (n * channels).max(1);
-    let count = (n * plane).max(1) as f64;
-    let mut mean = vec![0f64; channels];
-    for (k, chunk) in x.chunks(plane.max(1)).enumerate() {
-        mean[k % channels] += chunk.iter().map(|&v| f64::from(v)).sum::<f64>();
-    }
-    mean.iter_mut().for_each(|m| *m /= count);
-    let mut var = vec![0f64; channels];
-    for (k, chunk) in x.chunks(plane.max(1)).enumerate() {
-        let m = mean[k % channels];
-        var[k % channels] += chunk
-            .iter()
-            .map(|&v| (f64::from(v) - m).powi(2))
-            .sum::<f64>();
-    }
-    (
-        mean.iter().map(|&m| m as f32).collect(),
-        var.iter().map(|&v| (v / count) as f32).collect(),
-    )
-}
-
 fn set_f32(model: &mut ModelProto, name: &str, values: &[f32]) {
     let graph = model.graph.as_mut().expect("checked by weight_layers");
     if let Some(t) = graph.initializer.iter_mut().find(|t| t.name == name) {
@@ -471,7 +438,7 @@ impl OnnxEngine {
                 x.len(),
                 r.n
             );
-            let (mean, var) = nchw_stats(&x, r.n, channels);
+            let (mean, var) = super::channel_stats(&x, channels, x.len() / (r.n * channels));
             set_f32(&mut model, &bn.mean, &mean);
             set_f32(&mut model, &bn.var, &var);
         }

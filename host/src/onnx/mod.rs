@@ -261,7 +261,13 @@ pub fn idx_images(
     info: &ModelInfo,
     limit: usize,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    idx_split_images(dir, "t10k", model, info, |n| (0..limit.min(n)).collect())
+    idx_split_images(
+        dir,
+        "t10k",
+        model,
+        info,
+        |n| Ok((0..limit.min(n)).collect()),
+    )
 }
 
 /// [`idx_images`] of the IDX split `split` (`t10k` or `train`) in `dir`: the images `choose`
@@ -271,7 +277,7 @@ pub fn idx_split_images(
     split: &str,
     model: &tract_onnx::pb::ModelProto,
     info: &ModelInfo,
-    choose: impl FnOnce(usize) -> Vec<usize>,
+    choose: impl FnOnce(usize) -> Result<Vec<usize>>,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
     let find = |stem: &str| {
         crate::data::idx::find(dir, stem).with_context(|| {
@@ -307,7 +313,7 @@ pub fn idx_split_images(
     );
     let (top, left) = ((h - rows) / 2, (w - cols) / 2);
     let (mean, std) = normalization(model, c)?;
-    let picked = choose(idims[0]);
+    let picked = choose(idims[0])?;
     let n = picked.len();
     let mut x = vec![0.0f32; n * c * h * w];
     for (i, &k) in picked.iter().enumerate() {

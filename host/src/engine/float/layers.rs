@@ -296,7 +296,8 @@ impl<'n> Prepared<'n> {
                         }
                     }
                     Op::BatchNorm(bn) if recal.is_some() => {
-                        let (mean, var) = channel_stats(x, shape[0], nb * shape[1] * shape[2]);
+                        let (mean, var) =
+                            super::super::channel_stats(x, shape[0], nb * shape[1] * shape[2]);
                         let bn = ir::BatchNorm {
                             mean,
                             var,
@@ -330,20 +331,6 @@ struct Workspace {
 
 /// A BatchNorm's per-channel mean and (biased) variance.
 type BnStats = (Vec<f32>, Vec<f32>);
-
-/// Per channel, the mean and biased variance of `x` (`channels` runs of `len` values), summed
-/// in `f64`, two passes.
-fn channel_stats(x: &[f32], channels: usize, len: usize) -> BnStats {
-    let (mut mean, mut var) = (Vec::with_capacity(channels), Vec::with_capacity(channels));
-    for ch in x.chunks(len.max(1)).take(channels) {
-        let n = ch.len().max(1) as f64;
-        let m = ch.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-        let v = ch.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / n;
-        mean.push(m as f32);
-        var.push(v as f32);
-    }
-    (mean, var)
-}
 
 /// Re-estimates every BatchNorm's running mean and variance of `net` (weights as programmed)
 /// on `nb` normalized `[n][c][h][w]` images, in one forward pass in node order: each BatchNorm
