@@ -37,6 +37,7 @@ pub mod data;
 pub mod engine;
 pub mod eval;
 pub mod firmware;
+pub mod fsx;
 pub mod ir;
 pub mod model;
 pub mod onnx;

@@ -104,6 +104,7 @@ echo "$verb $*" >> "$FAKE_LOG"
 case $verb in
   train)
     mkdir -p "$out/checkpoint" "$out/best" && touch "$out/best/backbone.bpk"
+    if [ -n "$FAKE_SLEEP" ]; then sleep "$FAKE_SLEEP"; fi
     if [ -e "$FAKE_FAIL" ]; then echo "fake training failure" >&2; exit 3; fi ;;
   eval)
     mkdir -p "$out" && cp "$FAKE_EVAL" "$out/eval.json" ;;
@@ -201,7 +202,7 @@ fn resumable_sweep_through_a_stand_in_nvcim() {
         "{stderr}"
     );
     assert!(
-        stdout.contains("2 cells run, 1 already finished, 1 failed"),
+        stdout.contains("2 cells run, 1 already finished, 0 left to another process, 1 failed"),
         "{stdout}"
     );
     let calls = fs::read_to_string(&log).unwrap();
@@ -228,7 +229,7 @@ fn resumable_sweep_through_a_stand_in_nvcim() {
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
     assert!(
-        stdout.contains("1 cells run, 3 already finished, 0 failed"),
+        stdout.contains("1 cells run, 3 already finished, 0 left to another process, 0 failed"),
         "{stdout}"
     );
     let calls = fs::read_to_string(&log).unwrap();
@@ -304,10 +305,32 @@ fn slurm_array_and_merge_scripts() {
     let m = fs::read_to_string(out.join("merge.sbatch")).unwrap();
     assert!(
         m.contains(&format!(
-            "report {0}/*/eval --out {0}/report --allow-missing",
+            "sweep {} --out {} --merge",
+            plan_path.display(),
             out.display()
         )),
         "{m}"
+    );
+    // Slurm does not create the folder of --output: the sweep does.
+    assert!(out.join("logs").is_dir());
+    let sub = fs::read_to_string(out.join("submit.sh")).unwrap();
+    assert!(sub.contains("sbatch --parsable"), "{sub}");
+    // A merge of a sweep with no finished cell names the missing ones and fails.
+    let o = nvcim(
+        &[
+            "sweep",
+            plan_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--merge",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    let err = text(&o).1;
+    assert!(
+        err.contains("nothing to merge") && err.contains("[3] "),
+        "{err}"
     );
 }
 
@@ -323,4 +346,96 @@ fn bad_plans_fail_with_the_file_named() {
     let o = nvcim(&["sweep", "/nonexistent/plan.toml"], &[]);
     assert!(!o.status.success());
     assert!(text(&o).1.contains("/nonexistent/plan.toml"));
+}
+
+/// Two sweeps on one plan and output directory at the same time: every cell is trained and
+/// evaluated exactly once (a lock per cell), and both sweeps succeed.
+#[test]
+fn two_sweeps_on_one_directory_never_run_a_cell_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan_path = tmp.path().join("tiny.toml");
+    fs::write(&plan_path, PLAN).unwrap();
+    let out = tmp.path().join("out");
+    let cells = Plan::parse(PLAN).unwrap().cells();
+    // The eval.json the stand-in copies: a real one is not needed for the sweep's bookkeeping.
+    let eval_json = tmp.path().join("eval.json");
+    fs::write(&eval_json, "{}").unwrap();
+    let fake = fake_nvcim(tmp.path());
+    let log = tmp.path().join("calls.log");
+    let fail = tmp.path().join("no-failure");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nvcim"))
+            .args([
+                "sweep",
+                plan_path.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--nvcim",
+                fake.to_str().unwrap(),
+                "--jobs",
+                "2",
+            ])
+            .env("FAKE_LOG", &log)
+            .env("FAKE_EVAL", &eval_json)
+            .env("FAKE_FAIL", &fail)
+            .env("FAKE_SLEEP", "0.4")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    for o in [&a, &b] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let calls = fs::read_to_string(&log).unwrap();
+    for c in &cells {
+        let n = |verb: &str| {
+            calls
+                .lines()
+                .filter(|l| l.starts_with(verb) && l.contains(&format!("/{}/", c.name())))
+                .count()
+        };
+        assert_eq!((n("train"), n("eval")), (1, 1), "{}: {calls}", c.name());
+    }
+    // Between them, the two sweeps saw every cell as run, finished or busy elsewhere.
+    let both = format!(
+        "{}{}",
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&b.stdout)
+    );
+    let ran: usize = both
+        .lines()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(ran, cells.len(), "{both}");
+    // No lock is left held: a third sweep finds every cell finished.
+    let o = nvcim(
+        &[
+            "sweep",
+            plan_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--nvcim",
+            fake.to_str().unwrap(),
+        ],
+        &[
+            ("FAKE_LOG", log.as_path()),
+            ("FAKE_EVAL", eval_json.as_path()),
+            ("FAKE_FAIL", fail.as_path()),
+        ],
+    );
+    assert!(
+        text(&o).0.contains("0 cells run, 4 already finished"),
+        "{}",
+        text(&o).0
+    );
 }

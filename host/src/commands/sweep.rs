@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 
 use crate::sweep::{
     Cell, Plan,
-    run::{dry_run, emit_slurm, run_cells},
+    run::{dry_run, emit_slurm, merge, run_cells},
 };
 
 /// What `--emit` writes instead of running.
@@ -47,6 +47,10 @@ pub struct SweepArgs {
     /// Write a cluster script into the output directory instead of running.
     #[arg(long, value_enum)]
     pub emit: Option<Emit>,
+    /// Merge instead of running: the report of every finished cell into OUT/report; fails
+    /// naming the cells that are missing (what the Slurm merge job runs).
+    #[arg(long, conflicts_with_all = ["emit", "dry_run", "cell"])]
+    pub merge: bool,
     /// The nvcim binary the cells run (default: this one).
     #[arg(long, value_name = "PATH")]
     pub nvcim: Option<PathBuf>,
@@ -78,9 +82,20 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     if let Some(Emit::Slurm) = args.emit {
         return emit_slurm(&plan, &args.plan, &out, &nvcim, cells.len());
     }
+    if args.merge {
+        return merge(&plan, &out);
+    }
     if args.dry_run {
         return dry_run(&plan, &out, &nvcim, &selected, args.resume);
     }
 
-    run_cells(&plan, &out, &nvcim, &selected, args.jobs, args.resume)
+    run_cells(
+        &plan,
+        &out,
+        &nvcim,
+        &selected,
+        args.jobs,
+        args.resume,
+        args.cell.is_some(),
+    )
 }

@@ -334,7 +334,7 @@ pub fn write_eval_outputs(out_dir: &Path, report: &EvalReport) -> Result<Vec<Pat
     let mut written = Vec::new();
     let mut write = |name: &str, text: String| -> Result<()> {
         let p = out_dir.join(name);
-        fs::write(&p, text).with_context(|| format!("cannot write {} (--out)", p.display()))?;
+        crate::fsx::write_atomic(&p, text.as_bytes()).context("--out")?;
         written.push(p);
         Ok(())
     };
@@ -394,7 +394,7 @@ pub fn write_eval_outputs(out_dir: &Path, report: &EvalReport) -> Result<Vec<Pat
     // eval.json last: its presence marks a complete result directory.
     let json = serde_json::to_string_pretty(report).expect("a report serialises");
     let p = out_dir.join(EVAL_JSON);
-    fs::write(&p, json).with_context(|| format!("cannot write {} (--out)", p.display()))?;
+    crate::fsx::write_atomic(&p, json.as_bytes()).context("--out")?;
     written.push(p);
     Ok(written)
 }

@@ -16,7 +16,6 @@ pub mod run;
 
 use std::{
     fs,
-    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -45,32 +44,7 @@ pub fn decode_model(bytes: &[u8], what: &str) -> Result<ModelProto> {
 
 /// Encodes a model and writes it atomically: a temporary file beside `path`, synced, then renamed.
 pub fn write_model(model: &ModelProto, path: &Path) -> Result<()> {
-    let bytes = model.encode_to_vec();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", tmp.display()));
-    }
-    fs::rename(&tmp, path).with_context(|| {
-        let _ = fs::remove_file(&tmp);
-        format!("renaming {} to {}", tmp.display(), path.display())
-    })
+    crate::fsx::write_atomic(path, &model.encode_to_vec())
 }
 
 /// The first graph input and output of a model and the input's per-image shape.

@@ -248,7 +248,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
                 md.push_str(&t.markdown());
                 md.push('\n');
                 let csv = args.out.join(format!("{name}.csv"));
-                fs::write(&csv, t.csv()).with_context(|| format!("writing {}", csv.display()))?;
+                crate::fsx::write_atomic(&csv, t.csv().as_bytes())?;
                 if !t.values.is_empty() {
                     t.plot(&args.out.join(format!("{name}.png")), unit)?;
                 }
@@ -264,7 +264,7 @@ pub fn write(args: &ReportArgs) -> Result<()> {
         }
     }
     let p = args.out.join("report.md");
-    fs::write(&p, &md).with_context(|| format!("writing {}", p.display()))?;
+    crate::fsx::write_atomic(&p, md.as_bytes())?;
     print!("{md}");
     eprintln!("report written to {}", args.out.display());
     Ok(())

@@ -19,7 +19,9 @@
 //! # optional: seed (0), engine ("float"), test_subset, args
 //!
 //! [slurm]                          # optional, for --emit slurm
-//! directives = ["--gres=gpu:1", "--time=48:00:00"]
+//! partition = "gpu"                # optional: partition, account, time, gres, cpus_per_task,
+//! time = "48:00:00"                #   mem, and free `directives = ["--qos=long"]`
+//! gres = "gpu:1"
 //! ```
 //!
 //! **Cells.** The grid is datasets x models x methods x training sigma x alpha x drop-exit x
@@ -55,7 +57,7 @@ use crate::eval::results::EVAL_JSON;
 pub mod run;
 pub mod slurm;
 
-pub use slurm::{merge_script, shell_line, shell_quote, slurm_script};
+pub use slurm::{merge_script, shell_line, shell_quote, slurm_script, submit_script};
 
 /// Dataset names `nvcim train --dataset` accepts.
 pub const DATASETS: [&str; 4] = ["mnist", "fashion-mnist", "cifar10", "cifar100"];
@@ -124,8 +126,19 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct SlurmPlan {
-    /// Extra `#SBATCH` options of each array task, e.g. `["--gres=gpu:1", "--time=48:00:00"]`
-    /// (default: `--cpus-per-task=8`).
+    /// `--partition` of both jobs.
+    pub partition: Option<String>,
+    /// `--account` of both jobs.
+    pub account: Option<String>,
+    /// `--time` of each array task, e.g. `"48:00:00"`.
+    pub time: Option<String>,
+    /// `--gres` of each array task, e.g. `"gpu:1"`.
+    pub gres: Option<String>,
+    /// `--cpus-per-task` of each array task (default 8, unless a GPU or the directives set it).
+    pub cpus_per_task: Option<u32>,
+    /// `--mem` of each array task, e.g. `"16G"`.
+    pub mem: Option<String>,
+    /// Further `#SBATCH` options of each array task, e.g. `["--qos=long"]`.
     #[serde(default)]
     pub directives: Vec<String>,
 }
@@ -272,10 +285,29 @@ impl Plan {
         );
         for d in &self.slurm.directives {
             ensure!(
-                d.starts_with("--") && !d.contains('\n'),
+                d.starts_with("--") && !d.chars().any(char::is_whitespace),
                 "`slurm.directives` entry `{d}` must be one `--option[=value]`"
             );
         }
+        let sl = &self.slurm;
+        for (k, v) in [
+            ("partition", &sl.partition),
+            ("account", &sl.account),
+            ("time", &sl.time),
+            ("gres", &sl.gres),
+            ("mem", &sl.mem),
+        ] {
+            if let Some(v) = v {
+                ensure!(
+                    !v.is_empty() && !v.chars().any(|c| c.is_whitespace() || c == '#'),
+                    "`slurm.{k}` = `{v}` must be one word (Slurm's own syntax, e.g. time = \"48:00:00\")"
+                );
+            }
+        }
+        ensure!(
+            sl.cpus_per_task != Some(0),
+            "`slurm.cpus_per_task` must be at least 1"
+        );
         Ok(())
     }
 
@@ -399,10 +431,13 @@ pub fn cell_state(cell_dir: &Path) -> CellState {
         CellState::Finished
     } else if cell_dir.join(TRAIN_DONE).is_file() {
         CellState::Trained
-    } else if cell_dir
-        .join("train")
-        .join(RESUME_STATE_IN_TRAIN_DIR)
-        .exists()
+    } else if [
+        RESUME_STATE_IN_TRAIN_DIR,
+        "checkpoint.old",
+        "checkpoint.tmp",
+    ]
+    .iter()
+    .any(|d| cell_dir.join("train").join(d).exists())
     {
         CellState::PartialTraining
     } else {
@@ -744,8 +779,8 @@ mc = 5
         let n = plan.cells().len();
         let s = slurm_script(
             &plan,
-            Path::new("plans/t.toml"),
-            Path::new("runs/t"),
+            Path::new("/p/t.toml"),
+            Path::new("/runs/t"),
             "/bin/nvcim",
             n,
         )
@@ -753,13 +788,31 @@ mc = 5
         assert!(s.starts_with("#!/bin/bash\n"));
         assert!(s.contains(&format!("#SBATCH --array=0-{}\n", n - 1)), "{s}");
         assert!(
-            s.contains("sweep plans/t.toml --out runs/t --cell \"$SLURM_ARRAY_TASK_ID\" --resume"),
+            s.contains("#SBATCH --output=/runs/t/logs/%x-%A_%a.out\n"),
             "{s}"
         );
-        let m = merge_script(&plan, Path::new("runs/t"), "/bin/nvcim").unwrap();
+        assert!(s.contains("NVCIM=\"${NVCIM_BIN:-/bin/nvcim}\"\n"), "{s}");
         assert!(
-            m.contains("/bin/nvcim report runs/t/*/eval --out runs/t/report --allow-missing"),
+            s.contains(
+                "exec \"$NVCIM\" sweep /p/t.toml --out /runs/t --cell \"$SLURM_ARRAY_TASK_ID\" --resume"
+            ),
+            "{s}"
+        );
+        let m = merge_script(
+            &plan,
+            Path::new("/p/t.toml"),
+            Path::new("/runs/t"),
+            "/bin/nvcim",
+        )
+        .unwrap();
+        assert!(
+            m.contains("exec \"$NVCIM\" sweep /p/t.toml --out /runs/t --merge"),
             "{m}"
+        );
+        let sub = submit_script(Path::new("/runs/t"), n).unwrap();
+        assert!(
+            sub.contains("--dependency=afterany:\"$jid\" /runs/t/merge.sbatch"),
+            "{sub}"
         );
         assert!(s.contains("#SBATCH --cpus-per-task=8\n"));
         assert!(slurm_script(&plan, Path::new("p"), Path::new("o"), "n", 0).is_err());
@@ -772,6 +825,31 @@ mc = 5
             s.contains("#SBATCH --gres=gpu:1\n") && !s.contains("cpus-per-task"),
             "{s}"
         );
+        // The named options of [slurm] become directives of the array (partition and account
+        // of the merge job too).
+        let named = Plan::parse(&format!(
+            "{PLAN}\n[slurm]\npartition = \"short\"\ntime = \"01:30:00\"\ngres = \"gpu:a100:1\"\ncpus_per_task = 4\nmem = \"8G\"\naccount = \"lab\"\n"
+        ))
+        .unwrap();
+        let s = slurm_script(&named, Path::new("p"), Path::new("o"), "n", 3).unwrap();
+        for d in [
+            "--partition=short",
+            "--account=lab",
+            "--time=01:30:00",
+            "--gres=gpu:a100:1",
+            "--mem=8G",
+            "--cpus-per-task=4",
+        ] {
+            assert!(s.contains(&format!("#SBATCH {d}\n")), "{d}: {s}");
+        }
+        let m = merge_script(&named, Path::new("p"), Path::new("o"), "n").unwrap();
+        assert!(
+            m.contains("#SBATCH --partition=short\n") && !m.contains("gres"),
+            "{m}"
+        );
         assert!(Plan::parse(&format!("{PLAN}\n[slurm]\ndirectives = [\"gres\"]\n")).is_err());
+        let e = Plan::parse(&format!("{PLAN}\n[slurm]\ntime = \"1 day\"\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("slurm.time"), "{e:#}");
+        assert!(Plan::parse(&format!("{PLAN}\n[slurm]\ncpus_per_task = 0\n")).is_err());
     }
 }

@@ -19,9 +19,13 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
+use std::os::unix::fs::PermissionsExt as _;
+
+use crate::fsx::{self, DirLock, LOCK_FILE};
+
 use super::{
     Cell, CellState, Plan, TRAIN_DONE, cell_state, eval_command,
-    slurm::{merge_script, shell_line, slurm_script},
+    slurm::{LOG_DIR, merge_script, shell_line, slurm_script, submit_script},
     train_command,
 };
 
@@ -30,6 +34,8 @@ use super::{
 enum Outcome {
     Skipped,
     Ran,
+    /// Another live process holds the cell's lock (named).
+    Busy(String),
     Failed(anyhow::Error),
 }
 
@@ -59,6 +65,10 @@ pub fn dry_run(
 }
 
 /// Runs `selected` cells of `plan` in `out` on `jobs` workers with the binary `nvcim`.
+///
+/// A cell is run by one process at a time: its directory's lock ([`DirLock`]) is taken first,
+/// and a cell another live process holds is left to it (reported as busy; a failure when
+/// `busy_fails`, as for the one cell of a Slurm array task).
 pub fn run_cells(
     plan: &Plan,
     out: &Path,
@@ -66,6 +76,7 @@ pub fn run_cells(
     selected: &[(usize, &Cell)],
     jobs: usize,
     resume: bool,
+    busy_fails: bool,
 ) -> Result<()> {
     fs::create_dir_all(out)
         .with_context(|| format!("cannot create the sweep directory --out {}", out.display()))?;
@@ -89,16 +100,22 @@ pub fn run_cells(
         worker();
     });
     let outcomes = outcomes.into_inner().expect("workers finished");
-    let (mut ran, mut skipped, mut failed) = (0, 0, Vec::new());
+    let (mut ran, mut skipped, mut busy, mut failed) = (0, 0, 0, Vec::new());
     for ((i, cell), o) in selected.iter().zip(outcomes) {
         match o.expect("every cell was visited") {
             Outcome::Ran => ran += 1,
             Outcome::Skipped => skipped += 1,
+            Outcome::Busy(holder) if busy_fails => failed.push(format!(
+                "[{i}] {}: being run by another process ({holder})",
+                cell.name()
+            )),
+            Outcome::Busy(_) => busy += 1,
             Outcome::Failed(e) => failed.push(format!("[{i}] {}: {e:#}", cell.name())),
         }
     }
     println!(
-        "sweep {}: {ran} cells run, {skipped} already finished, {} failed ({})",
+        "sweep {}: {ran} cells run, {skipped} already finished, {busy} left to another process, \
+         {} failed ({})",
         plan.name,
         failed.len(),
         out.display()
@@ -150,6 +167,30 @@ fn run_cell(
     index: usize,
 ) -> Outcome {
     let dir = cell.dir(out);
+    if cell_state(&dir) == CellState::Finished {
+        eprintln!("[{index}] {}: finished, skipped", cell.name());
+        return Outcome::Skipped;
+    }
+    let lock = match DirLock::try_acquire(&dir) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            let holder = fs::read_to_string(dir.join(LOCK_FILE)).unwrap_or_default();
+            let holder = holder.trim().to_string();
+            eprintln!(
+                "[{index}] {}: being run by another process ({holder}), left to it",
+                cell.name()
+            );
+            return Outcome::Busy(holder);
+        }
+        Err(e) => return Outcome::Failed(e),
+    };
+    if let Some(h) = lock.stale_holder() {
+        eprintln!(
+            "[{index}] {}: taking over the cell from {h}, which ended without finishing it",
+            cell.name()
+        );
+    }
+    // Another process may have finished the cell between the first look and the lock.
     let state = cell_state(&dir);
     if state == CellState::Finished {
         eprintln!("[{index}] {}: finished, skipped", cell.name());
@@ -167,8 +208,7 @@ fn run_cell(
             let args = train_command(plan, cell, &dir, state == CellState::PartialTraining);
             eprintln!("[{index}] {}: train", cell.name());
             run_logged(nvcim, &args, &dir.join("train.log"))?;
-            fs::write(dir.join(TRAIN_DONE), "")
-                .with_context(|| format!("writing {}", dir.join(TRAIN_DONE).display()))?;
+            crate::fsx::write_atomic(&dir.join(TRAIN_DONE), b"")?;
         }
         eprintln!("[{index}] {}: eval", cell.name());
         run_logged(
@@ -210,26 +250,93 @@ fn run_logged(program: &Path, args: &[String], log: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `sweep.sbatch` (one array task per cell) and `merge.sbatch` into `out`.
+/// Writes `sweep.sbatch` (one array task per cell), `merge.sbatch` and `submit.sh` into `out`,
+/// and creates the log folder Slurm writes into.
 pub fn emit_slurm(plan: &Plan, plan_path: &Path, out: &Path, nvcim: &Path, n: usize) -> Result<()> {
-    fs::create_dir_all(out)
-        .with_context(|| format!("cannot create the sweep directory --out {}", out.display()))?;
+    let logs = out.join(LOG_DIR);
+    fs::create_dir_all(&logs)
+        .with_context(|| format!("cannot create the sweep directory --out {}", logs.display()))?;
     // Array tasks may start in another directory: absolute paths.
     let abs = |p: &Path| -> Result<PathBuf> {
         std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
     };
-    let (plan_abs, out_abs) = (abs(plan_path)?, abs(out)?);
-    let nv = nvcim.display().to_string();
-    let script = slurm_script(plan, &plan_abs, &out_abs, &nv, n)?;
-    let merge = merge_script(plan, &out_abs, &nv)?;
-    let (s, m) = (out.join("sweep.sbatch"), out.join("merge.sbatch"));
-    fs::write(&s, script).with_context(|| format!("writing {}", s.display()))?;
-    fs::write(&m, merge).with_context(|| format!("writing {}", m.display()))?;
-    println!("{} cells: wrote {} and {}", n, s.display(), m.display());
+    let (plan_abs, out_abs, nvcim_abs) = (abs(plan_path)?, abs(out)?, abs(nvcim)?);
+    let nv = nvcim_abs.display().to_string();
+    let files = [
+        (
+            "sweep.sbatch",
+            slurm_script(plan, &plan_abs, &out_abs, &nv, n)?,
+        ),
+        (
+            "merge.sbatch",
+            merge_script(plan, &plan_abs, &out_abs, &nv)?,
+        ),
+        ("submit.sh", submit_script(&out_abs, n)?),
+    ];
+    for (name, text) in &files {
+        let p = out.join(name);
+        fsx::write_atomic(&p, text.as_bytes())?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} executable", p.display()))?;
+    }
     println!(
-        "submit: jid=$(sbatch --parsable {}) && sbatch --dependency=afterany:$jid {}",
-        s.display(),
-        m.display()
+        "{n} cells: wrote sweep.sbatch, merge.sbatch and submit.sh in {}",
+        out_abs.display()
+    );
+    println!("submit: bash {}", out_abs.join("submit.sh").display());
+    Ok(())
+}
+
+/// `nvcim sweep PLAN --merge`: the report of every finished cell into `OUT/report`, then an
+/// error naming each cell that is missing (with its array index and where its log is), so a
+/// merge job after a partly failed array shows the tables it could make and fails visibly.
+pub fn merge(plan: &Plan, out: &Path) -> Result<()> {
+    let cells = plan.cells();
+    let mut present = Vec::new();
+    let mut missing = Vec::new();
+    for (i, c) in cells.iter().enumerate() {
+        let dir = c.dir(out);
+        match cell_state(&dir) {
+            CellState::Finished => present.push(dir.join("eval")),
+            st => missing.push(format!(
+                "[{i}] {} ({}; logs: {}/{LOG_DIR}/*_{i}.out, {})",
+                c.name(),
+                state_name(st),
+                out.display(),
+                dir.join("train.log").display()
+            )),
+        }
+    }
+    if present.is_empty() {
+        bail!(
+            "no cell of plan {} is finished in {}; nothing to merge. Missing:\n{}",
+            plan.name,
+            out.display(),
+            missing.join("\n")
+        );
+    }
+    crate::report::write(&crate::report::ReportArgs {
+        runs: present.clone(),
+        out: out.join("report"),
+        matching: crate::report::Match::Train,
+        allow_missing: false,
+        threshold: 5.0,
+        convergence_ref: crate::report::Reference::Max,
+    })?;
+    if !missing.is_empty() {
+        bail!(
+            "the report in {} covers {} of {} cells; missing:\n{}",
+            out.join("report").display(),
+            present.len(),
+            cells.len(),
+            missing.join("\n")
+        );
+    }
+    eprintln!(
+        "merged all {} cells of plan {} into {}",
+        cells.len(),
+        plan.name,
+        out.join("report").display()
     );
     Ok(())
 }

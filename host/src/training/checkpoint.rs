@@ -7,8 +7,13 @@
 //! - `checkpoint/`: `model.bpk` (backbone + exits, BN statistics, parameter ids), `optimizer.bpk`
 //!   (Adam moments), `state.json` (epochs done = the scheduler's position, best so far, history,
 //!   the RNG derivation);
-//! - `best/`: `backbone.bpk` (the backbone alone, best noisy validation accuracy), `model.json`,
-//!   `state.json`.
+//! - `best/`: `backbone.bpk` (the backbone alone, best validation accuracy under the run's
+//!   `--select` rule, named in its `state.json`), `model.json`, `state.json`.
+//!
+//! Every file is `fsync`ed before the directory holding it is swapped in, and the swap itself
+//! is two renames (`checkpoint/` -> `checkpoint.old/`, `checkpoint.tmp/` -> `checkpoint/`):
+//! a process killed at any point leaves a complete `checkpoint/` or `checkpoint.old/`, which
+//! `--resume` picks up ([`Checkpoint::latest`]).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +25,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::{EpochMetrics, TrainConfig};
+use crate::fsx;
 use crate::model::{Backbone, ModelSpec, TrainModel};
 
 /// Progress and selection state saved with each checkpoint.
@@ -47,19 +53,7 @@ pub struct Checkpoint {
     out: PathBuf,
 }
 
-/// Writes `value` as pretty JSON to `path` atomically (temporary file + rename).
-pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)? + "\n";
-    write_atomic(path, text.as_bytes())
-}
-
-/// Writes bytes to `path` atomically.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-}
+pub use crate::fsx::{write_atomic, write_json_atomic};
 
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -117,11 +111,20 @@ fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
+    // Everything in `tmp` is on disk before it replaces the previous directory.
+    for entry in std::fs::read_dir(tmp).with_context(|| format!("listing {}", tmp.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", tmp.display()))?;
+        fsx::sync_file(&entry.path())?;
+    }
+    fsx::sync_dir(tmp)?;
     if dir.exists() {
         std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
     }
+    fsx::crash_point("checkpoint-swap");
     std::fs::rename(tmp, dir)
         .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    fsx::sync_dir(parent)?;
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
@@ -185,11 +188,17 @@ impl Checkpoint {
             .clone()
             .save_file(tmp.join("model.bpk"))
             .map_err(rec_err)
-            .context("saving the model")?;
+            .with_context(|| format!("saving the model to {}", tmp.join("model.bpk").display()))?;
+        fsx::crash_point("checkpoint-files");
         optim
             .save(tmp.join("optimizer.bpk"))
             .map_err(rec_err)
-            .context("saving the optimizer")?;
+            .with_context(|| {
+                format!(
+                    "saving the optimizer to {}",
+                    tmp.join("optimizer.bpk").display()
+                )
+            })?;
         let mut st = state.clone();
         st.rng = format!(
             "derived: epoch e reseeds the device with epoch_seed({}, e) and draws shuffles/augmentation from stream_for(Host, {}, e, tag)",
@@ -197,6 +206,7 @@ impl Checkpoint {
         );
         write_json_atomic(&tmp.join("state.json"), &serde_json::to_value(&st)?)?;
         swap_in(&tmp, &dir)?;
+        fsx::crash_point("before-metrics");
         let mut lines = String::new();
         for m in &state.history {
             lines += &serde_json::to_string(m)?;
@@ -213,13 +223,18 @@ impl Checkpoint {
             .clone()
             .save_file(tmp.join("backbone.bpk"))
             .map_err(rec_err)
-            .context("saving the backbone")?;
+            .with_context(|| {
+                format!(
+                    "saving the backbone to {}",
+                    tmp.join("backbone.bpk").display()
+                )
+            })?;
         write_json_atomic(&tmp.join("model.json"), &serde_json::to_value(&cfg.model)?)?;
         let info = serde_json::json!({
             "epoch": state.best_epoch,
             "val_clean_acc": state.best_val_clean,
             "val_noisy_acc": state.best_val_noisy,
-            "selected_by": "noisy validation accuracy",
+            "selected_by": format!("{} validation accuracy", cfg.selection().name()),
         });
         write_json_atomic(&tmp.join("state.json"), &info)?;
         swap_in(&tmp, &dir)

@@ -514,6 +514,15 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     );
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating output directory {}", opts.out.display()))?;
+    // One training per output directory at a time; a lock left by a killed run is stale and
+    // taken over (see `fsx::DirLock`).
+    let lock = crate::fsx::DirLock::acquire(&opts.out, "the training output directory --out")?;
+    if let Some(h) = lock.stale_holder() {
+        eprintln!(
+            "note: {} was left locked by {h}, which ended without finishing; taking it over",
+            lock.path().display()
+        );
+    }
     let config_json = serde_json::to_value(cfg)?;
     let device = cfg.backend.device()?;
     let ad = device.clone().autodiff();
@@ -611,6 +620,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 100.0 * right as f64 / seen as f64
             ));
             bar.inc(1);
+            crate::fsx::crash_point("train-step");
         }
         bar.finish_and_clear();
         model.backbone.sync_running_stats();
@@ -663,6 +673,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             state.best_val_clean = val_clean;
             state.best_val_noisy = val_noisy;
             ckpt.save_best(&model.backbone, cfg, &state)?;
+            crate::fsx::crash_point("after-best");
         }
         state.history.push(m);
         ckpt.save(&model, &optim, cfg, &state)?;

@@ -1,0 +1,287 @@
+//! Files that survive crashes and concurrent runs: atomic writes, directory locks, and the
+//! crash points the crash-safety tests kill the process at.
+//!
+//! - [`write_atomic`]: a temporary file in the same directory, written, `fsync`ed, renamed over
+//!   the target, and the directory `fsync`ed; on any error the temporary file is removed and the
+//!   previous file is left as it was. Every result file nvcim writes (`eval.json`, reports,
+//!   checkpoints' JSON, packed models, ONNX files) goes through it.
+//! - [`DirLock`]: an exclusive advisory lock (`flock`) on `DIR/.lock` for one process at a time
+//!   per training output or sweep cell. The kernel drops the lock when its holder dies, so a lock
+//!   left behind by a killed process is stale by construction: the next taker finds the file
+//!   unlocked, says whose it was, and takes it over.
+//! - [`crash_point`]: with `NVCIM_CRASH_AT=NAME[@K]` in the environment, the `K`-th (default
+//!   first) time the process reaches the point `NAME` it sends itself SIGKILL. Only the
+//!   crash-safety tests set it; see [`CRASH_POINTS`].
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The crash points of `nvcim train`, in the order one epoch reaches them.
+pub const CRASH_POINTS: [&str; 5] = [
+    // after a training step (mid-epoch)
+    "train-step",
+    // inside a checkpoint write: the model file is in `checkpoint.tmp/`, the rest is not
+    "checkpoint-files",
+    // between the two renames that swap `checkpoint.tmp/` in (`checkpoint/` is `checkpoint.old/`)
+    "checkpoint-swap",
+    // after the best backbone was saved, before the epoch's checkpoint
+    "after-best",
+    // after the checkpoint was swapped in, before `metrics.jsonl` is rewritten
+    "before-metrics",
+];
+
+/// The environment variable naming the crash point ([`crash_point`]).
+pub const CRASH_ENV: &str = "NVCIM_CRASH_AT";
+
+static CRASH_HITS: AtomicUsize = AtomicUsize::new(0);
+
+/// Kills the process with SIGKILL when `NVCIM_CRASH_AT` names `point` and this is its `K`-th hit.
+pub fn crash_point(point: &str) {
+    let Ok(spec) = std::env::var(CRASH_ENV) else {
+        return;
+    };
+    let (name, k) = match spec.split_once('@') {
+        Some((n, k)) => (n, k.parse::<usize>().unwrap_or(1)),
+        None => (spec.as_str(), 1),
+    };
+    if name != point {
+        return;
+    }
+    if CRASH_HITS.fetch_add(1, Ordering::SeqCst) + 1 == k {
+        eprintln!("{CRASH_ENV}={spec}: killing this process at `{point}`");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+/// `fsync`s a directory, so that renames and new entries in it survive a power cut.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    fs::File::open(d)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing the directory {}", d.display()))
+}
+
+/// `fsync`s a file that was written by someone else (Burn's record writer).
+pub fn sync_file(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))
+}
+
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes `bytes` to `path` atomically: readers see the old file or the new one, never a part.
+/// On error the temporary file is removed and `path` is untouched; the message names the file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent(path);
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| {
+            format!(
+                "cannot write {} (through {}); the previous file, if any, is unchanged",
+                path.display(),
+                tmp.display()
+            )
+        });
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| {
+            format!(
+                "cannot rename {} to {}; the previous file, if any, is unchanged",
+                tmp.display(),
+                path.display()
+            )
+        });
+    }
+    sync_dir(&dir)
+}
+
+/// Writes `value` as pretty JSON (with a final newline) to `path` atomically.
+pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    write_atomic(path, text.as_bytes())
+}
+
+/// An exclusive lock on a directory (`DIR/.lock`), held until dropped or the process dies.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: fs::File,
+    path: PathBuf,
+    stale: Option<String>,
+}
+
+/// The lock file's name inside a locked directory.
+pub const LOCK_FILE: &str = ".lock";
+
+fn holder_text() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    format!("pid {} on {host}", std::process::id())
+}
+
+impl DirLock {
+    /// Takes the lock of `dir` (created if needed) for `what` (named in messages). Fails at once,
+    /// naming the holder, when another live process holds it.
+    pub fn acquire(dir: &Path, what: &str) -> Result<DirLock> {
+        match Self::try_acquire(dir)? {
+            Some(l) => Ok(l),
+            None => {
+                let path = dir.join(LOCK_FILE);
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "{what} {} is in use by another nvcim process ({}); wait for it to finish or \
+                     stop it (the lock {} is released when that process ends)",
+                    dir.display(),
+                    holder_or_unknown(&holder),
+                    path.display()
+                )
+            }
+        }
+    }
+
+    /// Takes the lock of `dir` if no live process holds it; `Ok(None)` when one does.
+    pub fn try_acquire(dir: &Path) -> Result<Option<DirLock>> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        let before = fs::read_to_string(&path).unwrap_or_default();
+        let stale = (!before.trim().is_empty()).then(|| before.trim().to_string());
+        let mut f = &file;
+        file.set_len(0)
+            .and_then(|()| f.write_all(format!("{}\n", holder_text()).as_bytes()))
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing the lock file {}", path.display()))?;
+        Ok(Some(DirLock {
+            _file: file,
+            path,
+            stale,
+        }))
+    }
+
+    /// The holder named in a lock file that was not locked any more (its process died without
+    /// releasing it), if there was one.
+    pub fn stale_holder(&self) -> Option<&str> {
+        self.stale.as_deref()
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // Empty the file so the next taker does not report a stale holder; the lock itself is
+        // released when the file closes.
+        let _ = self._file.set_len(0);
+    }
+}
+
+fn holder_or_unknown(h: &str) -> String {
+    let h = h.trim();
+    if h.is_empty() {
+        "holder unknown".into()
+    } else {
+        h.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_files_and_keeps_the_old_one_on_error() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        // A target that is a directory cannot be replaced: the error names it and no
+        // temporary file is left behind.
+        let dir_target = d.path().join("sub");
+        fs::create_dir(&dir_target).unwrap();
+        let e = write_atomic(&dir_target, b"x").unwrap_err();
+        assert!(format!("{e:#}").contains("sub"), "{e:#}");
+        let left: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+    }
+
+    #[test]
+    fn a_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let a = DirLock::acquire(d.path(), "the run directory").unwrap();
+        assert!(a.stale_holder().is_none());
+        // flock locks are per open file description: a second open in this process conflicts
+        // exactly as another process's would.
+        assert!(DirLock::try_acquire(d.path()).unwrap().is_none());
+        let e = DirLock::acquire(d.path(), "the run directory").unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())) && msg.contains("in use"),
+            "{msg}"
+        );
+        drop(a);
+        assert!(DirLock::try_acquire(d.path()).unwrap().is_some());
+        // A lock file naming a process that died without releasing (nothing holds the flock).
+        fs::write(d.path().join(LOCK_FILE), "pid 999999 on elsewhere\n").unwrap();
+        let b = DirLock::acquire(d.path(), "the run directory").unwrap();
+        assert_eq!(b.stale_holder(), Some("pid 999999 on elsewhere"));
+        let now = fs::read_to_string(b.path()).unwrap();
+        assert!(
+            now.contains(&format!("pid {}", std::process::id())),
+            "{now}"
+        );
+    }
+}
