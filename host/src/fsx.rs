@@ -23,13 +23,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// The crash points of `nvcim train`, in the order one epoch reaches them.
-pub const CRASH_POINTS: [&str; 5] = [
+pub const CRASH_POINTS: [&str; 6] = [
     // after a training step (mid-epoch)
     "train-step",
     // inside a checkpoint write: the model file is in `checkpoint.tmp/`, the rest is not
     "checkpoint-files",
     // between the two renames that swap `checkpoint.tmp/` in (`checkpoint/` is `checkpoint.old/`)
     "checkpoint-swap",
+    // between the two renames that swap `best.tmp/` in
+    "best-swap",
     // after the best backbone was saved, before the epoch's checkpoint
     "after-best",
     // after the checkpoint was swapped in, before `metrics.jsonl` is rewritten
@@ -81,6 +83,19 @@ pub fn sync_file(path: &Path) -> Result<()> {
         .with_context(|| format!("syncing {}", path.display()))
 }
 
+/// What to do about a write error, when its cause is the file system's state rather than nvcim.
+pub fn hint(err: &str) -> &'static str {
+    if err.contains("No space left") || err.contains("os error 28") {
+        " (the file system is full: free space or write to another --out)"
+    } else if err.contains("Read-only file system") || err.contains("os error 30") {
+        " (the file system is read-only: remount it read-write or write to another --out)"
+    } else if err.contains("Permission denied") || err.contains("os error 13") {
+        " (no permission to write there: fix the permissions or write to another --out)"
+    } else {
+        ""
+    }
+}
+
 fn parent(path: &Path) -> PathBuf {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -107,9 +122,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     if let Err(e) = write() {
         let _ = fs::remove_file(&tmp);
+        let h = hint(&e.to_string());
         return Err(e).with_context(|| {
             format!(
-                "cannot write {} (through {}); the previous file, if any, is unchanged",
+                "cannot write {} (through {}); the previous file, if any, is unchanged{h}",
                 path.display(),
                 tmp.display()
             )
@@ -182,7 +198,11 @@ impl DirLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .with_context(|| format!("opening the lock file {}", path.display()))?;
+            .map_err(|e| {
+                let h = hint(&e.to_string());
+                anyhow::Error::new(e)
+                    .context(format!("opening the lock file {}{h}", path.display()))
+            })?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Ok(None),

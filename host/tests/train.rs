@@ -10,6 +10,20 @@ use common::{nvcim, write_idx};
 use nvcim::data::idx;
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    train_cmd(data, out, extra)
+        .output()
+        .expect("runs nvcim train")
+}
+
+/// The `nvcim train` command of [`train`], to run with extra environment or in the background.
+fn train_cmd(data: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_nvcim"));
+    c.args(train_args(data, out, extra));
+    c
+}
+
+/// The arguments of [`train`] (after the binary).
+fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "train",
         "--dataset",
@@ -35,7 +49,7 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
         }
     }
     args.extend_from_slice(extra);
-    nvcim(&args)
+    args.into_iter().map(String::from).collect()
 }
 
 fn summary(o: &Output) -> serde_json::Value {
@@ -601,4 +615,285 @@ fn init_from_starts_the_backbone_from_a_checkpoint() {
         "a missing run",
         "does not exist",
     );
+}
+
+/// `metrics.jsonl` without the wall-clock fields (`seconds`, `images_per_s`).
+fn metrics_without_timing(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("images_per_s");
+            v
+        })
+        .collect()
+}
+
+/// `nvcim train` killed with SIGKILL at six points of a run (mid-epoch, inside a checkpoint
+/// write, between the two renames of the checkpoint swap and of the best backbone's, after the
+/// best backbone and before the checkpoint, before `metrics.jsonl`) and once from outside at an arbitrary moment, then
+/// restarted with `--resume`, ends with bit-identical weights, best backbone and metrics.
+#[test]
+fn killed_at_any_point_then_resumed_gives_bit_identical_results() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 256, 32);
+    let flags = ["--method", "nft", "--epochs", "3", "--max-train", "160"];
+    let reference = tempfile::tempdir().unwrap();
+    let s_ref = summary(&train(data.path(), reference.path(), &flags));
+    assert_eq!(s_ref["epochs_done"], 3);
+    let (w_ref, best_ref) = (
+        final_weights(reference.path()),
+        best_weights(reference.path()),
+    );
+    let m_ref = metrics_without_timing(reference.path());
+    let mut resume = flags.to_vec();
+    resume.push("--resume");
+    let check = |out: &Path, what: &str| {
+        let s = summary(&train(data.path(), out, &resume));
+        assert_eq!(s["epochs_done"], 3, "{what}");
+        assert!(final_weights(out) == w_ref, "{what}: final weights differ");
+        assert!(
+            best_weights(out) == best_ref,
+            "{what}: best backbone differs"
+        );
+        assert_eq!(metrics_without_timing(out), m_ref, "{what}: metrics differ");
+        assert_eq!(s["best_epoch"], s_ref["best_epoch"], "{what}");
+        assert_eq!(s["test_clean_acc"], s_ref["test_clean_acc"], "{what}");
+    };
+    // (point, hit): the hit is counted over the run, so these land in epochs 2 and 3.
+    for (point, hit, left) in [
+        ("train-step", 14, "checkpoint"),
+        ("checkpoint-files", 2, "checkpoint.tmp"),
+        ("checkpoint-swap", 2, "checkpoint.old"),
+        ("best-swap", 1, "best.tmp"),
+        ("after-best", 1, "best"),
+        ("before-metrics", 3, "checkpoint"),
+    ] {
+        assert!(nvcim::fsx::CRASH_POINTS.contains(&point));
+        let out = tempfile::tempdir().unwrap();
+        let o = train_cmd(data.path(), out.path(), &flags)
+            .env(nvcim::fsx::CRASH_ENV, format!("{point}@{hit}"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.signal(),
+            Some(9),
+            "{point}@{hit} was not reached: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.path().join(left).exists(), "{point}: no {left}");
+        if point == "checkpoint-swap" {
+            assert!(
+                !out.path().join("checkpoint").exists(),
+                "{point}: the swap was not cut"
+            );
+        }
+        check(out.path(), point);
+    }
+    // From outside, as a scheduler or the OOM killer would: SIGKILL once the first
+    // checkpoint is there.
+    let out = tempfile::tempdir().unwrap();
+    let mut child = train_cmd(data.path(), out.path(), &flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = out.path().join("checkpoint/state.json");
+    let t0 = std::time::Instant::now();
+    while !state.is_file() && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(state.is_file(), "no checkpoint within 2 minutes");
+    if status.signal() == Some(9) {
+        check(out.path(), "external SIGKILL");
+    } else {
+        // It finished before the kill landed; resuming a finished run changes nothing.
+        check(out.path(), "external SIGKILL after the end");
+    }
+}
+
+/// A second `nvcim train` on an `--out` that a live training holds is refused, naming the
+/// holder; once that one is killed, `--resume` takes the stale lock over and finishes.
+#[test]
+fn one_training_per_output_directory() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 256, 32);
+    let out = tempfile::tempdir().unwrap();
+    let flags = ["--method", "noise", "--epochs", "3", "--max-train", "160"];
+    let mut first = train_cmd(data.path(), out.path(), &flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.path().join(nvcim::fsx::LOCK_FILE);
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .is_empty()
+        && t0.elapsed().as_secs() < 60
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let second = train(data.path(), out.path(), &flags);
+    let finished_first = first.try_wait().unwrap().is_some();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    if !finished_first {
+        assert_refused(
+            &second,
+            "a second training on a held --out",
+            &format!("in use by another nvcim process (pid {}", first.id()),
+        );
+    }
+    let mut resume = flags.to_vec();
+    resume.push("--resume");
+    let o = train(data.path(), out.path(), &resume);
+    let s = summary(&o);
+    assert_eq!(s["epochs_done"], 3);
+    if !finished_first {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("taking it over"), "{err}");
+    }
+}
+
+/// Runs `script` as root of a new user and mount namespace (`unshare -rm`), where it may mount
+/// a small tmpfs; `None` when this machine does not allow unprivileged namespaces.
+fn in_mount_namespace(script: &str) -> Option<Output> {
+    let ok = std::process::Command::new("unshare")
+        .args(["-rm", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: `unshare -rm` is not available here (no user namespaces)");
+        return None;
+    }
+    Some(
+        std::process::Command::new("unshare")
+            .args(["-rm", "sh", "-c", script])
+            .output()
+            .unwrap(),
+    )
+}
+
+/// An output directory that fills up, then becomes read-only: `nvcim train --resume` and
+/// `nvcim eval` fail with a message naming the file and the cause, exit non-zero without a
+/// panic, and every file of the last good save is byte for byte as it was.
+#[test]
+fn a_full_or_read_only_output_directory_fails_clearly_and_keeps_the_good_files() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 256, 32);
+    let work = tempfile::tempdir().unwrap();
+    let (mnt, saved) = (work.path().join("mnt"), work.path().join("saved"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(&saved).unwrap();
+    let run = mnt.join("run");
+    let flags = ["--method", "noise", "--epochs", "3", "--max-train", "160"];
+    let q = |a: &[String]| {
+        a.iter()
+            .map(|x| format!("'{x}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let bin = env!("CARGO_BIN_EXE_nvcim");
+    let mut first = flags.to_vec();
+    first.extend(["--stop-after-epochs", "1"]);
+    let mut resume = flags.to_vec();
+    resume.push("--resume");
+    let (m, s, r) = (mnt.display(), saved.display(), run.display());
+    let train_first = q(&train_args(data.path(), &run, &first));
+    let train_resume = q(&train_args(data.path(), &run, &resume));
+    let eval = format!("'{bin}' eval '{r}' --sigma 0.2 --mc 2 --quiet --out '{m}/eval'");
+    let script = format!(
+        r#"set -e
+mount -t tmpfs -o size=4m nvcim-test '{m}'
+'{bin}' {train_first} > '{s}/first.out'
+{eval} > /dev/null
+cp -a '{m}/.' '{s}/before'
+# Fill the disk, leaving 16 KiB: enough for the small JSON files, not for a checkpoint.
+dd if=/dev/zero of='{m}/spare' bs=4k count=4 2>/dev/null
+dd if=/dev/zero of='{m}/fill' bs=4k 2>/dev/null || true
+rm '{m}/spare'
+set +e
+'{bin}' {train_resume} > /dev/null 2> '{s}/full-train.err'; echo $? > '{s}/full-train.rc'
+dd if=/dev/zero of='{m}/fill2' bs=1k 2>/dev/null
+{eval} > /dev/null 2> '{s}/full-eval.err'; echo $? > '{s}/full-eval.rc'
+rm -rf '{s}/after-full'; mkdir '{s}/after-full'; cp -a '{m}/run' '{m}/eval' '{s}/after-full/'
+mount -o remount,ro '{m}'
+'{bin}' {train_resume} > /dev/null 2> '{s}/ro-train.err'; echo $? > '{s}/ro-train.rc'
+{eval} > /dev/null 2> '{s}/ro-eval.err'; echo $? > '{s}/ro-eval.rc'
+mkdir '{s}/after-ro'; cp -a '{m}/run' '{m}/eval' '{s}/after-ro/'
+"#
+    );
+    let Some(o) = in_mount_namespace(&script) else {
+        return;
+    };
+    assert!(
+        o.status.success(),
+        "setup script failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let read = |f: &str| std::fs::read_to_string(saved.join(f)).unwrap();
+    for (case, cause) in [
+        ("full-train", "the file system is full"),
+        ("full-eval", "the file system is full"),
+        ("ro-train", "the file system is read-only"),
+        ("ro-eval", "the file system is read-only"),
+    ] {
+        let (rc, err) = (read(&format!("{case}.rc")), read(&format!("{case}.err")));
+        eprintln!("{case}: {err}");
+        assert_eq!(rc.trim(), "1", "{case}: exit {rc}: {err}");
+        assert!(
+            err.contains(cause) && err.contains(&m.to_string()) && !err.contains("panicked"),
+            "{case}: {err}"
+        );
+    }
+    assert!(
+        read("full-train.err").contains("checkpoint") || read("full-train.err").contains("best")
+    );
+    // The files of the last good save, byte for byte.
+    for after in ["after-full", "after-ro"] {
+        for f in [
+            "run/checkpoint/model.bpk",
+            "run/checkpoint/optimizer.bpk",
+            "run/checkpoint/state.json",
+            "run/best/backbone.bpk",
+            "run/metrics.jsonl",
+            "run/config.json",
+            "eval/eval.json",
+            "eval/runs.csv",
+        ] {
+            let (a, b) = (
+                std::fs::read(saved.join("before").join(f)).unwrap(),
+                std::fs::read(saved.join(after).join(f))
+                    .unwrap_or_else(|e| panic!("{after}/{f}: {e}")),
+            );
+            assert!(a == b, "{after}: {f} changed");
+        }
+        // No partial file or directory was left beside them.
+        let left: Vec<String> = std::fs::read_dir(saved.join(after).join("run"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("tmp"))
+            .collect();
+        assert!(left.is_empty(), "{after}: {left:?}");
+    }
+    // The kept checkpoint still resumes (outside the full disk) to a complete run.
+    let copy = work.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    let o = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(saved.join("after-ro/run"))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let s = summary(&train(data.path(), &copy.join("run"), &resume));
+    assert_eq!(s["epochs_done"], 3);
 }

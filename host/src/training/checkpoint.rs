@@ -106,7 +106,22 @@ pub fn load_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result<B
         })
 }
 
-fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
+/// On a failed write (a full disk, say), removes the partial `tmp` directory so it holds no
+/// space, and says that `dir` is as it was.
+fn abandon_on_error(written: Result<()>, tmp: &Path, dir: &Path) -> Result<()> {
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(tmp);
+        let h = fsx::hint(&format!("{e:#}"));
+        return Err(e.context(format!(
+            "{} was not replaced and still holds the previous complete save{h}",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Swaps `tmp` in as `dir`; `crash` names the crash point between the two renames.
+fn swap_in(tmp: &Path, dir: &Path, crash: &str) -> Result<()> {
     let old = dir.with_extension("old");
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
@@ -120,7 +135,7 @@ fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
     }
-    fsx::crash_point("checkpoint-swap");
+    fsx::crash_point(crash);
     std::fs::rename(tmp, dir)
         .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     let parent = dir.parent().unwrap_or(Path::new("."));
@@ -184,29 +199,40 @@ impl Checkpoint {
     ) -> Result<()> {
         let dir = self.dir();
         let tmp = fresh_tmp(&dir)?;
-        model
-            .clone()
-            .save_file(tmp.join("model.bpk"))
-            .map_err(rec_err)
-            .with_context(|| format!("saving the model to {}", tmp.join("model.bpk").display()))?;
-        fsx::crash_point("checkpoint-files");
-        optim
-            .save(tmp.join("optimizer.bpk"))
-            .map_err(rec_err)
-            .with_context(|| {
-                format!(
-                    "saving the optimizer to {}",
-                    tmp.join("optimizer.bpk").display()
-                )
-            })?;
-        let mut st = state.clone();
-        st.rng = format!(
-            "derived: epoch e reseeds the device with epoch_seed({}, e) and draws shuffles/augmentation from stream_for(Host, {}, e, tag)",
-            cfg.seed, cfg.seed
-        );
-        write_json_atomic(&tmp.join("state.json"), &serde_json::to_value(&st)?)?;
-        swap_in(&tmp, &dir)?;
+        let written = (|| -> Result<()> {
+            model
+                .clone()
+                .save_file(tmp.join("model.bpk"))
+                .map_err(rec_err)
+                .with_context(|| {
+                    format!("saving the model to {}", tmp.join("model.bpk").display())
+                })?;
+            fsx::crash_point("checkpoint-files");
+            optim
+                .save(tmp.join("optimizer.bpk"))
+                .map_err(rec_err)
+                .with_context(|| {
+                    format!(
+                        "saving the optimizer to {}",
+                        tmp.join("optimizer.bpk").display()
+                    )
+                })?;
+            let mut st = state.clone();
+            st.rng = format!(
+                "derived: epoch e reseeds the device with epoch_seed({}, e) and draws shuffles/augmentation from stream_for(Host, {}, e, tag)",
+                cfg.seed, cfg.seed
+            );
+            write_json_atomic(&tmp.join("state.json"), &serde_json::to_value(&st)?)
+        })();
+        abandon_on_error(written, &tmp, &dir)?;
+        swap_in(&tmp, &dir, "checkpoint-swap")?;
         fsx::crash_point("before-metrics");
+        self.write_metrics(state)
+    }
+
+    /// Rewrites `metrics.jsonl` from the state's history (also on resume: a run killed after a
+    /// checkpoint's swap and before this file was written gets it back).
+    pub fn write_metrics(&self, state: &State) -> Result<()> {
         let mut lines = String::new();
         for m in &state.history {
             lines += &serde_json::to_string(m)?;
@@ -219,25 +245,28 @@ impl Checkpoint {
     pub fn save_best(&self, backbone: &Backbone, cfg: &TrainConfig, state: &State) -> Result<()> {
         let dir = self.best_dir();
         let tmp = fresh_tmp(&dir)?;
-        backbone
-            .clone()
-            .save_file(tmp.join("backbone.bpk"))
-            .map_err(rec_err)
-            .with_context(|| {
-                format!(
-                    "saving the backbone to {}",
-                    tmp.join("backbone.bpk").display()
-                )
-            })?;
-        write_json_atomic(&tmp.join("model.json"), &serde_json::to_value(&cfg.model)?)?;
-        let info = serde_json::json!({
-            "epoch": state.best_epoch,
-            "val_clean_acc": state.best_val_clean,
-            "val_noisy_acc": state.best_val_noisy,
-            "selected_by": format!("{} validation accuracy", cfg.selection().name()),
-        });
-        write_json_atomic(&tmp.join("state.json"), &info)?;
-        swap_in(&tmp, &dir)
+        let written = (|| -> Result<()> {
+            backbone
+                .clone()
+                .save_file(tmp.join("backbone.bpk"))
+                .map_err(rec_err)
+                .with_context(|| {
+                    format!(
+                        "saving the backbone to {}",
+                        tmp.join("backbone.bpk").display()
+                    )
+                })?;
+            write_json_atomic(&tmp.join("model.json"), &serde_json::to_value(&cfg.model)?)?;
+            let info = serde_json::json!({
+                "epoch": state.best_epoch,
+                "val_clean_acc": state.best_val_clean,
+                "val_noisy_acc": state.best_val_noisy,
+                "selected_by": format!("{} validation accuracy", cfg.selection().name()),
+            });
+            write_json_atomic(&tmp.join("state.json"), &info)
+        })();
+        abandon_on_error(written, &tmp, &dir)?;
+        swap_in(&tmp, &dir, "best-swap")
     }
 
     /// Loads a checkpoint directory into a fresh model and the given optimizer.

@@ -535,6 +535,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             let saved = checkpoint::read_json(&opts.out.join("config.json"))?;
             checkpoint::ensure_same_config(&saved, &config_json)?;
             let (model, st, o) = ckpt.load(&dir, cfg, &ad, optim)?;
+            ckpt.write_metrics(&st)?;
             optim = o;
             eprintln!(
                 "resuming from {} (epoch {} done)",
