@@ -5,6 +5,7 @@
 //! cargo xtask test           setup, fmt, clippy, the whole test suite, no_std and firmware builds
 //! cargo xtask demo           the main job: a small end-to-end experiment
 //! cargo xtask bench [WHAT]   benchmarks (variation, engine, train, eval, export, firmware)
+//! cargo xtask cluster-test   nvcim sweep --emit slurm on a real one-node Slurm cluster
 //! ```
 
 use std::{
@@ -17,10 +18,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod cluster;
 mod demo;
 mod setup;
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench [variation|engine|train|eval|export|firmware|all]>";
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | cluster-test | bench [variation|engine|train|eval|export|firmware|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -40,6 +42,11 @@ fn run() -> Result<()> {
         Some("setup") => setup::run(&root),
         Some("test") => test(&root),
         Some("demo") => demo(&root),
+        Some("cluster-test") => {
+            setup::run(&root)?;
+            cargo(&BUILD)?;
+            cluster::run(&root, &nvcim_binary(&root))
+        }
         Some("bench") => bench(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
@@ -76,6 +83,11 @@ pub(crate) const BUILD: [&str; 7] = [
     "--exclude",
     "xtask",
 ];
+
+/// The `nvcim` binary of [`BUILD`].
+pub(crate) fn nvcim_binary(root: &Path) -> PathBuf {
+    bench::target_dir(root).join("release").join("nvcim")
+}
 
 /// Checks that [`BUILD`] right after the test suite compiles nothing: the binary the tests ran
 /// is the one the demo and the benches run (one build, not two).
@@ -178,6 +190,7 @@ fn test(root: &Path) -> Result<()> {
         "nvcim-firmware",
     ])?;
     one_build()?;
+    cluster::run(root, &nvcim_binary(root))?;
     cargo(&["test", "--release", "-p", "nvcim-firmware", "--lib"])?;
     cargo(&[
         "build",

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks, idempotently.
 //!
 //! - Debian packages `qemu-system-arm` (the Cortex-M4F board for the firmware) and
-//!   `dataset-fashion-mnist` (the demo's data) through apt-get, as root; otherwise it prints the
+//!   `dataset-fashion-mnist` (the demo's data), `slurm-wlm` and `munge` (the one-node cluster
+//!   test) through apt-get, as root; otherwise it prints the
 //!   exact command and fails.
 //! - The rustup target `thumbv7em-none-eabihf` for the pinned toolchain (rustup does not add the
 //!   targets of `rust-toolchain.toml` to a toolchain that is already installed).
@@ -23,6 +24,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "dataset-fashion-mnist",
         "Fashion-MNIST under /usr/share/datasets/fashion-mnist",
     ),
+    (
+        "slurm-wlm",
+        "slurmctld, slurmd and the clients for the one-node cluster test",
+    ),
+    ("munge", "Slurm's authentication daemon for the cluster test"),
 ];
 
 const TARGET: &str = "thumbv7em-none-eabihf";
