@@ -5,8 +5,8 @@
 //! `slurmd` as its own child processes, waits (bounded) until `sinfo` shows the node idle, and
 //! then:
 //!
-//! 1. runs a tiny plan (noise and nft x sigma 0.2 and 0.4, width 0.125, 3 epochs on 1,000
-//!    Fashion-MNIST images) with `nvcim sweep --jobs 2` on this machine, as the reference;
+//! 1. runs a tiny plan (noise and nft x sigma 0.2 and 0.4, width 0.125, 3 epochs on 800
+//!    Fashion-MNIST images, 300 held out) with `nvcim sweep --jobs 2` on this machine, as the reference;
 //! 2. writes the same plan's scripts with `nvcim sweep --emit slurm`, submits them with the
 //!    generated `submit.sh` (the array, and the merge job with `afterany` on it), waits for both
 //!    (bounded), checks that every task and the merge job COMPLETED with exit code 0, and that
@@ -57,7 +57,7 @@ train_sigmas = [0.2, 0.4]
 alphas = [0.1]
 seeds = [0]
 epochs = 3
-train_args = ["--max-train", "1000", "--batch-size", "32", "--mc-val", "2", "--quiet"]
+train_args = ["--max-train", "800", "--val-fraction", "0.005", "--batch-size", "32", "--mc-val", "2", "--quiet"]
 
 [eval]
 sigmas = [0.4]
@@ -293,7 +293,9 @@ impl Cluster {
              PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP\n"
         );
         fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
-        *TEARDOWN.lock().expect("no panic while holding the teardown lock") = Some(Teardown {
+        *TEARDOWN
+            .lock()
+            .expect("no panic while holding the teardown lock") = Some(Teardown {
             dir: dir.clone(),
             conf: conf.clone(),
             daemons: Vec::new(),
@@ -341,7 +343,9 @@ impl Cluster {
             .stderr(f)
             .spawn()
             .with_context(|| format!("starting {program}"))?;
-        let mut g = TEARDOWN.lock().expect("no panic while holding the teardown lock");
+        let mut g = TEARDOWN
+            .lock()
+            .expect("no panic while holding the teardown lock");
         g.as_mut()
             .expect("the teardown is registered before daemons start")
             .daemons
@@ -436,7 +440,10 @@ fn sbatch(conf: &Path, args: &[&str]) -> Result<String> {
 
 fn expect_states(conf: &Path, job: &str, want: &str, what: &str) -> Result<Vec<JobState>> {
     let states = job_states(conf, job)?;
-    ensure!(!states.is_empty(), "{what}: job {job} is unknown to slurmctld");
+    ensure!(
+        !states.is_empty(),
+        "{what}: job {job} is unknown to slurmctld"
+    );
     for s in &states {
         ensure!(
             s.state == want,
@@ -620,14 +627,22 @@ fn exercise(_root: &Path, nvcim: &Path, cluster: &Cluster) -> Result<()> {
     };
     wait_jobs(conf, &[&array, &merge])?;
     let tasks = expect_states(conf, &array, "COMPLETED", "the array")?;
-    ensure!(tasks.len() == 4, "the array ran {} tasks, not 4", tasks.len());
+    ensure!(
+        tasks.len() == 4,
+        "the array ran {} tasks, not 4",
+        tasks.len()
+    );
     ensure!(
         tasks.iter().all(|t| t.exit == "0:0"),
         "array exit codes: {tasks:?}"
     );
     expect_states(conf, &merge, "COMPLETED", "the merge job")?;
     let cells = cell_dirs(&local)?;
-    ensure!(cells.len() == 4, "the local sweep made {} cells", cells.len());
+    ensure!(
+        cells.len() == 4,
+        "the local sweep made {} cells",
+        cells.len()
+    );
     for c in &cells {
         let name = c.file_name().context("a cell name")?;
         same_cell(c, &slurm.join(name), "array")?;
@@ -660,8 +675,19 @@ fn exercise(_root: &Path, nvcim: &Path, cluster: &Cluster) -> Result<()> {
     let bad = sbatch(conf, &["--array=7", sc])?;
     wait_jobs(conf, &[&bad])?;
     let st = expect_states(conf, &bad, "FAILED", "a task for cell 7 of 4")?;
-    ensure!(st[0].exit.starts_with('1'), "cell 7's exit code {}", st[0].exit);
-    let victim = cells[0].file_name().context("a cell name")?.to_owned();
+    ensure!(
+        st[0].exit.starts_with('1'),
+        "cell 7's exit code {}",
+        st[0].exit
+    );
+    // The plan's cell 0 (array task 0), by its name in the dry run's listing.
+    let listing = nv(&["sweep", p, "--out", s, "--dry-run"])?;
+    let victim: std::ffi::OsString = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("[0] ")?.split(' ').next())
+        .context("the dry run lists no cell 0")?
+        .into();
+    let reference = local.join(&victim);
     let victim_dir = slurm.join(&victim);
     fs::remove_dir_all(&victim_dir)
         .with_context(|| format!("removing {}", victim_dir.display()))?;
@@ -679,7 +705,9 @@ fn exercise(_root: &Path, nvcim: &Path, cluster: &Cluster) -> Result<()> {
         log.contains(&format!("[0] {}", victim.to_string_lossy())),
         "the merge log does not name the missing cell: {log}"
     );
-    eprintln!("    exit codes: a bad task FAILED ({bad}), a merge missing a cell FAILED ({m2}) naming it");
+    eprintln!(
+        "    exit codes: a bad task FAILED ({bad}), a merge missing a cell FAILED ({m2}) naming it"
+    );
 
     // 4. scancel mid-training, resubmit, resume.
     let t = Instant::now();
@@ -709,7 +737,7 @@ fn exercise(_root: &Path, nvcim: &Path, cluster: &Cluster) -> Result<()> {
         train_log.contains("resuming from"),
         "the resubmitted task did not resume from its checkpoint: {train_log}"
     );
-    same_cell(&cells[0], &victim_dir, "resumed after scancel")?;
+    same_cell(&reference, &victim_dir, "resumed after scancel")?;
     nv(&["sweep", p, "--out", s, "--merge"])?;
     eprintln!(
         "    scancel after epoch {epochs_at_cancel} ({j1}), resubmitted ({j2}): resumed, same numbers, {:.1} s",

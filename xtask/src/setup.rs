@@ -28,7 +28,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "slurm-wlm",
         "slurmctld, slurmd and the clients for the one-node cluster test",
     ),
-    ("munge", "Slurm's authentication daemon for the cluster test"),
+    (
+        "munge",
+        "Slurm's authentication daemon for the cluster test",
+    ),
 ];
 
 const TARGET: &str = "thumbv7em-none-eabihf";
