@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// Where the PyTorch reference environment lives (created on demand, never by the tests).
-const BENCH_VENV: &str = ".venv-bench";
+pub(crate) const BENCH_VENV: &str = ".venv-bench";
 
 /// Mean time in nanoseconds of one criterion benchmark, from its `estimates.json`.
 pub fn criterion_mean_ns(target_dir: &Path, group: &str, id: &str) -> Result<f64> {
@@ -324,6 +324,21 @@ pub fn eval(root: &Path) -> Result<()> {
             rounds.join(", ")
         ),
     )
+}
+
+/// `cargo xtask bench python`: `nvcim.perturb` from the wheel vs a NumPy implementation of the
+/// same device model, alternating rounds in one process (`bench/reference/perturb_numpy.py`);
+/// the summary goes to `target/bench/python.json`.
+pub fn python(root: &Path) -> Result<()> {
+    crate::setup::run(root)?;
+    crate::wheel::build(root)?;
+    let python = root.join(".venv").join("bin").join("python");
+    let line = python_reference(
+        &python,
+        &root.join("bench").join("reference").join("perturb_numpy.py"),
+        &[],
+    )?;
+    record(root, "python", &line)
 }
 
 /// `cargo xtask bench export`: latency at batch 1 and throughput at batch 128 of an exported

@@ -6,6 +6,7 @@
 //! cargo xtask demo           the main job: a small end-to-end experiment
 //! cargo xtask bench [WHAT]   benchmarks (variation, engine, train, eval, export, firmware)
 //! cargo xtask cluster-test   nvcim sweep --emit slurm on a real one-node Slurm cluster
+//! cargo xtask wheel          the Python package's wheel (maturin), installed into .venv
 //! ```
 
 use std::{
@@ -21,8 +22,9 @@ mod bench;
 mod cluster;
 mod demo;
 mod setup;
+mod wheel;
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | cluster-test | bench [variation|engine|train|eval|export|firmware|all]>";
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | cluster-test | wheel | bench [variation|engine|train|eval|export|firmware|python|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -46,6 +48,10 @@ fn run() -> Result<()> {
             setup::run(&root)?;
             cargo(&BUILD)?;
             cluster::run(&root, &nvcim_binary(&root))
+        }
+        Some("wheel") => {
+            setup::run(&root)?;
+            wheel::build(&root).map(drop)
         }
         Some("bench") => bench(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
@@ -171,6 +177,16 @@ fn test(root: &Path) -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // The Python package is not a default member (building it links libpython).
+    cargo(&[
+        "clippy",
+        "--release",
+        "-p",
+        "nvcim-python",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     cargo(&[
         "clippy",
         "--release",
@@ -191,6 +207,7 @@ fn test(root: &Path) -> Result<()> {
     ])?;
     one_build()?;
     cluster::run(root, &nvcim_binary(root))?;
+    wheel::test(root, &nvcim_binary(root))?;
     cargo(&["test", "--release", "-p", "nvcim-firmware", "--lib"])?;
     cargo(&[
         "build",
@@ -219,12 +236,14 @@ fn bench(root: &Path, what: &[String]) -> Result<()> {
         "eval" => bench::eval(root),
         "export" => bench::export(),
         "firmware" => bench::firmware(root),
+        "python" => bench::python(root),
         "all" => bench::variation(root)
             .and_then(|()| bench::engine(root))
             .and_then(|()| bench::train(root))
             .and_then(|()| bench::eval(root))
             .and_then(|()| bench::export())
-            .and_then(|()| bench::firmware(root)),
+            .and_then(|()| bench::firmware(root))
+            .and_then(|()| bench::python(root)),
         other => bail!("unknown benchmark `{other}`\n{USAGE}"),
     }
 }

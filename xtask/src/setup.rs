@@ -150,6 +150,9 @@ const PY_PACKAGES: &[(&str, &str)] = &[
         "onnxruntime",
         "libonnxruntime.so, loaded by the host through `ort` (load-dynamic)",
     ),
+    ("numpy", "the Python package's arrays (its one dependency)"),
+    ("maturin", "builds the Python package's wheel (`cargo xtask wheel`)"),
+    ("pytest", "the Python package's tests"),
 ];
 
 /// Creates `root/.venv` with [`PY_PACKAGES`] unless they import already (idempotent and quick

@@ -105,6 +105,28 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// What an ONNX file's `metadata_props` say about the model, for the result files (`dataset`
+/// names the data when the file does not).
+pub fn onnx_model_info(engine: &OnnxEngine, path: &Path, dataset: &str) -> ModelInfo {
+    let meta = |k: &str| {
+        engine
+            .model()
+            .metadata_props
+            .iter()
+            .find(|p| p.key == k)
+            .map(|p| p.value.clone())
+    };
+    ModelInfo {
+        checkpoint: path.display().to_string(),
+        model: meta("nvcim.architecture").unwrap_or_else(|| "onnx".into()),
+        dataset: meta("nvcim.dataset").unwrap_or_else(|| dataset.to_string()),
+        method: meta("nvcim.method").unwrap_or_else(|| "external".into()),
+        alpha: meta("nvcim.alpha").and_then(|a| a.parse().ok()),
+        train_sigma: meta("nvcim.train_sigma").and_then(|a| a.parse().ok()),
+        ..ModelInfo::default()
+    }
+}
+
 /// Runs `nvcim eval --onnx FILE`.
 fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
     ensure!(
@@ -135,23 +157,7 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
             engine.with_recalibration(recal, n)?
         }
     };
-    let meta = |k: &str| {
-        engine
-            .model()
-            .metadata_props
-            .iter()
-            .find(|p| p.key == k)
-            .map(|p| p.value.clone())
-    };
-    let eval_info = ModelInfo {
-        checkpoint: path.display().to_string(),
-        model: meta("nvcim.architecture").unwrap_or_else(|| "onnx".into()),
-        dataset: meta("nvcim.dataset").unwrap_or_else(|| dir.display().to_string()),
-        method: meta("nvcim.method").unwrap_or_else(|| "external".into()),
-        alpha: meta("nvcim.alpha").and_then(|a| a.parse().ok()),
-        train_sigma: meta("nvcim.train_sigma").and_then(|a| a.parse().ok()),
-        ..ModelInfo::default()
-    };
+    let eval_info = onnx_model_info(&engine, path, &dir.display().to_string());
     evaluate(
         &args.eval,
         &eval_info,

@@ -247,7 +247,7 @@ pub fn evaluate_quiet<C: NoisyClassifier>(
     engine: &C,
     data: &C::Data,
 ) -> Result<EvalReport> {
-    let sigmas = opts.check()?;
+    opts.check()?;
     // Fail on an unwritable --out before spending the Monte Carlo time.
     std::fs::create_dir_all(&opts.out).map_err(|e| {
         anyhow::anyhow!(
@@ -255,6 +255,20 @@ pub fn evaluate_quiet<C: NoisyClassifier>(
             opts.out.display()
         )
     })?;
+    let report = compute_report(opts, info, engine, data)?;
+    write_eval_outputs(&opts.out, &report)?;
+    Ok(report)
+}
+
+/// The Monte Carlo evaluation of [`evaluate`] as a report, writing no file (`--out` is not
+/// used): what the Python package's `evaluate_onnx` returns.
+pub fn compute_report<C: NoisyClassifier>(
+    opts: &EvalOptions,
+    info: &ModelInfo,
+    engine: &C,
+    data: &C::Data,
+) -> Result<EvalReport> {
+    let sigmas = opts.check()?;
     let plan = McPlan {
         variation: opts.device.variation(0.0)?,
         sigmas: sigmas.clone(),
@@ -266,14 +280,12 @@ pub fn evaluate_quiet<C: NoisyClassifier>(
     let clean = engine.clean(data)?;
     let t = Instant::now();
     let runs = monte_carlo(engine, data, &plan)?;
-    let report = EvalReport::new(
+    EvalReport::new(
         resolve(opts, info, sigmas),
         clean,
         &runs,
         t.elapsed().as_secs_f64(),
-    )?;
-    write_eval_outputs(&opts.out, &report)?;
-    Ok(report)
+    )
 }
 
 /// Whether a training run perturbed its weights: a noise-injection method at a sigma above 0

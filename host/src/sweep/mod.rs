@@ -781,10 +781,12 @@ mc = 5
             &plan,
             Path::new("/p/t.toml"),
             Path::new("/runs/t"),
+            Path::new("/home/u/proj"),
             "/bin/nvcim",
             n,
         )
         .unwrap();
+        assert!(s.contains("#SBATCH --chdir=/home/u/proj\n"), "{s}");
         assert!(s.starts_with("#!/bin/bash\n"));
         assert!(s.contains(&format!("#SBATCH --array=0-{}\n", n - 1)), "{s}");
         assert!(
@@ -802,9 +804,24 @@ mc = 5
             &plan,
             Path::new("/p/t.toml"),
             Path::new("/runs/t"),
+            Path::new("/home/u/proj"),
             "/bin/nvcim",
         )
         .unwrap();
+        assert!(m.contains("#SBATCH --chdir=/home/u/proj\n"), "{m}");
+        assert!(
+            slurm_script(
+                &plan,
+                Path::new("p"),
+                Path::new("o"),
+                Path::new("/a b"),
+                "n",
+                1
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("/a b has a space")
+        );
         assert!(
             m.contains("exec \"$NVCIM\" sweep /p/t.toml --out /runs/t --merge"),
             "{m}"
@@ -815,12 +832,30 @@ mc = 5
             "{sub}"
         );
         assert!(s.contains("#SBATCH --cpus-per-task=8\n"));
-        assert!(slurm_script(&plan, Path::new("p"), Path::new("o"), "n", 0).is_err());
+        assert!(
+            slurm_script(
+                &plan,
+                Path::new("p"),
+                Path::new("o"),
+                Path::new("/w"),
+                "n",
+                0
+            )
+            .is_err()
+        );
         let gpu = Plan::parse(&format!(
             "{PLAN}\n[slurm]\ndirectives = [\"--gres=gpu:1\"]\n"
         ))
         .unwrap();
-        let s = slurm_script(&gpu, Path::new("p"), Path::new("o"), "n", 3).unwrap();
+        let s = slurm_script(
+            &gpu,
+            Path::new("p"),
+            Path::new("o"),
+            Path::new("/w"),
+            "n",
+            3,
+        )
+        .unwrap();
         assert!(
             s.contains("#SBATCH --gres=gpu:1\n") && !s.contains("cpus-per-task"),
             "{s}"
@@ -831,7 +866,15 @@ mc = 5
             "{PLAN}\n[slurm]\npartition = \"short\"\ntime = \"01:30:00\"\ngres = \"gpu:a100:1\"\ncpus_per_task = 4\nmem = \"8G\"\naccount = \"lab\"\n"
         ))
         .unwrap();
-        let s = slurm_script(&named, Path::new("p"), Path::new("o"), "n", 3).unwrap();
+        let s = slurm_script(
+            &named,
+            Path::new("p"),
+            Path::new("o"),
+            Path::new("/w"),
+            "n",
+            3,
+        )
+        .unwrap();
         for d in [
             "--partition=short",
             "--account=lab",
@@ -842,7 +885,7 @@ mc = 5
         ] {
             assert!(s.contains(&format!("#SBATCH {d}\n")), "{d}: {s}");
         }
-        let m = merge_script(&named, Path::new("p"), Path::new("o"), "n").unwrap();
+        let m = merge_script(&named, Path::new("p"), Path::new("o"), Path::new("/w"), "n").unwrap();
         assert!(
             m.contains("#SBATCH --partition=short\n") && !m.contains("gres"),
             "{m}"

@@ -261,15 +261,16 @@ pub fn emit_slurm(plan: &Plan, plan_path: &Path, out: &Path, nvcim: &Path, n: us
         std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
     };
     let (plan_abs, out_abs, nvcim_abs) = (abs(plan_path)?, abs(out)?, abs(nvcim)?);
+    let workdir = std::env::current_dir().context("reading the current directory")?;
     let nv = nvcim_abs.display().to_string();
     let files = [
         (
             "sweep.sbatch",
-            slurm_script(plan, &plan_abs, &out_abs, &nv, n)?,
+            slurm_script(plan, &plan_abs, &out_abs, &workdir, &nv, n)?,
         ),
         (
             "merge.sbatch",
-            merge_script(plan, &plan_abs, &out_abs, &nv)?,
+            merge_script(plan, &plan_abs, &out_abs, &workdir, &nv)?,
         ),
         ("submit.sh", submit_script(&out_abs, n)?),
     ];

@@ -2,7 +2,8 @@
 //! merge job that depends on it, and `submit.sh` that submits both.
 //!
 //! What makes them work on a real cluster, not only here:
-//! - every path in them is absolute (array tasks start in whatever directory Slurm picks);
+//! - every path in them is absolute, and the tasks `--chdir` to the directory the scripts were
+//!   written from, so relative paths in the plan (`data_dir`) mean what they mean locally;
 //! - the binary is `$NVCIM_BIN` when set at submission (`sbatch --export=ALL,NVCIM_BIN=...`),
 //!   else the one that wrote the scripts, and a task says clearly when it is not executable;
 //! - `partition`, `time`, `gres`, `cpus_per_task`, `mem`, `account` and free `directives` of the
@@ -82,6 +83,20 @@ fn directives(plan: &Plan, array: bool) -> Vec<String> {
     d
 }
 
+/// `--chdir` to the directory the scripts were written from, so that relative paths in the plan
+/// (`data_dir`, `train_args`) mean in a task what they mean in a local `nvcim sweep`.
+fn chdir_line(w: &mut String, workdir: &Path) -> Result<()> {
+    let d = workdir.display().to_string();
+    if d.chars().any(|c| c.is_whitespace() || c == '"') {
+        bail!(
+            "the working directory {d} has a space or quote, which `#SBATCH --chdir` cannot \
+             carry; write the scripts from a directory without one"
+        );
+    }
+    writeln!(w, "#SBATCH --chdir={d}")?;
+    Ok(())
+}
+
 /// The lines that pick the binary: `$NVCIM_BIN` or the one that wrote the script.
 fn binary_lines(w: &mut String, nvcim: &str) -> Result<()> {
     writeln!(
@@ -106,6 +121,7 @@ pub fn slurm_script(
     plan: &Plan,
     plan_path: &Path,
     out: &Path,
+    workdir: &Path,
     nvcim: &str,
     n_cells: usize,
 ) -> Result<String> {
@@ -131,6 +147,7 @@ pub fn slurm_script(
     writeln!(w, "#SBATCH --job-name=nvcim-{}", plan.name)?;
     writeln!(w, "#SBATCH --array=0-{}", n_cells - 1)?;
     writeln!(w, "#SBATCH --output={logs}/%x-%A_%a.out")?;
+    chdir_line(w, workdir)?;
     for d in directives(plan, true) {
         writeln!(w, "#SBATCH {d}")?;
     }
@@ -150,7 +167,13 @@ pub fn slurm_script(
 
 /// The merge job: `nvcim sweep PLAN --merge`, the tables of every finished cell; it exits
 /// non-zero naming the cells that are missing (their tables are still written).
-pub fn merge_script(plan: &Plan, plan_path: &Path, out: &Path, nvcim: &str) -> Result<String> {
+pub fn merge_script(
+    plan: &Plan,
+    plan_path: &Path,
+    out: &Path,
+    workdir: &Path,
+    nvcim: &str,
+) -> Result<String> {
     let plan_arg = shell_quote(&plan_path.display().to_string());
     let out_arg = shell_quote(&out.display().to_string());
     let logs = shell_quote(&out.join(LOG_DIR).display().to_string());
@@ -164,6 +187,7 @@ pub fn merge_script(plan: &Plan, plan_path: &Path, out: &Path, nvcim: &str) -> R
     )?;
     writeln!(w, "#SBATCH --job-name=nvcim-{}-merge", plan.name)?;
     writeln!(w, "#SBATCH --output={logs}/%x-%j.out")?;
+    chdir_line(w, workdir)?;
     for d in directives(plan, false) {
         writeln!(w, "#SBATCH {d}")?;
     }
