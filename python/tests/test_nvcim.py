@@ -86,12 +86,12 @@ def test_perturb_has_the_closed_form_std():
 
 
 def test_variation_config_fields_repr_and_pickle():
-    cfg = nvcim.VariationConfig(m=6, n=3, sigma=0.25, unit="level", stuck_low=0.01)
-    assert (cfg.m, cfg.n, cfg.unit, cfg.profile, cfg.devices_per_weight) == (6, 3, "level",
+    cfg = nvcim.VariationConfig(m=8, n=4, sigma=0.25, unit="level", stuck_low=0.01)
+    assert (cfg.m, cfg.n, cfg.unit, cfg.profile, cfg.devices_per_weight) == (8, 4, "level",
                                                                             "uniform", 2)
     assert cfg.sigma == pytest.approx(0.25) and cfg.stuck_low == pytest.approx(0.01)
     assert pickle.loads(pickle.dumps(cfg)) == cfg
-    assert "m=6" in repr(cfg) and "unit='level'" in repr(cfg)
+    assert "n=4" in repr(cfg) and "unit='level'" in repr(cfg)
     assert cfg.with_sigma(0.5).sigma == pytest.approx(0.5)
 
 
