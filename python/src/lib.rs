@@ -24,8 +24,8 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use numpy::{
-    PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
-    PyArrayDescrMethods,
+    PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
+    PyUntypedArrayMethods,
 };
 use nvcim::{
     commands::eval::onnx_model_info,
@@ -106,7 +106,8 @@ impl PyVariationConfig {
         stuck_high: f64,
     ) -> PyResult<Self> {
         let (m, n) = (bits("m", m)?, bits("n", n)?);
-        let quant = QuantConfig::new(m, n).map_err(|e| value_error(format!("m={m}, n={n}: {e}")))?;
+        let quant =
+            QuantConfig::new(m, n).map_err(|e| value_error(format!("m={m}, n={n}: {e}")))?;
         let unit = match unit {
             "range" => SigmaUnit::Range,
             "level" => SigmaUnit::Level,
@@ -127,7 +128,9 @@ impl PyVariationConfig {
             })?;
         let (sl, sh) = (stuck_low as f32, stuck_high as f32);
         let faults = Faults::new(sl, sh).map_err(|e| {
-            value_error(format!("stuck_low={stuck_low}, stuck_high={stuck_high}: {e}"))
+            value_error(format!(
+                "stuck_low={stuck_low}, stuck_high={stuck_high}: {e}"
+            ))
         })?;
         let s = sigma as f32;
         if !sigma.is_finite() || sigma < 0.0 || !s.is_finite() {
@@ -259,9 +262,7 @@ impl PyVariationConfig {
         let q = u16::try_from(magnitude)
             .ok()
             .filter(|&q| i64::from(q) <= top)
-            .ok_or_else(|| {
-                value_error(format!("magnitude={magnitude} is outside 0..={top}"))
-            })?;
+            .ok_or_else(|| value_error(format!("magnitude={magnitude} is outside 0..={top}")))?;
         Ok(max_abs * self.inner.weight_std(q))
     }
 
@@ -278,14 +279,18 @@ impl PyVariationConfig {
         )
     }
 
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
         let me = slf.get();
         let args = PyTuple::new(
             slf.py(),
             [
                 i64::from(me.m).into_pyobject(slf.py())?.into_any(),
                 i64::from(me.n).into_pyobject(slf.py())?.into_any(),
-                f64::from(me.inner.sigma()).into_pyobject(slf.py())?.into_any(),
+                f64::from(me.inner.sigma())
+                    .into_pyobject(slf.py())?
+                    .into_any(),
                 me.unit.name().into_pyobject(slf.py())?.into_any(),
                 me.profile.name().into_pyobject(slf.py())?.into_any(),
                 f64::from(me.stuck_low).into_pyobject(slf.py())?.into_any(),
@@ -311,7 +316,9 @@ fn f32_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, Py
         return Err(PyTypeError::new_err(format!(
             "{what} must be float32, not {}; convert with {what}.astype(numpy.float32) (the \
              device model's draws are defined on float32 weights)",
-            dtype.str().map_or_else(|_| "this dtype".into(), |s| s.to_string())
+            dtype
+                .str()
+                .map_or_else(|_| "this dtype".into(), |s| s.to_string())
         )));
     }
     Ok(obj.cast::<PyArrayDyn<f32>>()?.clone())
@@ -331,7 +338,9 @@ fn perturb<'py>(
     let w = f32_array(weights, "weights")?;
     let ro = w.readonly();
     if ro.len() == 0 {
-        return Err(value_error("weights is empty: there is no layer to perturb"));
+        return Err(value_error(
+            "weights is empty: there is no layer to perturb",
+        ));
     }
     let out = PyArrayDyn::<f32>::zeros(py, ro.shape(), false);
     let owned: Vec<f32>;
@@ -399,9 +408,9 @@ fn evaluate_onnx_json<'py>(
             images.shape()
         )));
     }
-    let labels = labels.cast::<PyArray1<i64>>().map_err(|_| {
-        PyTypeError::new_err("labels must be a 1-D numpy.ndarray of int64")
-    })?;
+    let labels = labels
+        .cast::<PyArray1<i64>>()
+        .map_err(|_| PyTypeError::new_err("labels must be a 1-D numpy.ndarray of int64"))?;
     let n = images.shape()[0];
     if labels.len() != n || n == 0 {
         return Err(value_error(format!(
@@ -411,7 +420,9 @@ fn evaluate_onnx_json<'py>(
         )));
     }
     if sigmas.is_empty() {
-        return Err(value_error("sigmas is empty: give at least one, e.g. [0.2, 0.4]"));
+        return Err(value_error(
+            "sigmas is empty: give at least one, e.g. [0.2, 0.4]",
+        ));
     }
     if let Some(s) = sigmas.iter().find(|s| !s.is_finite() || **s < 0.0) {
         return Err(value_error(format!(
@@ -481,6 +492,9 @@ fn evaluate_onnx_json<'py>(
     })
 }
 
+/// `(images (N, C, H, W) float32, labels (N,) int64)`.
+type ImagesLabels<'py> = (Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArray1<i64>>);
+
 /// The IDX split `split` (`"test"` or `"train"`) in `data_dir`, prepared as the ONNX model at
 /// `path` expects (size and normalization), as `nvcim eval --onnx --data-dir` reads it: the
 /// first `limit` images (all by default) and their labels.
@@ -492,7 +506,7 @@ fn onnx_dataset<'py>(
     data_dir: PathBuf,
     split: &str,
     limit: Option<i64>,
-) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArray1<i64>>)> {
+) -> PyResult<ImagesLabels<'py>> {
     check_file(&path, "the ONNX model")?;
     let stem = match split {
         "test" => "t10k",

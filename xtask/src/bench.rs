@@ -335,7 +335,10 @@ pub fn python(root: &Path) -> Result<()> {
     let python = root.join(".venv").join("bin").join("python");
     let line = python_reference(
         &python,
-        &root.join("bench").join("reference").join("perturb_numpy.py"),
+        &root
+            .join("bench")
+            .join("reference")
+            .join("perturb_numpy.py"),
         &[],
     )?;
     record(root, "python", &line)

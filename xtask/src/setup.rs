@@ -151,7 +151,10 @@ const PY_PACKAGES: &[(&str, &str)] = &[
         "libonnxruntime.so, loaded by the host through `ort` (load-dynamic)",
     ),
     ("numpy", "the Python package's arrays (its one dependency)"),
-    ("maturin", "builds the Python package's wheel (`cargo xtask wheel`)"),
+    (
+        "maturin",
+        "builds the Python package's wheel (`cargo xtask wheel`)",
+    ),
     ("pytest", "the Python package's tests"),
 ];
 

@@ -106,7 +106,10 @@ pub fn test(root: &Path, nvcim: &Path) -> Result<()> {
         )
     };
     pytest(&python, ".venv: numpy only", &["python/tests"])?;
-    let bench = root.join(crate::bench::BENCH_VENV).join("bin").join("python");
+    let bench = root
+        .join(crate::bench::BENCH_VENV)
+        .join("bin")
+        .join("python");
     if bench.is_file() && imports(&bench, "torch") {
         // torch is there (the train/eval benchmarks' reference); pytest is a quick install.
         let bench = crate::bench::bench_python(root, &["torch", "numpy", "pytest"])?;
