@@ -142,6 +142,8 @@ fn bench_args<'a>(bench: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         "--workspace",
         "--exclude",
         "nvcim-firmware",
+        "--exclude",
+        "nvcim-python",
         "--bench",
         bench,
         "--",

@@ -79,8 +79,10 @@ fn root() -> PathBuf {
 /// workspace's feature set (xtask itself runs from the dev profile, so it is left out).
 /// `cargo test --release --workspace ...` builds the same artifacts (host/Cargo.toml lists the
 /// dev dependencies' features as normal ones), which the `one build` step of `cargo xtask test`
-/// checks.
-pub(crate) const BUILD: [&str; 7] = [
+/// checks. The Python package is built by maturin alone (`cargo xtask wheel`): PyO3's build
+/// script reruns whenever `PATH` differs (cargo's subcommands such as clippy prepend to it), so
+/// in this build it would recompile from one step to the next.
+pub(crate) const BUILD: [&str; 9] = [
     "build",
     "--release",
     "--workspace",
@@ -88,6 +90,8 @@ pub(crate) const BUILD: [&str; 7] = [
     "nvcim-firmware",
     "--exclude",
     "xtask",
+    "--exclude",
+    "nvcim-python",
 ];
 
 /// The `nvcim` binary of [`BUILD`].
@@ -199,6 +203,8 @@ fn test(root: &Path) -> Result<()> {
         "--workspace",
         "--exclude",
         "nvcim-firmware",
+        "--exclude",
+        "nvcim-python",
     ])?;
     one_build()?;
     cluster::run(root, &nvcim_binary(root))?;

@@ -114,7 +114,7 @@ pub fn golden(path: &Path, text: &str) {
     let want = std::fs::read_to_string(path).unwrap_or_else(|e| {
         panic!(
             "{}: {e}; create it with NVCIM_BLESS=1 cargo test --release --workspace \
-             --exclude nvcim-firmware --test firmware_run",
+             --exclude nvcim-firmware --exclude nvcim-python --test firmware_run",
             path.display()
         )
     });
