@@ -4,7 +4,7 @@
 //! cargo xtask setup          install what a fresh Debian machine lacks (apt, rustup target, venv)
 //! cargo xtask test           setup, fmt, clippy, the whole test suite, no_std and firmware builds
 //! cargo xtask demo           the main job: a small end-to-end experiment
-//! cargo xtask bench [WHAT]   benchmarks (variation, engine, train, eval, export, firmware)
+//! cargo xtask bench [WHAT]   benchmarks (variation, engine, train, eval, export, firmware, python)
 //! cargo xtask cluster-test   nvcim sweep --emit slurm on a real one-node Slurm cluster
 //! cargo xtask wheel          the Python package's wheel (maturin), installed into .venv
 //! ```
@@ -79,9 +79,10 @@ fn root() -> PathBuf {
 /// workspace's feature set (xtask itself runs from the dev profile, so it is left out).
 /// `cargo test --release --workspace ...` builds the same artifacts (host/Cargo.toml lists the
 /// dev dependencies' features as normal ones), which the `one build` step of `cargo xtask test`
-/// checks. The Python package is built by maturin alone (`cargo xtask wheel`): PyO3's build
-/// script reruns whenever `PATH` differs (cargo's subcommands such as clippy prepend to it), so
-/// in this build it would recompile from one step to the next.
+/// checks. The Python package is left out and built by maturin alone (`cargo xtask wheel`):
+/// PyO3's build script declares `rerun-if-env-changed` on `PATH` and Python's variables, and with
+/// the package in these builds PyO3 recompiled between the test step and this build (seen
+/// 2026-12-05; the exact variable was not pinned down).
 pub(crate) const BUILD: [&str; 9] = [
     "build",
     "--release",
