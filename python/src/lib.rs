@@ -77,11 +77,19 @@ fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> anyhow::Result<T> + Sen
 #[pyclass(name = "VariationConfig", module = "nvcim", frozen, eq)]
 #[derive(Debug, Clone, PartialEq)]
 pub struct PyVariationConfig {
+    /// Weight magnitude bits M.
+    #[pyo3(get)]
     m: u8,
+    /// Bits per device N.
+    #[pyo3(get)]
     n: u8,
     unit: SigmaUnit,
     profile: Profile,
+    /// Fraction of devices stuck at level 0.
+    #[pyo3(get)]
     stuck_low: f32,
+    /// Fraction of devices stuck at the top level.
+    #[pyo3(get)]
     stuck_high: f32,
     inner: VariationConfig,
 }
@@ -186,18 +194,6 @@ impl PyVariationConfig {
         Self::build(m, n, sigma, unit, profile, stuck_low, stuck_high)
     }
 
-    /// Weight magnitude bits M.
-    #[getter]
-    fn m(&self) -> u8 {
-        self.m
-    }
-
-    /// Bits per device N.
-    #[getter]
-    fn n(&self) -> u8 {
-        self.n
-    }
-
     /// The device variation, in `unit`.
     #[getter]
     fn sigma(&self) -> f32 {
@@ -214,18 +210,6 @@ impl PyVariationConfig {
     #[getter]
     fn profile(&self) -> &'static str {
         self.profile.name()
-    }
-
-    /// Fraction of devices stuck at level 0.
-    #[getter]
-    fn stuck_low(&self) -> f32 {
-        self.stuck_low
-    }
-
-    /// Fraction of devices stuck at the top level.
-    #[getter]
-    fn stuck_high(&self) -> f32 {
-        self.stuck_high
     }
 
     /// Devices per weight, M / N.
