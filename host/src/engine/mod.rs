@@ -42,6 +42,7 @@ use crate::{
 
 pub mod dense;
 pub mod float;
+pub mod gemm;
 pub mod int;
 pub mod onnx;
 pub mod simd;

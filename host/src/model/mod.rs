@@ -169,7 +169,8 @@ impl ConvBn {
 
     /// Conv then BN, no activation. `[n, cin, h, w] -> [n, cout, h/stride, w/stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(x))
+        self.bn
+            .forward(crate::training::backend::conv2d(&self.conv, x))
     }
 }
 

@@ -12,7 +12,9 @@
 //! perturbs backbone layer `l` with `nvcim_shared::rng::stream(seed, r, l)`, weights visited in
 //! canonical order, quantized against the layer's own `max|W|`.
 
+pub mod backend;
 pub mod checkpoint;
+pub mod conv;
 pub mod method;
 
 use std::path::PathBuf;

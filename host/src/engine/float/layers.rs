@@ -24,47 +24,16 @@
 
 use anyhow::{Result, ensure};
 
+pub use crate::engine::gemm::Isa;
+use crate::engine::gemm::{LANES, MAX_KW, MR, NR, tile, tile_direct};
 use crate::engine::int::layers::{pad_planes, pixel_runs};
-use crate::engine::simd;
 use crate::ir::{self, Network, Op, Value};
 
 /// Images per batch (as the integer engine).
 pub const BATCH: usize = 8;
 
-const MR: usize = 8;
-const LANES: usize = 16;
-const NR: usize = 3;
 /// Fan-in rows times padded pixels of one im2col block, at most (256 KiB of `f32`).
 const BLOCK_ELEMS: usize = 1 << 16;
-
-/// Which inner loops this CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// AVX-512 F, BW, DQ and VL, and FMA (what the engine's AVX-512 functions are compiled for).
-    Avx512,
-    /// Portable Rust.
-    Portable,
-}
-
-impl Isa {
-    /// The best this CPU has.
-    pub fn detect() -> Isa {
-        if simd::has_avx512_core() && simd::has_fma() {
-            Isa::Avx512
-        } else {
-            Isa::Portable
-        }
-    }
-
-    /// Every path this CPU can run (for tests).
-    pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        if Isa::detect() == Isa::Avx512 {
-            v.push(Isa::Avx512);
-        }
-        v
-    }
-}
 
 /// What a node does in this engine.
 enum Step {
@@ -641,9 +610,6 @@ fn linear(
     }
 }
 
-/// Widest kernel of the direct path.
-const MAX_KW: usize = 16;
-
 /// A "same" stride-1 conv (`oh x ow = ih x iw`) without im2col, when vectors of 16 output
 /// pixels never straddle two images and start at the same column phase (`16 % ow == 0` or
 /// `ow % 16 == 0`): VGG's every conv, ResNet's 3x3 stride-1 ones.
@@ -768,198 +734,6 @@ fn copy(dst: &mut [f32], src: &[f32]) {
     }
     for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
         *d = s;
-    }
-}
-
-/// [`direct`]'s register block: `acc[r][16 v + j] = sum_k W[r][k] padded[taps[k] + bases[v]
-/// + j]`, lane `j` zero where bit `j` of `masks[v][tap_x[k]]` is clear, `v < nr`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn tile_direct(
-    isa: Isa,
-    w: &[f32],
-    padded: &[f32],
-    taps: &[usize],
-    tap_x: &[u8],
-    max_tap: usize,
-    bases: [usize; NR],
-    masks: &[[u16; MAX_KW]; NR],
-    nr: usize,
-    acc: &mut [[f32; NR * LANES]; MR],
-) {
-    let k = taps.len();
-    // `max_tap` and every `tap_x < MAX_KW` were checked once per node by `direct`.
-    let reach = max_tap + bases.iter().max().copied().unwrap_or(0);
-    assert!(w.len() >= k * MR && tap_x.len() == k && reach + LANES <= padded.len());
-    match isa {
-        // SAFETY: detected AVX-512 F and FMA; every load `taps[j] + bases[v] .. + 16` is
-        // inside `padded` and every `tap_x` indexes the mask rows (checked above).
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe {
-            match nr {
-                3 => avx512::tile_direct::<3>(w, padded, taps, tap_x, bases, masks, acc),
-                2 => avx512::tile_direct::<2>(w, padded, taps, tap_x, bases, masks, acc),
-                _ => avx512::tile_direct::<1>(w, padded, taps, tap_x, bases, masks, acc),
-            }
-        },
-        _ => {
-            for a in acc.iter_mut() {
-                a.fill(0.0);
-            }
-            for (j, (&t, &kx)) in taps.iter().zip(tap_x).enumerate() {
-                for v in 0..nr {
-                    let m = masks[v][usize::from(kx)];
-                    let xs = &padded[t + bases[v]..t + bases[v] + LANES];
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let wv = w[j * MR + r];
-                        let lanes = a[v * LANES..(v + 1) * LANES].iter_mut().zip(xs);
-                        for (l, (a, &xv)) in lanes.enumerate() {
-                            if m >> l & 1 != 0 {
-                                *a += wv * xv;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// `acc[r][j] = sum_k W[r][k] X[k][col0 + j]`, `j < nr * LANES`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn tile(
-    isa: Isa,
-    w: &[f32],
-    col: &[f32],
-    stride: usize,
-    col0: usize,
-    k: usize,
-    nr: usize,
-    acc: &mut [[f32; NR * LANES]; MR],
-) {
-    assert!(w.len() >= k * MR && col0 + nr * LANES <= stride && col.len() >= k * stride);
-    match isa {
-        // SAFETY: detected AVX-512 F and FMA; the bounds were checked above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe {
-            match nr {
-                3 => avx512::tile::<3>(w, col, stride, col0, k, acc),
-                2 => avx512::tile::<2>(w, col, stride, col0, k, acc),
-                _ => avx512::tile::<1>(w, col, stride, col0, k, acc),
-            }
-        },
-        _ => {
-            let n = nr * LANES;
-            for a in acc.iter_mut() {
-                a.fill(0.0);
-            }
-            for j in 0..k {
-                let xs = &col[j * stride + col0..j * stride + col0 + n];
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let wv = w[j * MR + r];
-                    for (a, &xv) in a[..n].iter_mut().zip(xs) {
-                        *a += wv * xv;
-                    }
-                }
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::{
-        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps,
-        _mm512_setzero_ps, _mm512_storeu_ps,
-    };
-
-    use super::{LANES, MAX_KW, MR, NR};
-
-    /// One fan-in row of the register block: `a[r][v] += w[r] * x[v]`.
-    #[target_feature(enable = "avx512f,fma")]
-    #[inline]
-    fn fma_rows<const N: usize>(a: &mut [[__m512; N]; MR], w: &[f32; MR], x: &[__m512; N]) {
-        for (ar, &wr) in a.iter_mut().zip(w) {
-            let wv = _mm512_set1_ps(wr);
-            for (av, &xv) in ar.iter_mut().zip(x) {
-                *av = _mm512_fmadd_ps(wv, xv, *av);
-            }
-        }
-    }
-
-    /// The register block into `acc[r][16 v ..]`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn store<const N: usize>(a: &[[__m512; N]; MR], acc: &mut [[f32; NR * LANES]; MR]) {
-        for (ar, accr) in a.iter().zip(acc.iter_mut()) {
-            for (v, &av) in ar.iter().enumerate() {
-                let dst: &mut [f32; LANES] = (&mut accr[v * LANES..(v + 1) * LANES])
-                    .try_into()
-                    .expect("N <= NR vectors per row");
-                // SAFETY: `dst` is 16 writable `f32`s.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), av) };
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX-512 F and FMA; `w` holds `k * MR` values, every `taps[j] + bases[v] + 16` is at most
-    /// `padded.len()` and every `tap_x[j] < MAX_KW`.
-    #[target_feature(enable = "avx512f,fma")]
-    #[inline]
-    pub unsafe fn tile_direct<const N: usize>(
-        w: &[f32],
-        padded: &[f32],
-        taps: &[usize],
-        tap_x: &[u8],
-        bases: [usize; NR],
-        masks: &[[u16; MAX_KW]; NR],
-        acc: &mut [[f32; NR * LANES]; MR],
-    ) {
-        let mut a = [[_mm512_setzero_ps(); N]; MR];
-        let (wp, xp) = (w.as_ptr(), padded.as_ptr());
-        for (j, (&t, &kx)) in taps.iter().zip(tap_x).enumerate() {
-            let mut x = [_mm512_setzero_ps(); N];
-            for (v, xv) in x.iter_mut().enumerate() {
-                // SAFETY: the caller checked `t + bases[v] + 16 <= padded.len()` and `kx <
-                // MAX_KW`; masked-off lanes are not read.
-                *xv = unsafe {
-                    let m = *masks[v].get_unchecked(usize::from(kx));
-                    _mm512_maskz_loadu_ps(m, xp.add(t + bases[v]))
-                };
-            }
-            // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
-            fma_rows(&mut a, unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() }, &x);
-        }
-        store(&a, acc);
-    }
-
-    /// # Safety
-    /// AVX-512 F and FMA; `w` holds `k * MR` values, `col` `k` rows of `stride >= col0 + N *
-    /// LANES` values.
-    #[target_feature(enable = "avx512f,fma")]
-    #[inline]
-    pub unsafe fn tile<const N: usize>(
-        w: &[f32],
-        col: &[f32],
-        stride: usize,
-        col0: usize,
-        k: usize,
-        acc: &mut [[f32; NR * LANES]; MR],
-    ) {
-        let mut a = [[_mm512_setzero_ps(); N]; MR];
-        let (wp, xp) = (w.as_ptr(), col.as_ptr());
-        for j in 0..k {
-            let mut x = [_mm512_setzero_ps(); N];
-            for (v, xv) in x.iter_mut().enumerate() {
-                // SAFETY: row `j < k` has `stride >= col0 + N * LANES` values.
-                *xv = unsafe { _mm512_loadu_ps(xp.add(j * stride + col0 + v * LANES)) };
-            }
-            // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
-            fma_rows(&mut a, unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() }, &x);
-        }
-        store(&a, acc);
     }
 }
 

@@ -1,0 +1,564 @@
+//! The `f32` register-blocked matrix-product kernels that the float engine's layers and the
+//! training convolutions ([`crate::training::conv`]) share: one place for the micro-kernels,
+//! each with an AVX-512, an AVX2 and a portable path chosen at run time ([`Isa`]).
+//!
+//! - [`tile`]: an `MR x (nr * LANES)` block `acc = W X` with `W` packed `[k][MR]` (one panel of
+//!   [`pack_panels`]) and `X` row-major (`k` rows of `stride` values) — the float engine's
+//!   im2col product and [`gemm_nn`]'s block;
+//! - [`tile_direct`]: the same block reading a padded image through tap offsets (the float
+//!   engine's direct convolution);
+//! - [`gemm_nn`]: `C (+)= A B` over whole matrices, `A` packed by [`pack_panels`], blocked for
+//!   the caches (`KC` fan-in rows x `NC` columns of `B` per block);
+//! - [`gemm_nt`]: `C += A B^T` with both operands' rows contiguous along the sum (a weight
+//!   gradient, `dW = dY col^T`): `NT x NT` blocks of dot products, no packing.
+//!
+//! The sums run in another order than Burn's: results agree with it within `f32` rounding,
+//! which the float engine's and the training kernels' tests bound.
+
+use crate::engine::simd;
+
+/// Rows of a register block (one packed panel).
+pub(crate) const MR: usize = 8;
+/// `f32` lanes of a vector block (one AVX-512 register, two AVX2 registers).
+pub(crate) const LANES: usize = 16;
+/// Vectors per register-block row.
+pub(crate) const NR: usize = 3;
+/// Widest kernel of the float engine's direct path.
+pub(crate) const MAX_KW: usize = 16;
+/// Rows of `A` and of `B` per [`gemm_nt`] register block.
+const NT: usize = 4;
+/// Fan-in rows of one [`gemm_nn`] block.
+const KC: usize = 256;
+/// Columns of `B` per [`gemm_nn`] block (`KC x NC` floats: 480 KiB, inside L2).
+const NC: usize = 480;
+
+/// Which inner loops this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F, BW, DQ and VL, and FMA (what the engine's AVX-512 functions are compiled for).
+    Avx512,
+    /// AVX2 and FMA.
+    Avx2,
+    /// Portable Rust.
+    Portable,
+}
+
+impl Isa {
+    /// The best this CPU has.
+    pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            if simd::has_avx512_core() && simd::has_fma() {
+                Isa::Avx512
+            } else if simd::has_avx2() && simd::has_fma() {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        })
+    }
+
+    /// Every path this CPU can run (for tests).
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        if simd::has_avx2() && simd::has_fma() {
+            v.push(Isa::Avx2);
+        }
+        if Isa::detect() == Isa::Avx512 {
+            v.push(Isa::Avx512);
+        }
+        v
+    }
+}
+
+/// Packs the `m x k` matrix `A` (element `(i, j)` at `a[i * rs + j * cs]`) into panels of
+/// [`MR`] rows, `[m / MR][k][MR]`, rows past `m` zero: the `W` operand of [`tile`] and
+/// [`gemm_nn`]. `out` is resized (kept between calls by the caller).
+pub(crate) fn pack_panels(a: &[f32], m: usize, k: usize, rs: usize, cs: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(m.div_ceil(MR) * k * MR, 0.0);
+    for i in 0..m {
+        let dst = &mut out[(i / MR) * k * MR + i % MR..];
+        if cs == 1 {
+            for (j, &v) in a[i * rs..i * rs + k].iter().enumerate() {
+                dst[j * MR] = v;
+            }
+        } else {
+            for j in 0..k {
+                dst[j * MR] = a[i * rs + j * cs];
+            }
+        }
+    }
+}
+
+/// `C = A B` (`accumulate`: `C += A B`) for `A` `m x k` packed by [`pack_panels`], `B` `k`
+/// rows of `ldb >= n.next_multiple_of(LANES)` values (the lanes past `n` are read and their
+/// results dropped), `C` `m` rows of `ldc >= n` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_nn(
+    isa: Isa,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    b: &[f32],
+    ldb: usize,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(
+        ldb >= n.next_multiple_of(LANES)
+            && b.len() >= k * ldb
+            && a.len() >= m.div_ceil(MR) * k * MR
+            && ldc >= n
+            && (m == 0 || c.len() >= (m - 1) * ldc + n)
+    );
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let mut acc = [[0f32; NR * LANES]; MR];
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = (k - k0).min(KC);
+        let add = accumulate || k0 > 0;
+        let bk = &b[k0 * ldb..];
+        let mut n0 = 0;
+        while n0 < n {
+            let nc = (n - n0).min(NC);
+            let nv = nc.div_ceil(LANES);
+            for p in 0..m.div_ceil(MR) {
+                let ap = &a[(p * k + k0) * MR..];
+                let rows = MR.min(m - p * MR);
+                let mut v = 0;
+                while v < nv {
+                    let nr = (nv - v).min(NR);
+                    tile(isa, ap, bk, ldb, n0 + v * LANES, kc, nr, &mut acc);
+                    let valid = (nc - v * LANES).min(nr * LANES);
+                    for (r, accr) in acc.iter().enumerate().take(rows) {
+                        let at = (p * MR + r) * ldc + n0 + v * LANES;
+                        let dst = &mut c[at..at + valid];
+                        if add {
+                            for (d, &s) in dst.iter_mut().zip(accr) {
+                                *d += s;
+                            }
+                        } else {
+                            dst.copy_from_slice(&accr[..valid]);
+                        }
+                    }
+                    v += nr;
+                }
+            }
+            n0 += nc;
+        }
+        k0 += kc;
+    }
+}
+
+/// `C += A B^T`: `C[i][j] += sum_t A[i][t] B[j][t]`, `t < len`, for `A` `m` rows of `lda`
+/// values, `B` `n` rows of `ldb` values (both `>= len`), `C` `m` rows of `ldc >= n` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_nt(
+    isa: Isa,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &[f32],
+    ldb: usize,
+    n: usize,
+    len: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        lda >= len
+            && ldb >= len
+            && ldc >= n
+            && a.len() >= (m - 1) * lda + len
+            && b.len() >= (n - 1) * ldb + len
+            && c.len() >= (m - 1) * ldc + n
+    );
+    let mut i = 0;
+    while i < m {
+        let mi = (m - i).min(NT);
+        let mut j = 0;
+        while j < n {
+            let nj = (n - j).min(NT);
+            let ra: [usize; NT] = std::array::from_fn(|r| (i + r.min(mi - 1)) * lda);
+            let rb: [usize; NT] = std::array::from_fn(|r| (j + r.min(nj - 1)) * ldb);
+            let mut out = [[0f32; NT]; NT];
+            match isa {
+                // SAFETY: detected AVX-512 F; every row start plus `len` is inside its slice
+                // (checked above).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { avx512::dots(a, &ra, b, &rb, len, &mut out) },
+                // SAFETY: detected AVX2 and FMA; bounds as above.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2::dots(a, &ra, b, &rb, len, &mut out) },
+                _ => {
+                    for (r, o) in out.iter_mut().enumerate() {
+                        let ar = &a[ra[r]..ra[r] + len];
+                        for (s, o) in o.iter_mut().enumerate() {
+                            let br = &b[rb[s]..rb[s] + len];
+                            *o = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+                        }
+                    }
+                }
+            }
+            for (r, o) in out.iter().enumerate().take(mi) {
+                for (s, &v) in o.iter().enumerate().take(nj) {
+                    c[(i + r) * ldc + j + s] += v;
+                }
+            }
+            j += nj;
+        }
+        i += mi;
+    }
+}
+
+/// [`direct`]'s register block: `acc[r][16 v + j] = sum_k W[r][k] padded[taps[k] + bases[v]
+/// + j]`, lane `j` zero where bit `j` of `masks[v][tap_x[k]]` is clear, `v < nr`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn tile_direct(
+    isa: Isa,
+    w: &[f32],
+    padded: &[f32],
+    taps: &[usize],
+    tap_x: &[u8],
+    max_tap: usize,
+    bases: [usize; NR],
+    masks: &[[u16; MAX_KW]; NR],
+    nr: usize,
+    acc: &mut [[f32; NR * LANES]; MR],
+) {
+    let k = taps.len();
+    // `max_tap` and every `tap_x < MAX_KW` were checked once per node by `direct`.
+    let reach = max_tap + bases.iter().max().copied().unwrap_or(0);
+    assert!(w.len() >= k * MR && tap_x.len() == k && reach + LANES <= padded.len());
+    match isa {
+        // SAFETY: detected AVX-512 F and FMA; every load `taps[j] + bases[v] .. + 16` is
+        // inside `padded` and every `tap_x` indexes the mask rows (checked above).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            match nr {
+                3 => avx512::tile_direct::<3>(w, padded, taps, tap_x, bases, masks, acc),
+                2 => avx512::tile_direct::<2>(w, padded, taps, tap_x, bases, masks, acc),
+                _ => avx512::tile_direct::<1>(w, padded, taps, tap_x, bases, masks, acc),
+            }
+        },
+        _ => {
+            for a in acc.iter_mut() {
+                a.fill(0.0);
+            }
+            for (j, (&t, &kx)) in taps.iter().zip(tap_x).enumerate() {
+                for v in 0..nr {
+                    let m = masks[v][usize::from(kx)];
+                    let xs = &padded[t + bases[v]..t + bases[v] + LANES];
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let wv = w[j * MR + r];
+                        let lanes = a[v * LANES..(v + 1) * LANES].iter_mut().zip(xs);
+                        for (l, (a, &xv)) in lanes.enumerate() {
+                            if m >> l & 1 != 0 {
+                                *a += wv * xv;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `acc[r][j] = sum_k W[r][k] X[k][col0 + j]`, `j < nr * LANES`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn tile(
+    isa: Isa,
+    w: &[f32],
+    col: &[f32],
+    stride: usize,
+    col0: usize,
+    k: usize,
+    nr: usize,
+    acc: &mut [[f32; NR * LANES]; MR],
+) {
+    assert!(w.len() >= k * MR && col0 + nr * LANES <= stride && col.len() >= k * stride);
+    match isa {
+        // SAFETY: detected AVX-512 F and FMA; the bounds were checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            match nr {
+                3 => avx512::tile::<3>(w, col, stride, col0, k, acc),
+                2 => avx512::tile::<2>(w, col, stride, col0, k, acc),
+                _ => avx512::tile::<1>(w, col, stride, col0, k, acc),
+            }
+        },
+        // SAFETY: detected AVX2 and FMA; the bounds were checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::tile(w, col, stride, col0, k, nr, acc) },
+        _ => {
+            let n = nr * LANES;
+            for a in acc.iter_mut() {
+                a.fill(0.0);
+            }
+            for j in 0..k {
+                let xs = &col[j * stride + col0..j * stride + col0 + n];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let wv = w[j * MR + r];
+                    for (a, &xv) in a[..n].iter_mut().zip(xs) {
+                        *a += wv * xv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::{
+        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_maskz_loadu_ps, _mm512_reduce_add_ps,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+
+    use super::{LANES, MAX_KW, MR, NR, NT};
+
+    /// One fan-in row of the register block: `a[r][v] += w[r] * x[v]`.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    fn fma_rows<const N: usize>(a: &mut [[__m512; N]; MR], w: &[f32; MR], x: &[__m512; N]) {
+        for (ar, &wr) in a.iter_mut().zip(w) {
+            let wv = _mm512_set1_ps(wr);
+            for (av, &xv) in ar.iter_mut().zip(x) {
+                *av = _mm512_fmadd_ps(wv, xv, *av);
+            }
+        }
+    }
+
+    /// The register block into `acc[r][16 v ..]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn store<const N: usize>(a: &[[__m512; N]; MR], acc: &mut [[f32; NR * LANES]; MR]) {
+        for (ar, accr) in a.iter().zip(acc.iter_mut()) {
+            for (v, &av) in ar.iter().enumerate() {
+                let dst: &mut [f32; LANES] = (&mut accr[v * LANES..(v + 1) * LANES])
+                    .try_into()
+                    .expect("N <= NR vectors per row");
+                // SAFETY: `dst` is 16 writable `f32`s.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), av) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F and FMA; `w` holds `k * MR` values, every `taps[j] + bases[v] + 16` is at most
+    /// `padded.len()` and every `tap_x[j] < MAX_KW`.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    pub unsafe fn tile_direct<const N: usize>(
+        w: &[f32],
+        padded: &[f32],
+        taps: &[usize],
+        tap_x: &[u8],
+        bases: [usize; NR],
+        masks: &[[u16; MAX_KW]; NR],
+        acc: &mut [[f32; NR * LANES]; MR],
+    ) {
+        let mut a = [[_mm512_setzero_ps(); N]; MR];
+        let (wp, xp) = (w.as_ptr(), padded.as_ptr());
+        for (j, (&t, &kx)) in taps.iter().zip(tap_x).enumerate() {
+            let mut x = [_mm512_setzero_ps(); N];
+            for (v, xv) in x.iter_mut().enumerate() {
+                // SAFETY: the caller checked `t + bases[v] + 16 <= padded.len()` and `kx <
+                // MAX_KW`; masked-off lanes are not read.
+                *xv = unsafe {
+                    let m = *masks[v].get_unchecked(usize::from(kx));
+                    _mm512_maskz_loadu_ps(m, xp.add(t + bases[v]))
+                };
+            }
+            // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
+            fma_rows(&mut a, unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() }, &x);
+        }
+        store(&a, acc);
+    }
+
+    /// # Safety
+    /// AVX-512 F and FMA; `w` holds `k * MR` values, `col` `k` rows of `stride >= col0 + N *
+    /// LANES` values.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    pub unsafe fn tile<const N: usize>(
+        w: &[f32],
+        col: &[f32],
+        stride: usize,
+        col0: usize,
+        k: usize,
+        acc: &mut [[f32; NR * LANES]; MR],
+    ) {
+        let mut a = [[_mm512_setzero_ps(); N]; MR];
+        let (wp, xp) = (w.as_ptr(), col.as_ptr());
+        for j in 0..k {
+            let mut x = [_mm512_setzero_ps(); N];
+            for (v, xv) in x.iter_mut().enumerate() {
+                // SAFETY: row `j < k` has `stride >= col0 + N * LANES` values.
+                *xv = unsafe { _mm512_loadu_ps(xp.add(j * stride + col0 + v * LANES)) };
+            }
+            // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
+            fma_rows(&mut a, unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() }, &x);
+        }
+        store(&a, acc);
+    }
+    /// `out[r][s] = sum_t a[ra[r] + t] b[rb[s] + t]`, `t < len` (the last partial vector by a
+    /// masked load).
+    ///
+    /// # Safety
+    /// AVX-512 F; every `ra[r] + len <= a.len()`, `rb[s] + len <= b.len()`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn dots(
+        a: &[f32],
+        ra: &[usize; NT],
+        b: &[f32],
+        rb: &[usize; NT],
+        len: usize,
+        out: &mut [[f32; NT]; NT],
+    ) {
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); NT]; NT];
+        let mut t = 0;
+        while t < len {
+            let m: u16 = if len - t >= LANES {
+                u16::MAX
+            } else {
+                (1u16 << (len - t)) - 1
+            };
+            // SAFETY: the masked lanes `t .. min(t + 16, len)` are inside every row.
+            unsafe {
+                let x: [__m512; NT] =
+                    std::array::from_fn(|r| _mm512_maskz_loadu_ps(m, ap.add(ra[r] + t)));
+                for s in 0..NT {
+                    let y = _mm512_maskz_loadu_ps(m, bp.add(rb[s] + t));
+                    for r in 0..NT {
+                        acc[r][s] = _mm512_fmadd_ps(x[r], y, acc[r][s]);
+                    }
+                }
+            }
+            t += LANES;
+        }
+        for r in 0..NT {
+            for s in 0..NT {
+                out[r][s] = _mm512_reduce_add_ps(acc[r][s]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm256_broadcast_ss,
+        _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps,
+        _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+
+    use super::{LANES, MR, NR, NT};
+
+    /// [`super::tile`] with AVX2: per 16 columns and half panel, 4 rows x 2 vectors of 8.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `w` holds `k * MR` values, `col` `k` rows of `stride >= col0 + nr *
+    /// LANES` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile(
+        w: &[f32],
+        col: &[f32],
+        stride: usize,
+        col0: usize,
+        k: usize,
+        nr: usize,
+        acc: &mut [[f32; NR * LANES]; MR],
+    ) {
+        let (wp, xp) = (w.as_ptr(), col.as_ptr());
+        for v in 0..nr {
+            for half in 0..2 {
+                let mut a = [[_mm256_setzero_ps(); 2]; 4];
+                for j in 0..k {
+                    // SAFETY: row `j < k` has `col0 + nr * LANES <= stride` values, and
+                    // `j * MR + 8 <= k * MR <= w.len()`.
+                    unsafe {
+                        let x = xp.add(j * stride + col0 + v * LANES);
+                        let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+                        for (r, ar) in a.iter_mut().enumerate() {
+                            let wv = _mm256_broadcast_ss(&*wp.add(j * MR + half * 4 + r));
+                            ar[0] = _mm256_fmadd_ps(wv, x0, ar[0]);
+                            ar[1] = _mm256_fmadd_ps(wv, x1, ar[1]);
+                        }
+                    }
+                }
+                for (r, ar) in a.iter().enumerate() {
+                    let dst = &mut acc[half * 4 + r][v * LANES..(v + 1) * LANES];
+                    // SAFETY: `dst` is 16 writable `f32`s.
+                    unsafe {
+                        _mm256_storeu_ps(dst.as_mut_ptr(), ar[0]);
+                        _mm256_storeu_ps(dst.as_mut_ptr().add(8), ar[1]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(_mm_hadd_ps(s, s))
+    }
+
+    /// `out[r][s] = sum_t a[ra[r] + t] b[rb[s] + t]`, `t < len`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; every `ra[r] + len <= a.len()`, `rb[s] + len <= b.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dots(
+        a: &[f32],
+        ra: &[usize; NT],
+        b: &[f32],
+        rb: &[usize; NT],
+        len: usize,
+        out: &mut [[f32; NT]; NT],
+    ) {
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); NT]; NT];
+        let mut t = 0;
+        while t + 8 <= len {
+            // SAFETY: `t + 8 <= len` and the rows' bounds are the caller's.
+            unsafe {
+                let x: [__m256; NT] = std::array::from_fn(|r| _mm256_loadu_ps(ap.add(ra[r] + t)));
+                for s in 0..NT {
+                    let y = _mm256_loadu_ps(bp.add(rb[s] + t));
+                    for r in 0..NT {
+                        acc[r][s] = _mm256_fmadd_ps(x[r], y, acc[r][s]);
+                    }
+                }
+            }
+            t += 8;
+        }
+        for r in 0..NT {
+            for s in 0..NT {
+                let mut v = hsum(acc[r][s]);
+                for u in t..len {
+                    v += a[ra[r] + u] * b[rb[s] + u];
+                }
+                out[r][s] = v;
+            }
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The project's convolution kernels inside Burn: a backend extension ([`NvConv`]) whose Flex
+//! implementation runs [`super::conv`] (forward, input gradient, weight gradient), and whose
+//! `Autodiff` implementation registers a backward step calling the Flex gradients — Burn's
+//! autodiff does the rest, so models, methods, optimizers and checkpoints are unchanged.
+//!
+//! Why an extension and not a decorator backend: with Burn 0.22's `Dispatch` tensors a model's
+//! tensors carry one of Burn's own backends, so a backend of ours cannot be slotted in; Burn's
+//! `#[backend_extension]` is its route for custom operations on a dispatched backend. The one
+//! call site is [`conv2d`], used by every conv-BN block ([`crate::model::ConvBn`]); a
+//! convolution it does not cover (bias, groups, dilation, asymmetric padding, a dtype other
+//! than `f32`, or another device such as wgpu/cuda) goes to Burn's `conv2d` unchanged.
+//!
+//! `NVCIM_CONV=burn` in the environment routes every convolution to Burn's own kernels (for
+//! comparisons; read once per process).
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, DType, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{Tensor, TensorData};
+
+use super::conv::{self, Geom};
+use crate::engine::gemm::Isa;
+
+fn options(stride: usize, padding: usize) -> ConvOptions<2> {
+    ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1)
+}
+
+/// A bias-free, ungrouped, undilated 2-D convolution with one stride and one symmetric padding
+/// for both axes, and its two gradients. The default bodies are Burn's own operations.
+#[backend_extension(Flex, Autodiff)]
+pub trait NvConv: Backend {
+    /// `conv2d(x, weight)`.
+    fn nv_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::conv2d(x, weight, None, options(stride, padding))
+    }
+
+    /// The gradient of [`NvConv::nv_conv2d`] with respect to `x`.
+    fn nv_conv2d_x_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::conv2d_x_backward(x, weight, output_grad, options(stride, padding))
+    }
+
+    /// The gradient of [`NvConv::nv_conv2d`] with respect to `weight`.
+    fn nv_conv2d_weight_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::conv2d_weight_backward(x, weight, output_grad, options(stride, padding))
+    }
+}
+
+/// The sizes of a Flex convolution, `None` when it is not `f32` NCHW.
+fn geom(x: &FlexTensor, w: &FlexTensor, stride: usize, padding: usize) -> Option<Geom> {
+    if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return None;
+    }
+    let (xs, ws) = (x.shape(), w.shape());
+    if xs.num_dims() != 4 || ws.num_dims() != 4 {
+        return None;
+    }
+    let ([n, c, h, wd], [o, ci, kh, kw]) = (xs.dims::<4>(), ws.dims::<4>());
+    let g = Geom {
+        n,
+        c,
+        h,
+        w: wd,
+        o,
+        kh,
+        kw,
+        stride,
+        pad: padding,
+    };
+    (ci == c && g.out().is_some()).then_some(g)
+}
+
+fn flex_out(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+impl NvConv for Flex {
+    fn nv_conv2d(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
+        let Some(g) = geom(&x, &weight, stride, padding) else {
+            return Self::conv2d(x, weight, None, options(stride, padding));
+        };
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let (oh, ow) = g.out().expect("checked by geom");
+        let mut y = vec![0f32; g.n * g.o * oh * ow];
+        conv::forward(Isa::detect(), &g, x.storage(), weight.storage(), &mut y);
+        flex_out(y, [g.n, g.o, oh, ow])
+    }
+
+    fn nv_conv2d_x_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        output_grad: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let Some(g) =
+            geom(&x, &weight, stride, padding).filter(|_| output_grad.dtype() == DType::F32)
+        else {
+            return Self::conv2d_x_backward(x, weight, output_grad, options(stride, padding));
+        };
+        let (weight, dy) = (weight.to_contiguous(), output_grad.to_contiguous());
+        let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+        conv::backward_input(Isa::detect(), &g, weight.storage(), dy.storage(), &mut dx);
+        flex_out(dx, [g.n, g.c, g.h, g.w])
+    }
+
+    fn nv_conv2d_weight_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        output_grad: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let Some(g) =
+            geom(&x, &weight, stride, padding).filter(|_| output_grad.dtype() == DType::F32)
+        else {
+            return Self::conv2d_weight_backward(x, weight, output_grad, options(stride, padding));
+        };
+        let (x, dy) = (x.to_contiguous(), output_grad.to_contiguous());
+        let mut dw = vec![0f32; g.o * g.c * g.kh * g.kw];
+        conv::backward_weight(Isa::detect(), &g, x.storage(), dy.storage(), &mut dw);
+        flex_out(dw, [g.o, g.c, g.kh, g.kw])
+    }
+}
+
+/// The backward step of [`NvConv::nv_conv2d`] under autodiff.
+#[derive(Debug)]
+struct NvConvBackward;
+
+impl<B: NvConv> Backward<B, 2> for NvConvBackward {
+    type State = (NodeId, NodeId, usize, usize);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, w_state, stride, padding) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let w = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(w_state);
+        if let Some(node) = node_x {
+            let g = B::nv_conv2d_x_backward(x.clone(), w.clone(), grad.clone(), stride, padding);
+            grads.register::<B>(node.id, g);
+        }
+        if let Some(node) = node_w {
+            let g = B::nv_conv2d_weight_backward(x, w, grad, stride, padding);
+            grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+impl<B: NvConv, C: CheckpointStrategy> NvConv for Autodiff<B, C> {
+    fn nv_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        match NvConvBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let xs = prep.checkpoint(&x);
+                let ws = prep.checkpoint(&weight);
+                prep.finish(
+                    (xs, ws, stride, padding),
+                    B::nv_conv2d(x.into_primitive(), weight.into_primitive(), stride, padding),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::nv_conv2d(
+                x.into_primitive(),
+                weight.into_primitive(),
+                stride,
+                padding,
+            )),
+        }
+    }
+}
+
+/// Whether `NVCIM_CONV=burn` routes every convolution to Burn's kernels.
+fn burn_kernels_only() -> bool {
+    static ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONLY.get_or_init(|| std::env::var("NVCIM_CONV").is_ok_and(|v| v == "burn"))
+}
+
+/// Whether `device` is Flex, with or without autodiff (what [`NvConv`] is implemented for).
+fn on_flex(device: &burn::tensor::Device) -> bool {
+    matches!(
+        device.clone().without_autodiff().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    )
+}
+
+/// `conv.forward(x)`, through [`NvConv`] when the convolution and device are ones it covers
+/// (module docs).
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let pad = match conv.padding {
+        PaddingConfig2d::Valid => Some(0),
+        PaddingConfig2d::Explicit(t, l, b, r) if t == l && t == b && t == r => Some(t),
+        _ => None,
+    };
+    let covered = conv.bias.is_none()
+        && conv.groups == 1
+        && conv.dilation == [1, 1]
+        && conv.stride[0] == conv.stride[1]
+        && pad.is_some()
+        && !burn_kernels_only()
+        && on_flex(&x.device());
+    if !covered {
+        return conv.forward(x);
+    }
+    let y = <Dispatch as NvConv>::nv_conv2d(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        conv.stride[0],
+        pad.unwrap_or(0),
+    );
+    Tensor::from_dispatch(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::{Device, Distribution};
+
+    use super::*;
+
+    fn layer(c: usize, o: usize, k: usize, stride: usize, pad: usize, d: &Device) -> Conv2d {
+        Conv2dConfig::new([c, o], [k, k])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+            .with_bias(false)
+            .init(d)
+    }
+
+    fn assert_close(what: &str, got: Tensor<4>, want: Tensor<4>) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+        let (g, w) = (
+            got.into_data().try_to_vec::<f32>().unwrap(),
+            want.into_data().try_to_vec::<f32>().unwrap(),
+        );
+        let scale = w.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let worst = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-4 * scale,
+            "{what}: max |difference| {worst} at scale {scale}"
+        );
+    }
+
+    /// The extension's forward pass and both gradients (through Burn's autodiff) equal Burn's
+    /// own `conv2d` within `1e-4` of the values' scale, on shapes covering stride 1 and 2,
+    /// padding 0 and 1, 1x1 and 3x3 kernels, 1 to 512 channels, batches 1 to 128, odd sizes.
+    #[test]
+    fn forward_and_both_gradients_match_burns_conv2d() {
+        let d = Device::flex().autodiff();
+        d.seed(7);
+        // (n, c, o, h, w, k, stride, pad)
+        let cases = [
+            (128, 1, 16, 12, 12, 3, 1, 1),
+            (4, 512, 8, 5, 5, 3, 1, 1),
+            (2, 24, 512, 6, 6, 1, 1, 0),
+            (3, 17, 33, 9, 7, 3, 2, 1),
+            (1, 1, 1, 1, 1, 1, 1, 0),
+            (5, 64, 128, 8, 8, 1, 2, 0),
+            (7, 3, 5, 11, 13, 3, 1, 0),
+            (2, 9, 6, 4, 4, 3, 2, 0),
+        ];
+        for (n, c, o, h, w, k, s, p) in cases {
+            let what = format!("n{n} c{c} o{o} {h}x{w} k{k} s{s} p{p}");
+            let conv = layer(c, o, k, s, p, &d);
+            let x = Tensor::<4>::random([n, c, h, w], Distribution::Normal(0.0, 1.0), &d)
+                .require_grad();
+            let ours = conv2d(&conv, x.clone());
+            let burns = conv.forward(x.clone());
+            let gy = Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &d);
+            let g1 = (ours.clone() * gy.clone()).sum().backward();
+            let g2 = (burns.clone() * gy).sum().backward();
+            assert_close(&format!("{what} y"), ours, burns);
+            assert_close(
+                &format!("{what} dx"),
+                x.grad(&g1).unwrap(),
+                x.grad(&g2).unwrap(),
+            );
+            let (w1, w2) = (conv.weight.val().grad(&g1), conv.weight.val().grad(&g2));
+            assert_close(&format!("{what} dw"), w1.unwrap(), w2.unwrap());
+        }
+    }
+
+    /// Central differences of `L = sum(conv(x, w)^2) / 2` (exact for a quadratic, up to `f32`
+    /// rounding) against the extension's gradients, at random coordinates of `x` and `w`.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let d = Device::flex().autodiff();
+        d.seed(11);
+        let conv = layer(3, 4, 3, 2, 1, &d);
+        let x =
+            Tensor::<4>::random([2, 3, 7, 6], Distribution::Normal(0.0, 1.0), &d).require_grad();
+        let loss = |conv: &Conv2d, x: Tensor<4>| {
+            let y = conv2d(conv, x);
+            (y.clone() * y).sum().div_scalar(2.0)
+        };
+        let grads = loss(&conv, x.clone()).backward();
+        let gx = x
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let gw = conv
+            .weight
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let xv = x.clone().inner().into_data().try_to_vec::<f32>().unwrap();
+        let wv = conv
+            .weight
+            .val()
+            .inner()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let plain = Device::flex();
+        let eval = |xv: &[f32], wv: &[f32]| -> f64 {
+            let mut c = conv.clone();
+            c.weight = burn::module::Param::from_tensor(Tensor::from_data(
+                TensorData::new(wv.to_vec(), [4, 3, 3, 3]),
+                &plain,
+            ));
+            let x = Tensor::<4>::from_data(TensorData::new(xv.to_vec(), [2, 3, 7, 6]), &plain);
+            f64::from(loss(&c, x).into_scalar::<f32>())
+        };
+        let eps = 0.25f32;
+        for j in [0, 5, 40, 77, 130, 251] {
+            let (mut a, mut b) = (xv.clone(), xv.clone());
+            a[j] += eps;
+            b[j] -= eps;
+            let fd = (eval(&a, &wv) - eval(&b, &wv)) / (2.0 * f64::from(eps));
+            assert!(
+                (fd - f64::from(gx[j])).abs() <= 1e-3 * fd.abs().max(1.0),
+                "dx[{j}]: {} vs {fd}",
+                gx[j]
+            );
+        }
+        for j in [0, 13, 50, 107] {
+            let (mut a, mut b) = (wv.clone(), wv.clone());
+            a[j] += eps;
+            b[j] -= eps;
+            let fd = (eval(&xv, &a) - eval(&xv, &b)) / (2.0 * f64::from(eps));
+            assert!(
+                (fd - f64::from(gw[j])).abs() <= 1e-3 * fd.abs().max(1.0),
+                "dw[{j}]: {} vs {fd}",
+                gw[j]
+            );
+        }
+    }
+
+    /// A convolution the extension does not cover (a bias) takes Burn's path: same values.
+    #[test]
+    fn uncovered_convolutions_fall_back_to_burn() {
+        let d = Device::flex();
+        let conv = Conv2dConfig::new([2, 3], [3, 3]).init(&d);
+        let x = Tensor::<4>::random([2, 2, 5, 5], Distribution::Normal(0.0, 1.0), &d);
+        assert_close("bias", conv2d(&conv, x.clone()), conv.forward(x));
+    }
+}

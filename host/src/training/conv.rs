@@ -1,0 +1,507 @@
+//! Training's 2-D convolution on the CPU: the forward pass, the input gradient and the weight
+//! gradient of a bias-free, ungrouped, undilated convolution over `f32` NCHW tensors (every
+//! convolution of VGG-8 and ResNet-18), as matrix products on the kernels of
+//! [`crate::engine::gemm`] (AVX-512, AVX2 or portable, detected at run time).
+//!
+//! A worker takes a contiguous run of the batch (one per rayon thread) and goes through it a few
+//! images at a time, enough for rows of at least [`COLS`] output pixels:
+//! - forward: `Y = W col` — `col` the im2col matrix (`[c kh kw][image, oy, ox]`) of the images,
+//!   `W` packed once per call;
+//! - input gradient: `dcol = W^T dY`, then col2im adds `dcol` back onto the input pixels;
+//! - weight gradient: `dW += dY col^T` ([`gemm::gemm_nt`]: both operands' rows run along the
+//!   pixels, so neither is transposed), one sum per worker, added up at the end.
+//!
+//! Scratch matrices are kept per thread from call to call: in steady state a step allocates only
+//! its output tensors and the per-call packed weights.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::engine::gemm::{self, Isa, LANES};
+
+/// Output pixels per product, at least (images are grouped until their columns reach it).
+const COLS: usize = 512;
+
+/// A convolution's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geom {
+    /// Images.
+    pub n: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub o: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both sides, both axes).
+    pub pad: usize,
+}
+
+impl Geom {
+    /// The output height and width, `None` when the kernel does not fit the padded input or
+    /// the stride is 0.
+    pub fn out(&self) -> Option<(usize, usize)> {
+        let (ph, pw) = (self.h + 2 * self.pad, self.w + 2 * self.pad);
+        (self.stride > 0 && self.kh > 0 && self.kw > 0 && ph >= self.kh && pw >= self.kw).then(
+            || {
+                (
+                    (ph - self.kh) / self.stride + 1,
+                    (pw - self.kw) / self.stride + 1,
+                )
+            },
+        )
+    }
+
+    fn fan_in(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    fn image_in(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// The columns of output pixel `ox` that tap `kx` reads inside the row: `lo..hi`, reading
+    /// input column `ox * stride + kx - pad`.
+    fn span(&self, kx: usize, ow: usize, w: usize) -> (usize, usize) {
+        let s = self.stride;
+        // ox * s + kx >= pad  and  ox * s + kx < w + pad.
+        let lo = self.pad.saturating_sub(kx).div_ceil(s).min(ow);
+        let hi = (w + self.pad).saturating_sub(kx).div_ceil(s).clamp(lo, ow);
+        (lo, hi)
+    }
+}
+
+/// Per-thread matrices, kept from call to call.
+#[derive(Default)]
+struct Scratch {
+    col: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Images per worker: the batch split evenly over rayon's threads.
+fn per_worker(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+/// Images per product.
+fn group(plane: usize, images: usize) -> usize {
+    (COLS / plane.max(1)).clamp(1, images.max(1))
+}
+
+/// The im2col matrix of `gn` images (`x`: `gn` images of `c x h x w`): row `(ci, ky, kx)`,
+/// column `i * oh * ow + oy * ow + ox`, `ld` values per row (columns past the images zero).
+fn im2col(g: &Geom, x: &[f32], gn: usize, col: &mut Vec<f32>, ld: usize) {
+    let (oh, ow) = g.out().expect("checked by the caller");
+    let (h, w, s, pad) = (g.h, g.w, g.stride, g.pad);
+    let plane = oh * ow;
+    col.resize(g.fan_in() * ld, 0.0);
+    for ci in 0..g.c {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = (ci * g.kh + ky) * g.kw + kx;
+                let dst = &mut col[row * ld..(row + 1) * ld];
+                let (lo, hi) = g.span(kx, ow, w);
+                for i in 0..gn {
+                    let src = &x[(i * g.c + ci) * h * w..][..h * w];
+                    for oy in 0..oh {
+                        let d = &mut dst[i * plane + oy * ow..][..ow];
+                        let iy = oy * s + ky;
+                        if iy < pad || iy - pad >= h {
+                            d.fill(0.0);
+                            continue;
+                        }
+                        let r = &src[(iy - pad) * w..][..w];
+                        d[..lo].fill(0.0);
+                        d[hi..].fill(0.0);
+                        if s == 1 {
+                            d[lo..hi].copy_from_slice(&r[lo + kx - pad..hi + kx - pad]);
+                        } else {
+                            for (ox, v) in d[lo..hi].iter_mut().enumerate() {
+                                *v = r[(lo + ox) * s + kx - pad];
+                            }
+                        }
+                    }
+                }
+                dst[gn * plane..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Adds the im2col-shaped `col` (`ld` values per row) back onto the pixels it was read from:
+/// `dx` (`gn` images) `+=` col2im(`col`).
+fn col2im(g: &Geom, col: &[f32], ld: usize, gn: usize, dx: &mut [f32]) {
+    let (oh, ow) = g.out().expect("checked by the caller");
+    let (h, w, s, pad) = (g.h, g.w, g.stride, g.pad);
+    let plane = oh * ow;
+    for ci in 0..g.c {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = (ci * g.kh + ky) * g.kw + kx;
+                let src = &col[row * ld..];
+                let (lo, hi) = g.span(kx, ow, w);
+                for i in 0..gn {
+                    let dst = &mut dx[(i * g.c + ci) * h * w..][..h * w];
+                    for oy in 0..oh {
+                        let iy = oy * s + ky;
+                        if iy < pad || iy - pad >= h {
+                            continue;
+                        }
+                        let r = &mut dst[(iy - pad) * w..][..w];
+                        let d = &src[i * plane + oy * ow..][..ow];
+                        if s == 1 {
+                            let r = &mut r[lo + kx - pad..hi + kx - pad];
+                            for (a, &b) in r.iter_mut().zip(&d[lo..hi]) {
+                                *a += b;
+                            }
+                        } else {
+                            for (ox, &b) in d[lo..hi].iter().enumerate() {
+                                r[(lo + ox) * s + kx - pad] += b;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies `gn` images' `[o][plane]` blocks of `src` (NCHW) side by side into `o` rows of `ld`
+/// values (columns past the images zero).
+fn gather_rows(src: &[f32], o: usize, plane: usize, gn: usize, dst: &mut Vec<f32>, ld: usize) {
+    dst.resize(o * ld, 0.0);
+    for oo in 0..o {
+        let row = &mut dst[oo * ld..(oo + 1) * ld];
+        for i in 0..gn {
+            row[i * plane..(i + 1) * plane].copy_from_slice(&src[(i * o + oo) * plane..][..plane]);
+        }
+        row[gn * plane..].fill(0.0);
+    }
+}
+
+fn check(g: &Geom, x: usize, w: usize, y: usize) -> (usize, usize) {
+    let (oh, ow) = g
+        .out()
+        .unwrap_or_else(|| panic!("conv2d: kernel does not fit the padded input: {g:?}"));
+    assert_eq!(x, g.n * g.image_in(), "conv2d input length for {g:?}");
+    assert_eq!(w, g.o * g.fan_in(), "conv2d weight length for {g:?}");
+    assert_eq!(y, g.n * g.o * oh * ow, "conv2d output length for {g:?}");
+    (oh, ow)
+}
+
+/// `y = conv(x, w)`: `x` `[n][c][h][w]`, `w` `[o][c][kh][kw]`, `y` `[n][o][oh][ow]`.
+pub fn forward(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let (oh, ow) = check(g, x.len(), w.len(), y.len());
+    let (k, p, o) = (g.fan_in(), oh * ow, g.o);
+    if y.is_empty() {
+        return;
+    }
+    let mut a = Vec::new();
+    gemm::pack_panels(w, o, k, k, 1, &mut a);
+    let per = per_worker(g.n);
+    y.par_chunks_mut(per * o * p)
+        .zip(x.par_chunks(per * g.image_in()))
+        .for_each(|(yc, xc)| {
+            SCRATCH.with_borrow_mut(|s| {
+                let images = yc.len() / (o * p);
+                let gi = group(p, images);
+                let mut i0 = 0;
+                while i0 < images {
+                    let gn = gi.min(images - i0);
+                    let cols = gn * p;
+                    let ld = cols.next_multiple_of(LANES);
+                    im2col(g, &xc[i0 * g.image_in()..], gn, &mut s.col, ld);
+                    let out = &mut yc[i0 * o * p..(i0 + gn) * o * p];
+                    if gn == 1 {
+                        gemm::gemm_nn(isa, &a, o, k, &s.col, ld, cols, out, p, false);
+                    } else {
+                        s.c.resize(o * cols, 0.0);
+                        gemm::gemm_nn(isa, &a, o, k, &s.col, ld, cols, &mut s.c, cols, false);
+                        for oo in 0..o {
+                            for i in 0..gn {
+                                out[(i * o + oo) * p..][..p]
+                                    .copy_from_slice(&s.c[oo * cols + i * p..][..p]);
+                            }
+                        }
+                    }
+                    i0 += gn;
+                }
+            })
+        });
+}
+
+/// The input gradient: `dx = conv(x, w)`'s gradient with respect to `x` for the output
+/// gradient `dy` (`dx` is overwritten).
+pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let (oh, ow) = check(g, dx.len(), w.len(), dy.len());
+    let (k, p, o) = (g.fan_in(), oh * ow, g.o);
+    if dx.is_empty() {
+        return;
+    }
+    if dy.is_empty() {
+        dx.fill(0.0);
+        return;
+    }
+    // `W^T`: `k` rows (fan-in), `o` columns.
+    let mut a = Vec::new();
+    gemm::pack_panels(w, k, o, 1, k, &mut a);
+    let per = per_worker(g.n);
+    dx.par_chunks_mut(per * g.image_in())
+        .zip(dy.par_chunks(per * o * p))
+        .for_each(|(dxc, dyc)| {
+            SCRATCH.with_borrow_mut(|s| {
+                dxc.fill(0.0);
+                let images = dyc.len() / (o * p);
+                let gi = group(p, images);
+                let mut i0 = 0;
+                while i0 < images {
+                    let gn = gi.min(images - i0);
+                    let cols = gn * p;
+                    let dyg = &dyc[i0 * o * p..(i0 + gn) * o * p];
+                    let (b, ld) = if gn == 1 && p % LANES == 0 {
+                        (dyg, p)
+                    } else {
+                        let ld = cols.next_multiple_of(LANES);
+                        gather_rows(dyg, o, p, gn, &mut s.b, ld);
+                        (&s.b[..], ld)
+                    };
+                    s.col.resize(k * cols, 0.0);
+                    gemm::gemm_nn(isa, &a, k, o, b, ld, cols, &mut s.col, cols, false);
+                    col2im(g, &s.col, cols, gn, &mut dxc[i0 * g.image_in()..]);
+                    i0 += gn;
+                }
+            })
+        });
+}
+
+/// The weight gradient: `dw = conv(x, w)`'s gradient with respect to `w` for the output
+/// gradient `dy` (`dw` is overwritten).
+pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let (oh, ow) = check(g, x.len(), dw.len(), dy.len());
+    let (k, p, o) = (g.fan_in(), oh * ow, g.o);
+    dw.fill(0.0);
+    if dy.is_empty() || dw.is_empty() {
+        return;
+    }
+    let per = per_worker(g.n);
+    let sums: Vec<Vec<f32>> = x
+        .par_chunks(per * g.image_in())
+        .zip(dy.par_chunks(per * o * p))
+        .map(|(xc, dyc)| {
+            SCRATCH.with_borrow_mut(|s| {
+                let mut acc = vec![0f32; o * k];
+                let images = dyc.len() / (o * p);
+                let gi = group(p, images);
+                let mut i0 = 0;
+                while i0 < images {
+                    let gn = gi.min(images - i0);
+                    let cols = gn * p;
+                    im2col(g, &xc[i0 * g.image_in()..], gn, &mut s.col, cols);
+                    let dyg = &dyc[i0 * o * p..(i0 + gn) * o * p];
+                    let a = if gn == 1 {
+                        dyg
+                    } else {
+                        gather_rows(dyg, o, p, gn, &mut s.b, cols);
+                        &s.b[..]
+                    };
+                    gemm::gemm_nt(isa, a, cols, o, &s.col, cols, k, cols, &mut acc, k);
+                    i0 += gn;
+                }
+                acc
+            })
+        })
+        .collect();
+    for sum in sums {
+        for (d, v) in dw.iter_mut().zip(sum) {
+            *d += v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain loops in `f64`: the definition.
+    fn reference(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f64> {
+        let (oh, ow) = g.out().unwrap();
+        let mut y = vec![0f64; g.n * g.o * oh * ow];
+        for n in 0..g.n {
+            for o in 0..g.o {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut s = 0f64;
+                        for c in 0..g.c {
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let (iy, ix) = (oy * g.stride + ky, ox * g.stride + kx);
+                                    if iy < g.pad || ix < g.pad {
+                                        continue;
+                                    }
+                                    let (iy, ix) = (iy - g.pad, ix - g.pad);
+                                    if iy >= g.h || ix >= g.w {
+                                        continue;
+                                    }
+                                    s += f64::from(x[((n * g.c + c) * g.h + iy) * g.w + ix])
+                                        * f64::from(w[((o * g.c + c) * g.kh + ky) * g.kw + kx]);
+                                }
+                            }
+                        }
+                        y[((n * g.o + o) * oh + oy) * ow + ox] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(got: &[f32], want: &[f64], what: &str) {
+        let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(a) - b).abs() <= 1e-5 * scale,
+                "{what}[{i}]: {a} vs {b} (scale {scale})"
+            );
+        }
+    }
+
+    /// Forward against the definition; both gradients against the adjoint identities
+    /// `<conv(x), dy> = <x, dx(dy)> = <w, dw(x, dy)>` component by component: `dx[j]` is
+    /// `<conv(e_j, w), dy>` and `dw[j]` is `<conv(x, e_j), dy>` — checked on small shapes in
+    /// full, for every path this CPU has.
+    #[test]
+    fn forward_and_gradients_match_the_definition_on_every_path() {
+        let shapes = [
+            Geom {
+                n: 2,
+                c: 3,
+                h: 5,
+                w: 7,
+                o: 5,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Geom {
+                n: 3,
+                c: 2,
+                h: 6,
+                w: 5,
+                o: 9,
+                kh: 3,
+                kw: 3,
+                stride: 2,
+                pad: 1,
+            },
+            Geom {
+                n: 1,
+                c: 4,
+                h: 4,
+                w: 4,
+                o: 3,
+                kh: 1,
+                kw: 1,
+                stride: 2,
+                pad: 0,
+            },
+            Geom {
+                n: 5,
+                c: 1,
+                h: 8,
+                w: 8,
+                o: 17,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 0,
+            },
+            Geom {
+                n: 2,
+                c: 3,
+                h: 3,
+                w: 3,
+                o: 2,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 2,
+            },
+        ];
+        for isa in Isa::available() {
+            for (t, g) in shapes.iter().enumerate() {
+                let (oh, ow) = g.out().unwrap();
+                let x = values(g.n * g.c * g.h * g.w, t as u64 + 1);
+                let w = values(g.o * g.c * g.kh * g.kw, t as u64 + 100);
+                let dy = values(g.n * g.o * oh * ow, t as u64 + 200);
+                let mut y = vec![f32::NAN; dy.len()];
+                forward(isa, g, &x, &w, &mut y);
+                close(&y, &reference(g, &x, &w), &format!("{isa:?} {g:?} y"));
+                let dot = |y: &[f64]| y.iter().zip(&dy).map(|(a, &b)| a * f64::from(b)).sum();
+                let mut dx = vec![f32::NAN; x.len()];
+                backward_input(isa, g, &w, &dy, &mut dx);
+                let want_dx: Vec<f64> = (0..x.len())
+                    .map(|j| {
+                        let mut e = vec![0f32; x.len()];
+                        e[j] = 1.0;
+                        dot(&reference(g, &e, &w))
+                    })
+                    .collect();
+                close(&dx, &want_dx, &format!("{isa:?} {g:?} dx"));
+                let mut dw = vec![f32::NAN; w.len()];
+                backward_weight(isa, g, &x, &dy, &mut dw);
+                let want_dw: Vec<f64> = (0..w.len())
+                    .map(|j| {
+                        let mut e = vec![0f32; w.len()];
+                        e[j] = 1.0;
+                        dot(&reference(g, &x, &e))
+                    })
+                    .collect();
+                close(&dw, &want_dw, &format!("{isa:?} {g:?} dw"));
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "kernel does not fit")]
+    fn a_kernel_larger_than_the_padded_input_is_refused() {
+        let g = Geom {
+            n: 1,
+            c: 1,
+            h: 2,
+            w: 2,
+            o: 1,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 0,
+        };
+        forward(Isa::Portable, &g, &[0.0; 4], &[0.0; 9], &mut []);
+    }
+}
