@@ -28,8 +28,8 @@ pub(crate) const MAX_KW: usize = 16;
 /// Rows of `A` and of `B` per [`gemm_nt`] register block.
 const NT: usize = 4;
 /// Fan-in rows of one [`gemm_nn`] block.
-const KC: usize = 256;
-/// Columns of `B` per [`gemm_nn`] block (`KC x NC` floats: 480 KiB, inside L2).
+const KC: usize = 128;
+/// Columns of `B` per [`gemm_nn`] block (`KC x NC` floats: 240 KiB, inside L2).
 const NC: usize = 480;
 
 /// Which inner loops this CPU runs.
@@ -186,41 +186,48 @@ pub(crate) fn gemm_nt(
             && b.len() >= (n - 1) * ldb + len
             && c.len() >= (m - 1) * ldc + n
     );
-    let mut i = 0;
-    while i < m {
-        let mi = (m - i).min(NT);
-        let mut j = 0;
-        while j < n {
-            let nj = (n - j).min(NT);
-            let ra: [usize; NT] = std::array::from_fn(|r| (i + r.min(mi - 1)) * lda);
-            let rb: [usize; NT] = std::array::from_fn(|r| (j + r.min(nj - 1)) * ldb);
-            let mut out = [[0f32; NT]; NT];
-            match isa {
-                // SAFETY: detected AVX-512 F; every row start plus `len` is inside its slice
-                // (checked above).
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512::dots(a, &ra, b, &rb, len, &mut out) },
-                // SAFETY: detected AVX2 and FMA; bounds as above.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2::dots(a, &ra, b, &rb, len, &mut out) },
-                _ => {
-                    for (r, o) in out.iter_mut().enumerate() {
-                        let ar = &a[ra[r]..ra[r] + len];
-                        for (s, o) in o.iter_mut().enumerate() {
-                            let br = &b[rb[s]..rb[s] + len];
-                            *o = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    // Blocks of `B` rows of about 128 KiB stay in L2 while every row block of `A` passes.
+    let nb = n;
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + nb).min(n);
+        let mut i = 0;
+        while i < m {
+            let mi = (m - i).min(NT);
+            let mut j = j0;
+            while j < j1 {
+                let nj = (j1 - j).min(NT);
+                let ra: [usize; NT] = std::array::from_fn(|r| (i + r.min(mi - 1)) * lda);
+                let rb: [usize; NT] = std::array::from_fn(|r| (j + r.min(nj - 1)) * ldb);
+                let mut out = [[0f32; NT]; NT];
+                match isa {
+                    // SAFETY: detected AVX-512 F; every row start plus `len` is inside its
+                    // slice (checked above).
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe { avx512::dots(a, &ra, b, &rb, len, &mut out) },
+                    // SAFETY: detected AVX2 and FMA; bounds as above.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { avx2::dots(a, &ra, b, &rb, len, &mut out) },
+                    _ => {
+                        for (r, o) in out.iter_mut().enumerate() {
+                            let ar = &a[ra[r]..ra[r] + len];
+                            for (s, o) in o.iter_mut().enumerate() {
+                                let br = &b[rb[s]..rb[s] + len];
+                                *o = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+                            }
                         }
                     }
                 }
-            }
-            for (r, o) in out.iter().enumerate().take(mi) {
-                for (s, &v) in o.iter().enumerate().take(nj) {
-                    c[(i + r) * ldc + j + s] += v;
+                for (r, o) in out.iter().enumerate().take(mi) {
+                    for (s, &v) in o.iter().enumerate().take(nj) {
+                        c[(i + r) * ldc + j + s] += v;
+                    }
                 }
+                j += nj;
             }
-            j += nj;
+            i += mi;
         }
-        i += mi;
+        j0 = j1;
     }
 }
 
@@ -435,17 +442,28 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); NT]; NT];
         let mut t = 0;
         while t < len {
-            let m: u16 = if len - t >= LANES {
+            let full = len - t >= LANES;
+            let m: u16 = if full {
                 u16::MAX
             } else {
                 (1u16 << (len - t)) - 1
             };
-            // SAFETY: the masked lanes `t .. min(t + 16, len)` are inside every row.
+            // SAFETY: the lanes `t .. min(t + 16, len)` are inside every row; a partial vector
+            // is loaded masked.
             unsafe {
-                let x: [__m512; NT] =
-                    std::array::from_fn(|r| _mm512_maskz_loadu_ps(m, ap.add(ra[r] + t)));
+                let x: [__m512; NT] = std::array::from_fn(|r| {
+                    if full {
+                        _mm512_loadu_ps(ap.add(ra[r] + t))
+                    } else {
+                        _mm512_maskz_loadu_ps(m, ap.add(ra[r] + t))
+                    }
+                });
                 for s in 0..NT {
-                    let y = _mm512_maskz_loadu_ps(m, bp.add(rb[s] + t));
+                    let y = if full {
+                        _mm512_loadu_ps(bp.add(rb[s] + t))
+                    } else {
+                        _mm512_maskz_loadu_ps(m, bp.add(rb[s] + t))
+                    };
                     for r in 0..NT {
                         acc[r][s] = _mm512_fmadd_ps(x[r], y, acc[r][s]);
                     }

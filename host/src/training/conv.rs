@@ -9,7 +9,8 @@
 //!   `W` packed once per call;
 //! - input gradient: `dcol = W^T dY`, then col2im adds `dcol` back onto the input pixels;
 //! - weight gradient: `dW += dY col^T` ([`gemm::gemm_nt`]: both operands' rows run along the
-//!   pixels, so neither is transposed), one sum per worker, added up at the end.
+//!   pixels, so neither is transposed); each worker owns a range of fan-in rows and sums over
+//!   the whole batch in order (the same bits with any number of threads).
 //!
 //! Scratch matrices are kept per thread from call to call: in steady state a step allocates only
 //! its output tensors and the per-call packed weights.
@@ -97,6 +98,13 @@ fn per_worker(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
+/// The row length of a matrix of `cols` columns: whole vectors, and never a multiple of 1 KiB,
+/// so that the rows a kernel streams through at once do not all fall into the same L1 sets.
+fn row_len(cols: usize) -> usize {
+    let ld = cols.next_multiple_of(LANES);
+    if ld % 256 == 0 { ld + LANES } else { ld }
+}
+
 /// Images per product.
 fn group(plane: usize, images: usize) -> usize {
     (COLS / plane.max(1)).clamp(1, images.max(1))
@@ -105,15 +113,27 @@ fn group(plane: usize, images: usize) -> usize {
 /// The im2col matrix of `gn` images (`x`: `gn` images of `c x h x w`): row `(ci, ky, kx)`,
 /// column `i * oh * ow + oy * ow + ox`, `ld` values per row (columns past the images zero).
 fn im2col(g: &Geom, x: &[f32], gn: usize, col: &mut Vec<f32>, ld: usize) {
+    im2col_rows(g, x, gn, col, ld, 0..g.fan_in());
+}
+
+/// Rows `rows` of [`im2col`]'s matrix (row `rows.start` first).
+fn im2col_rows(
+    g: &Geom,
+    x: &[f32],
+    gn: usize,
+    col: &mut Vec<f32>,
+    ld: usize,
+    rows: std::ops::Range<usize>,
+) {
     let (oh, ow) = g.out().expect("checked by the caller");
     let (h, w, s, pad) = (g.h, g.w, g.stride, g.pad);
     let plane = oh * ow;
-    col.resize(g.fan_in() * ld, 0.0);
-    for ci in 0..g.c {
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = (ci * g.kh + ky) * g.kw + kx;
-                let dst = &mut col[row * ld..(row + 1) * ld];
+    col.resize(rows.len() * ld, 0.0);
+    for row in rows.clone() {
+        let (ci, ky, kx) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
+        {
+            {
+                let dst = &mut col[(row - rows.start) * ld..(row - rows.start + 1) * ld];
                 let (lo, hi) = g.span(kx, ow, w);
                 for i in 0..gn {
                     let src = &x[(i * g.c + ci) * h * w..][..h * w];
@@ -223,7 +243,7 @@ pub fn forward(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
                 while i0 < images {
                     let gn = gi.min(images - i0);
                     let cols = gn * p;
-                    let ld = cols.next_multiple_of(LANES);
+                    let ld = row_len(cols);
                     im2col(g, &xc[i0 * g.image_in()..], gn, &mut s.col, ld);
                     let out = &mut yc[i0 * o * p..(i0 + gn) * o * p];
                     if gn == 1 {
@@ -272,13 +292,9 @@ pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32])
                     let gn = gi.min(images - i0);
                     let cols = gn * p;
                     let dyg = &dyc[i0 * o * p..(i0 + gn) * o * p];
-                    let (b, ld) = if gn == 1 && p % LANES == 0 {
-                        (dyg, p)
-                    } else {
-                        let ld = cols.next_multiple_of(LANES);
-                        gather_rows(dyg, o, p, gn, &mut s.b, ld);
-                        (&s.b[..], ld)
-                    };
+                    let ld = row_len(cols);
+                    gather_rows(dyg, o, p, gn, &mut s.b, ld);
+                    let b = &s.b[..];
                     s.col.resize(k * cols, 0.0);
                     gemm::gemm_nn(isa, &a, k, o, b, ld, cols, &mut s.col, cols, false);
                     col2im(g, &s.col, cols, gn, &mut dxc[i0 * g.image_in()..]);
@@ -297,37 +313,40 @@ pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]
     if dy.is_empty() || dw.is_empty() {
         return;
     }
-    let per = per_worker(g.n);
-    let sums: Vec<Vec<f32>> = x
-        .par_chunks(per * g.image_in())
-        .zip(dy.par_chunks(per * o * p))
-        .map(|(xc, dyc)| {
+    // Each worker owns a range of fan-in rows (columns of `dw`) and sums over the whole batch
+    // in order: no partial sums to add up, the same bits with any number of threads.
+    let workers = rayon::current_num_threads().clamp(1, k);
+    let parts: Vec<std::ops::Range<usize>> = (0..workers)
+        .map(|t| t * k / workers..(t + 1) * k / workers)
+        .collect();
+    let gi = group(p, g.n);
+    let blocks: Vec<Vec<f32>> = parts
+        .par_iter()
+        .map(|rows| {
             SCRATCH.with_borrow_mut(|s| {
-                let mut acc = vec![0f32; o * k];
-                let images = dyc.len() / (o * p);
-                let gi = group(p, images);
+                let kr = rows.len();
+                let mut acc = vec![0f32; o * kr];
                 let mut i0 = 0;
-                while i0 < images {
-                    let gn = gi.min(images - i0);
+                while i0 < g.n {
+                    let gn = gi.min(g.n - i0);
                     let cols = gn * p;
-                    im2col(g, &xc[i0 * g.image_in()..], gn, &mut s.col, cols);
-                    let dyg = &dyc[i0 * o * p..(i0 + gn) * o * p];
-                    let a = if gn == 1 {
-                        dyg
-                    } else {
-                        gather_rows(dyg, o, p, gn, &mut s.b, cols);
-                        &s.b[..]
-                    };
-                    gemm::gemm_nt(isa, a, cols, o, &s.col, cols, k, cols, &mut acc, k);
+                    let ld = row_len(cols);
+                    let xg = &x[i0 * g.image_in()..(i0 + gn) * g.image_in()];
+                    im2col_rows(g, xg, gn, &mut s.col, ld, rows.clone());
+                    let dyg = &dy[i0 * o * p..(i0 + gn) * o * p];
+                    gather_rows(dyg, o, p, gn, &mut s.b, ld);
+                    gemm::gemm_nt(isa, &s.b, ld, o, &s.col, ld, kr, cols, &mut acc, kr);
                     i0 += gn;
                 }
                 acc
             })
         })
         .collect();
-    for sum in sums {
-        for (d, v) in dw.iter_mut().zip(sum) {
-            *d += v;
+    for (rows, block) in parts.iter().zip(blocks) {
+        let kr = rows.len();
+        for oo in 0..o {
+            dw[oo * k + rows.start..oo * k + rows.end]
+                .copy_from_slice(&block[oo * kr..(oo + 1) * kr]);
         }
     }
 }
@@ -486,6 +505,45 @@ mod tests {
                 close(&dw, &want_dw, &format!("{isa:?} {g:?} dw"));
             }
         }
+    }
+
+    /// The three passes give the same bits on one thread as on three (the weight gradient's
+    /// sum order does not depend on the thread count).
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let g = Geom {
+            n: 9,
+            c: 5,
+            h: 10,
+            w: 10,
+            o: 12,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let (oh, ow) = g.out().unwrap();
+        let x = values(g.n * g.c * g.h * g.w, 3);
+        let w = values(g.o * g.c * 9, 4);
+        let dy = values(g.n * g.o * oh * ow, 5);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (mut y, mut dx, mut dw) = (
+                    vec![0f32; dy.len()],
+                    vec![0f32; x.len()],
+                    vec![0f32; w.len()],
+                );
+                forward(Isa::detect(), &g, &x, &w, &mut y);
+                backward_input(Isa::detect(), &g, &w, &dy, &mut dx);
+                backward_weight(Isa::detect(), &g, &x, &dy, &mut dw);
+                [y, dx, dw].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            })
+        };
+        assert_eq!(run(1), run(3));
     }
 
     #[test]
