@@ -47,3 +47,12 @@ pub mod plot;
 pub mod report;
 pub mod sweep;
 pub mod training;
+
+/// Serializes the unit tests that seed or draw from Burn's device RNG: Flex keeps one global
+/// generator, so tests drawing from it in parallel would change each other's numbers.
+#[cfg(test)]
+pub(crate) fn burn_rng_guard() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -462,6 +462,7 @@ mod tests {
 
     #[test]
     fn burn_forward_equals_network_forward() {
+        let _rng = crate::burn_rng_guard();
         for (arch, width) in [(Arch::Vgg8, 0.125), (Arch::Resnet18, 0.0625)] {
             let (b, spec) = trained_bn(arch, width);
             let net =
@@ -495,6 +496,7 @@ mod tests {
 
     #[test]
     fn description_has_one_node_per_network_node() {
+        let _rng = crate::burn_rng_guard();
         let (b, spec) = trained_bn(Arch::Resnet18, 0.0625);
         let net = to_network(&b, &spec, Normalization::identity(3), Provenance::default()).unwrap();
         let nodes = desc_nodes(&net).unwrap();
@@ -512,6 +514,7 @@ mod tests {
 
     #[test]
     fn wrong_architecture_is_an_error() {
+        let _rng = crate::burn_rng_guard();
         let (b, spec) = trained_bn(Arch::Vgg8, 0.125);
         let other = ModelSpec {
             arch: Arch::Resnet18,

@@ -188,6 +188,7 @@ mod tests {
 
     #[test]
     fn authors_safetensors_load_into_vgg8() {
+        let _rng = crate::burn_rng_guard();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("vgg8.safetensors");
         let spec = ModelSpec {
@@ -226,6 +227,7 @@ mod tests {
 
     #[test]
     fn imported_run_is_evaluated_with_the_authors_preprocessing() {
+        let _rng = crate::burn_rng_guard();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("vgg8.safetensors");
         let spec = ModelSpec {

@@ -169,8 +169,8 @@ impl ConvBn {
 
     /// Conv then BN, no activation. `[n, cin, h, w] -> [n, cout, h/stride, w/stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn
-            .forward(crate::training::backend::conv2d(&self.conv, x))
+        use crate::training::backend::{batch_norm, conv2d};
+        batch_norm(&self.bn, conv2d(&self.conv, x))
     }
 }
 
@@ -718,6 +718,7 @@ mod tests {
 
     #[test]
     fn shapes_and_layer_counts() {
+        let _rng = crate::burn_rng_guard();
         let device = Device::flex();
         for (arch, layers, exits) in [(Arch::Vgg8, 8, 3), (Arch::Resnet18, 21, 4)] {
             for ch in [1, 3] {
@@ -739,6 +740,7 @@ mod tests {
     /// biases; PyTorch's default has uniform weights in ±1/sqrt(fan_in) and non-zero biases.
     #[test]
     fn authors_linear_init() {
+        let _rng = crate::burn_rng_guard();
         let device = Device::flex();
         device.seed(3);
         let s = spec(Arch::Vgg8, 1);
@@ -777,6 +779,7 @@ mod tests {
 
     #[test]
     fn exits_match_table_one_at_full_width() {
+        let _rng = crate::burn_rng_guard();
         let s = ModelSpec {
             width: 1.0,
             ..spec(Arch::Vgg8, 3)
@@ -793,6 +796,7 @@ mod tests {
 
     #[test]
     fn weights_round_trip_in_canonical_layout() {
+        let _rng = crate::burn_rng_guard();
         let device = Device::flex();
         let mut b = spec(Arch::Vgg8, 1).init_backbone(&device);
         let layers = b.weight_layers();

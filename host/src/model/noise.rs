@@ -207,6 +207,7 @@ mod tests {
 
     #[test]
     fn uniform_std_matches_closed_form_in_both_units() {
+        let _rng = crate::burn_rng_guard();
         let n = 200_000;
         for unit in [SigmaUnit::Range, SigmaUnit::Level] {
             let c = cfg(0.4, unit, Profile::Uniform, Faults::NONE);
@@ -224,6 +225,7 @@ mod tests {
 
     #[test]
     fn profile_bands_get_their_own_std() {
+        let _rng = crate::burn_rng_guard();
         let n = 100_000;
         let c = cfg(0.3, SigmaUnit::Range, Profile::Fefet6, Faults::NONE);
         for frac in [0.5f32, 0.1, 0.9] {
@@ -245,6 +247,7 @@ mod tests {
 
     #[test]
     fn stuck_at_faults_match_the_closed_form_rms_and_mean() {
+        let _rng = crate::burn_rng_guard();
         let n = 200_000;
         let faults = Faults::new(0.1, 0.05).unwrap();
         let c = cfg(0.2, SigmaUnit::Range, Profile::Uniform, faults);
@@ -282,6 +285,7 @@ mod tests {
 
     #[test]
     fn zero_sigma_is_zero() {
+        let _rng = crate::burn_rng_guard();
         let c = cfg(0.0, SigmaUnit::Range, Profile::Uniform, Faults::NONE);
         assert!(TrainingNoise::new(c).is_zero());
         assert!(noise_of(c, weights(100, 0.5), 4).iter().all(|&x| x == 0.0));

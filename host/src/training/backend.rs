@@ -1,4 +1,4 @@
-//! The project's convolution kernels inside Burn: a backend extension ([`NvConv`]) whose Flex
+//! The project's convolution kernels inside Burn: a backend extension ([`NvKernels`]) whose Flex
 //! implementation runs [`super::conv`] (forward, input gradient, weight gradient), and whose
 //! `Autodiff` implementation registers a backward step calling the Flex gradients — Burn's
 //! autodiff does the rest, so models, methods, optimizers and checkpoints are unchanged.
@@ -21,11 +21,15 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, DType, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, DType, Dispatch, Flex, TensorMetadata, backend_extension,
+};
+use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Tensor, TensorData};
 
+use super::bn;
 use super::conv::{self, Geom};
 use crate::engine::gemm::Isa;
 
@@ -33,10 +37,12 @@ fn options(stride: usize, padding: usize) -> ConvOptions<2> {
     ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1)
 }
 
-/// A bias-free, ungrouped, undilated 2-D convolution with one stride and one symmetric padding
-/// for both axes, and its two gradients. The default bodies are Burn's own operations.
+/// The operations the project computes itself on Flex: a bias-free, ungrouped, undilated 2-D
+/// convolution with one stride and one symmetric padding for both axes and its two gradients,
+/// and training-mode batch normalization and its gradients. The default bodies are Burn's own
+/// operations.
 #[backend_extension(Flex, Autodiff)]
-pub trait NvConv: Backend {
+pub trait NvKernels: Backend {
     /// `conv2d(x, weight)`.
     fn nv_conv2d(
         x: FloatTensor<Self>,
@@ -47,7 +53,7 @@ pub trait NvConv: Backend {
         Self::conv2d(x, weight, None, options(stride, padding))
     }
 
-    /// The gradient of [`NvConv::nv_conv2d`] with respect to `x`.
+    /// The gradient of [`NvKernels::nv_conv2d`] with respect to `x`.
     fn nv_conv2d_x_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -58,7 +64,7 @@ pub trait NvConv: Backend {
         Self::conv2d_x_backward(x, weight, output_grad, options(stride, padding))
     }
 
-    /// The gradient of [`NvConv::nv_conv2d`] with respect to `weight`.
+    /// The gradient of [`NvKernels::nv_conv2d`] with respect to `weight`.
     fn nv_conv2d_weight_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -67,6 +73,30 @@ pub trait NvConv: Backend {
         padding: usize,
     ) -> FloatTensor<Self> {
         Self::conv2d_weight_backward(x, weight, output_grad, options(stride, padding))
+    }
+
+    /// Training-mode batch normalization: `(output, batch mean, batch biased variance)`.
+    fn nv_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let r = Self::batch_norm_train(x, gamma, beta, epsilon);
+        (r.output, r.mean, r.variance)
+    }
+
+    /// The gradients of [`NvKernels::nv_batch_norm_train`]: `(x, gamma, beta)`.
+    fn nv_batch_norm_train_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let r = Self::batch_norm_train_backward(x, gamma, mean, variance, epsilon, output_grad);
+        (r.x_grad, r.gamma_grad, r.beta_grad)
     }
 }
 
@@ -98,7 +128,7 @@ fn flex_out(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
-impl NvConv for Flex {
+impl NvKernels for Flex {
     fn nv_conv2d(x: FlexTensor, weight: FlexTensor, stride: usize, padding: usize) -> FlexTensor {
         let Some(g) = geom(&x, &weight, stride, padding) else {
             return Self::conv2d(x, weight, None, options(stride, padding));
@@ -145,13 +175,96 @@ impl NvConv for Flex {
         conv::backward_weight(Isa::detect(), &g, x.storage(), dy.storage(), &mut dw);
         flex_out(dw, [g.o, g.c, g.kh, g.kw])
     }
+
+    fn nv_batch_norm_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let Some((n, c, plane)) = bn_geom(&x, &[&gamma, &beta]) else {
+            let r = Self::batch_norm_train(x, gamma, beta, epsilon);
+            return (r.output, r.mean, r.variance);
+        };
+        let shape = x.shape();
+        let (x, gamma, beta) = (
+            x.to_contiguous(),
+            gamma.to_contiguous(),
+            beta.to_contiguous(),
+        );
+        let (y, mean, var) = bn::forward(
+            x.storage(),
+            gamma.storage(),
+            beta.storage(),
+            epsilon,
+            n,
+            plane,
+        );
+        let vec1 = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [c]));
+        (
+            FlexTensor::from_data(TensorData::new(y, shape)),
+            vec1(mean),
+            vec1(var),
+        )
+    }
+
+    fn nv_batch_norm_train_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        output_grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let Some((n, c, plane)) = bn_geom(&x, &[&gamma, &mean, &variance, &output_grad]) else {
+            let r = Self::batch_norm_train_backward(x, gamma, mean, variance, epsilon, output_grad);
+            return (r.x_grad, r.gamma_grad, r.beta_grad);
+        };
+        let shape = x.shape();
+        let [x, gamma, mean, variance, dy] =
+            [x, gamma, mean, variance, output_grad].map(|t| t.to_contiguous());
+        let (dx, dgamma, dbeta) = bn::backward(
+            x.storage(),
+            gamma.storage(),
+            mean.storage(),
+            variance.storage(),
+            epsilon,
+            dy.storage(),
+            n,
+            plane,
+        );
+        let vec1 = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [c]));
+        (
+            FlexTensor::from_data(TensorData::new(dx, shape)),
+            vec1(dgamma),
+            vec1(dbeta),
+        )
+    }
 }
 
-/// The backward step of [`NvConv::nv_conv2d`] under autodiff.
-#[derive(Debug)]
-struct NvConvBackward;
+/// `(images, channels, values per plane)` of an `f32` batch-norm input whose other tensors are
+/// `f32` too; `None` otherwise.
+fn bn_geom(x: &FlexTensor, others: &[&FlexTensor]) -> Option<(usize, usize, usize)> {
+    let shape = x.shape();
+    let ok = x.dtype() == DType::F32
+        && others.iter().all(|t| t.dtype() == DType::F32)
+        && shape.num_dims() >= 2
+        && shape[0] > 0
+        && shape[1] > 0;
+    ok.then(|| {
+        (
+            shape[0],
+            shape[1],
+            shape.num_elements() / (shape[0] * shape[1]),
+        )
+    })
+}
 
-impl<B: NvConv> Backward<B, 2> for NvConvBackward {
+/// The backward step of [`NvKernels::nv_conv2d`] under autodiff.
+#[derive(Debug)]
+struct ConvBackward;
+
+impl<B: NvKernels> Backward<B, 2> for ConvBackward {
     type State = (NodeId, NodeId, usize, usize);
 
     fn backward(
@@ -176,14 +289,14 @@ impl<B: NvConv> Backward<B, 2> for NvConvBackward {
     }
 }
 
-impl<B: NvConv, C: CheckpointStrategy> NvConv for Autodiff<B, C> {
+impl<B: NvKernels, C: CheckpointStrategy> NvKernels for Autodiff<B, C> {
     fn nv_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: usize,
         padding: usize,
     ) -> FloatTensor<Self> {
-        match NvConvBackward
+        match ConvBackward
             .prepare::<C>([x.node(), weight.node()])
             .compute_bound()
             .stateful()
@@ -204,6 +317,84 @@ impl<B: NvConv, C: CheckpointStrategy> NvConv for Autodiff<B, C> {
             )),
         }
     }
+
+    fn nv_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        match BatchNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let xs = prep.checkpoint(&x);
+                let gs = prep.checkpoint(&gamma);
+                let (y, mean, var) = B::nv_batch_norm_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                let y = prep.finish((xs, gs, mean.clone(), var.clone(), epsilon), y);
+                (y, Self::from_inner(mean), Self::from_inner(var))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, mean, var) = B::nv_batch_norm_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                (
+                    prep.finish(y),
+                    Self::from_inner(mean),
+                    Self::from_inner(var),
+                )
+            }
+        }
+    }
+}
+
+/// The backward step of [`NvKernels::nv_batch_norm_train`] under autodiff (the batch statistics
+/// come along as the forward pass computed them).
+#[derive(Debug)]
+struct BatchNormBackward;
+
+impl<B: NvKernels> Backward<B, 3> for BatchNormBackward {
+    type State = (
+        NodeId,
+        NodeId,
+        B::FloatTensorPrimitive,
+        B::FloatTensorPrimitive,
+        f64,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, gamma_state, mean, variance, epsilon) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
+        let (dx, dgamma, dbeta) =
+            B::nv_batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<B>(node.id, dgamma);
+        }
+        if let Some(node) = node_beta {
+            grads.register::<B>(node.id, dbeta);
+        }
+    }
 }
 
 /// Whether `NVCIM_CONV=burn` routes every convolution to Burn's kernels.
@@ -212,7 +403,7 @@ fn burn_kernels_only() -> bool {
     *ONLY.get_or_init(|| std::env::var("NVCIM_CONV").is_ok_and(|v| v == "burn"))
 }
 
-/// Whether `device` is Flex, with or without autodiff (what [`NvConv`] is implemented for).
+/// Whether `device` is Flex, with or without autodiff (what [`NvKernels`] is implemented for).
 fn on_flex(device: &burn::tensor::Device) -> bool {
     matches!(
         device.clone().without_autodiff().as_dispatch(),
@@ -220,7 +411,7 @@ fn on_flex(device: &burn::tensor::Device) -> bool {
     )
 }
 
-/// `conv.forward(x)`, through [`NvConv`] when the convolution and device are ones it covers
+/// `conv.forward(x)`, through [`NvKernels`] when the convolution and device are ones it covers
 /// (module docs).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let pad = match conv.padding {
@@ -238,13 +429,51 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     if !covered {
         return conv.forward(x);
     }
-    let y = <Dispatch as NvConv>::nv_conv2d(
+    let y = <Dispatch as NvKernels>::nv_conv2d(
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),
         conv.stride[0],
         pad.unwrap_or(0),
     );
     Tensor::from_dispatch(y)
+}
+
+/// `bn.forward(x)`, through [`NvKernels`] in training mode on Flex (module docs): the same
+/// output and the same running-statistics update (momentum) as Burn's `BatchNorm`.
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    if !(device.is_autodiff() && bn.training.is_enabled())
+        || burn_kernels_only()
+        || !on_flex(&device)
+    {
+        return bn.forward(x);
+    }
+    let (y, mean, var) = <Dispatch as NvKernels>::nv_batch_norm_train(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+    );
+    let (y, mean, var) = (
+        Tensor::<4>::from_dispatch(y),
+        Tensor::<1>::from_dispatch(mean),
+        Tensor::<1>::from_dispatch(var),
+    );
+    let running_mean = bn.running_mean.value_sync().to_device(&device);
+    let running_var = bn.running_var.value_sync().to_device(&device);
+    bn.running_mean.update(
+        running_mean
+            .mul_scalar(1.0 - bn.momentum)
+            .add(mean.detach().mul_scalar(bn.momentum))
+            .detach(),
+    );
+    bn.running_var.update(
+        running_var
+            .mul_scalar(1.0 - bn.momentum)
+            .add(var.detach().mul_scalar(bn.momentum))
+            .detach(),
+    );
+    y
 }
 
 #[cfg(test)]
@@ -285,6 +514,7 @@ mod tests {
     /// padding 0 and 1, 1x1 and 3x3 kernels, 1 to 512 channels, batches 1 to 128, odd sizes.
     #[test]
     fn forward_and_both_gradients_match_burns_conv2d() {
+        let _rng = crate::burn_rng_guard();
         let d = Device::flex().autodiff();
         d.seed(7);
         // (n, c, o, h, w, k, stride, pad)
@@ -323,6 +553,7 @@ mod tests {
     /// rounding) against the extension's gradients, at random coordinates of `x` and `w`.
     #[test]
     fn gradients_match_finite_differences() {
+        let _rng = crate::burn_rng_guard();
         let d = Device::flex().autodiff();
         d.seed(11);
         let conv = layer(3, 4, 3, 2, 1, &d);
@@ -390,9 +621,60 @@ mod tests {
         }
     }
 
+    /// Training-mode batch norm through the extension equals Burn's `BatchNorm`: output,
+    /// running statistics after the update, and the gradients of x, gamma and beta.
+    #[test]
+    fn batch_norm_matches_burns_in_training_mode() {
+        let _rng = crate::burn_rng_guard();
+        use burn::nn::BatchNormConfig;
+        let d = Device::flex().autodiff();
+        d.seed(5);
+        for (n, c, h, w) in [(8, 3, 5, 7), (1, 16, 2, 2), (32, 64, 4, 4)] {
+            let what = format!("n{n} c{c} {h}x{w}");
+            let ours_bn = BatchNormConfig::new(c).init(&d);
+            let burns_bn = ours_bn.clone();
+            let x = Tensor::<4>::random([n, c, h, w], Distribution::Normal(1.0, 2.0), &d)
+                .require_grad();
+            let gy = Tensor::<4>::random([n, c, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let y1 = batch_norm(&ours_bn, x.clone());
+            let y2 = burns_bn.forward(x.clone());
+            let g1 = (y1.clone() * gy.clone()).sum().backward();
+            let g2 = (y2.clone() * gy).sum().backward();
+            assert_close(&format!("{what} y"), y1, y2);
+            assert_close(
+                &format!("{what} dx"),
+                x.grad(&g1).unwrap(),
+                x.grad(&g2).unwrap(),
+            );
+            let as4 = |t: Tensor<1>| t.reshape([1, 1, 1, c]);
+            let (a, b) = (&ours_bn, &burns_bn);
+            for (name, p, q) in [
+                ("dgamma", a.gamma.val().grad(&g1), b.gamma.val().grad(&g2)),
+                ("dbeta", a.beta.val().grad(&g1), b.beta.val().grad(&g2)),
+            ] {
+                assert_close(&format!("{what} {name}"), as4(p.unwrap()), as4(q.unwrap()));
+            }
+            for (name, p, q) in [
+                (
+                    "running mean",
+                    a.running_mean.value_sync(),
+                    b.running_mean.value_sync(),
+                ),
+                (
+                    "running var",
+                    a.running_var.value_sync(),
+                    b.running_var.value_sync(),
+                ),
+            ] {
+                assert_close(&format!("{what} {name}"), as4(p), as4(q));
+            }
+        }
+    }
+
     /// A convolution the extension does not cover (a bias) takes Burn's path: same values.
     #[test]
     fn uncovered_convolutions_fall_back_to_burn() {
+        let _rng = crate::burn_rng_guard();
         let d = Device::flex();
         let conv = Conv2dConfig::new([2, 3], [3, 3]).init(&d);
         let x = Tensor::<4>::random([2, 2, 5, 5], Distribution::Normal(0.0, 1.0), &d);

@@ -141,6 +141,7 @@ mod tests {
 
     #[test]
     fn eq1_on_hand_computed_numbers() {
+        let _rng = crate::burn_rng_guard();
         // output [1, 2, 0]; exits [1, 0, 0], [0, 10, 0], [0, 0, 100]; alpha 0.1, label 1.
         // nf = output - 0.1 * (1 * e1 + 0.1 * e2 + 0.01 * e3) = [0.9, 1.9, -0.1];
         // nf / 4 = [0.225, 0.475, -0.025];
@@ -181,6 +182,7 @@ mod tests {
 
     #[test]
     fn auto_selection_follows_the_method() {
+        let _rng = crate::burn_rng_guard();
         assert_eq!(Select::Auto.resolve(Method::Vanilla), Select::Clean);
         for m in [Method::Noise, Method::Nft, Method::NftOvf] {
             assert_eq!(Select::Auto.resolve(m), Select::Noisy);

@@ -13,6 +13,7 @@
 //! canonical order, quantized against the layer's own `max|W|`.
 
 pub mod backend;
+pub mod bn;
 pub mod checkpoint;
 pub mod conv;
 pub mod method;
@@ -724,6 +725,7 @@ mod tests {
 
     #[test]
     fn cosine_schedule() {
+        let _rng = crate::burn_rng_guard();
         assert_eq!(cosine_lr(1e-3, 0, 10), 1e-3);
         assert!((cosine_lr(1e-3, 5, 10) - 5e-4).abs() < 1e-12);
         assert!(cosine_lr(1e-3, 9, 10) > 0.0);
@@ -733,6 +735,7 @@ mod tests {
     /// at the perturbed weights, for one fixed noise sample.
     #[test]
     fn noise_injection_update_is_the_gradient_at_the_perturbed_weights() {
+        let _rng = crate::burn_rng_guard();
         let ad = Device::flex().autodiff();
         ad.seed(11);
         let spec = ModelSpec {
@@ -865,6 +868,7 @@ mod bn_stats_tests {
     /// unit and faults; `backbone` under the backbone's own device model.
     #[test]
     fn exit_profile_choice() {
+        let _rng = crate::burn_rng_guard();
         use nvcim_shared::quant::QuantConfig;
         use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
         let mut cfg = config(Method::Nft, BnStats::Clean);
@@ -904,6 +908,7 @@ mod bn_stats_tests {
     /// `noisy` they do not (the noisy pass moved them).
     #[test]
     fn clean_bn_stats_equal_a_clean_pass() {
+        let _rng = crate::burn_rng_guard();
         let ad = Device::flex().autodiff();
         let x = Tensor::<4>::random([4, 1, 16, 16], Distribution::Normal(0.0, 1.0), &ad);
         let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 3, 5, 7], [4]), &ad);
@@ -980,6 +985,7 @@ mod resume_tests {
 
     #[test]
     fn checkpoint_round_trip_continues_identically() {
+        let _rng = crate::burn_rng_guard();
         let ad = Device::flex().autodiff();
         ad.seed(3);
         let spec = ModelSpec {

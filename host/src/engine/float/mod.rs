@@ -156,6 +156,7 @@ mod tests {
 
     #[test]
     fn float_engine_run_equals_burn_with_the_perturbed_weights() {
+        let _rng = crate::burn_rng_guard();
         for arch in [Arch::Vgg8, Arch::Resnet18] {
             let spec = ModelSpec {
                 arch,
