@@ -187,7 +187,7 @@ pub(crate) fn gemm_nt(
             && c.len() >= (m - 1) * ldc + n
     );
     // Blocks of `B` rows of about 128 KiB stay in L2 while every row block of `A` passes.
-    let nb = n;
+    let nb = ((1 << 15) / len.max(1)).max(NT) / NT * NT;
     let mut j0 = 0;
     while j0 < n {
         let j1 = (j0 + nb).min(n);
