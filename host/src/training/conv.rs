@@ -102,7 +102,11 @@ fn per_worker(n: usize) -> usize {
 /// so that the rows a kernel streams through at once do not all fall into the same L1 sets.
 fn row_len(cols: usize) -> usize {
     let ld = cols.next_multiple_of(LANES);
-    if ld % 256 == 0 { ld + LANES } else { ld }
+    if ld.is_multiple_of(256) {
+        ld + LANES
+    } else {
+        ld
+    }
 }
 
 /// Images per product.
