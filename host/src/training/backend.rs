@@ -10,8 +10,10 @@
 //! convolution it does not cover (bias, groups, dilation, asymmetric padding, a dtype other
 //! than `f32`, or another device such as wgpu/cuda) goes to Burn's `conv2d` unchanged.
 //!
-//! `NVCIM_CONV=burn` in the environment routes every convolution to Burn's own kernels (for
-//! comparisons; read once per process).
+//! Training-mode batch normalization goes the same way ([`batch_norm`]).
+//!
+//! `NVCIM_CONV=burn` in the environment routes every convolution and batch norm to Burn's own
+//! kernels (for comparisons; read once per process).
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -124,7 +126,7 @@ fn geom(x: &FlexTensor, w: &FlexTensor, stride: usize, padding: usize) -> Option
     (ci == c && g.out().is_some()).then_some(g)
 }
 
-fn flex_out(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+fn flex_out(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
@@ -200,12 +202,7 @@ impl NvKernels for Flex {
             n,
             plane,
         );
-        let vec1 = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [c]));
-        (
-            FlexTensor::from_data(TensorData::new(y, shape)),
-            vec1(mean),
-            vec1(var),
-        )
+        (flex_out(y, shape), flex_out(mean, [c]), flex_out(var, [c]))
     }
 
     fn nv_batch_norm_train_backward(
@@ -233,11 +230,10 @@ impl NvKernels for Flex {
             n,
             plane,
         );
-        let vec1 = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [c]));
         (
-            FlexTensor::from_data(TensorData::new(dx, shape)),
-            vec1(dgamma),
-            vec1(dbeta),
+            flex_out(dx, shape),
+            flex_out(dgamma, [c]),
+            flex_out(dbeta, [c]),
         )
     }
 }
