@@ -59,8 +59,10 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Batch size.
     pub batch_size: usize,
-    /// Initial learning rate (Adam, cosine-annealed per epoch to 0).
+    /// Initial learning rate (Adam, cosine-annealed to 0 as `lr_schedule` says).
     pub lr: f64,
+    /// How often the cosine annealing steps: per epoch (the authors') or per batch.
+    pub lr_schedule: LrSchedule,
     /// Fraction of the training set held out for validation.
     pub val_fraction: f64,
     /// The seed of everything.
@@ -280,6 +282,32 @@ pub fn epoch_seed(seed: u64, epoch: u32) -> u64 {
 /// `CosineAnnealingLR(T_max=epochs)`, eta_min 0).
 pub fn cosine_lr(lr: f64, epoch: usize, epochs: usize) -> f64 {
     lr * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos())
+}
+
+/// How the cosine annealing of the learning rate steps (`--lr-schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// Once per epoch, `lr * (1 + cos(pi * epoch / epochs)) / 2` (the authors' PyTorch
+    /// `CosineAnnealingLR(T_max=epochs)`): the last epoch still runs at a sizeable rate when
+    /// there are few epochs (2 epochs: 1e-3 then 5e-4).
+    #[default]
+    CosineEpoch,
+    /// After every batch, the same curve over all steps of the run, ending near 0: what the
+    /// per-epoch curve approaches with many epochs, for short budgets.
+    CosineStep,
+}
+
+impl LrSchedule {
+    /// The learning rate of step `step` (0-based) of epoch `epoch`, `steps` steps per epoch.
+    pub fn lr(self, lr: f64, epoch: usize, epochs: usize, step: usize, steps: usize) -> f64 {
+        match self {
+            LrSchedule::CosineEpoch => cosine_lr(lr, epoch, epochs),
+            LrSchedule::CosineStep => {
+                cosine_lr(lr, epoch * steps + step, epochs.max(1) * steps.max(1))
+            }
+        }
+    }
 }
 
 /// The prepared data of a run.
@@ -587,7 +615,6 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         }
         let t0 = Instant::now();
         ad.seed(epoch_seed(cfg.seed, epoch as u32));
-        let lr = cosine_lr(cfg.lr, epoch, cfg.epochs);
         let perm = data::permutation(
             train.len(),
             &mut stream_for(Purpose::Host, cfg.seed, epoch as u32, tags::SHUFFLE),
@@ -597,12 +624,16 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             .augments()
             .then(|| stream_for(Purpose::Host, cfg.seed, epoch as u32, tags::AUGMENT));
         let n_batches = perm.len().div_ceil(cfg.batch_size);
+        let lr_at = |step| {
+            cfg.lr_schedule
+                .lr(cfg.lr, epoch, cfg.epochs, step, n_batches)
+        };
         let bar = progress(n_batches, epoch + 1, cfg.epochs, opts.quiet);
         let (mut loss_sum, mut right, mut seen) = (0f64, 0usize, 0usize);
         for (step, chunk) in perm.chunks(cfg.batch_size).enumerate() {
             let batch = data::make_batch(train, chunk, aug.as_mut());
             let (x, y) = data::tensor::to_tensors(&batch, &ad);
-            let (next, value, out) = train_step(model, &mut optim, cfg, &noise, x, y, lr)?;
+            let (next, value, out) = train_step(model, &mut optim, cfg, &noise, x, y, lr_at(step))?;
             model = next;
             if !value.is_finite() {
                 bar.abandon();
@@ -642,7 +673,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         let (val_noisy, val_noisy_std) = mean_std(&noisy);
         let m = EpochMetrics {
             epoch: epoch + 1,
-            lr,
+            lr: lr_at(0),
             train_loss: loss_sum / seen as f64,
             train_acc: right as f64 / seen as f64,
             val_clean_acc: val_clean,
@@ -850,6 +881,7 @@ mod bn_stats_tests {
             epochs: 1,
             batch_size: 4,
             lr: 1e-3,
+            lr_schedule: LrSchedule::CosineEpoch,
             val_fraction: 0.1,
             seed: 0,
             max_train: None,
