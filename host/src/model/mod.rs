@@ -225,7 +225,7 @@ impl Vgg8 {
         for (i, b) in self.blocks.iter().enumerate() {
             x = relu(b.forward(x));
             if i % 2 == 1 {
-                x = self.pool.forward(x);
+                x = crate::training::backend::max_pool2d(&self.pool, x);
             }
             if want_taps && matches!(i, 0 | 1 | 3) {
                 taps.push(x.clone());

@@ -10,10 +10,11 @@
 //! convolution it does not cover (bias, groups, dilation, asymmetric padding, a dtype other
 //! than `f32`, or another device such as wgpu/cuda) goes to Burn's `conv2d` unchanged.
 //!
-//! Training-mode batch normalization goes the same way ([`batch_norm`]).
+//! Training-mode batch normalization goes the same way ([`batch_norm`]), and so does VGG-8's
+//! 2x2 stride-2 max pooling ([`max_pool2d`], bit-identical with Flex's, gradient included).
 //!
-//! `NVCIM_CONV=burn` in the environment routes every convolution and batch norm to Burn's own
-//! kernels (for comparisons; read once per process).
+//! `NVCIM_CONV=burn` in the environment routes every convolution, batch norm and max pool to
+//! Burn's own kernels (for comparisons; read once per process).
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -29,10 +30,11 @@ use burn::backend::{
 use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
 use burn::tensor::{Tensor, TensorData};
 
-use super::bn;
 use super::conv::{self, Geom};
+use super::{bn, pool};
 use crate::engine::gemm::Isa;
 
 fn options(stride: usize, padding: usize) -> ConvOptions<2> {
@@ -99,6 +101,41 @@ pub trait NvKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let r = Self::batch_norm_train_backward(x, gamma, mean, variance, epsilon, output_grad);
         (r.x_grad, r.gamma_grad, r.beta_grad)
+    }
+
+    /// 2x2 max pooling with stride 2, no padding, floor mode (VGG-8's pool).
+    fn nv_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false)
+    }
+
+    /// The gradient of [`NvKernels::nv_max_pool2x2`] with respect to `x`.
+    fn nv_max_pool2x2_backward(
+        x: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let p = |x| {
+            Self::max_pool2d_with_indices(
+                x,
+                [2, 2],
+                [2, 2],
+                [0, 0],
+                [1, 1],
+                false,
+                burn::backend::IntDType::I64,
+            )
+        };
+        let indices = p(x.clone()).indices;
+        Self::max_pool2d_with_indices_backward(
+            x,
+            [2, 2],
+            [2, 2],
+            [0, 0],
+            [1, 1],
+            false,
+            output_grad,
+            indices,
+        )
+        .x_grad
     }
 }
 
@@ -236,6 +273,51 @@ impl NvKernels for Flex {
             flex_out(dbeta, [c]),
         )
     }
+
+    fn nv_max_pool2x2(x: FlexTensor) -> FlexTensor {
+        let Some([n, c, h, w]) = pool_geom(&x) else {
+            return Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+        };
+        let x = x.to_contiguous();
+        let mut y = vec![0f32; n * c * (h / 2) * (w / 2)];
+        pool::forward(x.storage(), n * c, h, w, &mut y);
+        flex_out(y, [n, c, h / 2, w / 2])
+    }
+
+    fn nv_max_pool2x2_backward(x: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
+        let Some([n, c, h, w]) = pool_geom(&x).filter(|_| output_grad.dtype() == DType::F32) else {
+            let indices = Self::max_pool2d_with_indices(
+                x.clone(),
+                [2, 2],
+                [2, 2],
+                [0, 0],
+                [1, 1],
+                false,
+                burn::backend::IntDType::I64,
+            )
+            .indices;
+            return Self::max_pool2d_with_indices_backward(
+                x,
+                [2, 2],
+                [2, 2],
+                [0, 0],
+                [1, 1],
+                false,
+                output_grad,
+                indices,
+            )
+            .x_grad;
+        };
+        let (x, dy) = (x.to_contiguous(), output_grad.to_contiguous());
+        let mut dx = vec![0f32; n * c * h * w];
+        pool::backward(x.storage(), dy.storage(), n * c, h, w, &mut dx);
+        flex_out(dx, [n, c, h, w])
+    }
+}
+
+/// The shape of an `f32` NCHW max-pool input, `None` otherwise.
+fn pool_geom(x: &FlexTensor) -> Option<[usize; 4]> {
+    (x.dtype() == DType::F32 && x.shape().num_dims() == 4).then(|| x.shape().dims::<4>())
 }
 
 /// `(images, channels, values per plane)` of an `f32` batch-norm input whose other tensors are
@@ -350,6 +432,43 @@ impl<B: NvKernels, C: CheckpointStrategy> NvKernels for Autodiff<B, C> {
                     Self::from_inner(var),
                 )
             }
+        }
+    }
+
+    fn nv_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match MaxPoolBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let xs = prep.checkpoint(&x);
+                prep.finish(xs, B::nv_max_pool2x2(x.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::nv_max_pool2x2(x.into_primitive())),
+        }
+    }
+}
+
+/// The backward step of [`NvKernels::nv_max_pool2x2`] under autodiff (the maxima are found
+/// again from the input).
+#[derive(Debug)]
+struct MaxPoolBackward;
+
+impl<B: NvKernels> Backward<B, 1> for MaxPoolBackward {
+    type State = NodeId;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ops.state);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::nv_max_pool2x2_backward(x, grad));
         }
     }
 }
@@ -470,6 +589,22 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
             .detach(),
     );
     y
+}
+
+/// `pool.forward(x)` for VGG-8's 2x2 stride-2 pool, through [`NvKernels`] on Flex (any other
+/// pool or device, or `NVCIM_CONV=burn`, goes to Burn's).
+pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let covered = pool.kernel_size == [2, 2]
+        && pool.stride == [2, 2]
+        && pool.dilation == [1, 1]
+        && !pool.ceil_mode
+        && matches!(pool.padding, PaddingConfig2d::Valid)
+        && !burn_kernels_only()
+        && on_flex(&x.device());
+    if !covered {
+        return pool.forward(x);
+    }
+    Tensor::from_dispatch(<Dispatch as NvKernels>::nv_max_pool2x2(x.into_dispatch()))
 }
 
 #[cfg(test)]
@@ -664,6 +799,44 @@ mod tests {
             ] {
                 assert_close(&format!("{what} {name}"), as4(p), as4(q));
             }
+        }
+    }
+
+    /// Max pooling through the extension equals Burn's `MaxPool2d` exactly: output and input
+    /// gradient, on odd sizes and on ReLU outputs (many tied zeros), with and without autodiff.
+    #[test]
+    fn max_pool_matches_burns_exactly() {
+        use burn::nn::pool::MaxPool2dConfig;
+        let _rng = crate::burn_rng_guard();
+        let pool = MaxPool2dConfig::new([2, 2]).init();
+        let d = Device::flex().autodiff();
+        d.seed(9);
+        for (n, c, h, w) in [(2, 3, 5, 7), (1, 1, 2, 2), (16, 32, 8, 8), (3, 5, 1, 6)] {
+            let what = format!("n{n} c{c} {h}x{w}");
+            let raw = Tensor::<4>::random([n, c, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let x = burn::tensor::activation::relu(raw).detach().require_grad();
+            let gy = Tensor::<4>::random([n, c, h / 2, w / 2], Distribution::Normal(0.0, 1.0), &d);
+            let y1 = max_pool2d(&pool, x.clone());
+            let y2 = pool.forward(x.clone());
+            let g1 = (y1.clone() * gy.clone()).sum().backward();
+            let g2 = (y2.clone() * gy).sum().backward();
+            let bits = |t: Tensor<4>| -> Vec<u32> {
+                let v = t.into_data().try_to_vec::<f32>().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(y1.dims(), y2.dims(), "{what}: shape");
+            assert_eq!(bits(y1), bits(y2), "{what}: output");
+            assert_eq!(
+                bits(x.grad(&g1).unwrap()),
+                bits(x.grad(&g2).unwrap()),
+                "{what}: input gradient"
+            );
+            let plain = x.clone().detach().inner();
+            assert_eq!(
+                bits(max_pool2d(&pool, plain.clone())),
+                bits(pool.forward(plain)),
+                "{what}: without autodiff"
+            );
         }
     }
 

@@ -17,6 +17,7 @@ pub mod bn;
 pub mod checkpoint;
 pub mod conv;
 pub mod method;
+pub mod pool;
 
 use std::path::PathBuf;
 use std::time::Instant;
