@@ -23,6 +23,24 @@ fn gaussian(c: &mut Criterion) {
             black_box(&buf);
         })
     });
+    g.bench_function("ziggurat_f32_block", |b| {
+        let mut rng = stream(1, 0, 0);
+        let mut buf = vec![0.0f32; N];
+        b.iter(|| {
+            rng.ahead().fill_normals(&mut buf);
+            black_box(&buf);
+        })
+    });
+    g.bench_function("xoshiro_u32", |b| {
+        let mut rng = stream(1, 0, 0);
+        let mut buf = vec![0u32; N];
+        b.iter(|| {
+            for x in buf.iter_mut() {
+                *x = rng.next();
+            }
+            black_box(&buf);
+        })
+    });
     g.finish();
 }
 

@@ -423,7 +423,7 @@ impl VariationConfig {
             return Ok(());
         }
         // Without faults every weight draws exactly `slices` normals, in order: draw them a
-        // block at a time (`fill_normals`, the same values) and combine them with the
+        // block at a time (`DrawsAhead`, the same values) and combine them with the
         // arithmetic of `sample` + `delta_weight`, operation for operation.
         const BLOCK: usize = 256;
         let slices = self.quant.slices();
@@ -435,9 +435,10 @@ impl VariationConfig {
         let step = scale / f32::from(self.quant.max_magnitude());
         let uniform = self.sd[0].to_bits() == self.sd[1].to_bits();
         let mut z = [0.0f32; BLOCK * MAX_SLICES];
+        let mut draws = rng.ahead();
         for (ws, os) in weights.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
             let z = &mut z[..ws.len() * slices];
-            rng.fill_normals(z);
+            draws.fill_normals(z);
             for ((o, &w), z) in os.iter_mut().zip(ws).zip(z.chunks_exact(slices)) {
                 let sd = if uniform {
                     self.sd[0]
