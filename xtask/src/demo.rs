@@ -49,7 +49,7 @@ pub struct Plan {
 pub const PLAN: Plan = Plan {
     width: "0.25",
     vanilla_epochs: "4",
-    finetune_epochs: "3",
+    finetune_epochs: "4",
     lr_schedule: "cosine-step",
     max_train: "10240",
     val_fraction: "0.04",

@@ -553,14 +553,32 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     Tensor::from_dispatch(y)
 }
 
+thread_local! {
+    static BATCH_STATS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every [`batch_norm`] on this thread in training mode — normalizing by the
+/// batch's statistics and moving the running statistics — even on a module without autodiff
+/// or with training off (a `valid()` copy): the clean pass of `--bn-stats clean` uses it to
+/// measure the clean network's statistics without building an autodiff graph. Flex only (the
+/// extension's kernels); elsewhere `batch_norm` is Burn's.
+pub fn with_batch_stats<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BATCH_STATS.set(self.0);
+        }
+    }
+    let _reset = Reset(BATCH_STATS.replace(true));
+    f()
+}
+
 /// `bn.forward(x)`, through [`NvKernels`] in training mode on Flex (module docs): the same
 /// output and the same running-statistics update (momentum) as Burn's `BatchNorm`.
 pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     let device = x.device();
-    if !(device.is_autodiff() && bn.training.is_enabled())
-        || burn_kernels_only()
-        || !on_flex(&device)
-    {
+    let training = device.is_autodiff() && bn.training.is_enabled();
+    if !(training || BATCH_STATS.get()) || burn_kernels_only() || !on_flex(&device) {
         return bn.forward(x);
     }
     let (y, mean, var) = <Dispatch as NvKernels>::nv_batch_norm_train(
