@@ -12,8 +12,8 @@ use std::{fmt::Write as _, fs, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context, Result};
 
-/// The demo's embedded default. Sized so that the whole run takes about 11 minutes on a
-/// 2-core machine after the build (see the README for measured times).
+/// The demo's embedded default. Sized so that the whole run takes about 10 minutes on a
+/// 2-core machine after the build (9.7 measured on 2026-12-06; see the README).
 ///
 /// Noise injection and nft start from the trained vanilla model (`--init-from`) and every
 /// evaluation recalibrates BatchNorm per Monte Carlo run: measured on the same budget, nft from
