@@ -513,13 +513,13 @@ impl<B: NvKernels> Backward<B, 3> for BatchNormBackward {
 }
 
 /// Whether `NVCIM_CONV=burn` routes every convolution to Burn's kernels.
-fn burn_kernels_only() -> bool {
+pub(crate) fn burn_kernels_only() -> bool {
     static ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ONLY.get_or_init(|| std::env::var("NVCIM_CONV").is_ok_and(|v| v == "burn"))
 }
 
 /// Whether `device` is Flex, with or without autodiff (what [`NvKernels`] is implemented for).
-fn on_flex(device: &burn::tensor::Device) -> bool {
+pub(crate) fn on_flex(device: &burn::tensor::Device) -> bool {
     matches!(
         device.clone().without_autodiff().as_dispatch(),
         burn::backend::DispatchDevice::Flex(_)
