@@ -113,29 +113,7 @@ pub trait NvKernels: Backend {
         x: FloatTensor<Self>,
         output_grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let p = |x| {
-            Self::max_pool2d_with_indices(
-                x,
-                [2, 2],
-                [2, 2],
-                [0, 0],
-                [1, 1],
-                false,
-                burn::backend::IntDType::I64,
-            )
-        };
-        let indices = p(x.clone()).indices;
-        Self::max_pool2d_with_indices_backward(
-            x,
-            [2, 2],
-            [2, 2],
-            [0, 0],
-            [1, 1],
-            false,
-            output_grad,
-            indices,
-        )
-        .x_grad
+        burn_max_pool2x2_backward::<Self>(x, output_grad)
     }
 }
 
@@ -286,33 +264,26 @@ impl NvKernels for Flex {
 
     fn nv_max_pool2x2_backward(x: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
         let Some([n, c, h, w]) = pool_geom(&x).filter(|_| output_grad.dtype() == DType::F32) else {
-            let indices = Self::max_pool2d_with_indices(
-                x.clone(),
-                [2, 2],
-                [2, 2],
-                [0, 0],
-                [1, 1],
-                false,
-                burn::backend::IntDType::I64,
-            )
-            .indices;
-            return Self::max_pool2d_with_indices_backward(
-                x,
-                [2, 2],
-                [2, 2],
-                [0, 0],
-                [1, 1],
-                false,
-                output_grad,
-                indices,
-            )
-            .x_grad;
+            return burn_max_pool2x2_backward::<Self>(x, output_grad);
         };
         let (x, dy) = (x.to_contiguous(), output_grad.to_contiguous());
         let mut dx = vec![0f32; n * c * h * w];
         pool::backward(x.storage(), dy.storage(), n * c, h, w, &mut dx);
         flex_out(dx, [n, c, h, w])
     }
+}
+
+/// Burn's own gradient of the 2x2 stride-2 max pool (the maxima's indices found again from
+/// `x`): the trait's default body and Flex's fallback for what it does not cover.
+fn burn_max_pool2x2_backward<B: Backend>(
+    x: FloatTensor<B>,
+    output_grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let (k, s, p, d) = ([2, 2], [2, 2], [0, 0], [1, 1]);
+    let indices =
+        B::max_pool2d_with_indices(x.clone(), k, s, p, d, false, burn::backend::IntDType::I64)
+            .indices;
+    B::max_pool2d_with_indices_backward(x, k, s, p, d, false, output_grad, indices).x_grad
 }
 
 /// The shape of an `f32` NCHW max-pool input, `None` otherwise.

@@ -486,26 +486,23 @@ mod tests {
                 let mut y = vec![f32::NAN; dy.len()];
                 forward(isa, g, &x, &w, &mut y);
                 close(&y, &reference(g, &x, &w), &format!("{isa:?} {g:?} y"));
-                let dot = |y: &[f64]| y.iter().zip(&dy).map(|(a, &b)| a * f64::from(b)).sum();
+                // Component j of the adjoint: dy . f(e_j), `f` linear in an `n`-vector.
+                let adjoint = |n: usize, f: &dyn Fn(&[f32]) -> Vec<f64>| -> Vec<f64> {
+                    (0..n)
+                        .map(|j| {
+                            let mut e = vec![0f32; n];
+                            e[j] = 1.0;
+                            f(&e).iter().zip(&dy).map(|(a, &b)| a * f64::from(b)).sum()
+                        })
+                        .collect()
+                };
                 let mut dx = vec![f32::NAN; x.len()];
                 backward_input(isa, g, &w, &dy, &mut dx);
-                let want_dx: Vec<f64> = (0..x.len())
-                    .map(|j| {
-                        let mut e = vec![0f32; x.len()];
-                        e[j] = 1.0;
-                        dot(&reference(g, &e, &w))
-                    })
-                    .collect();
+                let want_dx = adjoint(x.len(), &|e| reference(g, e, &w));
                 close(&dx, &want_dx, &format!("{isa:?} {g:?} dx"));
                 let mut dw = vec![f32::NAN; w.len()];
                 backward_weight(isa, g, &x, &dy, &mut dw);
-                let want_dw: Vec<f64> = (0..w.len())
-                    .map(|j| {
-                        let mut e = vec![0f32; w.len()];
-                        e[j] = 1.0;
-                        dot(&reference(g, &x, &e))
-                    })
-                    .collect();
+                let want_dw = adjoint(w.len(), &|e| reference(g, &x, e));
                 close(&dw, &want_dw, &format!("{isa:?} {g:?} dw"));
             }
         }
