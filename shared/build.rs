@@ -57,19 +57,67 @@ fn main() {
         write!(src, "{:?}f32,", f(*xi) as f32).unwrap();
     }
     writeln!(src, "];").unwrap();
-    writeln!(
-        src,
-        "#[allow(dead_code)] // the strip edges themselves: used by the tests"
-    )
-    .unwrap();
+    // The strip edges themselves (the wedge squeeze's chords start at X[i+1]).
     write!(src, "const ZIG_X: [f32; {}] = [", LAYERS + 1).unwrap();
     for xi in &x {
         write!(src, "{:?}f32,", *xi as f32).unwrap();
     }
     writeln!(src, "];").unwrap();
 
+    // The wedge test's squeeze (see `rng::normal_slow`): per strip i >= 1, the chord
+    // c(x) = F[i+1] + (x - X[i+1]) * S[i] through the strip's corners, and offsets LO[i] <= 0 <=
+    // HI[i] such that c(x) + LO[i] < e^(-x^2/2) < c(x) + HI[i] on the whole strip, each widened
+    // by SQUEEZE_EPS, which covers the f32 rounding of c and of the wedge test's own
+    // `exp_nonpositive` (below 1e-6 in all: `normal_slow`'s docs).
+    const SQUEEZE_EPS: f64 = 4e-6;
+    const GRID: usize = 20_000;
+    let (mut slope, mut lo, mut hi) = ([0.0f32; LAYERS], [0.0f32; LAYERS], [0.0f32; LAYERS]);
+    for i in 1..LAYERS {
+        let (x_in, x_out) = (f64::from(x[i + 1] as f32), f64::from(x[i] as f32));
+        let (f_in, f_out) = (f64::from(f(x[i + 1]) as f32), f64::from(f(x[i]) as f32));
+        slope[i] = ((f_out - f_in) / (x_out - x_in)) as f32;
+        let s = f64::from(slope[i]);
+        // The chord as evaluated (with the f32 slope), against the density on a grid over the
+        // strip widened by 1e-6 of its edge; between grid points the deviation moves by at
+        // most |f''| h^2 / 8 < 1e-9 (h below 2e-5), far inside SQUEEZE_EPS.
+        let (a, b) = (x_in * (1.0 - 1e-6), x_out * (1.0 + 1e-6));
+        let (mut dmin, mut dmax) = (f64::INFINITY, f64::NEG_INFINITY);
+        for g in 0..=GRID {
+            let t = a + (b - a) * g as f64 / GRID as f64;
+            let d = f(t) - (f_in + (t - x_in) * s);
+            dmin = dmin.min(d);
+            dmax = dmax.max(d);
+        }
+        lo[i] = round_toward(dmin - SQUEEZE_EPS, f64::NEG_INFINITY);
+        hi[i] = round_toward(dmax + SQUEEZE_EPS, f64::INFINITY);
+    }
+    for (name, t) in [("ZIG_S", &slope), ("ZIG_LO", &lo), ("ZIG_HI", &hi)] {
+        write!(src, "const {name}: [f32; {LAYERS}] = [").unwrap();
+        for v in t.iter() {
+            write!(src, "{v:?}f32,").unwrap();
+        }
+        writeln!(src, "];").unwrap();
+    }
+
     let out =
         PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("ziggurat.rs");
     fs::write(&out, src).expect("writing the ziggurat tables into OUT_DIR");
     println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// `v` rounded to an `f32` in the direction of `toward` (never to its other side).
+fn round_toward(v: f64, toward: f64) -> f32 {
+    let r = v as f32;
+    let past = if toward < 0.0 {
+        f64::from(r) > v
+    } else {
+        f64::from(r) < v
+    };
+    if !past {
+        return r;
+    }
+    let bits = r.to_bits();
+    // One step of the f32 grid toward `toward` (r is finite and nonzero here).
+    let away_from_zero = (toward < 0.0) == (r < 0.0);
+    f32::from_bits(if away_from_zero { bits + 1 } else { bits - 1 })
 }

@@ -308,7 +308,8 @@ fn f32_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, Py
     Ok(obj.cast::<PyArrayDyn<f32>>()?.clone())
 }
 
-/// Perturbs one weight layer as the float engine does (see the module docs).
+/// Perturbs one weight layer as the float engine does (see the module docs). A layer of
+/// 131,072 weights or more is split over the machine's cores, with the same result.
 #[pyfunction]
 #[pyo3(signature = (weights, config, seed, run, layer))]
 fn perturb<'py>(
@@ -340,8 +341,17 @@ fn perturb<'py>(
     let cfg = *config.config();
     let r = py.detach(|| -> Result<(), String> {
         let scale = layer_scale(src).map_err(|e| format!("weights: {e}"))?;
-        cfg.perturb_f32(src, scale, &mut stream(seed, run, layer), dst)
-            .map_err(|e| format!("weights: {e}"))
+        // One layer at a time from Python: its pieces on every core (the same bits).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        nvcim::engine::simd::normals::perturb_f32(
+            &cfg,
+            src,
+            scale,
+            &mut stream(seed, run, layer),
+            dst,
+            threads,
+        )
+        .map_err(|e| format!("weights: {e}"))
     });
     r.map_err(value_error)?;
     drop(rw);

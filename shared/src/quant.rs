@@ -137,14 +137,25 @@ pub fn check_scale(scale: f32) -> Result<f32> {
 
 /// `max|W|` of a layer. Fails on a NaN or infinite weight and on an all-zero layer.
 pub fn layer_scale(weights: &[f32]) -> Result<f32> {
-    let mut max = 0.0f32;
-    for (index, &w) in weights.iter().enumerate() {
-        if !w.is_finite() {
-            return Err(Error::NonFiniteWeight { index });
-        }
-        max = max.max(libm::fabsf(w));
+    check_scale(f32::from_bits(max_abs_bits(weights)?))
+}
+
+/// The largest `|w|`'s bits (`|w|` orders as its bits), or the first non-finite weight's
+/// index. One branch-free pass that vectorizes; the index is looked up only on that error.
+fn max_abs_bits(weights: &[f32]) -> Result<u32> {
+    let max = weights
+        .iter()
+        .fold(0u32, |m, w| m.max(w.to_bits() & 0x7fff_ffff));
+    if max >= f32::INFINITY.to_bits() {
+        let index = weights.iter().position(|w| !w.is_finite()).unwrap_or(0);
+        return Err(Error::NonFiniteWeight { index });
     }
-    check_scale(max)
+    Ok(max)
+}
+
+/// `Err(NonFiniteWeight { index })` for the first NaN or infinite weight.
+pub(crate) fn check_finite(weights: &[f32]) -> Result<()> {
+    max_abs_bits(weights).map(|_| ())
 }
 
 /// Quantizes one weight against `scale` (see the module docs for the rounding rule).

@@ -412,9 +412,7 @@ impl VariationConfig {
                 found: out.len(),
             });
         }
-        if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
-            return Err(Error::NonFiniteWeight { index });
-        }
+        crate::quant::check_finite(weights)?;
         if self.faults.any() {
             for (o, &w) in out.iter_mut().zip(weights) {
                 let q = crate::quant::quantize_unchecked(w, scale, self.quant);
@@ -439,19 +437,22 @@ impl VariationConfig {
         for (ws, os) in weights.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
             let z = &mut z[..ws.len() * slices];
             draws.fill_normals(z);
-            for ((o, &w), z) in os.iter_mut().zip(ws).zip(z.chunks_exact(slices)) {
-                let sd = if uniform {
-                    self.sd[0]
-                } else {
+            if uniform {
+                let sd = self.sd[0];
+                // The slice counts of 8-bit weights, unrolled so that the loop vectorizes.
+                match slices {
+                    4 => combine_uniform::<4>(ws, z, os, sd, &gain, step),
+                    2 => combine_uniform::<2>(ws, z, os, sd, &gain, step),
+                    8 => combine_uniform::<8>(ws, z, os, sd, &gain, step),
+                    1 => combine_uniform::<1>(ws, z, os, sd, &gain, step),
+                    _ => combine(ws, z, os, slices, |_| sd, &gain, step),
+                }
+            } else {
+                let sd = |w| {
                     let q = crate::quant::quantize_unchecked(w, scale, self.quant);
                     self.device_sigma(q.magnitude)
                 };
-                let mut acc = 0.0f32;
-                for (&z, &g) in z.iter().zip(&gain) {
-                    acc += sd * z * g;
-                }
-                let d = acc * step;
-                *o = w + if w < 0.0 { -d } else { d };
+                combine(ws, z, os, slices, sd, &gain, step);
             }
         }
         Ok(())
@@ -476,6 +477,50 @@ impl VariationConfig {
             *o = self.sample(qi, rng).read_weight(scale, self.quant);
         }
         Ok(())
+    }
+}
+
+/// `out[i] = w[i] ± delta_i` from weight `i`'s `slices` normals `z[slices i ..]`: the
+/// arithmetic of [`VariationConfig::sample`] + [`Readout::delta_weight`], operation for
+/// operation (`acc` starts at `0.0` and adds `sd * z * g` slice by slice).
+#[inline]
+fn combine(
+    ws: &[f32],
+    z: &[f32],
+    os: &mut [f32],
+    slices: usize,
+    sd: impl Fn(f32) -> f32,
+    gain: &[f32; MAX_SLICES],
+    step: f32,
+) {
+    for ((o, &w), z) in os.iter_mut().zip(ws).zip(z.chunks_exact(slices)) {
+        let sd = sd(w);
+        let mut acc = 0.0f32;
+        for (&z, &g) in z.iter().zip(gain) {
+            acc += sd * z * g;
+        }
+        let d = acc * step;
+        *o = w + if w < 0.0 { -d } else { d };
+    }
+}
+
+/// [`combine`] for one device sigma and `S` slices known at compile time (the same operations).
+#[inline]
+fn combine_uniform<const S: usize>(
+    ws: &[f32],
+    z: &[f32],
+    os: &mut [f32],
+    sd: f32,
+    gain: &[f32; MAX_SLICES],
+    step: f32,
+) {
+    for ((o, &w), z) in os.iter_mut().zip(ws).zip(z.chunks_exact(S)) {
+        let mut acc = 0.0f32;
+        for j in 0..S {
+            acc += sd * z[j] * gain[j];
+        }
+        let d = acc * step;
+        *o = w + if w < 0.0 { -d } else { d };
     }
 }
 
