@@ -309,9 +309,10 @@ fn f32_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, Py
 }
 
 /// Perturbs one weight layer as the float engine does (see the module docs). A layer of
-/// 131,072 weights or more is split over the machine's cores, with the same result.
+/// 131,072 weights or more is split over `threads` threads (default: the cores this process
+/// may use), with the same result.
 #[pyfunction]
-#[pyo3(signature = (weights, config, seed, run, layer))]
+#[pyo3(signature = (weights, config, seed, run, layer, threads=None))]
 fn perturb<'py>(
     py: Python<'py>,
     weights: &Bound<'py, PyAny>,
@@ -319,7 +320,13 @@ fn perturb<'py>(
     seed: u64,
     run: u32,
     layer: u32,
+    threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    if threads == Some(0) {
+        return Err(value_error(
+            "threads must be at least 1 (or None for every core)",
+        ));
+    }
     let w = f32_array(weights, "weights")?;
     let ro = w.readonly();
     if ro.len() == 0 {
@@ -342,7 +349,8 @@ fn perturb<'py>(
     let r = py.detach(|| -> Result<(), String> {
         let scale = layer_scale(src).map_err(|e| format!("weights: {e}"))?;
         // One layer at a time from Python: its pieces on every core (the same bits).
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads =
+            threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         nvcim::engine::simd::normals::perturb_f32(
             &cfg,
             src,

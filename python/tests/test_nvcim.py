@@ -53,6 +53,20 @@ def test_perturb_equals_the_float_engine_bit_for_bit(tmp_path, trained_run, seed
     assert not np.array_equal(other, ours)
 
 
+def test_perturb_threads_give_the_same_bits():
+    # Large enough to be split (131,072 weights or more); the pieces cross blocks of draws.
+    w = (np.random.default_rng(4).standard_normal((3, 65_536 + 7)) * 0.05).astype(np.float32)
+    cfg = nvcim.VariationConfig(sigma=0.4)
+    one = nvcim.perturb(w, cfg, 9, 2, 1, threads=1)
+    for threads in (None, 2, 3, 64):
+        got = nvcim.perturb(w, cfg, 9, 2, 1, threads=threads)
+        assert np.array_equal(got.view(np.uint32), one.view(np.uint32)), f"threads={threads}"
+    with pytest.raises(ValueError, match="threads=0"):
+        nvcim.perturb(w, cfg, 9, 2, 1, threads=0)
+    with pytest.raises(TypeError, match="threads"):
+        nvcim.perturb(w, cfg, 9, 2, 1, threads=1.5)
+
+
 def test_perturb_reads_any_layout_and_keeps_the_input():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((32, 16, 3, 3), dtype=np.float32)

@@ -40,7 +40,12 @@ _Path = Union[str, "PathLike[str]"]
 
 
 def perturb(
-    weights: np.ndarray, config: VariationConfig, seed: int, run: int, layer: int
+    weights: np.ndarray,
+    config: VariationConfig,
+    seed: int,
+    run: int,
+    layer: int,
+    threads: Optional[int] = None,
 ) -> np.ndarray:
     """The weights of one layer as Monte Carlo run ``run`` of ``nvcim eval`` reads them back.
 
@@ -50,6 +55,10 @@ def perturb(
     weights in C order. That is nvcim's canonical order (``[out][in][kh][kw]`` for a
     convolution, ``[out][in]`` for a linear layer, as PyTorch stores them), so for layer index
     ``layer`` of a network the result equals the float engine's weights bit for bit.
+
+    A layer of 131,072 weights or more is split over ``threads`` threads (default: every core
+    this process may use); the result does not depend on it (each thread starts where the
+    stream stands after the weights before its piece).
 
     A C-contiguous float32 array is read in place (no copy); other layouts are copied first.
     Returns a new float32 array of the same shape. Raises ``TypeError`` for another dtype (the
@@ -66,7 +75,13 @@ def perturb(
         raise TypeError(
             f"config must be an nvcim.VariationConfig, not {type(config).__name__}"
         )
-    return _nvcim.perturb(weights, config, int(seed), int(run), int(layer))
+    if threads is not None:
+        if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool):
+            raise TypeError(f"threads must be an int or None, not {type(threads).__name__}")
+        if threads < 1:
+            raise ValueError(f"threads={threads}: it must be >= 1 (or None for every core)")
+        threads = int(threads)
+    return _nvcim.perturb(weights, config, int(seed), int(run), int(layer), threads)
 
 
 def _labels(labels: Any) -> np.ndarray:

@@ -49,6 +49,7 @@ def perturb(
     seed: int,
     run: int,
     layer: int,
+    threads: Optional[int] = None,
 ) -> npt.NDArray[np.float32]: ...
 def evaluate_onnx_json(
     path: str,
