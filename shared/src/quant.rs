@@ -154,7 +154,7 @@ fn max_abs_bits(weights: &[f32]) -> Result<u32> {
 }
 
 /// `Err(NonFiniteWeight { index })` for the first NaN or infinite weight.
-pub(crate) fn check_finite(weights: &[f32]) -> Result<()> {
+pub fn check_finite(weights: &[f32]) -> Result<()> {
     max_abs_bits(weights).map(|_| ())
 }
 

@@ -237,9 +237,9 @@ impl Xoshiro128PlusPlus {
 ///
 /// The draws are made 512 at a time in a loop of their own, and [`Self::fill_normals`] takes the
 /// ziggurat's fast path eight draws at a time. Measured on one core (`cargo xtask bench
-/// variation`, 2026-12-06): 359 M samples/s, about the speed of [`standard_normal`] one at a
-/// time (377 M/s); what it buys is the block structure of `VariationConfig::perturb_f32`, which
-/// went from 22 to 74 M weights/s.
+/// variation`, 2026-12-06, with the wedge squeeze): 407 M samples/s, a little below
+/// [`standard_normal`] one at a time (458 M/s); what it buys is the block structure of
+/// `VariationConfig::perturb_f32`, which went from 22 to 92 M weights/s.
 ///
 /// ```
 /// use nvcim_shared::rng::{stream, standard_normal};
@@ -572,7 +572,6 @@ fn exp_nonpositive(x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    /// Reference outputs of xoshiro128++ for state [1, 2, 3, 4] (the authors' C code).
     /// The squeeze's bounds hold where the wedge test runs: on every strip, at 4,097 points
     /// spread over the draws that miss the fast path (both ends included),
     /// `c + LO <= exp_nonpositive(-x^2/2) <= c + HI` as computed, with room to spare against
@@ -620,6 +619,7 @@ mod tests {
         );
     }
 
+    /// Reference outputs of xoshiro128++ for state [1, 2, 3, 4] (the authors' C code).
     #[test]
     fn xoshiro_matches_reference_vector() {
         let mut g = Xoshiro128PlusPlus::from_state([1, 2, 3, 4]).unwrap();

@@ -8,8 +8,8 @@
 //! (a sample that misses the ziggurat's fast path takes more). Without faults every weight
 //! takes exactly `M/N` samples, so thread `j` starts from a copy of the generator, reads past
 //! the samples of the weights before its piece ([`DrawsAhead::skip_normals`], the fast path's
-//! test alone, which still makes every draw: 0.77 of a sample's cost) and perturbs its piece from there; the last
-//! thread's generator is where the whole layer leaves it. The pieces shrink from the first to
+//! test alone, which still makes every draw: 0.77 of a sample's cost) and perturbs its piece
+//! from there; the last thread's generator is where the whole layer leaves it. The pieces shrink from the first to
 //! the last so that all threads finish together (`bounds`). With faults the draws per weight
 //! depend on the weight, and the function runs on one thread.
 //!
@@ -53,9 +53,9 @@ pub fn perturb_f32(
     if threads == 1 || cfg.faults().any() || out.len() != weights.len() {
         return cfg.perturb_f32(weights, scale, rng, out);
     }
-    // The checks, once and in the one-thread function's order, so that errors are its own.
+    // The one-thread function's checks, once and in its order, so that errors are its own.
     nvcim_shared::quant::check_scale(scale)?;
-    nvcim_shared::quant::layer_scale(weights)?;
+    nvcim_shared::quant::check_finite(weights)?;
     let slices = cfg.quant().slices();
     let cuts = bounds(weights.len(), threads);
     let start = rng.clone();
@@ -162,9 +162,17 @@ mod tests {
         }
     }
 
-    /// A non-finite weight is the one-thread function's error, whichever piece it is in.
+    /// A non-finite weight is the one-thread function's error, whichever piece it is in; an
+    /// all-zero layer with a valid scale is no error, as on one thread.
     #[test]
     fn errors_are_the_one_thread_errors() {
+        let cfg0 = VariationConfig::paper(0.4).unwrap();
+        let zeros = vec![0.0f32; 3 * MIN_PER_THREAD];
+        let (mut a, mut b) = (vec![1.0f32; zeros.len()], vec![1.0f32; zeros.len()]);
+        cfg0.perturb_f32(&zeros, 0.5, &mut stream(2, 0, 0), &mut a)
+            .unwrap();
+        perturb_f32(&cfg0, &zeros, 0.5, &mut stream(2, 0, 0), &mut b, 3).unwrap();
+        assert_eq!(a, b);
         let cfg = VariationConfig::paper(0.4).unwrap();
         let mut w = vec![0.01f32; 3 * MIN_PER_THREAD];
         w[2 * MIN_PER_THREAD + 5] = f32::NAN;
