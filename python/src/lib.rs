@@ -351,7 +351,7 @@ fn perturb<'py>(
         // One layer at a time from Python: its pieces on every core (the same bits).
         let threads =
             threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        nvcim::engine::simd::normals::perturb_f32(
+        nvcim::engine::perturb::perturb_f32(
             &cfg,
             src,
             scale,

@@ -441,10 +441,10 @@ impl VariationConfig {
                 let sd = self.sd[0];
                 // The slice counts of 8-bit weights, unrolled so that the loop vectorizes.
                 match slices {
-                    4 => combine_uniform::<4>(ws, z, os, sd, &gain, step),
-                    2 => combine_uniform::<2>(ws, z, os, sd, &gain, step),
-                    8 => combine_uniform::<8>(ws, z, os, sd, &gain, step),
-                    1 => combine_uniform::<1>(ws, z, os, sd, &gain, step),
+                    4 => combine(ws, z, os, 4, |_| sd, &gain, step),
+                    2 => combine(ws, z, os, 2, |_| sd, &gain, step),
+                    8 => combine(ws, z, os, 8, |_| sd, &gain, step),
+                    1 => combine(ws, z, os, 1, |_| sd, &gain, step),
                     _ => combine(ws, z, os, slices, |_| sd, &gain, step),
                 }
             } else {
@@ -482,8 +482,9 @@ impl VariationConfig {
 
 /// `out[i] = w[i] ± delta_i` from weight `i`'s `slices` normals `z[slices i ..]`: the
 /// arithmetic of [`VariationConfig::sample`] + [`Readout::delta_weight`], operation for
-/// operation (`acc` starts at `0.0` and adds `sd * z * g` slice by slice).
-#[inline]
+/// operation (`acc` starts at `0.0` and adds `sd * z * g` slice by slice). Always inlined, so
+/// that a constant `slices` unrolls the inner loop and the weights' loop vectorizes.
+#[inline(always)]
 fn combine(
     ws: &[f32],
     z: &[f32],
@@ -498,26 +499,6 @@ fn combine(
         let mut acc = 0.0f32;
         for (&z, &g) in z.iter().zip(gain) {
             acc += sd * z * g;
-        }
-        let d = acc * step;
-        *o = w + if w < 0.0 { -d } else { d };
-    }
-}
-
-/// [`combine`] for one device sigma and `S` slices known at compile time (the same operations).
-#[inline]
-fn combine_uniform<const S: usize>(
-    ws: &[f32],
-    z: &[f32],
-    os: &mut [f32],
-    sd: f32,
-    gain: &[f32; MAX_SLICES],
-    step: f32,
-) {
-    for ((o, &w), z) in os.iter_mut().zip(ws).zip(z.chunks_exact(S)) {
-        let mut acc = 0.0f32;
-        for j in 0..S {
-            acc += sd * z[j] * gain[j];
         }
         let d = acc * step;
         *o = w + if w < 0.0 { -d } else { d };

@@ -45,6 +45,7 @@ pub mod float;
 pub mod gemm;
 pub mod int;
 pub mod onnx;
+pub mod perturb;
 pub mod simd;
 
 /// An inference engine whose weights can be reprogrammed with device variation.

@@ -149,7 +149,6 @@ impl DotKernel for HostKernel {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-pub mod normals;
 pub mod portable;
 
 #[cfg(test)]

@@ -14,13 +14,13 @@
 //! depend on the weight, and the function runs on one thread.
 //!
 //! ```
-//! use nvcim::engine::simd::normals;
+//! use nvcim::engine::perturb;
 //! use nvcim_shared::{rng::stream, variation::VariationConfig};
 //! let cfg = VariationConfig::paper(0.4).unwrap();
 //! let w: Vec<f32> = (0..50_000).map(|i| (i as f32 * 0.37).sin()).collect();
 //! let (mut a, mut b) = (vec![0.0; w.len()], vec![0.0; w.len()]);
 //! let (mut ra, mut rb) = (stream(1, 2, 3), stream(1, 2, 3));
-//! normals::perturb_f32(&cfg, &w, 1.0, &mut ra, &mut a, 2).unwrap();
+//! perturb::perturb_f32(&cfg, &w, 1.0, &mut ra, &mut a, 2).unwrap();
 //! cfg.perturb_f32(&w, 1.0, &mut rb, &mut b).unwrap();
 //! assert_eq!(a, b);
 //! assert_eq!(ra, rb);
