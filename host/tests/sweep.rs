@@ -59,6 +59,7 @@ fn finish(eval_dir: &Path) {
         train_seed: Some(0),
         drop_exit: None,
         noise_injection: None,
+        clip_weights: None,
         sigma_unit: "range".into(),
         profile: "uniform".into(),
         m_bits: 8,

@@ -432,6 +432,10 @@ fn selection_rule_is_applied_and_recorded() {
             &["--select", "noisy", "--mc-val", "0"][..],
             "--select noisy",
         ),
+        (&["--clip-weights", "0"][..], "--clip-weights must be"),
+        (&["--clip-weights", "-2"][..], "--clip-weights must be"),
+        (&["--clip-weights", "NaN"][..], "--clip-weights must be"),
+        (&["--clip-weights", "inf"][..], "--clip-weights must be"),
     ] {
         let out = tempfile::tempdir().unwrap();
         let o = train(data.path(), out.path(), args);
@@ -440,7 +444,7 @@ fn selection_rule_is_applied_and_recorded() {
 }
 
 #[test]
-fn preprocess_resize_is_recorded_and_evaluated_the_same_way() {
+fn preprocess_resize_and_weight_clipping_are_recorded_and_evaluated_the_same_way() {
     let data = tempfile::tempdir().unwrap();
     write_idx(data.path(), 256, 100);
     let out = tempfile::tempdir().unwrap();
@@ -454,12 +458,16 @@ fn preprocess_resize_is_recorded_and_evaluated_the_same_way() {
             "resize",
             "--sigma",
             "0",
+            "--clip-weights",
+            "2.5",
         ],
     ));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["preprocess"], "resize");
+    // Clipping is recorded, and eval of the clipped weights agrees with training (below).
+    assert_eq!(cfg["clip_weights"], 2.5);
     assert_eq!(cfg["model"]["image_size"], 32);
     // eval reads the run's preprocessing: its clean accuracy is training's clean test accuracy
     // (float engine within 1e-4 of Burn: at most one of the 100 images may flip).

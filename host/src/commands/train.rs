@@ -118,6 +118,13 @@ pub struct TrainFlags {
     /// authors' code). The exits are never deployed, so this changes only the feedback terms.
     #[arg(long, value_enum, default_value_t = ExitProfile::Backbone)]
     pub exit_profile: ExitProfile,
+    /// Clip every conv and linear weight to +-K standard deviations of its layer after each
+    /// optimizer step (per-layer Gaussian clipping, aihwkit's `LAYER_GAUSSIAN`; not in the
+    /// paper). Under the `range` convention the device noise scales with max|W|, so a layer's
+    /// outliers set every weight's noise; clipping them lowers it. Off by default; recorded in
+    /// config.json. See the README's training section for what it measured.
+    #[arg(long, value_name = "K")]
+    pub clip_weights: Option<f32>,
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = Backend::Flex)]
     pub backend: Backend,
@@ -142,6 +149,12 @@ impl TrainFlags {
                 (1..=exits).contains(&i),
                 "--drop-exit {i}: {:?} has exits 1..={exits}",
                 self.model
+            );
+        }
+        if let Some(k) = self.clip_weights {
+            ensure!(
+                k.is_finite() && k > 0.0,
+                "--clip-weights must be a positive number of standard deviations, got {k}"
             );
         }
         ensure!(
@@ -188,6 +201,7 @@ impl TrainFlags {
             init_from: self.init_from.clone(),
             exit_profile: self.exit_profile,
             drop_exit: self.drop_exit,
+            clip_weights: self.clip_weights,
             backend: self.backend,
         })
     }
@@ -229,6 +243,9 @@ pub fn print_summary(cfg: &TrainConfig, s: &TrainSummary) {
         cfg.variation.unit().name(),
         cfg.variation.profile().name()
     );
+    if let Some(k) = cfg.clip_weights {
+        println!("weight clipping +-{k} std per layer after every step");
+    }
     println!(
         "epochs done     {}{}",
         s.epochs_done,

@@ -177,6 +177,8 @@ pub struct ModelInfo {
     pub drop_exit: Option<usize>,
     /// Whether training injected noise, when the training config says so.
     pub noise_injection: Option<bool>,
+    /// Training's per-layer weight clipping (`--clip-weights K`), when it clipped.
+    pub clip_weights: Option<f32>,
 }
 
 /// The resolved configuration of an evaluation.
@@ -192,6 +194,7 @@ pub fn resolve(opts: &EvalOptions, info: &ModelInfo, sigmas: Vec<f32>) -> EvalCo
         train_seed: info.train_seed,
         drop_exit: info.drop_exit,
         noise_injection: info.noise_injection,
+        clip_weights: info.clip_weights,
         sigma_unit: nvcim_shared::variation::SigmaUnit::from(d.unit)
             .name()
             .to_string(),
@@ -309,5 +312,6 @@ pub fn checkpoint_info(loaded: &Loaded, given: &Path) -> ModelInfo {
         train_sigma,
         train_seed: c["seed"].as_u64(),
         drop_exit: c["drop_exit"].as_u64().map(|d| d as usize),
+        clip_weights: c["clip_weights"].as_f64().map(|k| k as f32),
     }
 }

@@ -63,6 +63,10 @@ pub struct EvalConfig {
     /// Whether training injected weight noise; `None` means "as the method implies".
     #[serde(default)]
     pub noise_injection: Option<bool>,
+    /// Training's per-layer weight clipping in standard deviations (`--clip-weights`), when
+    /// it clipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_weights: Option<f32>,
     /// The sigma convention, `range` or `level`.
     pub sigma_unit: String,
     /// Variation profile name.
@@ -415,6 +419,7 @@ pub(crate) mod tests {
             train_seed: Some(1),
             drop_exit: None,
             noise_injection: None,
+            clip_weights: None,
             sigma_unit: "range".into(),
             profile: "uniform".into(),
             m_bits: 8,

@@ -13,7 +13,7 @@
 //! The numbers differ from `shared`'s PRNG streams (training does not need to replay them);
 //! evaluation uses `shared` number for number.
 
-use burn::module::{ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Distribution, Tensor};
 use nvcim_shared::variation::VariationConfig;
 
@@ -163,9 +163,81 @@ impl ModuleMapper for NoiseMapper<'_> {
     }
 }
 
+/// `module` with every conv and linear weight clamped to `±k` times its tensor's standard
+/// deviation (population, over all of the tensor's elements): per-layer Gaussian clipping
+/// (`--clip-weights`). Parameter ids are kept, so the optimizer's state follows them.
+pub fn clip_weights<M: Module>(module: M, k: f32) -> M {
+    module.map(&mut ClipMapper {
+        k,
+        stack: Vec::new(),
+    })
+}
+
+struct ClipMapper {
+    k: f32,
+    stack: Vec<(String, String)>,
+}
+
+impl ModuleMapper for ClipMapper {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if !is_weight(&self.stack) {
+            return param;
+        }
+        let k = self.k;
+        param.map(|w| {
+            let flat: Tensor<1> = w.clone().detach().flatten(0, D - 1);
+            let std = flat.var_bias(0).sqrt().into_scalar::<f32>();
+            let c = k * std;
+            if !(c.is_finite() && c > 0.0) {
+                return w;
+            }
+            let grad = w.is_require_grad();
+            // Clamped on the inner backend: a fresh leaf, as the optimizer leaves its params.
+            let out = if w.is_autodiff() {
+                w.inner().clamp(-c, c).autodiff()
+            } else {
+                w.clamp(-c, c)
+            };
+            if grad { out.require_grad() } else { out }
+        })
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Every float parameter of `module` that is not a conv/linear weight (biases, BatchNorm's
+    /// gamma, beta and running statistics), in visiting order.
+    pub(crate) fn non_weight_params<M: Module>(module: &M) -> Vec<Vec<f32>> {
+        struct V(Vec<(String, String)>, Vec<Vec<f32>>);
+        impl burn::module::ModuleVisitor for V {
+            fn enter_module(&mut self, name: &str, container_type: &str) {
+                self.0.push((name.to_string(), container_type.to_string()));
+            }
+            fn exit_module(&mut self, _name: &str, _container_type: &str) {
+                self.0.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if !is_weight(&self.0) {
+                    let v = param.val().into_data().try_to_vec::<f32>().unwrap();
+                    self.1.push(v);
+                }
+            }
+        }
+        let mut v = V(Vec::new(), Vec::new());
+        module.visit(&mut v);
+        v.1
+    }
     use burn::tensor::{Device, TensorData};
     use nvcim_shared::quant::QuantConfig;
     use nvcim_shared::variation::{Faults, Profile, SigmaUnit};

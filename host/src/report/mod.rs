@@ -166,6 +166,11 @@ fn merge_training_config(report: &mut EvalReport, eval_path: &Path) -> Result<()
     if c.noise_injection.is_none() {
         c.noise_injection = lookup(&v, "noise_injection", &["train"]).and_then(Value::as_bool);
     }
+    if c.clip_weights.is_none() {
+        c.clip_weights = lookup(&v, "clip_weights", &["train"])
+            .and_then(Value::as_f64)
+            .map(|k| k as f32);
+    }
     Ok(())
 }
 

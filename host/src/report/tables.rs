@@ -203,6 +203,15 @@ fn method_label(e: &Entry) -> String {
     s
 }
 
+/// The weight clipping's part of a row label (`--clip-weights`): clipped and unclipped
+/// trainings are different rows in every table.
+fn clip_label(e: &Entry) -> String {
+    e.report
+        .config
+        .clip_weights
+        .map_or_else(String::new, |k| format!(", weights clipped ±{k}σ"))
+}
+
 /// The evaluation protocol's part of a row label (after the training's): recalibrated runs are
 /// never averaged with plain ones.
 fn protocol_label(e: &Entry) -> String {
@@ -243,6 +252,7 @@ pub fn table2(entries: &[Entry], m: Match) -> Result<Table> {
             if m == Match::Any && e.noise_injection() {
                 write!(s, " trained σ={}", e.train_sigma()).expect("writing to a String");
             }
+            s.push_str(&clip_label(e));
             s.push_str(&protocol_label(e));
             s
         },
@@ -280,6 +290,7 @@ pub fn table3(
             if e.noise_injection() {
                 write!(s, " trained σ={}", e.train_sigma()).expect("writing to a String");
             }
+            s.push_str(&clip_label(e));
             s.push_str(&protocol_label(e));
             s
         },
@@ -408,7 +419,7 @@ pub fn table4(entries: &[Entry], m: Match) -> Result<Option<Table>> {
     let groups = group_by(nft.into_iter(), |e| {
         let c = &e.report.config;
         format!(
-            "{} {} {} {}",
+            "{} {} {} {}{}",
             c.dataset,
             c.model,
             c.method,
@@ -416,7 +427,8 @@ pub fn table4(entries: &[Entry], m: Match) -> Result<Option<Table>> {
                 "with noise injection"
             } else {
                 "without noise injection"
-            }
+            },
+            clip_label(e)
         )
     });
     accuracy_table(
@@ -449,7 +461,7 @@ pub fn table5(entries: &[Entry], m: Match) -> Result<Option<Table>> {
         } else {
             " w/o noise injection"
         };
-        format!("{} {} nft{ni} {exits}", c.dataset, c.model)
+        format!("{} {} nft{ni} {exits}{}", c.dataset, c.model, clip_label(e))
     });
     accuracy_table(
         "Table V: dropping one exit (ablation)",
@@ -494,6 +506,29 @@ mod tests {
             path: PathBuf::from(format!("{method}{seed}")),
             report: EvalReport::new(c, 100, &runs, 0.0).unwrap(),
         }
+    }
+
+    /// Clipped and unclipped trainings of one setting are separate rows, named as such, in
+    /// Tables II and IV.
+    #[test]
+    fn clipped_trainings_are_their_own_rows() {
+        let mut clipped = entry("nft", Some(0.4), 0, None, &[(0.4, 90)]);
+        clipped.report.config.clip_weights = Some(1.5);
+        let plain = entry("nft", Some(0.4), 1, None, &[(0.4, 60)]);
+        let unaware = entry("nft", Some(0.0), 0, None, &[(0.4, 30)]);
+        let e = vec![plain, clipped, unaware];
+        let t = table2(&e, Match::Train).unwrap();
+        assert_eq!(t.rows.len(), 3, "{:?}", t.rows);
+        assert!(!t.rows[0].0.contains("clipped"), "{}", t.rows[0].0);
+        assert!(
+            t.rows[1].0.contains("weights clipped ±1.5σ"),
+            "{}",
+            t.rows[1].0
+        );
+        assert_eq!(t.rows[0].1[0].as_deref(), Some("60.00 ± 12.71"));
+        assert_eq!(t.rows[1].1[0].as_deref(), Some("90.00 ± 12.71"));
+        let t4 = table4(&e, Match::Any).unwrap().unwrap();
+        assert_eq!(t4.rows.len(), 3, "{:?}", t4.rows);
     }
 
     #[test]

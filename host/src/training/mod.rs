@@ -87,6 +87,9 @@ pub struct TrainConfig {
     /// The exit left out of eq. 1 (1-based, `nft` only; Table V's ablation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_exit: Option<usize>,
+    /// Per-layer Gaussian weight clipping after every optimizer step (`--clip-weights K`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_weights: Option<f32>,
     /// The backend (`flex`, `cuda`, `wgpu`).
     pub backend: Backend,
 }
@@ -537,6 +540,9 @@ pub fn train_step(
     }
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     let mut model = optim.step(lr, model, grads);
+    if let Some(k) = cfg.clip_weights {
+        model = crate::model::noise::clip_weights(model, k);
+    }
     if let Some(stats) = kept {
         model.backbone.set_running_stats(&stats)?;
     }
@@ -925,6 +931,7 @@ mod bn_stats_tests {
             init_from: None,
             exit_profile: ExitProfile::Backbone,
             drop_exit: None,
+            clip_weights: None,
             backend: Backend::Flex,
         }
     }
@@ -966,6 +973,91 @@ mod bn_stats_tests {
         let (model, loss, _) = train_step(model, &mut optim, &cfg, &noise, x, y, 1e-3).unwrap();
         assert!(loss.is_finite());
         assert_ne!(model.backbone.weights(), before);
+    }
+
+    /// `--clip-weights K`: a step leaves every conv/linear weight (backbone and exits) equal to
+    /// the unclipped step's weight clamped to `±K` population standard deviations of its layer,
+    /// moves no other parameter, and the clipped model trains on (the optimizer keeps its state).
+    #[test]
+    fn clip_weights_clamps_each_layer_to_k_std() {
+        let _rng = crate::burn_rng_guard();
+        let ad = Device::flex().autodiff();
+        ad.seed(2);
+        let x = Tensor::<4>::random([4, 1, 16, 16], Distribution::Normal(0.0, 1.0), &ad);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 8, 9], [4]), &ad);
+        let k = 1.5f32;
+        let step = |clip: Option<f32>| {
+            let mut cfg = config(Method::Nft, BnStats::Clean);
+            cfg.clip_weights = clip;
+            ad.seed(9);
+            let model = TrainModel {
+                backbone: cfg.model.init_backbone(&ad),
+                exits: cfg.model.init_exits(&ad),
+            };
+            let noise = TrainingNoise::new(cfg.variation);
+            let mut optim = AdamConfig::new().with_epsilon(ADAM_EPSILON).init();
+            let (model, loss, _) =
+                train_step(model, &mut optim, &cfg, &noise, x.clone(), y.clone(), 1e-2).unwrap();
+            assert!(loss.is_finite());
+            (model, optim, cfg, noise)
+        };
+        let (plain, _, _, _) = step(None);
+        let (clipped, mut optim, cfg, noise) = step(Some(k));
+        let exit_weights = |m: &TrainModel| -> Vec<Vec<f32>> {
+            m.exits
+                .iter()
+                .flat_map(|e| [e.fc1.weight.val(), e.fc2.weight.val()])
+                .map(|t| t.into_data().try_to_vec::<f32>().unwrap())
+                .collect()
+        };
+        let layers = |m: &TrainModel| {
+            let mut v = m.backbone.weights();
+            v.extend(exit_weights(m));
+            v
+        };
+        let (a, b) = (layers(&plain), layers(&clipped));
+        assert_eq!(a.len(), b.len());
+        let mut clamped = 0;
+        for (l, (w, c)) in a.iter().zip(&b).enumerate() {
+            let n = w.len() as f64;
+            let mean = w.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+            let var = w
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            let bound = f64::from(k) * var.sqrt();
+            for (&wi, &ci) in w.iter().zip(c) {
+                let expect = f64::from(wi).clamp(-bound, bound);
+                assert!(
+                    (f64::from(ci) - expect).abs() <= 1e-5 * bound,
+                    "layer {l}: {wi} clipped to {ci}, expected {expect} (bound {bound})"
+                );
+                clamped += usize::from(f64::from(wi).abs() > bound * (1.0 + 1e-5));
+            }
+        }
+        assert!(
+            clamped > 0,
+            "K = {k} clamped no weight: the test would not see clipping"
+        );
+        // Every other float parameter (biases, BatchNorm) is the unclipped step's, bit for bit.
+        let others = |m: &TrainModel| crate::model::noise::tests::non_weight_params(m);
+        assert!(others(&plain).len() > 10);
+        assert_eq!(others(&plain), others(&clipped));
+        // A second step from the clipped model.
+        let before = layers(&clipped);
+        let (after, loss, _) = train_step(
+            clipped,
+            &mut optim,
+            &cfg,
+            &noise,
+            x.clone(),
+            y.clone(),
+            1e-2,
+        )
+        .unwrap();
+        assert!(loss.is_finite());
+        assert_ne!(layers(&after), before);
     }
 
     /// `--bn-stats clean`: after a noise-injection step, every BatchNorm's running statistics
