@@ -81,12 +81,30 @@ impl Geom {
     }
 }
 
+/// A growable `f32` scratch matrix whose slice starts on a 64-byte boundary: with rows of a
+/// multiple of [`LANES`] values, no 16-lane load of the kernels straddles two cache lines.
+#[derive(Default)]
+struct Aligned {
+    v: Vec<f32>,
+}
+
+impl Aligned {
+    /// `len` values (their contents are left to the caller to overwrite).
+    fn take(&mut self, len: usize) -> &mut [f32] {
+        if self.v.len() < len + LANES {
+            self.v = vec![0.0; len + LANES];
+        }
+        let off = self.v.as_ptr().align_offset(64).min(LANES - 1);
+        &mut self.v[off..off + len]
+    }
+}
+
 /// Per-thread matrices, kept from call to call.
 #[derive(Default)]
 struct Scratch {
-    col: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
+    col: Aligned,
+    b: Aligned,
+    c: Aligned,
 }
 
 thread_local! {
@@ -116,7 +134,7 @@ fn group(plane: usize, images: usize) -> usize {
 
 /// The im2col matrix of `gn` images (`x`: `gn` images of `c x h x w`): row `(ci, ky, kx)`,
 /// column `i * oh * ow + oy * ow + ox`, `ld` values per row (columns past the images zero).
-fn im2col(g: &Geom, x: &[f32], gn: usize, col: &mut Vec<f32>, ld: usize) {
+fn im2col(g: &Geom, x: &[f32], gn: usize, col: &mut [f32], ld: usize) {
     im2col_rows(g, x, gn, col, ld, 0..g.fan_in());
 }
 
@@ -125,14 +143,14 @@ fn im2col_rows(
     g: &Geom,
     x: &[f32],
     gn: usize,
-    col: &mut Vec<f32>,
+    col: &mut [f32],
     ld: usize,
     rows: std::ops::Range<usize>,
 ) {
     let (oh, ow) = g.out().expect("checked by the caller");
     let (h, w, s, pad) = (g.h, g.w, g.stride, g.pad);
     let plane = oh * ow;
-    col.resize(rows.len() * ld, 0.0);
+    assert_eq!(col.len(), rows.len() * ld);
     for row in rows.clone() {
         let (ci, ky, kx) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
         {
@@ -206,8 +224,8 @@ fn col2im(g: &Geom, col: &[f32], ld: usize, gn: usize, dx: &mut [f32]) {
 
 /// Copies `gn` images' `[o][plane]` blocks of `src` (NCHW) side by side into `o` rows of `ld`
 /// values (columns past the images zero).
-fn gather_rows(src: &[f32], o: usize, plane: usize, gn: usize, dst: &mut Vec<f32>, ld: usize) {
-    dst.resize(o * ld, 0.0);
+fn gather_rows(src: &[f32], o: usize, plane: usize, gn: usize, dst: &mut [f32], ld: usize) {
+    assert_eq!(dst.len(), o * ld);
     for oo in 0..o {
         let row = &mut dst[oo * ld..(oo + 1) * ld];
         for i in 0..gn {
@@ -248,17 +266,18 @@ pub fn forward(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
                     let gn = gi.min(images - i0);
                     let cols = gn * p;
                     let ld = row_len(cols);
-                    im2col(g, &xc[i0 * g.image_in()..], gn, &mut s.col, ld);
+                    let col = s.col.take(k * ld);
+                    im2col(g, &xc[i0 * g.image_in()..], gn, col, ld);
                     let out = &mut yc[i0 * o * p..(i0 + gn) * o * p];
                     if gn == 1 {
-                        gemm::gemm_nn(isa, &a, o, k, &s.col, ld, cols, out, p, false);
+                        gemm::gemm_nn(isa, &a, o, k, col, ld, cols, out, p, false);
                     } else {
-                        s.c.resize(o * cols, 0.0);
-                        gemm::gemm_nn(isa, &a, o, k, &s.col, ld, cols, &mut s.c, cols, false);
+                        let c = s.c.take(o * cols);
+                        gemm::gemm_nn(isa, &a, o, k, col, ld, cols, c, cols, false);
                         for oo in 0..o {
                             for i in 0..gn {
                                 out[(i * o + oo) * p..][..p]
-                                    .copy_from_slice(&s.c[oo * cols + i * p..][..p]);
+                                    .copy_from_slice(&c[oo * cols + i * p..][..p]);
                             }
                         }
                     }
@@ -297,11 +316,11 @@ pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32])
                     let cols = gn * p;
                     let dyg = &dyc[i0 * o * p..(i0 + gn) * o * p];
                     let ld = row_len(cols);
-                    gather_rows(dyg, o, p, gn, &mut s.b, ld);
-                    let b = &s.b[..];
-                    s.col.resize(k * cols, 0.0);
-                    gemm::gemm_nn(isa, &a, k, o, b, ld, cols, &mut s.col, cols, false);
-                    col2im(g, &s.col, cols, gn, &mut dxc[i0 * g.image_in()..]);
+                    let b = s.b.take(o * ld);
+                    gather_rows(dyg, o, p, gn, b, ld);
+                    let col = s.col.take(k * cols);
+                    gemm::gemm_nn(isa, &a, k, o, b, ld, cols, col, cols, false);
+                    col2im(g, col, cols, gn, &mut dxc[i0 * g.image_in()..]);
                     i0 += gn;
                 }
             })
@@ -336,10 +355,12 @@ pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]
                     let cols = gn * p;
                     let ld = row_len(cols);
                     let xg = &x[i0 * g.image_in()..(i0 + gn) * g.image_in()];
-                    im2col_rows(g, xg, gn, &mut s.col, ld, rows.clone());
+                    let col = s.col.take(kr * ld);
+                    im2col_rows(g, xg, gn, col, ld, rows.clone());
                     let dyg = &dy[i0 * o * p..(i0 + gn) * o * p];
-                    gather_rows(dyg, o, p, gn, &mut s.b, ld);
-                    gemm::gemm_nt(isa, &s.b, ld, o, &s.col, ld, kr, cols, &mut acc, kr);
+                    let b = s.b.take(o * ld);
+                    gather_rows(dyg, o, p, gn, b, ld);
+                    gemm::gemm_nt(isa, b, ld, o, col, ld, kr, cols, &mut acc, kr);
                     i0 += gn;
                 }
                 acc
