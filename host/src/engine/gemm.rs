@@ -9,8 +9,6 @@
 //!   engine's direct convolution);
 //! - [`gemm_nn`]: `C (+)= A B` over whole matrices, `A` packed by [`pack_panels`], blocked for
 //!   the caches (`KC` fan-in rows x `NC` columns of `B` per block);
-//! - [`gemm_nt`]: `C += A B^T` with both operands' rows contiguous along the sum (a weight
-//!   gradient, `dW = dY col^T`): `NT x NT` blocks of dot products, no packing.
 //!
 //! The sums run in another order than Burn's: results agree with it within `f32` rounding,
 //! which the float engine's and the training kernels' tests bound.
@@ -25,8 +23,6 @@ pub(crate) const LANES: usize = 16;
 pub(crate) const NR: usize = 3;
 /// Widest kernel of the float engine's direct path.
 pub(crate) const MAX_KW: usize = 16;
-/// Rows of `A` and of `B` per [`gemm_nt`] register block.
-const NT: usize = 4;
 /// Fan-in rows of one [`gemm_nn`] block.
 const KC: usize = 128;
 /// Columns of `B` per [`gemm_nn`] block (`KC x NC` floats: 240 KiB, inside L2).
@@ -160,77 +156,6 @@ pub(crate) fn gemm_nn(
     }
 }
 
-/// `C += A B^T`: `C[i][j] += sum_t A[i][t] B[j][t]`, `t < len`, for `A` `m` rows of `lda`
-/// values, `B` `n` rows of `ldb` values (both `>= len`), `C` `m` rows of `ldc >= n` values.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_nt(
-    isa: Isa,
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    b: &[f32],
-    ldb: usize,
-    n: usize,
-    len: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        lda >= len
-            && ldb >= len
-            && ldc >= n
-            && a.len() >= (m - 1) * lda + len
-            && b.len() >= (n - 1) * ldb + len
-            && c.len() >= (m - 1) * ldc + n
-    );
-    // Blocks of `B` rows of about 128 KiB stay in L2 while every row block of `A` passes.
-    let nb = ((1 << 15) / len.max(1)).max(NT) / NT * NT;
-    let mut j0 = 0;
-    while j0 < n {
-        let j1 = (j0 + nb).min(n);
-        let mut i = 0;
-        while i < m {
-            let mi = (m - i).min(NT);
-            let mut j = j0;
-            while j < j1 {
-                let nj = (j1 - j).min(NT);
-                let ra: [usize; NT] = std::array::from_fn(|r| (i + r.min(mi - 1)) * lda);
-                let rb: [usize; NT] = std::array::from_fn(|r| (j + r.min(nj - 1)) * ldb);
-                let mut out = [[0f32; NT]; NT];
-                match isa {
-                    // SAFETY: detected AVX-512 F; every row start plus `len` is inside its
-                    // slice (checked above).
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { avx512::dots(a, &ra, b, &rb, len, &mut out) },
-                    // SAFETY: detected AVX2 and FMA; bounds as above.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { avx2::dots(a, &ra, b, &rb, len, &mut out) },
-                    _ => {
-                        for (r, o) in out.iter_mut().enumerate() {
-                            let ar = &a[ra[r]..ra[r] + len];
-                            for (s, o) in o.iter_mut().enumerate() {
-                                let br = &b[rb[s]..rb[s] + len];
-                                *o = ar.iter().zip(br).map(|(x, y)| x * y).sum();
-                            }
-                        }
-                    }
-                }
-                for (r, o) in out.iter().enumerate().take(mi) {
-                    for (s, &v) in o.iter().enumerate().take(nj) {
-                        c[(i + r) * ldc + j + s] += v;
-                    }
-                }
-                j += nj;
-            }
-            i += mi;
-        }
-        j0 = j1;
-    }
-}
-
 /// [`direct`]'s register block: `acc[r][16 v + j] = sum_k W[r][k] padded[taps[k] + bases[v]
 /// + j]`, lane `j` zero where bit `j` of `masks[v][tap_x[k]]` is clear, `v < nr`.
 #[allow(clippy::too_many_arguments)]
@@ -333,11 +258,11 @@ pub(crate) fn tile(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_maskz_loadu_ps, _mm512_reduce_add_ps,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps,
+        _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
-    use super::{LANES, MAX_KW, MR, NR, NT};
+    use super::{LANES, MAX_KW, MR, NR};
 
     /// One fan-in row of the register block: `a[r][v] += w[r] * x[v]`.
     #[target_feature(enable = "avx512f,fma")]
@@ -424,70 +349,15 @@ mod avx512 {
         }
         store(&a, acc);
     }
-    /// `out[r][s] = sum_t a[ra[r] + t] b[rb[s] + t]`, `t < len` (the last partial vector by a
-    /// masked load).
-    ///
-    /// # Safety
-    /// AVX-512 F; every `ra[r] + len <= a.len()`, `rb[s] + len <= b.len()`.
-    #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn dots(
-        a: &[f32],
-        ra: &[usize; NT],
-        b: &[f32],
-        rb: &[usize; NT],
-        len: usize,
-        out: &mut [[f32; NT]; NT],
-    ) {
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); NT]; NT];
-        let mut t = 0;
-        while t < len {
-            let full = len - t >= LANES;
-            let m: u16 = if full {
-                u16::MAX
-            } else {
-                (1u16 << (len - t)) - 1
-            };
-            // SAFETY: the lanes `t .. min(t + 16, len)` are inside every row; a partial vector
-            // is loaded masked.
-            unsafe {
-                let x: [__m512; NT] = std::array::from_fn(|r| {
-                    if full {
-                        _mm512_loadu_ps(ap.add(ra[r] + t))
-                    } else {
-                        _mm512_maskz_loadu_ps(m, ap.add(ra[r] + t))
-                    }
-                });
-                for s in 0..NT {
-                    let y = if full {
-                        _mm512_loadu_ps(bp.add(rb[s] + t))
-                    } else {
-                        _mm512_maskz_loadu_ps(m, bp.add(rb[s] + t))
-                    };
-                    for r in 0..NT {
-                        acc[r][s] = _mm512_fmadd_ps(x[r], y, acc[r][s]);
-                    }
-                }
-            }
-            t += LANES;
-        }
-        for r in 0..NT {
-            for s in 0..NT {
-                out[r][s] = _mm512_reduce_add_ps(acc[r][s]);
-            }
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm256_broadcast_ss,
-        _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps,
-        _mm256_setzero_ps, _mm256_storeu_ps,
+        _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
     };
 
-    use super::{LANES, MR, NR, NT};
+    use super::{LANES, MR, NR};
 
     /// [`super::tile`] with AVX2: per 16 columns and half panel, 4 rows x 2 vectors of 8.
     ///
@@ -529,53 +399,6 @@ mod avx2 {
                         _mm256_storeu_ps(dst.as_mut_ptr().add(8), ar[1]);
                     }
                 }
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(_mm_hadd_ps(s, s))
-    }
-
-    /// `out[r][s] = sum_t a[ra[r] + t] b[rb[s] + t]`, `t < len`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA; every `ra[r] + len <= a.len()`, `rb[s] + len <= b.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dots(
-        a: &[f32],
-        ra: &[usize; NT],
-        b: &[f32],
-        rb: &[usize; NT],
-        len: usize,
-        out: &mut [[f32; NT]; NT],
-    ) {
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); NT]; NT];
-        let mut t = 0;
-        while t + 8 <= len {
-            // SAFETY: `t + 8 <= len` and the rows' bounds are the caller's.
-            unsafe {
-                let x: [__m256; NT] = std::array::from_fn(|r| _mm256_loadu_ps(ap.add(ra[r] + t)));
-                for s in 0..NT {
-                    let y = _mm256_loadu_ps(bp.add(rb[s] + t));
-                    for r in 0..NT {
-                        acc[r][s] = _mm256_fmadd_ps(x[r], y, acc[r][s]);
-                    }
-                }
-            }
-            t += 8;
-        }
-        for r in 0..NT {
-            for s in 0..NT {
-                let mut v = hsum(acc[r][s]);
-                for u in t..len {
-                    v += a[ra[r] + u] * b[rb[s] + u];
-                }
-                out[r][s] = v;
             }
         }
     }

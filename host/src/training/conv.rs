@@ -8,9 +8,9 @@
 //! - forward: `Y = W col` — `col` the im2col matrix (`[c kh kw][image, oy, ox]`) of the images,
 //!   `W` packed once per call;
 //! - input gradient: `dcol = W^T dY`, then col2im adds `dcol` back onto the input pixels;
-//! - weight gradient: `dW += dY col^T` ([`gemm::gemm_nt`]: both operands' rows run along the
-//!   pixels, so neither is transposed); each worker owns a range of fan-in rows and sums over
-//!   the whole batch in order (the same bits with any number of threads).
+//! - weight gradient: `dW^T += col dY^T`, `col` packed into panels and `dY` transposed to pixel
+//!   rows, on the same micro-kernel as the other two; each worker owns a range of fan-in rows
+//!   and sums over the whole batch in order (the same bits with any number of threads).
 //!
 //! Scratch matrices are kept per thread from call to call: in steady state a step allocates only
 //! its output tensors and the per-call packed weights.
@@ -105,6 +105,8 @@ struct Scratch {
     col: Aligned,
     b: Aligned,
     c: Aligned,
+    /// Packed panels (the weight gradient's `col`).
+    a: Vec<f32>,
 }
 
 thread_local! {
@@ -327,6 +329,30 @@ pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32])
         });
 }
 
+/// `dst` (`rows` rows of `ld` values, `ld >= cols.next_multiple_of(LANES)`) `=` the transpose of
+/// `gn` images' `[cols][plane]` blocks of `src` (NCHW, `cols` channels): row `i * plane + px`
+/// holds pixel `px` of image `i` across the channels, lanes past `cols` zero.
+fn transpose_images(src: &[f32], cols: usize, plane: usize, gn: usize, dst: &mut [f32], ld: usize) {
+    const B: usize = 16;
+    assert_eq!(dst.len(), gn * plane * ld);
+    for i in 0..gn {
+        let img = &src[i * cols * plane..(i + 1) * cols * plane];
+        let out = &mut dst[i * plane * ld..(i + 1) * plane * ld];
+        for c0 in (0..cols).step_by(B) {
+            let cb = B.min(cols - c0);
+            for px in 0..plane {
+                let row = &mut out[px * ld + c0..px * ld + c0 + cb];
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = img[(c0 + j) * plane + px];
+                }
+            }
+        }
+        for px in 0..plane {
+            out[px * ld + cols..(px + 1) * ld].fill(0.0);
+        }
+    }
+}
+
 /// The weight gradient: `dw = conv(x, w)`'s gradient with respect to `w` for the output
 /// gradient `dy` (`dw` is overwritten).
 pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
@@ -336,19 +362,25 @@ pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]
     if dy.is_empty() || dw.is_empty() {
         return;
     }
-    // Each worker owns a range of fan-in rows (columns of `dw`) and sums over the whole batch
-    // in order: no partial sums to add up, the same bits with any number of threads.
-    let workers = rayon::current_num_threads().clamp(1, k);
+    // `dW^T = col dY^T`: each worker owns a range of fan-in rows (rows of `dW^T`) and sums over
+    // the whole batch in order: no partial sums to add up, the same bits with any number of
+    // threads (every element is one chain of the same products in the same order).
+    let workers = rayon::current_num_threads().clamp(1, k.div_ceil(gemm::MR));
     let parts: Vec<std::ops::Range<usize>> = (0..workers)
-        .map(|t| t * k / workers..(t + 1) * k / workers)
+        .map(|t| {
+            let cut = |t: usize| (t * k / workers).next_multiple_of(gemm::MR).min(k);
+            cut(t)..cut(t + 1)
+        })
+        .filter(|r| !r.is_empty())
         .collect();
     let gi = group(p, g.n);
+    let ldo = row_len(o);
     let blocks: Vec<Vec<f32>> = parts
         .par_iter()
         .map(|rows| {
             SCRATCH.with_borrow_mut(|s| {
                 let kr = rows.len();
-                let mut acc = vec![0f32; o * kr];
+                let mut acc = vec![0f32; kr * ldo];
                 let mut i0 = 0;
                 while i0 < g.n {
                     let gn = gi.min(g.n - i0);
@@ -357,10 +389,11 @@ pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]
                     let xg = &x[i0 * g.image_in()..(i0 + gn) * g.image_in()];
                     let col = s.col.take(kr * ld);
                     im2col_rows(g, xg, gn, col, ld, rows.clone());
+                    gemm::pack_panels(col, kr, cols, ld, 1, &mut s.a);
                     let dyg = &dy[i0 * o * p..(i0 + gn) * o * p];
-                    let b = s.b.take(o * ld);
-                    gather_rows(dyg, o, p, gn, b, ld);
-                    gemm::gemm_nt(isa, b, ld, o, col, ld, kr, cols, &mut acc, kr);
+                    let b = s.b.take(cols * ldo);
+                    transpose_images(dyg, o, p, gn, b, ldo);
+                    gemm::gemm_nn(isa, &s.a, kr, cols, b, ldo, o, &mut acc, ldo, i0 > 0);
                     i0 += gn;
                 }
                 acc
@@ -368,10 +401,10 @@ pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]
         })
         .collect();
     for (rows, block) in parts.iter().zip(blocks) {
-        let kr = rows.len();
-        for oo in 0..o {
-            dw[oo * k + rows.start..oo * k + rows.end]
-                .copy_from_slice(&block[oo * kr..(oo + 1) * kr]);
+        for (r, kk) in rows.clone().enumerate() {
+            for oo in 0..o {
+                dw[oo * k + kk] = block[r * ldo + oo];
+            }
         }
     }
 }
