@@ -11,6 +11,7 @@ Prints one JSON line: {"ms_per_step": median, ...}. torch is installed by the be
 """
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -103,7 +104,9 @@ def main():
         if i >= a.warmup:
             times.append((time.perf_counter() - t0) * 1000.0)
     print(json.dumps({"ms_per_step": statistics.median(times), "width": a.width, "batch": a.batch,
-                      "threads": a.threads, "torch": torch.__version__, "steps": a.steps}))
+                      "threads": a.threads, "torch": torch.__version__, "steps": a.steps,
+                      # Peak resident set of this process (Linux reports KiB).
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
 
 
 if __name__ == "__main__":

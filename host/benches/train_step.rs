@@ -2,7 +2,9 @@
 //! on Burn's flex backend — the counterpart of `bench/reference/train_step.py`.
 //!
 //! `cargo bench -p nvcim --bench train_step` (ids `train_step/vgg8_w0.25_b128_nft`,
-//! `train_step/vgg8_w1_b128_nft`). `NVCIM_BENCH_WIDTHS=0.25` limits the widths.
+//! `train_step/vgg8_w1_b128_nft`). `NVCIM_BENCH_WIDTHS=0.25` limits the widths; with
+//! `NVCIM_BENCH_RSS_FILE=PATH` the process writes its peak resident set (`VmHWM`, MiB) there at
+//! the end (`cargo xtask bench train` runs one width per process to get each width's).
 
 use std::hint::black_box;
 
@@ -52,6 +54,16 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
+    if let Some(path) = std::env::var_os("NVCIM_BENCH_RSS_FILE") {
+        let status =
+            std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/self/status");
+        std::fs::write(&path, format!("{:.1}\n", kib / 1024.0)).expect("writing the peak RSS file");
+    }
 }
 
 criterion_group!(benches, bench);

@@ -198,10 +198,27 @@ pub fn engine(root: &Path) -> Result<()> {
 pub fn train(root: &Path) -> Result<()> {
     let python = bench_python(root, &["torch", "numpy"])?;
     let script = root.join("bench/reference/train_step.py");
-    crate::cargo(&bench_args("train_step", &[]))?;
     let t = target_dir(root);
+    fs::create_dir_all(t.join("bench"))?;
     let mut rows = Vec::new();
     for (width, id) in [("0.25", "vgg8_w0.25_b128_nft"), ("1.0", "vgg8_w1_b128_nft")] {
+        // One process per width, so that each width's peak resident set is its own.
+        let rss_file = t
+            .join("bench")
+            .join(format!("train_step_w{width}_rss_mb.txt"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        crate::step(
+            Command::new(cargo)
+                .args(bench_args("train_step", &[]))
+                .env("NVCIM_BENCH_WIDTHS", width)
+                .env("NVCIM_BENCH_RSS_FILE", &rss_file),
+            &format!("cargo bench train_step (width {width})"),
+        )?;
+        let ours_rss: f64 = fs::read_to_string(&rss_file)
+            .with_context(|| format!("reading {}", rss_file.display()))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{} holds no number", rss_file.display()))?;
         let ours_ms = criterion_mean_ns(&t, "train_step", id)? / 1e6;
         let line = python_reference(
             &python,
@@ -215,8 +232,10 @@ pub fn train(root: &Path) -> Result<()> {
         )?;
         let torch_ms = json_number_after(&line, "{", "\"ms_per_step\"")
             .with_context(|| format!("no ms_per_step in the reference's output: {line}"))?;
+        let torch_rss = json_number_after(&line, "{", "\"peak_rss_mb\"")
+            .with_context(|| format!("no peak_rss_mb in the reference's output: {line}"))?;
         rows.push(format!(
-            "{{\"width\": {width}, \"nvcim_ms\": {ours_ms:.2}, \"pytorch_ms\": {torch_ms:.2}, \"ratio\": {:.3}}}",
+            "{{\"width\": {width}, \"nvcim_ms\": {ours_ms:.2}, \"pytorch_ms\": {torch_ms:.2}, \"ratio\": {:.3}, \"nvcim_peak_rss_mb\": {ours_rss:.1}, \"pytorch_peak_rss_mb\": {torch_rss:.1}}}",
             ours_ms / torch_ms
         ));
     }
