@@ -433,7 +433,7 @@ fn selection_rule_is_applied_and_recorded() {
             "--select noisy",
         ),
         (&["--clip-weights", "0"][..], "--clip-weights must be"),
-        (&["--clip-weights", "-2"][..], "--clip-weights must be"),
+        (&["--clip-weights=-2"][..], "--clip-weights must be"),
         (&["--clip-weights", "NaN"][..], "--clip-weights must be"),
         (&["--clip-weights", "inf"][..], "--clip-weights must be"),
     ] {

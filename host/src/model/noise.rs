@@ -118,7 +118,7 @@ impl TrainingNoise {
 /// the clean parameters (`GradientsParams::from_grads(loss.backward(), &clean)`).
 pub struct NoiseMapper<'a> {
     noise: &'a TrainingNoise,
-    stack: Vec<(String, String)>,
+    path: ModulePath,
     /// How many tensors were perturbed.
     pub perturbed: usize,
 }
@@ -128,30 +128,43 @@ impl<'a> NoiseMapper<'a> {
     pub fn new(noise: &'a TrainingNoise) -> Self {
         NoiseMapper {
             noise,
-            stack: Vec::new(),
+            path: ModulePath::default(),
             perturbed: 0,
         }
     }
 }
 
-/// Whether the innermost entered module is the `weight` field of a conv or linear layer.
-fn is_weight(stack: &[(String, String)]) -> bool {
-    matches!(stack.last(), Some((name, ty)) if name == "weight"
-        && (ty == "Struct:Conv2d" || ty == "Struct:Linear"))
+/// The modules a mapper or visitor is inside, innermost last (name, container type).
+#[derive(Default)]
+struct ModulePath(Vec<(String, String)>);
+
+impl ModulePath {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.0.push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+
+    /// Whether the innermost entered module is the `weight` field of a conv or linear layer.
+    fn at_weight(&self) -> bool {
+        matches!(self.0.last(), Some((name, ty)) if name == "weight"
+            && (ty == "Struct:Conv2d" || ty == "Struct:Linear"))
+    }
 }
 
 impl ModuleMapper for NoiseMapper<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
+        self.path.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if !is_weight(&self.stack) {
+        if !self.path.at_weight() {
             return param;
         }
         self.perturbed += 1;
@@ -169,27 +182,26 @@ impl ModuleMapper for NoiseMapper<'_> {
 pub fn clip_weights<M: Module>(module: M, k: f32) -> M {
     module.map(&mut ClipMapper {
         k,
-        stack: Vec::new(),
+        path: ModulePath::default(),
     })
 }
 
 struct ClipMapper {
     k: f32,
-    stack: Vec<(String, String)>,
+    path: ModulePath,
 }
 
 impl ModuleMapper for ClipMapper {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
+        self.path.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if !is_weight(&self.stack) {
+        if !self.path.at_weight() {
             return param;
         }
         let k = self.k;
@@ -215,32 +227,32 @@ impl ModuleMapper for ClipMapper {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use burn::tensor::{Device, TensorData};
+    use nvcim_shared::quant::QuantConfig;
+    use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
 
     /// Every float parameter of `module` that is not a conv/linear weight (biases, BatchNorm's
     /// gamma, beta and running statistics), in visiting order.
     pub(crate) fn non_weight_params<M: Module>(module: &M) -> Vec<Vec<f32>> {
-        struct V(Vec<(String, String)>, Vec<Vec<f32>>);
+        struct V(ModulePath, Vec<Vec<f32>>);
         impl burn::module::ModuleVisitor for V {
             fn enter_module(&mut self, name: &str, container_type: &str) {
-                self.0.push((name.to_string(), container_type.to_string()));
+                self.0.enter(name, container_type);
             }
             fn exit_module(&mut self, _name: &str, _container_type: &str) {
-                self.0.pop();
+                self.0.exit();
             }
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if !is_weight(&self.0) {
+                if !self.0.at_weight() {
                     let v = param.val().into_data().try_to_vec::<f32>().unwrap();
                     self.1.push(v);
                 }
             }
         }
-        let mut v = V(Vec::new(), Vec::new());
+        let mut v = V(ModulePath::default(), Vec::new());
         module.visit(&mut v);
         v.1
     }
-    use burn::tensor::{Device, TensorData};
-    use nvcim_shared::quant::QuantConfig;
-    use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
 
     /// Sample mean and the standard error of the mean of `xs`.
     fn mean_se(xs: &[f64]) -> (f64, f64) {
