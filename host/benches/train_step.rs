@@ -21,6 +21,7 @@ fn bench(c: &mut Criterion) {
         .ok()
         .map(|s| s.split(',').filter_map(|w| w.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![0.25, 1.0]);
+    nvcim::training::keep_freed_memory();
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
     for width in widths {

@@ -421,6 +421,19 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// Keeps freed memory in the process (glibc: no `mmap` for large blocks, no trimming), so that a
+/// training step's large tensors, freed and allocated again every step, are not returned to the
+/// kernel and page-faulted back in each time (VGG-8 w1.0 step: 2.88 -> 2.53 s, measured). A
+/// no-op elsewhere. Called by [`train`] and the training benchmark.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets allocator parameters; called before the training allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// The forward pass of one training step: backbone logits and the feedback terms (noise
 /// injected per `method`).
 pub fn step_forward(
@@ -552,6 +565,7 @@ pub fn train_step(
 /// Trains per `cfg`, writing under `opts.out`.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let started = Instant::now();
+    keep_freed_memory();
     cfg.model.validate()?;
     ensure!(cfg.epochs > 0, "--epochs must be at least 1");
     ensure!(cfg.batch_size > 0, "--batch-size must be at least 1");
