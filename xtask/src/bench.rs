@@ -199,7 +199,8 @@ pub fn train(root: &Path) -> Result<()> {
     let python = bench_python(root, &["torch", "numpy"])?;
     let script = root.join("bench/reference/train_step.py");
     let t = target_dir(root);
-    fs::create_dir_all(t.join("bench"))?;
+    let dir = t.join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rows = Vec::new();
     for (width, id) in [("0.25", "vgg8_w0.25_b128_nft"), ("1.0", "vgg8_w1_b128_nft")] {
         // One process per width, so that each width's peak resident set is its own.

@@ -20,7 +20,8 @@
 //! `f32` rounding of the direct sum (the transforms' coefficients are 0, +-1 and +-1/2).
 //!
 //! Scratch matrices are kept per thread from call to call: in steady state a step allocates only
-//! its output tensors and the per-call packed weights.
+//! its output tensors, the per-call packed (and, for Winograd, transformed) weights and a few
+//! row buffers.
 
 use std::cell::RefCell;
 
