@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 /// weights per layer (`--clip-weights`), and every evaluation recalibrates BatchNorm per Monte
 /// Carlo run. Measured on the same budget: nft from scratch reached 47.9% at sigma 0.4 (61.7%
 /// recalibrated), fine-tuned and recalibrated 72.4%; with clipping the fine-tuned models keep
-/// their clean accuracy (75 -> 86-87%) and gain at every sigma (see the README).
+/// their clean accuracy (75 -> 88-89% in the demo) and gain at every sigma (see the README).
 pub struct Plan {
     /// VGG-8 width multiplier.
     pub width: &'static str,

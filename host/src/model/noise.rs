@@ -113,24 +113,47 @@ impl TrainingNoise {
     }
 }
 
-/// Replaces every conv and linear weight `w` (backbone and exits) by `w + dw` with a fresh `dw`,
-/// keeping `w`'s parameter id, so that gradients computed through the perturbed module land on
-/// the clean parameters (`GradientsParams::from_grads(loss.backward(), &clean)`).
-pub struct NoiseMapper<'a> {
-    noise: &'a TrainingNoise,
-    path: ModulePath,
-    /// How many tensors were perturbed.
-    pub perturbed: usize,
+/// What a [`WeightMapper`] does to each conv and linear weight.
+pub trait WeightFn {
+    /// The new value of weight tensor `w`.
+    fn apply<const D: usize>(&mut self, w: Tensor<D>) -> Tensor<D>;
 }
 
-impl<'a> NoiseMapper<'a> {
-    /// A mapper drawing from `noise`.
-    pub fn new(noise: &'a TrainingNoise) -> Self {
-        NoiseMapper {
-            noise,
+/// Maps every conv and linear weight (backbone and exits) through `F`, keeping each parameter's
+/// id; every other parameter is left as it is.
+pub struct WeightMapper<F> {
+    f: F,
+    path: ModulePath,
+    /// How many tensors were mapped.
+    pub mapped: usize,
+}
+
+impl<F> WeightMapper<F> {
+    fn with(f: F) -> Self {
+        WeightMapper {
+            f,
             path: ModulePath::default(),
-            perturbed: 0,
+            mapped: 0,
         }
+    }
+}
+
+impl<F: WeightFn> ModuleMapper for WeightMapper<F> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if !self.path.at_weight() {
+            return param;
+        }
+        self.mapped += 1;
+        let f = &mut self.f;
+        param.map(|w| f.apply(w))
     }
 }
 
@@ -154,25 +177,47 @@ impl ModulePath {
     }
 }
 
-impl ModuleMapper for NoiseMapper<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
+/// `w + dw` with a fresh `dw` drawn from the noise.
+pub struct AddNoise<'a>(&'a TrainingNoise);
 
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
+impl WeightFn for AddNoise<'_> {
+    fn apply<const D: usize>(&mut self, w: Tensor<D>) -> Tensor<D> {
+        let dw = self.0.sample(w.clone());
+        w + dw
     }
+}
 
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if !self.path.at_weight() {
-            return param;
+/// Replaces every conv and linear weight `w` (backbone and exits) by `w + dw` with a fresh `dw`,
+/// keeping `w`'s parameter id, so that gradients computed through the perturbed module land on
+/// the clean parameters (`GradientsParams::from_grads(loss.backward(), &clean)`).
+pub type NoiseMapper<'a> = WeightMapper<AddNoise<'a>>;
+
+impl<'a> NoiseMapper<'a> {
+    /// A mapper drawing from `noise`.
+    pub fn new(noise: &'a TrainingNoise) -> Self {
+        WeightMapper::with(AddNoise(noise))
+    }
+}
+
+/// Clamps to `±k` times the tensor's population standard deviation.
+struct Clip(f32);
+
+impl WeightFn for Clip {
+    fn apply<const D: usize>(&mut self, w: Tensor<D>) -> Tensor<D> {
+        let flat: Tensor<1> = w.clone().detach().flatten(0, D - 1);
+        let std = flat.var_bias(0).sqrt().into_scalar::<f32>();
+        let c = self.0 * std;
+        if !(c.is_finite() && c > 0.0) {
+            return w;
         }
-        self.perturbed += 1;
-        let noise = self.noise;
-        param.map(|w| {
-            let dw = noise.sample(w.clone());
-            w + dw
-        })
+        let grad = w.is_require_grad();
+        // Clamped on the inner backend: a fresh leaf, as the optimizer leaves its params.
+        let out = if w.is_autodiff() {
+            w.inner().clamp(-c, c).autodiff()
+        } else {
+            w.clamp(-c, c)
+        };
+        if grad { out.require_grad() } else { out }
     }
 }
 
@@ -180,48 +225,7 @@ impl ModuleMapper for NoiseMapper<'_> {
 /// deviation (population, over all of the tensor's elements): per-layer Gaussian clipping
 /// (`--clip-weights`). Parameter ids are kept, so the optimizer's state follows them.
 pub fn clip_weights<M: Module>(module: M, k: f32) -> M {
-    module.map(&mut ClipMapper {
-        k,
-        path: ModulePath::default(),
-    })
-}
-
-struct ClipMapper {
-    k: f32,
-    path: ModulePath,
-}
-
-impl ModuleMapper for ClipMapper {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if !self.path.at_weight() {
-            return param;
-        }
-        let k = self.k;
-        param.map(|w| {
-            let flat: Tensor<1> = w.clone().detach().flatten(0, D - 1);
-            let std = flat.var_bias(0).sqrt().into_scalar::<f32>();
-            let c = k * std;
-            if !(c.is_finite() && c > 0.0) {
-                return w;
-            }
-            let grad = w.is_require_grad();
-            // Clamped on the inner backend: a fresh leaf, as the optimizer leaves its params.
-            let out = if w.is_autodiff() {
-                w.inner().clamp(-c, c).autodiff()
-            } else {
-                w.clamp(-c, c)
-            };
-            if grad { out.require_grad() } else { out }
-        })
-    }
+    module.map(&mut WeightMapper::with(Clip(k)))
 }
 
 #[cfg(test)]

@@ -142,6 +142,35 @@ fn group(plane: usize, images: usize) -> usize {
     (COLS / plane.max(1)).clamp(1, images.max(1))
 }
 
+/// Splits a batch of `n` images over rayon's threads (`out` and `inp` hold `out_per` and
+/// `in_per` values per image) and, in each thread with its scratch, calls `f(s, out, inp, gn)`
+/// on consecutive groups of `gn` images: as many as make products of at least [`COLS`] columns,
+/// `cols_per_image` per image.
+fn by_image_groups(
+    n: usize,
+    (out, out_per): (&mut [f32], usize),
+    (inp, in_per): (&[f32], usize),
+    cols_per_image: usize,
+    f: impl Fn(&mut Scratch, &mut [f32], &[f32], usize) + Sync,
+) {
+    let per = per_worker(n);
+    out.par_chunks_mut(per * out_per)
+        .zip(inp.par_chunks(per * in_per))
+        .for_each(|(oc, ic)| {
+            SCRATCH.with_borrow_mut(|s| {
+                let images = oc.len() / out_per;
+                let gi = group(cols_per_image, images);
+                let mut i0 = 0;
+                while i0 < images {
+                    let gn = gi.min(images - i0);
+                    let og = &mut oc[i0 * out_per..(i0 + gn) * out_per];
+                    f(s, og, &ic[i0 * in_per..(i0 + gn) * in_per], gn);
+                    i0 += gn;
+                }
+            })
+        });
+}
+
 /// The im2col matrix of `gn` images (`x`: `gn` images of `c x h x w`): row `(ci, ky, kx)`,
 /// column `i * oh * ow + oy * ow + ox`, `ld` values per row (columns past the images zero).
 fn im2col(g: &Geom, x: &[f32], gn: usize, col: &mut [f32], ld: usize) {
@@ -424,43 +453,32 @@ fn forward_winograd(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
         gemm::pack_panels(&u[xi * o * c..(xi + 1) * o * c], o, c, c, 1, &mut tmp);
         packed.extend_from_slice(&tmp);
     }
-    let per = per_worker(g.n);
-    y.par_chunks_mut(per * o * plane_in)
-        .zip(x.par_chunks(per * c * plane_in))
-        .for_each(|(yc, xc)| {
-            SCRATCH.with_borrow_mut(|s| {
-                let images = yc.len() / (o * plane_in);
-                let gi = group(tiles, images);
-                let mut i0 = 0;
-                while i0 < images {
-                    let gn = gi.min(images - i0);
-                    let cols = gn * tiles;
-                    let ld = row_len(cols);
-                    let v = s.col.take(16 * c * ld);
-                    input_transform(g, &xc[i0 * c * plane_in..], gn, v, ld);
-                    for r in v.chunks_exact_mut(ld) {
-                        r[cols..].fill(0.0);
-                    }
-                    let m = s.c.take(16 * o * cols);
-                    for xi in 0..16 {
-                        gemm::gemm_nn(
-                            isa,
-                            &packed[xi * panel..(xi + 1) * panel],
-                            o,
-                            c,
-                            &v[xi * c * ld..(xi + 1) * c * ld],
-                            ld,
-                            cols,
-                            &mut m[xi * o * cols..(xi + 1) * o * cols],
-                            cols,
-                            false,
-                        );
-                    }
-                    output_transform(g, m, cols, gn, &mut yc[i0 * o * plane_in..]);
-                    i0 += gn;
-                }
-            })
-        });
+    let (out, inp) = ((y, o * plane_in), (x, c * plane_in));
+    by_image_groups(g.n, out, inp, tiles, |s, yg, xg, gn| {
+        let cols = gn * tiles;
+        let ld = row_len(cols);
+        let v = s.col.take(16 * c * ld);
+        input_transform(g, xg, gn, v, ld);
+        for r in v.chunks_exact_mut(ld) {
+            r[cols..].fill(0.0);
+        }
+        let m = s.c.take(16 * o * cols);
+        for xi in 0..16 {
+            gemm::gemm_nn(
+                isa,
+                &packed[xi * panel..(xi + 1) * panel],
+                o,
+                c,
+                &v[xi * c * ld..(xi + 1) * c * ld],
+                ld,
+                cols,
+                &mut m[xi * o * cols..(xi + 1) * o * cols],
+                cols,
+                false,
+            );
+        }
+        output_transform(g, m, cols, gn, yg);
+    });
 }
 
 /// `y = conv(x, w)`: `x` `[n][c][h][w]`, `w` `[o][c][kh][kw]`, `y` `[n][o][oh][ow]`.
@@ -475,37 +493,23 @@ pub fn forward(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
     }
     let mut a = Vec::new();
     gemm::pack_panels(w, o, k, k, 1, &mut a);
-    let per = per_worker(g.n);
-    y.par_chunks_mut(per * o * p)
-        .zip(x.par_chunks(per * g.image_in()))
-        .for_each(|(yc, xc)| {
-            SCRATCH.with_borrow_mut(|s| {
-                let images = yc.len() / (o * p);
-                let gi = group(p, images);
-                let mut i0 = 0;
-                while i0 < images {
-                    let gn = gi.min(images - i0);
-                    let cols = gn * p;
-                    let ld = row_len(cols);
-                    let col = s.col.take(k * ld);
-                    im2col(g, &xc[i0 * g.image_in()..], gn, col, ld);
-                    let out = &mut yc[i0 * o * p..(i0 + gn) * o * p];
-                    if gn == 1 {
-                        gemm::gemm_nn(isa, &a, o, k, col, ld, cols, out, p, false);
-                    } else {
-                        let c = s.c.take(o * cols);
-                        gemm::gemm_nn(isa, &a, o, k, col, ld, cols, c, cols, false);
-                        for oo in 0..o {
-                            for i in 0..gn {
-                                out[(i * o + oo) * p..][..p]
-                                    .copy_from_slice(&c[oo * cols + i * p..][..p]);
-                            }
-                        }
-                    }
-                    i0 += gn;
+    by_image_groups(g.n, (y, o * p), (x, g.image_in()), p, |s, out, xg, gn| {
+        let cols = gn * p;
+        let ld = row_len(cols);
+        let col = s.col.take(k * ld);
+        im2col(g, xg, gn, col, ld);
+        if gn == 1 {
+            gemm::gemm_nn(isa, &a, o, k, col, ld, cols, out, p, false);
+        } else {
+            let c = s.c.take(o * cols);
+            gemm::gemm_nn(isa, &a, o, k, col, ld, cols, c, cols, false);
+            for oo in 0..o {
+                for i in 0..gn {
+                    out[(i * o + oo) * p..][..p].copy_from_slice(&c[oo * cols + i * p..][..p]);
                 }
-            })
-        });
+            }
+        }
+    });
 }
 
 /// The input gradient: `dx = conv(x, w)`'s gradient with respect to `x` for the output
@@ -543,32 +547,25 @@ pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32])
     // `W^T`: `k` rows (fan-in), `o` columns.
     let mut a = Vec::new();
     gemm::pack_panels(w, k, o, 1, k, &mut a);
-    let per = per_worker(g.n);
-    dx.par_chunks_mut(per * g.image_in())
-        .zip(dy.par_chunks(per * o * p))
-        .for_each(|(dxc, dyc)| {
-            SCRATCH.with_borrow_mut(|s| {
-                dxc.fill(0.0);
-                let images = dyc.len() / (o * p);
-                let gi = group(p, images);
-                let mut i0 = 0;
-                while i0 < images {
-                    let gn = gi.min(images - i0);
-                    let cols = gn * p;
-                    let dyg = &dyc[i0 * o * p..(i0 + gn) * o * p];
-                    let ld = row_len(cols);
-                    let b = s.b.take(o * ld);
-                    gather_rows(dyg, o, p, gn, b, ld);
-                    let col = s.col.take(k * cols);
-                    gemm::gemm_nn(isa, &a, k, o, b, ld, cols, col, cols, false);
-                    col2im(g, col, cols, gn, &mut dxc[i0 * g.image_in()..]);
-                    i0 += gn;
-                }
-            })
-        });
+    by_image_groups(
+        g.n,
+        (dx, g.image_in()),
+        (dy, o * p),
+        p,
+        |s, dxg, dyg, gn| {
+            let cols = gn * p;
+            let ld = row_len(cols);
+            let b = s.b.take(o * ld);
+            gather_rows(dyg, o, p, gn, b, ld);
+            let col = s.col.take(k * cols);
+            gemm::gemm_nn(isa, &a, k, o, b, ld, cols, col, cols, false);
+            dxg.fill(0.0);
+            col2im(g, col, cols, gn, dxg);
+        },
+    );
 }
 
-/// `dst` (`rows` rows of `ld` values, `ld >= cols.next_multiple_of(LANES)`) `=` the transpose of
+/// `dst` (`gn * plane` rows of `ld` values, `ld >= cols.next_multiple_of(LANES)`) `=` the transpose of
 /// `gn` images' `[cols][plane]` blocks of `src` (NCHW, `cols` channels): row `i * plane + px`
 /// holds pixel `px` of image `i` across the channels, lanes past `cols` zero.
 fn transpose_images(src: &[f32], cols: usize, plane: usize, gn: usize, dst: &mut [f32], ld: usize) {

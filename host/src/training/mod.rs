@@ -841,7 +841,7 @@ mod tests {
         let mut mapper = NoiseMapper::new(&noise);
         let noisy = clean.clone().map(&mut mapper);
         assert_eq!(
-            mapper.perturbed,
+            mapper.mapped,
             8 + 2 * 3,
             "every backbone and exit weight is perturbed"
         );
