@@ -115,6 +115,8 @@ struct Scratch {
     c: Aligned,
     /// Packed panels (the weight gradient's `col`).
     a: Vec<f32>,
+    /// The Winograd transforms' planes.
+    t: Vec<f32>,
 }
 
 thread_local! {
@@ -314,75 +316,296 @@ fn kernel_transform(k: &[f32]) -> [f32; 16] {
     u
 }
 
-/// `B^T d B` of every 4x4 input tile of `gn` images (`x`, `c x h x w` each, zero outside):
-/// `v[(xi * c + ci) * ld + i * tiles + ty * tw + tx]`, `ld` values per row.
+/// A vector of `f32` lanes for the Winograd transforms: one AVX-512 or AVX2 register, or one
+/// scalar (the portable path and the tails).
 ///
-/// The padded input rows are kept split into even and odd columns, so that tile `tx` reads
-/// `e[tx], o[tx], e[tx + 1], o[tx + 1]` and every loop runs at unit stride.
-fn input_transform(g: &Geom, x: &[f32], gn: usize, v: &mut [f32], ld: usize) {
-    let (c, h, w) = (g.c, g.h, g.w);
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let tiles = th * tw;
-    let half = tw + 1;
-    // Rows 0..4: even columns of the 4 padded rows; 4..8: odd columns; then the 4 combinations'
-    // even and odd columns.
-    let mut buf = vec![0f32; 16 * half];
-    // Channel by channel, every image: each of a channel's 16 rows of `v` is written from start
-    // to end before the next channel's.
-    for ci in 0..c {
-        for i in 0..gn {
-            let plane = &x[(i * c + ci) * h * w..][..h * w];
-            for ty in 0..th {
-                let (rows, comb) = buf.split_at_mut(8 * half);
-                // Padded row j holds image row 2 ty - 1 + j, columns -1 .. 2 tw + 1; padded
-                // column q = image column + 1.
-                for j in 0..4 {
-                    let iy = (2 * ty + j).wrapping_sub(1);
-                    let (even, odd) = (j * half, (4 + j) * half);
-                    rows[even..even + half].fill(0.0);
-                    rows[odd..odd + half].fill(0.0);
-                    if iy < h {
-                        let src = &plane[iy * w..(iy + 1) * w];
-                        for (k, pair) in src.chunks(2).enumerate() {
-                            // Image columns 2k and 2k + 1 are padded columns 2k + 1 (odd k)
-                            // and 2k + 2 (even k + 1).
-                            rows[odd + k] = pair[0];
-                            if let Some(&b) = pair.get(1) {
-                                rows[even + k + 1] = b;
+/// The register types' methods call their ISA's intrinsics: they are only instantiated by
+/// [`per_isa!`]'s copies for that ISA, which run once [`Isa::detect`] found it.
+trait Lanes: Copy {
+    /// Lanes per vector.
+    const N: usize;
+    /// Zero in every lane.
+    const ZERO: Self;
+    /// `s[at..at + N]` (panics past the end).
+    fn load(s: &[f32], at: usize) -> Self;
+    /// Into `s[at..at + N]` (panics past the end).
+    fn store(self, s: &mut [f32], at: usize);
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+}
+
+impl Lanes for f32 {
+    const N: usize = 1;
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn load(s: &[f32], at: usize) -> Self {
+        s[at]
+    }
+    #[inline(always)]
+    fn store(self, s: &mut [f32], at: usize) {
+        s[at] = self;
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        self - o
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod lanes {
+    use std::arch::x86_64::{
+        __m256, __m512, _mm256_add_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_sub_ps,
+        _mm512_add_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_sub_ps,
+    };
+
+    use super::Lanes;
+
+    /// 16 lanes (AVX-512 F).
+    #[derive(Clone, Copy)]
+    pub(super) struct F512(__m512);
+    /// 8 lanes (AVX).
+    #[derive(Clone, Copy)]
+    pub(super) struct F256(__m256);
+
+    // SAFETY (every `unsafe` below): these types are only used by the AVX-512 (`F512`) and AVX2
+    // (`F256`) copies of `per_isa!`, called once the CPU was detected to have those features;
+    // loads and stores are bounds-checked first.
+    impl Lanes for F512 {
+        const N: usize = 16;
+        // SAFETY: all-zero bits are 16 zeros.
+        const ZERO: Self = F512(unsafe { std::mem::transmute::<[f32; 16], __m512>([0.0; 16]) });
+        #[inline(always)]
+        fn load(s: &[f32], at: usize) -> Self {
+            let s = &s[at..at + 16];
+            F512(unsafe { _mm512_loadu_ps(s.as_ptr()) })
+        }
+        #[inline(always)]
+        fn store(self, s: &mut [f32], at: usize) {
+            let s = &mut s[at..at + 16];
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            F512(unsafe { _mm512_add_ps(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            F512(unsafe { _mm512_sub_ps(self.0, o.0) })
+        }
+    }
+
+    impl Lanes for F256 {
+        const N: usize = 8;
+        // SAFETY: all-zero bits are 8 zeros.
+        const ZERO: Self = F256(unsafe { std::mem::transmute::<[f32; 8], __m256>([0.0; 8]) });
+        #[inline(always)]
+        fn load(s: &[f32], at: usize) -> Self {
+            let s = &s[at..at + 8];
+            F256(unsafe { _mm256_loadu_ps(s.as_ptr()) })
+        }
+        #[inline(always)]
+        fn store(self, s: &mut [f32], at: usize) {
+            let s = &mut s[at..at + 8];
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            F256(unsafe { _mm256_add_ps(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            F256(unsafe { _mm256_sub_ps(self.0, o.0) })
+        }
+    }
+}
+
+/// Defines `fn $name(isa: Isa, args..)` that runs `$body` (generic over its [`Lanes`] type `$v`)
+/// with the vectors of `isa`: an AVX-512 copy on [`lanes::F512`], an AVX2 copy on
+/// [`lanes::F256`], a portable one on `f32`. The copies compute the same bits: the lanes only
+/// add and subtract, each lane as the scalar code would.
+macro_rules! per_isa {
+    ($(#[$m:meta])* fn $name:ident<$v:ident>($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name(isa: Isa, $($a: $t),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body<$v: Lanes>($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx512($($a: $t),*) { body::<lanes::F512>($($a),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx2($($a: $t),*) { body::<lanes::F256>($($a),*) }
+            match isa {
+                // SAFETY: `Isa::Avx512` and `Isa::Avx2` are only detected on CPUs with these
+                // features.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { avx512($($a),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2($($a),*) },
+                _ => body::<f32>($($a),*),
+            }
+        }
+    };
+}
+
+per_isa! {
+    /// `B^T d B` of every 4x4 input tile of `gn` images (`x`, `c x h x w` each, zero outside):
+    /// `v[(xi * c + ci) * ld + i * tiles + ty * tw + tx]`, `ld` values per row; `buf` scratch.
+    ///
+    /// Per channel of an image, its padded pixels are first spread over 8 planes of `tiles + tw`
+    /// values, `G[pr][q][r * tw + tx]` = padded pixel (row `2 r + pr`, column `2 tx + q`), so that
+    /// the 16 values of tile `t = ty * tw + tx` are `G[j % 2][q][t + (j / 2) tw]`: the transform
+    /// then runs over all of an image's tiles at unit stride.
+    fn input_transform<V>(g: &Geom, x: &[f32], gn: usize, v: &mut [f32], ld: usize, buf: &mut Vec<f32>) {
+        let (c, h, w) = (g.c, g.h, g.w);
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        let tiles = th * tw;
+        let span = tiles + tw;
+        buf.clear();
+        buf.resize(8 * span + 2 * tw, 0.0);
+        let (planes, split) = buf.split_at_mut(8 * span);
+        let (ev, od) = split.split_at_mut(tw);
+        for ci in 0..c {
+            for i in 0..gn {
+                let plane = &x[(i * c + ci) * h * w..][..h * w];
+                // Padded row pr' = image row + 1 goes to row pr' / 2 of the planes of parity
+                // pr' % 2; padded rows 0 and past the image stay zero.
+                for pr in 0..2 {
+                    for r in 0..=th {
+                        let iy = (2 * r + pr).wrapping_sub(1);
+                        let row = |q: usize| (pr * 4 + q) * span + r * tw;
+                        if iy >= h {
+                            for q in 0..4 {
+                                planes[row(q)..row(q) + tw].fill(0.0);
                             }
+                            continue;
                         }
+                        let src = &plane[iy * w..(iy + 1) * w];
+                        // Image columns 2k (ev) and 2k + 1 (od), zero past the image.
+                        let pairs = src.chunks_exact(2);
+                        if let [last] = pairs.remainder() {
+                            ev[tw - 1] = *last;
+                            od[tw - 1] = 0.0;
+                        }
+                        for ((e, o), pair) in ev.iter_mut().zip(od.iter_mut()).zip(pairs) {
+                            *e = pair[0];
+                            *o = pair[1];
+                        }
+                        // Padded column 2 tx + q is image column 2 tx + q - 1.
+                        let at = |q: usize| row(q);
+                        planes[at(0)] = 0.0;
+                        planes[at(0) + 1..at(0) + tw].copy_from_slice(&od[..tw - 1]);
+                        planes[at(1)..at(1) + tw].copy_from_slice(ev);
+                        planes[at(2)..at(2) + tw].copy_from_slice(od);
+                        planes[at(3)..at(3) + tw - 1].copy_from_slice(&ev[1..]);
+                        planes[at(3) + tw - 1] = 0.0;
                     }
                 }
-                let (pe, po) = rows.split_at(4 * half);
-                // B^T over the rows: r0 = p0 - p2, r1 = p1 + p2, r2 = p2 - p1, r3 = p1 - p3,
-                // on the even and on the odd columns.
-                for (src, off) in [(pe, 0usize), (po, 4 * half)] {
-                    let p = |j: usize| &src[j * half..(j + 1) * half];
-                    let (p0, p1, p2, p3) = (p(0), p(1), p(2), p(3));
-                    for q in 0..half {
-                        comb[off + q] = p0[q] - p2[q];
-                        comb[off + half + q] = p1[q] + p2[q];
-                        comb[off + 2 * half + q] = p2[q] - p1[q];
-                        comb[off + 3 * half + q] = p1[q] - p3[q];
-                    }
+                let p = |j: usize, q: usize| {
+                    let at = ((j % 2) * 4 + q) * span + (j / 2) * tw;
+                    &planes[at..at + tiles]
+                };
+                let d: [[&[f32]; 4]; 4] = std::array::from_fn(|j| std::array::from_fn(|q| p(j, q)));
+                let mut rows = v.chunks_exact_mut(c * ld);
+                let mut out: [&mut [f32]; 16] = std::array::from_fn(|_| {
+                    let r = rows.next().expect("16 rows of transforms");
+                    &mut r[ci * ld + i * tiles..][..tiles]
+                });
+                let mut t = 0;
+                while t + V::N <= tiles {
+                    input_tiles::<V>(&d, &mut out, t);
+                    t += V::N;
                 }
-                let at = i * tiles + ty * tw;
-                for j in 0..4 {
-                    let e = &comb[j * half..(j + 1) * half];
-                    let o = &comb[(4 + j) * half..(5 + j) * half];
-                    let base = |q: usize| ((4 * j + q) * c + ci) * ld + at;
-                    // B over the columns of tile tx: d = (e[tx], o[tx], e[tx + 1], o[tx + 1]).
-                    let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
-                    let rows = [
-                        (e0, e1, -1f32),
-                        (o0, e1, 1.0),
-                        (e1, o0, -1.0),
-                        (o0, o1, -1.0),
-                    ];
-                    for (q, (a, b, sign)) in rows.into_iter().enumerate() {
-                        let dst = &mut v[base(q)..][..tw];
-                        for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
-                            *d = a + sign * b;
+                while t < tiles {
+                    input_tiles::<f32>(&d, &mut out, t);
+                    t += 1;
+                }
+            }
+        }
+    }
+}
+
+/// [`input_transform`] of the `V::N` tiles from `t`: `out[xi][t..] = (B^T d B)[xi]`, `d[j][q]`
+/// the tiles' values at row `j`, column `q`.
+#[inline(always)]
+fn input_tiles<V: Lanes>(d: &[[&[f32]; 4]; 4], out: &mut [&mut [f32]; 16], t: usize) {
+    let mut p = [[V::ZERO; 4]; 4];
+    for (pj, dj) in p.iter_mut().zip(d) {
+        for (v, dq) in pj.iter_mut().zip(dj) {
+            *v = V::load(dq, t);
+        }
+    }
+    // B^T over the rows, then B over the columns.
+    for j in 0..4 {
+        let mut r = [V::ZERO; 4];
+        for (q, r) in r.iter_mut().enumerate() {
+            *r = match j {
+                0 => p[0][q].sub(p[2][q]),
+                1 => p[1][q].add(p[2][q]),
+                2 => p[2][q].sub(p[1][q]),
+                _ => p[1][q].sub(p[3][q]),
+            };
+        }
+        r[0].sub(r[2]).store(out[4 * j], t);
+        r[1].add(r[2]).store(out[4 * j + 1], t);
+        r[2].sub(r[1]).store(out[4 * j + 2], t);
+        r[1].sub(r[3]).store(out[4 * j + 3], t);
+    }
+}
+
+per_isa! {
+    /// `A^T m A` of every tile: `m[(xi * o + oo) * cols + i * tiles + tile]` to `y` (`gn` images
+    /// of `o x h x w`), the outputs past the image dropped; `buf` scratch.
+    ///
+    /// Per output channel the four outputs of every tile are computed at unit stride over the
+    /// tiles, then interleaved into the image rows.
+    fn output_transform<V>(g: &Geom, m: &[f32], cols: usize, gn: usize, y: &mut [f32], buf: &mut Vec<f32>) {
+        let (o, h, w) = (g.o, g.h, g.w);
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        let tiles = th * tw;
+        assert_eq!(cols, gn * tiles);
+        buf.clear();
+        buf.resize(4 * cols, 0.0);
+        let (t0, t1) = buf.split_at_mut(2 * cols);
+        let (y00, y01) = t0.split_at_mut(cols);
+        let (y10, y11) = t1.split_at_mut(cols);
+        for oo in 0..o {
+            let mr: [&[f32]; 16] = std::array::from_fn(|xi| &m[(xi * o + oo) * cols..][..cols]);
+            let mut out = [&mut y00[..], &mut y01[..], &mut y10[..], &mut y11[..]];
+            let mut t = 0;
+            while t + V::N <= cols {
+                output_tiles::<V>(&mr, &mut out, t);
+                t += V::N;
+            }
+            while t < cols {
+                output_tiles::<f32>(&mr, &mut out, t);
+                t += 1;
+            }
+            for i in 0..gn {
+                let out = &mut y[(i * o + oo) * h * w..][..h * w];
+                for ty in 0..th {
+                    let at = i * tiles + ty * tw;
+                    let pairs = [(&y00[at..at + tw], &y01[at..at + tw]), (&y10[at..at + tw], &y11[at..at + tw])];
+                    for (dy, (a, b)) in pairs.into_iter().enumerate() {
+                        if 2 * ty + dy >= h {
+                            break;
+                        }
+                        let row = &mut out[(2 * ty + dy) * w..][..w];
+                        for (px, (&a, &b)) in row.chunks_exact_mut(2).zip(a.iter().zip(b)) {
+                            px[0] = a;
+                            px[1] = b;
+                        }
+                        if w % 2 == 1 {
+                            row[w - 1] = a[tw - 1];
                         }
                     }
                 }
@@ -391,46 +614,24 @@ fn input_transform(g: &Geom, x: &[f32], gn: usize, v: &mut [f32], ld: usize) {
     }
 }
 
-/// `A^T m A` of every tile: `m[(xi * o + oo) * cols + i * tiles + tile]` to `y` (`gn` images of
-/// `o x h x w`), the outputs past the image dropped.
-fn output_transform(g: &Geom, m: &[f32], cols: usize, gn: usize, y: &mut [f32]) {
-    let (o, h, w) = (g.o, g.h, g.w);
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let tiles = th * tw;
-    let mut s0 = vec![0f32; 2 * tw];
-    let mut s1 = vec![0f32; 2 * tw];
-    for oo in 0..o {
-        for i in 0..gn {
-            let out = &mut y[(i * o + oo) * h * w..][..h * w];
-            for ty in 0..th {
-                let at = i * tiles + ty * tw;
-                let row = |xi: usize| &m[(xi * o + oo) * cols + at..][..tw];
-                // Per column q of the 4x4: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3 (rows).
-                let mut sq = [[0f32; 4]; 2];
-                let rows: [&[f32]; 16] = std::array::from_fn(row);
-                for tx in 0..tw {
-                    for q in 0..4 {
-                        let (a, b, c, d) = (
-                            rows[q][tx],
-                            rows[4 + q][tx],
-                            rows[8 + q][tx],
-                            rows[12 + q][tx],
-                        );
-                        sq[0][q] = a + b + c;
-                        sq[1][q] = b - c - d;
-                    }
-                    s0[2 * tx] = sq[0][0] + sq[0][1] + sq[0][2];
-                    s0[2 * tx + 1] = sq[0][1] - sq[0][2] - sq[0][3];
-                    s1[2 * tx] = sq[1][0] + sq[1][1] + sq[1][2];
-                    s1[2 * tx + 1] = sq[1][1] - sq[1][2] - sq[1][3];
-                }
-                out[2 * ty * w..][..w].copy_from_slice(&s0[..w]);
-                if 2 * ty + 1 < h {
-                    out[(2 * ty + 1) * w..][..w].copy_from_slice(&s1[..w]);
-                }
-            }
-        }
+/// [`output_transform`] of the `V::N` tiles from `t`: `out[2 a + b][t..] = (A^T m A)[a][b]`,
+/// `m[xi]` the tiles' products.
+#[inline(always)]
+fn output_tiles<V: Lanes>(m: &[&[f32]; 16], out: &mut [&mut [f32]; 4], t: usize) {
+    let mut mv = [V::ZERO; 16];
+    for (v, m) in mv.iter_mut().zip(m) {
+        *v = V::load(m, t);
     }
+    // A^T over the rows (per column q of the 4x4), then A over the columns.
+    let (mut s0, mut s1) = ([V::ZERO; 4], [V::ZERO; 4]);
+    for q in 0..4 {
+        s0[q] = mv[q].add(mv[4 + q]).add(mv[8 + q]);
+        s1[q] = mv[4 + q].sub(mv[8 + q]).sub(mv[12 + q]);
+    }
+    s0[0].add(s0[1]).add(s0[2]).store(out[0], t);
+    s0[1].sub(s0[2]).sub(s0[3]).store(out[1], t);
+    s1[0].add(s1[1]).add(s1[2]).store(out[2], t);
+    s1[1].sub(s1[2]).sub(s1[3]).store(out[3], t);
 }
 
 /// [`forward`] as Winograd F(2x2, 3x3) ([`winograd`] holds for `g`).
@@ -458,7 +659,7 @@ fn forward_winograd(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
         let cols = gn * tiles;
         let ld = row_len(cols);
         let v = s.col.take(16 * c * ld);
-        input_transform(g, xg, gn, v, ld);
+        input_transform(isa, g, xg, gn, v, ld, &mut s.t);
         for r in v.chunks_exact_mut(ld) {
             r[cols..].fill(0.0);
         }
@@ -477,7 +678,7 @@ fn forward_winograd(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
                 false,
             );
         }
-        output_transform(g, m, cols, gn, yg);
+        output_transform(isa, g, m, cols, gn, yg, &mut s.t);
     });
 }
 
