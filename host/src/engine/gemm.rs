@@ -87,6 +87,17 @@ pub(crate) fn pack_panels(a: &[f32], m: usize, k: usize, rs: usize, cs: usize, o
     }
 }
 
+/// The `A` operand of [`gemm`]: `m x k`.
+#[derive(Clone, Copy)]
+pub(crate) enum Lhs<'a> {
+    /// Packed by [`pack_panels`].
+    Packed(&'a [f32]),
+    /// Row-major, `lda` values per row, `m.next_multiple_of(MR)` rows (the rows past `m` are
+    /// read and their results dropped): no packing, each register block broadcasts its rows'
+    /// values straight from the rows.
+    Rows(&'a [f32], usize),
+}
+
 /// `C = A B` (`accumulate`: `C += A B`) for `A` `m x k` packed by [`pack_panels`], `B` `k`
 /// rows of `ldb >= n.next_multiple_of(LANES)` values (the lanes past `n` are read and their
 /// results dropped), `C` `m` rows of `ldc >= n` values.
@@ -103,10 +114,34 @@ pub(crate) fn gemm_nn(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm(isa, Lhs::Packed(a), m, k, b, ldb, n, c, ldc, accumulate);
+}
+
+/// [`gemm_nn`] for either form of `A` ([`Lhs`]); both give the same bits (every element is the
+/// same chain of products in the same order).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    isa: Isa,
+    a: Lhs<'_>,
+    m: usize,
+    k: usize,
+    b: &[f32],
+    ldb: usize,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let a_fits = match a {
+        Lhs::Packed(a) => a.len() >= m.div_ceil(MR) * k * MR,
+        Lhs::Rows(a, lda) => {
+            m == 0 || (lda >= k && a.len() >= (m.next_multiple_of(MR) - 1) * lda + k)
+        }
+    };
     assert!(
         ldb >= n.next_multiple_of(LANES)
             && b.len() >= k * ldb
-            && a.len() >= m.div_ceil(MR) * k * MR
+            && a_fits
             && ldc >= n
             && (m == 0 || c.len() >= (m - 1) * ldc + n)
     );
@@ -117,6 +152,13 @@ pub(crate) fn gemm_nn(
             }
         }
         return;
+    }
+    if let (Lhs::Rows(rows, lda), false) = (a, cfg!(target_arch = "x86_64") && isa == Isa::Avx512)
+    {
+        // Only the AVX-512 kernel reads rows in place; the others take the packed panels.
+        let mut packed = Vec::new();
+        pack_panels(rows, m, k, lda, 1, &mut packed);
+        return gemm(isa, Lhs::Packed(&packed), m, k, b, ldb, n, c, ldc, accumulate);
     }
     let mut acc = [[0f32; NR * LANES]; MR];
     let mut k0 = 0;
@@ -129,12 +171,34 @@ pub(crate) fn gemm_nn(
             let nc = (n - n0).min(NC);
             let nv = nc.div_ceil(LANES);
             for p in 0..m.div_ceil(MR) {
-                let ap = &a[(p * k + k0) * MR..];
                 let rows = MR.min(m - p * MR);
                 let mut v = 0;
                 while v < nv {
                     let nr = (nv - v).min(NR);
-                    tile(isa, ap, bk, ldb, n0 + v * LANES, kc, nr, &mut acc);
+                    match a {
+                        Lhs::Packed(a) => {
+                            let ap = &a[(p * k + k0) * MR..];
+                            tile(isa, ap, bk, ldb, n0 + v * LANES, kc, nr, &mut acc);
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        Lhs::Rows(a, lda) => {
+                            let ap = &a[p * MR * lda + k0..];
+                            let x0 = n0 + v * LANES;
+                            assert!(ap.len() >= (MR - 1) * lda + kc && x0 + nr * LANES <= ldb);
+                            // SAFETY: AVX-512 F and FMA were detected (the other ISAs took the
+                            // packed path above); the bounds were checked above and by the
+                            // operands' assertion.
+                            unsafe {
+                                match nr {
+                                    3 => avx512::tile_rows::<3>(ap, lda, bk, ldb, x0, kc, &mut acc),
+                                    2 => avx512::tile_rows::<2>(ap, lda, bk, ldb, x0, kc, &mut acc),
+                                    _ => avx512::tile_rows::<1>(ap, lda, bk, ldb, x0, kc, &mut acc),
+                                }
+                            }
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        Lhs::Rows(..) => unreachable!("packed above"),
+                    }
                     let valid = (nc - v * LANES).min(nr * LANES);
                     for (r, accr) in acc.iter().enumerate().take(rows) {
                         let at = (p * MR + r) * ldc + n0 + v * LANES;
@@ -346,6 +410,37 @@ mod avx512 {
             }
             // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
             fma_rows(&mut a, unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() }, &x);
+        }
+        store(&a, acc);
+    }
+
+    /// [`tile`] with `w` row-major: row `r` at `w[r * lda..]`.
+    ///
+    /// # Safety
+    /// AVX-512 F and FMA; `w` holds `(MR - 1) * lda + k` values, `col` `k` rows of `stride >=
+    /// col0 + N * LANES` values.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    pub unsafe fn tile_rows<const N: usize>(
+        w: &[f32],
+        lda: usize,
+        col: &[f32],
+        stride: usize,
+        col0: usize,
+        k: usize,
+        acc: &mut [[f32; NR * LANES]; MR],
+    ) {
+        let mut a = [[_mm512_setzero_ps(); N]; MR];
+        let (wp, xp) = (w.as_ptr(), col.as_ptr());
+        for j in 0..k {
+            let mut x = [_mm512_setzero_ps(); N];
+            for (v, xv) in x.iter_mut().enumerate() {
+                // SAFETY: row `j < k` has `stride >= col0 + N * LANES` values.
+                *xv = unsafe { _mm512_loadu_ps(xp.add(j * stride + col0 + v * LANES)) };
+            }
+            // SAFETY: `r * lda + j < (MR - 1) * lda + k <= w.len()`.
+            let wr: [f32; MR] = std::array::from_fn(|r| unsafe { *wp.add(r * lda + j) });
+            fma_rows(&mut a, &wr, &x);
         }
         store(&a, acc);
     }

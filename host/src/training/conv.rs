@@ -113,8 +113,6 @@ struct Scratch {
     col: Aligned,
     b: Aligned,
     c: Aligned,
-    /// Packed panels (the weight gradient's `col`).
-    a: Vec<f32>,
     /// The Winograd transforms' planes.
     t: Vec<f32>,
 }
@@ -766,18 +764,49 @@ pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32])
     );
 }
 
-/// `dst` (`gn * plane` rows of `ld` values, `ld >= cols.next_multiple_of(LANES)`) `=` the transpose of
-/// `gn` images' `[cols][plane]` blocks of `src` (NCHW, `cols` channels): row `i * plane + px`
-/// holds pixel `px` of image `i` across the channels, lanes past `cols` zero.
-fn transpose_images(src: &[f32], cols: usize, plane: usize, gn: usize, dst: &mut [f32], ld: usize) {
+/// `dst` (`gn * plane` rows of `ld` values, `ld >= cols.next_multiple_of(LANES)`) `=` the
+/// transpose of `gn` images' `[cols][plane]` blocks of `src` (NCHW, `cols` channels): row
+/// `i * plane + px` holds pixel `px` of image `i` across the channels, lanes past `cols` zero.
+/// With AVX-512, whole 16 x 16 blocks go through registers.
+fn transpose_images(
+    isa: Isa,
+    src: &[f32],
+    cols: usize,
+    plane: usize,
+    gn: usize,
+    dst: &mut [f32],
+    ld: usize,
+) {
     const B: usize = 16;
-    assert_eq!(dst.len(), gn * plane * ld);
+    assert!(dst.len() == gn * plane * ld && src.len() >= gn * cols * plane && ld >= cols);
     for i in 0..gn {
         let img = &src[i * cols * plane..(i + 1) * cols * plane];
         let out = &mut dst[i * plane * ld..(i + 1) * plane * ld];
+        let (mut c_done, mut px_done) = (0, plane);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            (c_done, px_done) = (cols - cols % B, plane - plane % B);
+            for c0 in (0..c_done).step_by(B) {
+                for px0 in (0..px_done).step_by(B) {
+                    // SAFETY: AVX-512 F was detected; rows `c0..c0 + 16` of `img` hold pixels
+                    // `px0..px0 + 16` (`c0 + 16 <= cols`, `px0 + 16 <= plane`), and rows
+                    // `px0..px0 + 16` of `out` lanes `c0..c0 + 16` (`c0 + 16 <= cols <= ld`).
+                    unsafe {
+                        transpose16(
+                            img.as_ptr().add(c0 * plane + px0),
+                            plane,
+                            out.as_mut_ptr().add(px0 * ld + c0),
+                            ld,
+                        )
+                    };
+                }
+            }
+        }
+        let _ = isa;
         for c0 in (0..cols).step_by(B) {
             let cb = B.min(cols - c0);
-            for px in 0..plane {
+            let from = if c0 < c_done { px_done } else { 0 };
+            for px in from..plane {
                 let row = &mut out[px * ld + c0..px * ld + c0 + cb];
                 for (j, v) in row.iter_mut().enumerate() {
                     *v = img[(c0 + j) * plane + px];
@@ -786,6 +815,57 @@ fn transpose_images(src: &[f32], cols: usize, plane: usize, gn: usize, dst: &mut
         }
         for px in 0..plane {
             out[px * ld + cols..(px + 1) * ld].fill(0.0);
+        }
+    }
+}
+
+/// `dst[r * lds + c] = src[c * lss + r]` for a 16 x 16 block: 16 rows in registers, the classic
+/// unpack / shuffle / lane-shuffle transpose.
+///
+/// # Safety
+/// AVX-512 F; `src` readable at `c * lss .. c * lss + 16` and `dst` writable at `r * lds ..
+/// r * lds + 16`, for every `c`, `r < 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const f32, lss: usize, dst: *mut f32, lds: usize) {
+    use std::arch::x86_64::{
+        __m512, _mm512_loadu_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_storeu_ps,
+        _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+    };
+    // SAFETY: the caller's bounds.
+    let r: [__m512; 16] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(src.add(c * lss)) });
+    // Pairs of rows interleaved within 128-bit lanes.
+    let mut t = r;
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // Lane L of q[4 i + j]: column 4 L + j of rows 4 i .. 4 i + 4.
+    let mut q = t;
+    for i in 0..4 {
+        q[4 * i] = _mm512_shuffle_ps::<0x44>(t[4 * i], t[4 * i + 2]);
+        q[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * i], t[4 * i + 2]);
+        q[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t[4 * i + 1], t[4 * i + 3]);
+        q[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Then the 128-bit lanes: column 4 L + j is lane L of q[j], q[4 + j], q[8 + j], q[12 + j].
+    let mut u = q;
+    for j in 0..4 {
+        u[j] = _mm512_shuffle_f32x4::<0x88>(q[j], q[4 + j]);
+        u[4 + j] = _mm512_shuffle_f32x4::<0xDD>(q[j], q[4 + j]);
+        u[8 + j] = _mm512_shuffle_f32x4::<0x88>(q[8 + j], q[12 + j]);
+        u[12 + j] = _mm512_shuffle_f32x4::<0xDD>(q[8 + j], q[12 + j]);
+    }
+    for j in 0..4 {
+        let rows = [
+            (j, _mm512_shuffle_f32x4::<0x88>(u[j], u[8 + j])),
+            (8 + j, _mm512_shuffle_f32x4::<0xDD>(u[j], u[8 + j])),
+            (4 + j, _mm512_shuffle_f32x4::<0x88>(u[4 + j], u[12 + j])),
+            (12 + j, _mm512_shuffle_f32x4::<0xDD>(u[4 + j], u[12 + j])),
+        ];
+        for (row, v) in rows {
+            // SAFETY: the caller's bounds.
+            unsafe { _mm512_storeu_ps(dst.add(row * lds), v) };
         }
     }
 }
@@ -824,13 +904,17 @@ pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]
                     let cols = gn * p;
                     let ld = row_len(cols);
                     let xg = &x[i0 * g.image_in()..(i0 + gn) * g.image_in()];
-                    let col = s.col.take(kr * ld);
-                    im2col_rows(g, xg, gn, col, ld, rows.clone());
-                    gemm::pack_panels(col, kr, cols, ld, 1, &mut s.a);
+                    // `col`'s rows padded to whole register blocks (the padding rows' results
+                    // are dropped).
+                    let col = s.col.take(kr.next_multiple_of(gemm::MR) * ld);
+                    let (filled, pad) = col.split_at_mut(kr * ld);
+                    pad.fill(0.0);
+                    im2col_rows(g, xg, gn, filled, ld, rows.clone());
                     let dyg = &dy[i0 * o * p..(i0 + gn) * o * p];
                     let b = s.b.take(cols * ldo);
-                    transpose_images(dyg, o, p, gn, b, ldo);
-                    gemm::gemm_nn(isa, &s.a, kr, cols, b, ldo, o, &mut acc, ldo, i0 > 0);
+                    transpose_images(isa, dyg, o, p, gn, b, ldo);
+                    let a = gemm::Lhs::Rows(col, ld);
+                    gemm::gemm(isa, a, kr, cols, b, ldo, o, &mut acc, ldo, i0 > 0);
                     i0 += gn;
                 }
                 acc
