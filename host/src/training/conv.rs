@@ -198,6 +198,14 @@ fn im2col_rows(
                 let (lo, hi) = g.span(kx, ow, w);
                 for i in 0..gn {
                     let src = &x[(i * g.c + ci) * h * w..][..h * w];
+                    let d = &mut dst[i * plane..(i + 1) * plane];
+                    if s == 1 && ow == w && oh == h {
+                        // A "same" convolution: the tap's plane is the input plane shifted by
+                        // (ky - pad, kx - pad), one copy, then the columns and rows it moved in
+                        // from past the edges zeroed.
+                        shifted_plane(src, h, w, ky as isize - pad as isize, kx, pad, d, lo, hi);
+                        continue;
+                    }
                     for oy in 0..oh {
                         let d = &mut dst[i * plane + oy * ow..][..ow];
                         let iy = oy * s + ky;
@@ -219,6 +227,41 @@ fn im2col_rows(
                 }
                 dst[gn * plane..].fill(0.0);
             }
+        }
+    }
+}
+
+/// `d[oy * w + ox] = src[(oy + dy) * w + ox + kx - pad]` (`h x w` planes, stride 1), zero where
+/// that pixel is outside the image: columns outside `lo..hi` (from [`Geom::span`]) and rows
+/// outside `0..h`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn shifted_plane(
+    src: &[f32],
+    h: usize,
+    w: usize,
+    dy: isize,
+    kx: usize,
+    pad: usize,
+    d: &mut [f32],
+    lo: usize,
+    hi: usize,
+) {
+    let shift = dy * w as isize + kx as isize - pad as isize;
+    let n = (h * w) as isize;
+    // Output pixels `a..b` read inside `src`.
+    let (a, b) = ((-shift).clamp(0, n) as usize, (n - shift).clamp(0, n) as usize);
+    d[..a].fill(0.0);
+    d[b..].fill(0.0);
+    if a < b {
+        let from = (a as isize + shift) as usize;
+        d[a..b].copy_from_slice(&src[from..from + (b - a)]);
+    }
+    // The copy wrapped the neighbouring rows' pixels into the columns outside `lo..hi`.
+    if lo > 0 || hi < w {
+        for row in d.chunks_exact_mut(w) {
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
         }
     }
 }
