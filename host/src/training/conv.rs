@@ -137,20 +137,20 @@ fn row_len(cols: usize) -> usize {
     }
 }
 
-/// Images per product.
-fn group(plane: usize, images: usize) -> usize {
-    (COLS / plane.max(1)).clamp(1, images.max(1))
+/// Images per product: enough for `min_cols` columns at `plane` per image.
+fn group(plane: usize, images: usize, min_cols: usize) -> usize {
+    (min_cols / plane.max(1)).clamp(1, images.max(1))
 }
 
 /// Splits a batch of `n` images over rayon's threads (`out` and `inp` hold `out_per` and
 /// `in_per` values per image) and, in each thread with its scratch, calls `f(s, out, inp, gn)`
-/// on consecutive groups of `gn` images: as many as make products of at least [`COLS`] columns,
-/// `cols_per_image` per image.
+/// on consecutive groups of `gn` images: as many as make products of at least `min_cols`
+/// columns, `cols_per_image` per image.
 fn by_image_groups(
     n: usize,
     (out, out_per): (&mut [f32], usize),
     (inp, in_per): (&[f32], usize),
-    cols_per_image: usize,
+    (cols_per_image, min_cols): (usize, usize),
     f: impl Fn(&mut Scratch, &mut [f32], &[f32], usize) + Sync,
 ) {
     let per = per_worker(n);
@@ -159,7 +159,7 @@ fn by_image_groups(
         .for_each(|(oc, ic)| {
             SCRATCH.with_borrow_mut(|s| {
                 let images = oc.len() / out_per;
-                let gi = group(cols_per_image, images);
+                let gi = group(cols_per_image, images, min_cols);
                 let mut i0 = 0;
                 while i0 < images {
                     let gn = gi.min(images - i0);
@@ -326,6 +326,10 @@ fn check(g: &Geom, x: usize, w: usize, y: usize) -> (usize, usize) {
     assert_eq!(y, g.n * g.o * oh * ow, "conv2d output length for {g:?}");
     (oh, ow)
 }
+
+/// Tiles per Winograd product, at least (images are grouped until they reach it): fewer than
+/// [`COLS`], since each tile has 16 rows of transforms and 16 of products.
+const WINO_COLS: usize = 64;
 
 /// Input and output channels from which a 3x3, stride-1, padding-1 convolution takes the
 /// Winograd path (below it the products are too thin to gain).
@@ -696,7 +700,9 @@ fn forward_winograd(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
         packed.extend_from_slice(&tmp);
     }
     let (out, inp) = ((y, o * plane_in), (x, c * plane_in));
-    by_image_groups(g.n, out, inp, tiles, |s, yg, xg, gn| {
+    // Groups of about WINO_COLS tiles: a group's transformed tiles and products (`16 (c + o)`
+    // rows) then stay in L2 between the transforms and the products.
+    by_image_groups(g.n, out, inp, (tiles, WINO_COLS), |s, yg, xg, gn| {
         let cols = gn * tiles;
         let ld = row_len(cols);
         let v = s.col.take(16 * c * ld);
@@ -735,7 +741,7 @@ pub fn forward(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
     }
     let mut a = Vec::new();
     gemm::pack_panels(w, o, k, k, 1, &mut a);
-    by_image_groups(g.n, (y, o * p), (x, g.image_in()), p, |s, out, xg, gn| {
+    by_image_groups(g.n, (y, o * p), (x, g.image_in()), (p, COLS), |s, out, xg, gn| {
         let cols = gn * p;
         let ld = row_len(cols);
         let col = s.col.take(k * ld);
@@ -793,7 +799,7 @@ pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32])
         g.n,
         (dx, g.image_in()),
         (dy, o * p),
-        p,
+        (p, COLS),
         |s, dxg, dyg, gn| {
             let cols = gn * p;
             let ld = row_len(cols);
@@ -933,7 +939,7 @@ pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]
         })
         .filter(|r| !r.is_empty())
         .collect();
-    let gi = group(p, g.n);
+    let gi = group(p, g.n, COLS);
     let ldo = row_len(o);
     let blocks: Vec<Vec<f32>> = parts
         .par_iter()
