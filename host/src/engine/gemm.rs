@@ -153,12 +153,22 @@ pub(crate) fn gemm(
         }
         return;
     }
-    if let (Lhs::Rows(rows, lda), false) = (a, cfg!(target_arch = "x86_64") && isa == Isa::Avx512)
-    {
+    if let (Lhs::Rows(rows, lda), false) = (a, cfg!(target_arch = "x86_64") && isa == Isa::Avx512) {
         // Only the AVX-512 kernel reads rows in place; the others take the packed panels.
         let mut packed = Vec::new();
         pack_panels(rows, m, k, lda, 1, &mut packed);
-        return gemm(isa, Lhs::Packed(&packed), m, k, b, ldb, n, c, ldc, accumulate);
+        return gemm(
+            isa,
+            Lhs::Packed(&packed),
+            m,
+            k,
+            b,
+            ldb,
+            n,
+            c,
+            ldc,
+            accumulate,
+        );
     }
     let mut acc = [[0f32; NR * LANES]; MR];
     let mut k0 = 0;

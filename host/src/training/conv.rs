@@ -27,6 +27,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::lanes::{Lanes, per_isa};
 use crate::engine::gemm::{self, Isa, LANES};
 
 /// Output pixels per product, at least (images are grouped until their columns reach it).
@@ -250,7 +251,10 @@ fn shifted_plane(
     let shift = dy * w as isize + kx as isize - pad as isize;
     let n = (h * w) as isize;
     // Output pixels `a..b` read inside `src`.
-    let (a, b) = ((-shift).clamp(0, n) as usize, (n - shift).clamp(0, n) as usize);
+    let (a, b) = (
+        (-shift).clamp(0, n) as usize,
+        (n - shift).clamp(0, n) as usize,
+    );
     d[..a].fill(0.0);
     d[b..].fill(0.0);
     if a < b {
@@ -359,147 +363,6 @@ fn kernel_transform(k: &[f32]) -> [f32; 16] {
         u[4 * j + 3] = r[2];
     }
     u
-}
-
-/// A vector of `f32` lanes for the Winograd transforms: one AVX-512 or AVX2 register, or one
-/// scalar (the portable path and the tails).
-///
-/// The register types' methods call their ISA's intrinsics: they are only instantiated by
-/// [`per_isa!`]'s copies for that ISA, which run once [`Isa::detect`] found it.
-trait Lanes: Copy {
-    /// Lanes per vector.
-    const N: usize;
-    /// Zero in every lane.
-    const ZERO: Self;
-    /// `s[at..at + N]` (panics past the end).
-    fn load(s: &[f32], at: usize) -> Self;
-    /// Into `s[at..at + N]` (panics past the end).
-    fn store(self, s: &mut [f32], at: usize);
-    fn add(self, o: Self) -> Self;
-    fn sub(self, o: Self) -> Self;
-}
-
-impl Lanes for f32 {
-    const N: usize = 1;
-    const ZERO: Self = 0.0;
-    #[inline(always)]
-    fn load(s: &[f32], at: usize) -> Self {
-        s[at]
-    }
-    #[inline(always)]
-    fn store(self, s: &mut [f32], at: usize) {
-        s[at] = self;
-    }
-    #[inline(always)]
-    fn add(self, o: Self) -> Self {
-        self + o
-    }
-    #[inline(always)]
-    fn sub(self, o: Self) -> Self {
-        self - o
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod lanes {
-    use std::arch::x86_64::{
-        __m256, __m512, _mm256_add_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_sub_ps,
-        _mm512_add_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_sub_ps,
-    };
-
-    use super::Lanes;
-
-    /// 16 lanes (AVX-512 F).
-    #[derive(Clone, Copy)]
-    pub(super) struct F512(__m512);
-    /// 8 lanes (AVX).
-    #[derive(Clone, Copy)]
-    pub(super) struct F256(__m256);
-
-    // SAFETY (every `unsafe` below): these types are only used by the AVX-512 (`F512`) and AVX2
-    // (`F256`) copies of `per_isa!`, called once the CPU was detected to have those features;
-    // loads and stores are bounds-checked first.
-    impl Lanes for F512 {
-        const N: usize = 16;
-        // SAFETY: all-zero bits are 16 zeros.
-        const ZERO: Self = F512(unsafe { std::mem::transmute::<[f32; 16], __m512>([0.0; 16]) });
-        #[inline(always)]
-        fn load(s: &[f32], at: usize) -> Self {
-            let s = &s[at..at + 16];
-            F512(unsafe { _mm512_loadu_ps(s.as_ptr()) })
-        }
-        #[inline(always)]
-        fn store(self, s: &mut [f32], at: usize) {
-            let s = &mut s[at..at + 16];
-            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), self.0) }
-        }
-        #[inline(always)]
-        fn add(self, o: Self) -> Self {
-            F512(unsafe { _mm512_add_ps(self.0, o.0) })
-        }
-        #[inline(always)]
-        fn sub(self, o: Self) -> Self {
-            F512(unsafe { _mm512_sub_ps(self.0, o.0) })
-        }
-    }
-
-    impl Lanes for F256 {
-        const N: usize = 8;
-        // SAFETY: all-zero bits are 8 zeros.
-        const ZERO: Self = F256(unsafe { std::mem::transmute::<[f32; 8], __m256>([0.0; 8]) });
-        #[inline(always)]
-        fn load(s: &[f32], at: usize) -> Self {
-            let s = &s[at..at + 8];
-            F256(unsafe { _mm256_loadu_ps(s.as_ptr()) })
-        }
-        #[inline(always)]
-        fn store(self, s: &mut [f32], at: usize) {
-            let s = &mut s[at..at + 8];
-            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), self.0) }
-        }
-        #[inline(always)]
-        fn add(self, o: Self) -> Self {
-            F256(unsafe { _mm256_add_ps(self.0, o.0) })
-        }
-        #[inline(always)]
-        fn sub(self, o: Self) -> Self {
-            F256(unsafe { _mm256_sub_ps(self.0, o.0) })
-        }
-    }
-}
-
-/// Defines `fn $name(isa: Isa, args..)` that runs `$body` (generic over its [`Lanes`] type `$v`)
-/// with the vectors of `isa`: an AVX-512 copy on [`lanes::F512`], an AVX2 copy on
-/// [`lanes::F256`], a portable one on `f32`. The copies compute the same bits: the lanes only
-/// add and subtract, each lane as the scalar code would.
-macro_rules! per_isa {
-    ($(#[$m:meta])* fn $name:ident<$v:ident>($($a:ident: $t:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name(isa: Isa, $($a: $t),*) {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn body<$v: Lanes>($($a: $t),*) $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
-            #[allow(clippy::too_many_arguments)]
-            fn avx512($($a: $t),*) { body::<lanes::F512>($($a),*) }
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            fn avx2($($a: $t),*) { body::<lanes::F256>($($a),*) }
-            match isa {
-                // SAFETY: `Isa::Avx512` and `Isa::Avx2` are only detected on CPUs with these
-                // features.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512($($a),*) },
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2($($a),*) },
-                _ => body::<f32>($($a),*),
-            }
-        }
-    };
 }
 
 per_isa! {
@@ -741,23 +604,29 @@ pub fn forward(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
     }
     let mut a = Vec::new();
     gemm::pack_panels(w, o, k, k, 1, &mut a);
-    by_image_groups(g.n, (y, o * p), (x, g.image_in()), (p, COLS), |s, out, xg, gn| {
-        let cols = gn * p;
-        let ld = row_len(cols);
-        let col = s.col.take(k * ld);
-        im2col(g, xg, gn, col, ld);
-        if gn == 1 {
-            gemm::gemm_nn(isa, &a, o, k, col, ld, cols, out, p, false);
-        } else {
-            let c = s.c.take(o * cols);
-            gemm::gemm_nn(isa, &a, o, k, col, ld, cols, c, cols, false);
-            for oo in 0..o {
-                for i in 0..gn {
-                    out[(i * o + oo) * p..][..p].copy_from_slice(&c[oo * cols + i * p..][..p]);
+    by_image_groups(
+        g.n,
+        (y, o * p),
+        (x, g.image_in()),
+        (p, COLS),
+        |s, out, xg, gn| {
+            let cols = gn * p;
+            let ld = row_len(cols);
+            let col = s.col.take(k * ld);
+            im2col(g, xg, gn, col, ld);
+            if gn == 1 {
+                gemm::gemm_nn(isa, &a, o, k, col, ld, cols, out, p, false);
+            } else {
+                let c = s.c.take(o * cols);
+                gemm::gemm_nn(isa, &a, o, k, col, ld, cols, c, cols, false);
+                for oo in 0..o {
+                    for i in 0..gn {
+                        out[(i * o + oo) * p..][..p].copy_from_slice(&c[oo * cols + i * p..][..p]);
+                    }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 /// The input gradient: `dx = conv(x, w)`'s gradient with respect to `x` for the output

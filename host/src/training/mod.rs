@@ -16,6 +16,7 @@ pub mod backend;
 pub mod bn;
 pub mod checkpoint;
 pub mod conv;
+mod lanes;
 pub mod method;
 pub mod pool;
 
