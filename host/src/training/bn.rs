@@ -31,57 +31,92 @@ per_isa! {
     }
 }
 
-/// Channels summed side by side: each channel's sum keeps its own order (the same bits), and
-/// `CB` independent chains keep the adder busy instead of one waiting on each add.
-const CB: usize = 8;
+/// `f64` lanes of a plane's partial sums: value `j` of a plane goes to lane `j % L`, the lanes are
+/// added in a fixed tree, then the planes in image order. The order depends on nothing but the
+/// plane size (not on the thread count or the CPU), and the compiler turns the lanes into vector
+/// adds.
+const L: usize = 16;
 
-/// For channels `c0..c0 + k` (`k <= CB`) of `x` (`n x c` planes of `plane` values): per channel
-/// `q`, the sum over images of the sum over the plane of `f(q, x)`, each sum folded in order
-/// from `Iterator::sum`'s starting value, as `planes.map(|p| p.map(f).sum()).sum()` would.
+/// `sum f(v)` over one plane in [`L`] lanes.
 #[inline(always)]
-fn nested_sums(
-    x: &[f32],
-    (n, c, plane): (usize, usize, usize),
-    (c0, k): (usize, usize),
-    f: impl Fn(usize, f32) -> f64,
-) -> [f64; CB] {
-    let start = std::iter::empty::<f64>().sum::<f64>();
-    let mut total = [start; CB];
-    for i in 0..n {
-        let rows: [&[f32]; CB] = std::array::from_fn(|q| {
-            if q < k {
-                &x[(i * c + c0 + q) * plane..][..plane]
-            } else {
-                &[]
-            }
-        });
-        let mut part = [start; CB];
-        for px in 0..plane {
-            for q in 0..k {
-                part[q] += f(q, rows[q][px]);
-            }
-        }
-        for q in 0..k {
-            total[q] += part[q];
+fn plane_sum(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut a = [0f64; L];
+    let chunks = p.chunks_exact(L);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for (a, &v) in a.iter_mut().zip(ch) {
+            *a += f(v);
         }
     }
-    total
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            a[j] += a[j + w];
+        }
+    }
+    rest.iter().fold(a[0], |s, &v| s + f(v))
+}
+
+per_isa! {
+    /// Channel `ch` of `x` (`n x c` planes of `plane` values): `sum x` (`mean` `None`) or
+    /// `sum (x - mean)^2`, in `f64`.
+    fn channel_sum<V>(x: &[f32], shape: (usize, usize, usize), ch: usize, mean: Option<f64>) -> f64 {
+        let (n, c, plane) = shape;
+        let planes = (0..n).map(|i| &x[(i * c + ch) * plane..][..plane]);
+        match mean {
+            None => planes.map(|p| plane_sum(p, f64::from)).sum(),
+            Some(mu) => planes.map(|p| plane_sum(p, |v| (f64::from(v) - mu).powi(2))).sum(),
+        }
+    }
+}
+
+per_isa! {
+    /// Channel `ch`: `(sum dy, sum dy (x - mu) is)` in `f64`, `[mu, is] = k`.
+    fn grad_sums<V>(x: &[f32], dy: &[f32], shape: (usize, usize, usize), ch: usize, k: [f64; 2]) -> (f64, f64) {
+        let (n, c, plane) = shape;
+        let [mu, is] = k;
+        let (mut sd, mut sdx) = (0f64, 0f64);
+        for i in 0..n {
+            let at = (i * c + ch) * plane;
+            let (g, v) = (&dy[at..at + plane], &x[at..at + plane]);
+            sd += plane_sum(g, f64::from);
+            // `dy (x - mu) is` pairs up `g` and `v`: summed in the same lanes over their zip.
+            let mut a = [0f64; L];
+            let (gc, vc) = (g.chunks_exact(L), v.chunks_exact(L));
+            let (gr, vr) = (gc.remainder(), vc.remainder());
+            for (gc, vc) in gc.zip(vc) {
+                for ((a, &g), &v) in a.iter_mut().zip(gc).zip(vc) {
+                    *a += f64::from(g) * (f64::from(v) - mu) * is;
+                }
+            }
+            let mut w = L;
+            while w > 1 {
+                w /= 2;
+                for j in 0..w {
+                    a[j] += a[j + w];
+                }
+            }
+            sdx += gr
+                .iter()
+                .zip(vr)
+                .fold(a[0], |s, (&g, &v)| s + f64::from(g) * (f64::from(v) - mu) * is);
+        }
+        (sd, sdx)
+    }
 }
 
 /// Per channel: the mean and the biased variance of `x` (`n x c` planes of `plane` values).
 pub fn stats(x: &[f32], n: usize, c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), n * c * plane, "batch norm input length");
     let m = (n * plane).max(1) as f64;
-    let per: Vec<(f32, f32)> = (0..c.div_ceil(CB))
+    let isa = Isa::detect();
+    let per: Vec<(f32, f32)> = (0..c)
         .into_par_iter()
-        .flat_map_iter(|b| {
-            let (c0, k) = (b * CB, CB.min(c - b * CB));
-            let sums = nested_sums(x, (n, c, plane), (c0, k), |_, v| f64::from(v));
-            let mean = sums.map(|s| s / m);
-            let sq = nested_sums(x, (n, c, plane), (c0, k), |q, v| {
-                (f64::from(v) - mean[q]).powi(2)
-            });
-            (0..k).map(move |q| (mean[q] as f32, (sq[q] / m) as f32))
+        .map(|ch| {
+            let mean = channel_sum(isa, x, (n, c, plane), ch, None) / m;
+            let var = channel_sum(isa, x, (n, c, plane), ch, Some(mean)) / m;
+            (mean as f32, var as f32)
         })
         .collect();
     per.into_iter().unzip()
@@ -142,32 +177,12 @@ pub fn backward(
     );
     let inv = inv_std(var, epsilon);
     // Per channel: sum dy and sum dy * xhat.
-    // Channels side by side as in `stats`, each channel's two sums in image and pixel order.
-    let sums: Vec<(f64, f64)> = (0..c.div_ceil(CB))
+    let isa = Isa::detect();
+    let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
-        .flat_map_iter(|b| {
-            let (c0, k) = (b * CB, CB.min(c - b * CB));
-            let mu: [f64; CB] = std::array::from_fn(|q| f64::from(mean[(c0 + q).min(c - 1)]));
-            let is: [f64; CB] = std::array::from_fn(|q| f64::from(inv[(c0 + q).min(c - 1)]));
-            let (mut sd, mut sdx) = ([0f64; CB], [0f64; CB]);
-            for i in 0..n {
-                let at = |q: usize| (i * c + c0 + q) * plane;
-                let rows: [(&[f32], &[f32]); CB] = std::array::from_fn(|q| {
-                    if q < k {
-                        (&dy[at(q)..at(q) + plane], &x[at(q)..at(q) + plane])
-                    } else {
-                        (&[][..], &[][..])
-                    }
-                });
-                for px in 0..plane {
-                    for q in 0..k {
-                        let (g, v) = (f64::from(rows[q].0[px]), f64::from(rows[q].1[px]));
-                        sd[q] += g;
-                        sdx[q] += g * (v - mu[q]) * is[q];
-                    }
-                }
-            }
-            (0..k).map(move |q| (sd[q], sdx[q]))
+        .map(|ch| {
+            let k = [f64::from(mean[ch]), f64::from(inv[ch])];
+            grad_sums(isa, x, dy, (n, c, plane), ch, k)
         })
         .collect();
     let m = (n * plane).max(1) as f32;
@@ -258,21 +273,18 @@ mod tests {
         }
     }
 
-    /// The side-by-side sums give the bits of one channel at a time, summed as `Iterator::sum`
-    /// does (the previous implementation, kept here as the reference), for channel counts
-    /// around the block size.
+    /// The lane sums agree with plain sequential `f64` sums: the `f32` statistics and
+    /// parameter gradients come out the same (the `f64` sums differ in their last bits at most),
+    /// on every path this CPU has, for plane sizes around the lane count.
     #[test]
-    fn side_by_side_sums_are_the_sequential_bits() {
-        for (n, c, plane) in [(3, 1, 7), (2, 8, 5), (4, 11, 9), (2, 19, 16)] {
+    fn lane_sums_give_the_sequential_results() {
+        for (n, c, plane) in [(3, 1, 7), (2, 3, 16), (4, 2, 37), (2, 2, 64)] {
             let x: Vec<f32> = (0..n * c * plane)
                 .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0)
                 .collect();
             let dy: Vec<f32> = (0..x.len())
                 .map(|i| ((i * 31 % 53) as f32 - 26.0) / 11.0)
                 .collect();
-            let (mean, var) = stats(&x, n, c, plane);
-            let (_, dgamma, dbeta) = backward(&x, &vec![1.0; c], &mean, &var, 1e-5, &dy, n, plane);
-            let inv = inv_std(&var, 1e-5);
             let m = (n * plane) as f64;
             for ch in 0..c {
                 let planes = || (0..n).map(|i| &x[(i * c + ch) * plane..][..plane]);
@@ -280,35 +292,31 @@ mod tests {
                     .map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>())
                     .sum::<f64>()
                     / m;
-                let v = planes()
+                let var = planes()
                     .map(|p| p.iter().map(|&v| (f64::from(v) - mu).powi(2)).sum::<f64>())
                     .sum::<f64>()
                     / m;
-                assert_eq!(
-                    mean[ch].to_bits(),
-                    (mu as f32).to_bits(),
-                    "mean {ch} of {c}"
-                );
-                assert_eq!(var[ch].to_bits(), (v as f32).to_bits(), "var {ch} of {c}");
-                let (mu, is) = (f64::from(mean[ch]), f64::from(inv[ch]));
+                let is = f64::from(inv_std(&[var as f32], 1e-5)[0]);
                 let (mut sd, mut sdx) = (0f64, 0f64);
                 for i in 0..n {
                     let at = (i * c + ch) * plane;
                     for (&g, &v) in dy[at..at + plane].iter().zip(&x[at..at + plane]) {
                         sd += f64::from(g);
-                        sdx += f64::from(g) * (f64::from(v) - mu) * is;
+                        sdx += f64::from(g) * (f64::from(v) - f64::from(mu as f32)) * is;
                     }
                 }
-                assert_eq!(
-                    dbeta[ch].to_bits(),
-                    (sd as f32).to_bits(),
-                    "dbeta {ch} of {c}"
-                );
-                assert_eq!(
-                    dgamma[ch].to_bits(),
-                    (sdx as f32).to_bits(),
-                    "dgamma {ch} of {c}"
-                );
+                for isa in Isa::available() {
+                    let got_mu = channel_sum(isa, &x, (n, c, plane), ch, None) / m;
+                    let got_var = channel_sum(isa, &x, (n, c, plane), ch, Some(got_mu)) / m;
+                    let k = [f64::from(mu as f32), is];
+                    let (got_sd, got_sdx) = grad_sums(isa, &x, &dy, (n, c, plane), ch, k);
+                    let what = format!("{isa:?} n {n} c {c} plane {plane} channel {ch}");
+                    assert_eq!(got_mu as f32, mu as f32, "mean, {what}");
+                    assert_eq!(got_var as f32, var as f32, "var, {what}");
+                    assert_eq!(got_sd as f32, sd as f32, "dbeta, {what}");
+                    assert_eq!(got_sdx as f32, sdx as f32, "dgamma, {what}");
+                    assert!((got_mu - mu).abs() <= 1e-14 * mu.abs().max(1.0), "{what}");
+                }
             }
         }
     }

@@ -235,21 +235,21 @@ pub(crate) mod regs {
 /// [`regs::F256`], a portable one on `f32`. The copies compute the same bits: the lanes only
 /// add and subtract, each lane as the scalar code would.
 macro_rules! per_isa {
-    ($(#[$m:meta])* fn $name:ident<$v:ident>($($a:ident: $t:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* fn $name:ident<$v:ident>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        fn $name(isa: $crate::engine::gemm::Isa, $($a: $t),*) {
+        fn $name(isa: $crate::engine::gemm::Isa, $($a: $t),*) $(-> $r)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn body<$v: $crate::training::lanes::Lanes>($($a: $t),*) $body
+            fn body<$v: $crate::training::lanes::Lanes>($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
             #[allow(clippy::too_many_arguments)]
-            fn avx512($($a: $t),*) { body::<$crate::training::lanes::regs::F512>($($a),*) }
+            fn avx512($($a: $t),*) $(-> $r)? { body::<$crate::training::lanes::regs::F512>($($a),*) }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
-            fn avx2($($a: $t),*) { body::<$crate::training::lanes::regs::F256>($($a),*) }
+            fn avx2($($a: $t),*) $(-> $r)? { body::<$crate::training::lanes::regs::F256>($($a),*) }
             match isa {
                 // SAFETY: `Isa::Avx512` and `Isa::Avx2` are only detected on CPUs with these
                 // features.
