@@ -9,6 +9,8 @@
 //!   engine's direct convolution);
 //! - [`gemm_nn`]: `C (+)= A B` over whole matrices, `A` packed by [`pack_panels`], blocked for
 //!   the caches (`KC` fan-in rows x `NC` columns of `B` per block);
+//! - [`gemm`]: the same with `A` packed or row-major ([`Lhs`]); the AVX-512 path reads rows in
+//!   place (`avx512::tile_rows`, broadcasting from `MR` rows), the others pack them first.
 //!
 //! The sums run in another order than Burn's: results agree with it within `f32` rounding,
 //! which the float engine's and the training kernels' tests bound.

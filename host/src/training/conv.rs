@@ -8,9 +8,10 @@
 //! - forward: `Y = W col` — `col` the im2col matrix (`[c kh kw][image, oy, ox]`) of the images,
 //!   `W` packed once per call;
 //! - input gradient: `dcol = W^T dY`, then col2im adds `dcol` back onto the input pixels;
-//! - weight gradient: `dW^T += col dY^T`, `col` packed into panels and `dY` transposed to pixel
-//!   rows, on the same micro-kernel as the other two; each worker owns a range of fan-in rows
-//!   and sums over the whole batch in order (the same bits with any number of threads).
+//! - weight gradient: `dW^T += col dY^T`, `col`'s rows read in place ([`gemm::Lhs::Rows`]) and
+//!   `dY` transposed to pixel rows (16 x 16 register blocks with AVX-512), on the same
+//!   micro-kernel as the other two; each worker owns a range of fan-in rows and sums over the
+//!   whole batch in order (the same bits with any number of threads).
 //!
 //! A 3x3, stride-1, padding-1 convolution with at least 16 input and output channels (every
 //! VGG-8 convolution but the first) takes Winograd F(2x2, 3x3) instead, forward and input
