@@ -219,6 +219,9 @@ pub(crate) fn gemm(
                             for (d, &s) in dst.iter_mut().zip(accr) {
                                 *d += s;
                             }
+                        } else if let Ok(dst) = <&mut [f32; NR * LANES]>::try_from(&mut *dst) {
+                            // A whole block: a fixed-size copy, inlined (not a `memmove` call).
+                            *dst = *accr;
                         } else {
                             dst.copy_from_slice(&accr[..valid]);
                         }

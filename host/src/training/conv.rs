@@ -380,9 +380,8 @@ per_isa! {
         let tiles = th * tw;
         let span = tiles + tw;
         buf.clear();
-        buf.resize(8 * span + 2 * tw, 0.0);
-        let (planes, split) = buf.split_at_mut(8 * span);
-        let (ev, od) = split.split_at_mut(tw);
+        buf.resize(8 * span, 0.0);
+        let planes = &mut buf[..];
         for ci in 0..c {
             for i in 0..gn {
                 let plane = &x[(i * c + ci) * h * w..][..h * w];
@@ -399,24 +398,28 @@ per_isa! {
                             continue;
                         }
                         let src = &plane[iy * w..(iy + 1) * w];
-                        // Image columns 2k (ev) and 2k + 1 (od), zero past the image.
-                        let pairs = src.chunks_exact(2);
-                        if let [last] = pairs.remainder() {
-                            ev[tw - 1] = *last;
-                            od[tw - 1] = 0.0;
+                        // Padded column 2 tx + q is image column 2 tx + q - 1: image columns
+                        // 2k and 2k + 1 go to tx = k of planes 1 and 2, tx = k + 1 of plane 0 and
+                        // tx = k - 1 of plane 3; the padding columns and past the image are zero.
+                        let (q01, q23) = planes.split_at_mut(row(2));
+                        let (q0, q1) = q01.split_at_mut(row(1));
+                        let (q2, q3) = q23.split_at_mut(row(3) - row(2));
+                        let (q0, q1) = (&mut q0[row(0)..row(0) + tw], &mut q1[..tw]);
+                        let (q2, q3) = (&mut q2[..tw], &mut q3[..tw]);
+                        q0[0] = 0.0;
+                        q3[tw - 1] = 0.0;
+                        q2[tw - 1] = 0.0;
+                        for (k, pair) in src.chunks(2).enumerate() {
+                            let (e, o) = (pair[0], pair.get(1).copied().unwrap_or(0.0));
+                            q1[k] = e;
+                            q2[k] = o;
+                            if k + 1 < tw {
+                                q0[k + 1] = o;
+                            }
+                            if k > 0 {
+                                q3[k - 1] = e;
+                            }
                         }
-                        for ((e, o), pair) in ev.iter_mut().zip(od.iter_mut()).zip(pairs) {
-                            *e = pair[0];
-                            *o = pair[1];
-                        }
-                        // Padded column 2 tx + q is image column 2 tx + q - 1.
-                        let at = |q: usize| row(q);
-                        planes[at(0)] = 0.0;
-                        planes[at(0) + 1..at(0) + tw].copy_from_slice(&od[..tw - 1]);
-                        planes[at(1)..at(1) + tw].copy_from_slice(ev);
-                        planes[at(2)..at(2) + tw].copy_from_slice(od);
-                        planes[at(3)..at(3) + tw - 1].copy_from_slice(&ev[1..]);
-                        planes[at(3) + tw - 1] = 0.0;
                     }
                 }
                 let p = |j: usize, q: usize| {
