@@ -232,8 +232,9 @@ pub(crate) mod regs {
 
 /// Defines `fn $name(isa: Isa, args..)` that runs `$body` (generic over its [`Lanes`] type `$v`)
 /// with the vectors of `isa`: an AVX-512 copy on [`regs::F512`], an AVX2 copy on
-/// [`regs::F256`], a portable one on `f32`. The copies compute the same bits: the lanes only
-/// add and subtract, each lane as the scalar code would.
+/// [`regs::F256`], a portable one on `f32`. The copies compute the same bits: the bodies are
+/// plain arithmetic in a fixed order (Rust contracts no multiply-add and reassociates nothing),
+/// so only the vector width differs; the tests of each kernel run every path the CPU has.
 macro_rules! per_isa {
     ($(#[$m:meta])* fn $name:ident<$v:ident>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
