@@ -48,6 +48,12 @@ fn plane_sum(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
             *a += f(v);
         }
     }
+    rest.iter().fold(tree_sum(a), |s, &v| s + f(v))
+}
+
+/// The lanes of [`plane_sum`] added in their fixed tree (halves, then quarters, ...).
+#[inline(always)]
+fn tree_sum(mut a: [f64; L]) -> f64 {
     let mut w = L;
     while w > 1 {
         w /= 2;
@@ -55,7 +61,7 @@ fn plane_sum(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
             a[j] += a[j + w];
         }
     }
-    rest.iter().fold(a[0], |s, &v| s + f(v))
+    a[0]
 }
 
 per_isa! {
@@ -90,17 +96,10 @@ per_isa! {
                     *a += f64::from(g) * (f64::from(v) - mu) * is;
                 }
             }
-            let mut w = L;
-            while w > 1 {
-                w /= 2;
-                for j in 0..w {
-                    a[j] += a[j + w];
-                }
-            }
             sdx += gr
                 .iter()
                 .zip(vr)
-                .fold(a[0], |s, (&g, &v)| s + f64::from(g) * (f64::from(v) - mu) * is);
+                .fold(tree_sum(a), |s, (&g, &v)| s + f64::from(g) * (f64::from(v) - mu) * is);
         }
         (sd, sdx)
     }
