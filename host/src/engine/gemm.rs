@@ -415,18 +415,11 @@ mod avx512 {
         k: usize,
         acc: &mut [[f32; NR * LANES]; MR],
     ) {
-        let mut a = [[_mm512_setzero_ps(); N]; MR];
-        let (wp, xp) = (w.as_ptr(), col.as_ptr());
-        for j in 0..k {
-            let mut x = [_mm512_setzero_ps(); N];
-            for (v, xv) in x.iter_mut().enumerate() {
-                // SAFETY: row `j < k` has `stride >= col0 + N * LANES` values.
-                *xv = unsafe { _mm512_loadu_ps(xp.add(j * stride + col0 + v * LANES)) };
-            }
-            // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
-            fma_rows(&mut a, unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() }, &x);
-        }
-        store(&a, acc);
+        let wp = w.as_ptr();
+        // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
+        let w_at = |j: usize| unsafe { *wp.add(j * MR).cast::<[f32; MR]>() };
+        // SAFETY: the caller's bounds on `col`.
+        unsafe { tile_by::<N>(w_at, col, stride, col0, k, acc) }
     }
 
     /// [`tile`] with `w` row-major: row `r` at `w[r * lda..]`.
@@ -445,17 +438,37 @@ mod avx512 {
         k: usize,
         acc: &mut [[f32; NR * LANES]; MR],
     ) {
+        let wp = w.as_ptr();
+        // SAFETY: `r * lda + j < (MR - 1) * lda + k <= w.len()`.
+        let w_at = |j: usize| std::array::from_fn(|r| unsafe { *wp.add(r * lda + j) });
+        // SAFETY: the caller's bounds on `col`.
+        unsafe { tile_by::<N>(w_at, col, stride, col0, k, acc) }
+    }
+
+    /// The register block of [`tile`] and [`tile_rows`]: `w_at(j)` is fan-in row `j`'s `MR`
+    /// weights.
+    ///
+    /// # Safety
+    /// AVX-512 F and FMA; `col` `k` rows of `stride >= col0 + N * LANES` values.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn tile_by<const N: usize>(
+        w_at: impl Fn(usize) -> [f32; MR],
+        col: &[f32],
+        stride: usize,
+        col0: usize,
+        k: usize,
+        acc: &mut [[f32; NR * LANES]; MR],
+    ) {
         let mut a = [[_mm512_setzero_ps(); N]; MR];
-        let (wp, xp) = (w.as_ptr(), col.as_ptr());
+        let xp = col.as_ptr();
         for j in 0..k {
             let mut x = [_mm512_setzero_ps(); N];
             for (v, xv) in x.iter_mut().enumerate() {
                 // SAFETY: row `j < k` has `stride >= col0 + N * LANES` values.
                 *xv = unsafe { _mm512_loadu_ps(xp.add(j * stride + col0 + v * LANES)) };
             }
-            // SAFETY: `r * lda + j < (MR - 1) * lda + k <= w.len()`.
-            let wr: [f32; MR] = std::array::from_fn(|r| unsafe { *wp.add(r * lda + j) });
-            fma_rows(&mut a, &wr, &x);
+            fma_rows(&mut a, &w_at(j), &x);
         }
         store(&a, acc);
     }

@@ -140,6 +140,7 @@ pub fn forward(
     let c = gamma.len();
     let (mean, var) = stats(x, n, c, plane);
     let inv = inv_std(&var, epsilon);
+    let isa = Isa::detect();
     let mut y = vec![0f32; x.len()];
     if plane > 0 {
         y.par_chunks_mut(plane)
@@ -151,7 +152,7 @@ pub fn forward(
                     inv[ch] * gamma[ch],
                     beta[ch] - mean[ch] * inv[ch] * gamma[ch],
                 );
-                scale_shift(Isa::detect(), yp, xp, s, b);
+                scale_shift(isa, yp, xp, s, b);
             });
     }
     (y, mean, var)
@@ -196,7 +197,7 @@ pub fn backward(
                 let ch = q % c;
                 let (mu, is, k) = (mean[ch], inv[ch], gamma[ch] * inv[ch]);
                 let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
-                input_grad(Isa::detect(), dp, xp, gp, [k, mb, mu, is, mg]);
+                input_grad(isa, dp, xp, gp, [k, mb, mu, is, mg]);
             });
     }
     (dx, dgamma, dbeta)

@@ -379,9 +379,11 @@ per_isa! {
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let tiles = th * tw;
         let span = tiles + tw;
-        buf.clear();
-        buf.resize(8 * span, 0.0);
-        let planes = &mut buf[..];
+        // Every value of the planes is written below before it is read.
+        if buf.len() < 8 * span {
+            buf.resize(8 * span, 0.0);
+        }
+        let planes = &mut buf[..8 * span];
         for ci in 0..c {
             for i in 0..gn {
                 let plane = &x[(i * c + ci) * h * w..][..h * w];
@@ -432,6 +434,8 @@ per_isa! {
                     let r = rows.next().expect("16 rows of transforms");
                     &mut r[ci * ld + i * tiles..][..tiles]
                 });
+                // Whole vectors, then the tail one tile at a time (plain loops: a closure would
+                // not inherit the copy's target features, and its intrinsics would not inline).
                 let mut t = 0;
                 while t + V::N <= tiles {
                     input_tiles::<V>(&d, &mut out, t);
@@ -485,9 +489,11 @@ per_isa! {
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let tiles = th * tw;
         assert_eq!(cols, gn * tiles);
-        buf.clear();
-        buf.resize(4 * cols, 0.0);
-        let (t0, t1) = buf.split_at_mut(2 * cols);
+        // Every output of the tiles is written before it is read.
+        if buf.len() < 4 * cols {
+            buf.resize(4 * cols, 0.0);
+        }
+        let (t0, t1) = buf[..4 * cols].split_at_mut(2 * cols);
         let (y00, y01) = t0.split_at_mut(cols);
         let (y10, y11) = t1.split_at_mut(cols);
         for oo in 0..o {
