@@ -8,7 +8,8 @@
 //! - [`selftest`]: the bit-exactness check of the kernels and of the programming loop;
 //! - [`mc`]: the Monte Carlo loop of `run` (the board and `nvcim firmware run --simulated`);
 //! - [`stats`]: output lines and the Monte Carlo summary in integers / fixed point;
-//! - [`exit`]: every exit code, documented in one place.
+//! - [`exit`]: every exit code, documented in one place;
+//! - [`fit`]: whether a model fits the board's PSRAM and RAM pools (the board's constants).
 //!
 //! The binary (`src/main.rs`) is the board: semihosting I/O and exit, the FPGAIO counter, the
 //! memory report and the fault handlers. Build it with
@@ -23,6 +24,7 @@ extern crate alloc;
 pub mod args;
 pub mod blob;
 pub mod exit;
+pub mod fit;
 pub mod kernel;
 pub mod mc;
 pub mod program;

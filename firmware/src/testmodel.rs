@@ -37,9 +37,10 @@ fn conv(w: &[f32], out: usize) -> Layer<'_> {
         weight: w,
         bias: None,
         out_channels: out,
-        kernel: 3,
-        stride: 1,
-        padding: 1,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [1; 4],
+        groups: 1,
     }
 }
 
@@ -52,8 +53,9 @@ fn linear(w: &[f32], out: usize) -> Layer<'_> {
 }
 
 const POOL: Layer<'static> = Layer::MaxPool {
-    kernel: 2,
-    stride: 2,
+    kernel: [2, 2],
+    stride: [2, 2],
+    padding: [0; 4],
 };
 
 /// Packs `layers` (calibrated on the images) with the images and labels from `label`, which

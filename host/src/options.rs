@@ -138,3 +138,26 @@ mod tests {
         assert!(parse_sigmas("abc").unwrap_err().to_string().contains("abc"));
     }
 }
+
+/// How an imported model's images are prepared (`eval --onnx`, `pack --onnx`): its input size
+/// and channels come from the file; the normalization from the file's nvcim metadata or from
+/// these flags (required when the file has none).
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct InputArgs {
+    /// Per-channel mean of the [0, 1] pixels the model was trained with (one value or one per
+    /// channel, comma-separated). Required, with --std, for a file without nvcim metadata (a
+    /// PyTorch export records no preprocessing).
+    #[arg(long, value_name = "M[,M..]", value_delimiter = ',', allow_hyphen_values = true)]
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation that goes with --mean.
+    #[arg(long, value_name = "S[,S..]", value_delimiter = ',')]
+    pub std: Vec<f32>,
+    /// How images reach the model's height and width: zero-pad when they fit (`auto`), always
+    /// `pad`, or bilinear `resize`.
+    #[arg(long, value_enum, default_value_t = crate::onnx::data::Fit::Auto)]
+    #[serde(skip)]
+    pub fit: crate::onnx::data::Fit,
+    /// Copy gray images into the three channels of an RGB model.
+    #[arg(long)]
+    pub gray_to_rgb: bool,
+}

@@ -60,6 +60,7 @@ fn finish(eval_dir: &Path) {
         drop_exit: None,
         noise_injection: None,
         clip_weights: None,
+        preprocess: None,
         sigma_unit: "range".into(),
         profile: "uniform".into(),
         m_bits: 8,

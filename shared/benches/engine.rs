@@ -47,9 +47,10 @@ fn vgg8_blob() -> Vec<u8> {
             weight: a,
             bias: None,
             out_channels: widths[i],
-            kernel: 3,
-            stride: 1,
-            padding: 1,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1; 4],
+            groups: 1,
         })
     };
     let a: &'static [Vec<f32>] = Box::leak(arrays.into_boxed_slice());
@@ -60,8 +61,9 @@ fn vgg8_blob() -> Vec<u8> {
     let pool = || Node {
         act_max: 4.0,
         ..Node::new(Layer::MaxPool {
-            kernel: 2,
-            stride: 2,
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0; 4],
         })
     };
     let mut nodes = Vec::new();

@@ -156,7 +156,9 @@ impl fmt::Display for Error {
             Error::BadMagic => write!(f, "not a packed nvcim model (bad magic bytes)"),
             Error::UnsupportedVersion { version } => write!(
                 f,
-                "packed model format version {version} is not supported (this build reads {})",
+                "packed model format version {version} is not supported (this build reads {} \
+                 and {})",
+                crate::format::VERSION_1,
                 crate::format::VERSION
             ),
             Error::Truncated { needed, found } => {

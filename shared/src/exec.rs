@@ -15,8 +15,13 @@
 //! `(m, shift, bias)`, `|m| < 2^23`, `|bias| < 2^61`: `acc * m` is below `2^62` and the sum with
 //! the bias and the rounding term below `2^63`, so `i64` never overflows; the result is rounded
 //! half up (arithmetic shift), then saturated to the output type (`u8` 0..=255, `i8`
-//! -127..=127, `i32`). Pooling sums at most 65536 values of at most 255 (`< 2^24`), the add's
-//! two products are below `2^31` each: `i64` throughout.
+//! -127..=127, `i32`) and to the op's saturation bounds ([`Op::clip`]: a fused ReLU or clip).
+//! Pooling sums at most 65536 values of at most 255 (`< 2^24`; the exact division of an
+//! avg-pool without padded positions works on `2 s + n < 2^26` in `i32`), the add's and
+//! concat's products are below `2^31` each: `i64` throughout.
+//!
+//! A grouped convolution gathers, per output pixel and group, the patch of that group's input
+//! channels (`in / groups * kh * kw` values) and runs that group's output channels over it.
 
 use crate::error::{Error, Result};
 use crate::format::{ActKind, Model, Op, OpKind, Records, Requant, Shape, Tensor};
@@ -178,7 +183,7 @@ pub fn infer_with<K: DotKernel>(
     for i in 0..model.op_count() {
         let op = model.op(i)?;
         let x = model.tensor(op.src)?;
-        let y = if op.kind == OpKind::Add {
+        let y = if op.kind.is_binary() {
             Some(model.tensor(op.src2)?)
         } else {
             None
@@ -191,7 +196,7 @@ pub fn infer_with<K: DotKernel>(
         let (xs, ys, out) = split(scratch.act, &x, y.as_ref(), out_off, out_len)?;
         let mut sink = match op.out_kind {
             ActKind::I32 => Sink::Logits(&mut logits[..op.out.c.min(sizes.logits)]),
-            kind => Sink::Bytes(out, kind),
+            kind => Sink::Bytes(out, kind, i64::from(op.clip[0]), i64::from(op.clip[1])),
         };
         match op.kind {
             OpKind::Conv | OpKind::Linear => {
@@ -218,8 +223,16 @@ pub fn infer_with<K: DotKernel>(
                     sink.put(k, i64::from(value(x.kind, v)).max(0));
                 }
             }
-            OpKind::MaxPool => max_pool(&op, xs, &x, &mut sink),
-            OpKind::AvgPool => avg_pool(&op, xs, &x, model.record(op.params_start), &mut sink),
+            OpKind::Clip => {
+                for (k, &v) in xs.iter().enumerate() {
+                    sink.put(k, i64::from(value(x.kind, v)));
+                }
+            }
+            OpKind::MaxPool => pool(&op, xs, &x, None, &mut sink),
+            OpKind::AvgPool => {
+                let r = op.count_include_pad.then(|| model.record(op.params_start));
+                pool(&op, xs, &x, Some(r), &mut sink);
+            }
             OpKind::GlobalAvgPool => {
                 let r = model.record(op.params_start);
                 let hw = x.shape.h * x.shape.w;
@@ -238,6 +251,21 @@ pub fn infer_with<K: DotKernel>(
                     let acc = i64::from(value(x.kind, a)) * i64::from(ra.m)
                         + i64::from(value(yk, b)) * i64::from(rb.m);
                     sink.put(k, shift_round(acc + ra.bias, ra.shift));
+                }
+            }
+            OpKind::Concat => {
+                let yk = y.map_or(ActKind::U8, |t| t.kind);
+                let parts = [
+                    (xs, x.kind, model.record(op.params_start)),
+                    (ys, yk, model.record(op.params_start + 1)),
+                ];
+                let mut k = 0;
+                for (vals, kind, r) in parts {
+                    for &v in vals {
+                        let acc = i64::from(value(kind, v)) * i64::from(r.m);
+                        sink.put(k, shift_round(acc + r.bias, r.shift));
+                        k += 1;
+                    }
                 }
             }
         }
@@ -358,9 +386,10 @@ fn requant_in_bound(acc: i64, r: Requant) -> i64 {
     shift_round(acc * i64::from(r.m) + r.bias, r.shift)
 }
 
-/// Where an op's outputs go: the arena (saturated to `u8` or `i8`) or the logits.
+/// Where an op's outputs go: the arena (saturated to the op's bounds `[lo, hi]`, which lie in
+/// the `u8` or `i8` range) or the logits.
 enum Sink<'s> {
-    Bytes(&'s mut [u8], ActKind),
+    Bytes(&'s mut [u8], ActKind, i64, i64),
     Logits(&'s mut [i32]),
 }
 
@@ -368,10 +397,12 @@ impl Sink<'_> {
     #[inline]
     fn put(&mut self, k: usize, v: i64) {
         match self {
-            Sink::Bytes(out, kind) => {
+            Sink::Bytes(out, kind, lo, hi) => {
+                // `max` then `min` (not `clamp`): never panics, even on bounds not from `parse`.
+                let v = v.max(*lo).min(*hi);
                 let b = match kind {
-                    ActKind::U8 => v.clamp(0, 255) as u8,
-                    _ => v.clamp(-127, 127) as i8 as u8,
+                    ActKind::U8 => v as u8,
+                    _ => v as i8 as u8,
                 };
                 if let Some(o) = out.get_mut(k) {
                     *o = b;
@@ -396,20 +427,23 @@ struct Layer<'m, 's> {
 }
 
 impl Layer<'_, '_> {
-    /// Every output channel over the patch, requantized, into `put(o, value)`: on the collapsed
-    /// path pairs of rows through one [`DotKernel::dot_rows2`], then one at a time.
+    /// Output channels `first .. first + channels` over the patch, requantized, into
+    /// `put(o, value)`: on the collapsed path pairs of rows through one
+    /// [`DotKernel::dot_rows2`], then one at a time.
     #[inline]
     fn outputs<K: DotKernel>(
         &self,
+        first: usize,
         channels: usize,
         patch: &[i16],
         mut put: impl FnMut(usize, i64),
     ) {
-        let mut o = 0;
+        let mut o = first;
         let k = self.fan_in;
         if self.path == Path::Collapsed && k > 0 {
             let rows = self.model.tile_rows();
-            for pair in self.weights.chunks_exact(2 * k).take(channels / 2) {
+            let weights = self.weights.get(first * k..).unwrap_or(&[]);
+            for pair in weights.chunks_exact(2 * k).take(channels / 2) {
                 let (w0, w1) = pair.split_at(k);
                 let acc = K::dot_rows2([w0, w1], patch, rows);
                 put(o, requant_in_bound(acc[0], self.records.get(o)));
@@ -417,7 +451,7 @@ impl Layer<'_, '_> {
                 o += 2;
             }
         }
-        for o in o..channels {
+        for o in o..first + channels {
             put(o, self.output::<K>(o, patch));
         }
     }
@@ -444,8 +478,9 @@ impl Layer<'_, '_> {
     }
 }
 
-/// Convolution: for each output pixel, gathers the `in * kh * kw` patch (zero padding) in
-/// canonical order, then one tile dot product per output channel.
+/// Convolution: for each output pixel and group, gathers the group's `in / groups * kh * kw`
+/// patch (zero padding) in canonical order, then one tile dot product per output channel of
+/// the group.
 fn conv<K: DotKernel>(
     l: &Layer<'_, '_>,
     op: &Op,
@@ -468,51 +503,61 @@ fn conv<K: DotKernel>(
         Some(p) => p,
         None => return,
     };
-    let kw = op.kw;
+    let (kh, kw) = (op.kh, op.kw);
+    let [sh, sw] = op.stride;
+    let [pt, pl, _, _] = op.pad;
+    let groups = op.groups.max(1);
+    let (icg, ocg, plane) = (ic / groups, oc / groups, ih * iw);
+    let signed = x.kind != ActKind::U8;
     for oy in 0..oh {
         for ox in 0..ow {
             // The window's first row and column; out of range (wrapped) in the padding.
-            let x0 = (ox * op.stride).wrapping_sub(op.pad);
-            let y0 = (oy * op.stride).wrapping_sub(op.pad);
-            if x0 < iw && x0 + kw <= iw && y0 < ih && y0 + op.kh <= ih {
-                // The window lies wholly inside the image: a straight widening copy per row.
-                let window = Window {
-                    channels: ic,
-                    plane: ih * iw,
-                    iw,
-                    at: y0 * iw + x0,
-                };
-                let done = match (op.kh, kw, x.kind == ActKind::U8) {
-                    (3, 3, true) => window.gather(xs, patch, 3, 3, false),
-                    (3, 3, false) => window.gather(xs, patch, 3, 3, true),
-                    (kh, _, true) => window.gather(xs, patch, kh, kw, false),
-                    (kh, _, false) => window.gather(xs, patch, kh, kw, true),
-                };
-                if done {
-                    pixel_outputs::<K>(l, oc, patch, sink, oy * ow + ox, oh * ow);
-                    continue;
+            let x0 = (ox * sw).wrapping_sub(pl);
+            let y0 = (oy * sh).wrapping_sub(pt);
+            let inside = x0 < iw && x0 + kw <= iw && y0 < ih && y0 + kh <= ih;
+            for g in 0..groups {
+                let xg = xs.get(g * icg * plane..).unwrap_or(&[]);
+                if inside {
+                    // The window lies wholly inside the image: a straight widening copy per row.
+                    let window = Window {
+                        channels: icg,
+                        plane,
+                        iw,
+                        at: y0 * iw + x0,
+                    };
+                    let done = match (kh, kw, signed) {
+                        (3, 3, false) => window.gather(xg, patch, 3, 3, false),
+                        (3, 3, true) => window.gather(xg, patch, 3, 3, true),
+                        (kh, _, false) => window.gather(xg, patch, kh, kw, false),
+                        (kh, _, true) => window.gather(xg, patch, kh, kw, true),
+                    };
+                    if done {
+                        pixel_outputs::<K>(l, g * ocg, ocg, patch, sink, oy * ow + ox, oh * ow);
+                        continue;
+                    }
                 }
+                // Not wholly inside (or, for a corrupt model, past the arena): the general
+                // gather.
+                let border = Border {
+                    channels: icg,
+                    ih,
+                    iw,
+                    y0,
+                    x0,
+                };
+                let done = match (kh, kw, signed) {
+                    (3, 3, false) => border.gather(xg, patch, 3, 3, false),
+                    (3, 3, true) => border.gather(xg, patch, 3, 3, true),
+                    (kh, _, false) => border.gather(xg, patch, kh, kw, false),
+                    (kh, _, true) => border.gather(xg, patch, kh, kw, true),
+                };
+                if !done {
+                    // Not reached: `split` hands over the whole input tensor and `patch` is the
+                    // fan-in long.
+                    return;
+                }
+                pixel_outputs::<K>(l, g * ocg, ocg, patch, sink, oy * ow + ox, oh * ow);
             }
-            // Not wholly inside (or, for a corrupt model, past the arena): the general gather.
-            let border = Border {
-                channels: ic,
-                ih,
-                iw,
-                y0,
-                x0,
-            };
-            let done = match (op.kh, kw, x.kind == ActKind::U8) {
-                (3, 3, true) => border.gather(xs, patch, 3, 3, false),
-                (3, 3, false) => border.gather(xs, patch, 3, 3, true),
-                (kh, _, true) => border.gather(xs, patch, kh, kw, false),
-                (kh, _, false) => border.gather(xs, patch, kh, kw, true),
-            };
-            if !done {
-                // Not reached: `split` hands over the whole input tensor and `patch` is the
-                // fan-in long.
-                return;
-            }
-            pixel_outputs::<K>(l, oc, patch, sink, oy * ow + ox, oh * ow);
         }
     }
 }
@@ -569,10 +614,12 @@ impl Border {
     }
 }
 
-/// A convolution's output channels at one pixel, channel `o` to `o * step + base`.
+/// A convolution's output channels `first .. first + channels` at one pixel, channel `o` to
+/// `o * step + base`.
 #[inline(never)]
 fn pixel_outputs<K: DotKernel>(
     l: &Layer<'_, '_>,
+    first: usize,
     channels: usize,
     patch: &[i16],
     sink: &mut Sink<'_>,
@@ -580,13 +627,17 @@ fn pixel_outputs<K: DotKernel>(
     step: usize,
 ) {
     match sink {
-        // The usual case (ReLU folded into the requantization): no dispatch per output.
-        Sink::Bytes(out, ActKind::U8) => l.outputs::<K>(channels, patch, |o, v| {
-            if let Some(b) = out.get_mut(o * step + base) {
-                *b = v.clamp(0, 255) as u8;
-            }
-        }),
-        _ => l.outputs::<K>(channels, patch, |o, v| sink.put(o * step + base, v)),
+        // The usual case (ReLU or a clip folded into the requantization): no dispatch per
+        // output.
+        Sink::Bytes(out, ActKind::U8, lo, hi) => {
+            let (lo, hi) = (*lo, *hi);
+            l.outputs::<K>(first, channels, patch, |o, v| {
+                if let Some(b) = out.get_mut(o * step + base) {
+                    *b = v.max(lo).min(hi) as u8;
+                }
+            })
+        }
+        _ => l.outputs::<K>(first, channels, patch, |o, v| sink.put(o * step + base, v)),
     }
 }
 
@@ -650,60 +701,59 @@ fn linear<K: DotKernel>(
     for (p, &b) in patch.iter_mut().zip(xs) {
         *p = value(x.kind, b);
     }
-    l.outputs::<K>(op.out.c, patch, |o, v| sink.put(o, v));
+    l.outputs::<K>(0, op.out.c, patch, |o, v| sink.put(o, v));
 }
 
-fn windows(op: &Op, x: &Tensor, mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>)) {
+/// The in-bounds part of a pooling window along one axis: output position `o` with stride `s`,
+/// kernel `k`, padding `lo` before an input of `n`: the first input index and the count.
+#[inline]
+fn span(o: usize, s: usize, k: usize, lo: usize, n: usize) -> (usize, usize) {
+    let start = o * s; // in padded coordinates
+    let first = start.max(lo);
+    let end = (start + k).min(lo + n);
+    (first.saturating_sub(lo), end.saturating_sub(first))
+}
+
+/// Max pooling (`avg: None`: padded positions ignored, the output in the input's type) or
+/// average pooling (`avg: Some(record)`: the sum of the in-bounds values times the record's
+/// `1 / (kh kw)` with `count_include_pad`; `Some(None)`: the sum divided exactly by the number
+/// `n` of in-bounds positions, `floor((2 s + n) / (2 n))`, without).
+fn pool(op: &Op, xs: &[u8], x: &Tensor, avg: Option<Option<Requant>>, sink: &mut Sink<'_>) {
     let Shape {
         c: ic,
         h: ih,
         w: iw,
     } = x.shape;
     let Shape { h: oh, w: ow, .. } = op.out;
+    let [sh, sw] = op.stride;
+    let [pt, pl, _, _] = op.pad;
     for c in 0..ic {
         for oy in 0..oh {
+            let (y0, ny) = span(oy, sh, op.kh, pt, ih);
             for ox in 0..ow {
-                let mut it = (0..op.kh).flat_map(move |ky| {
-                    (0..op.kw)
-                        .map(move |kx| (c * ih + oy * op.stride + ky) * iw + ox * op.stride + kx)
-                });
-                f((c * oh + oy) * ow + ox, &mut it);
-            }
-        }
-    }
-}
-
-fn max_pool(op: &Op, xs: &[u8], x: &Tensor, sink: &mut Sink<'_>) {
-    let Shape {
-        c: ic,
-        h: ih,
-        w: iw,
-    } = x.shape;
-    let Shape { h: oh, w: ow, .. } = op.out;
-    for c in 0..ic {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                // The format guarantees a non-empty window (kh, kw >= 1).
-                let mut m = if op.kh * op.kw == 0 { 0 } else { i16::MIN };
-                for ky in 0..op.kh {
-                    let at = (c * ih + oy * op.stride + ky) * iw + ox * op.stride;
-                    for kx in 0..op.kw {
-                        m = m.max(xs.get(at + kx).map_or(i16::MIN, |&b| value(x.kind, b)));
+                let (x0, nx) = span(ox, sw, op.kw, pl, iw);
+                let (mut m, mut sum) = (i16::MIN, 0i32);
+                for iy in y0..y0 + ny {
+                    let at = (c * ih + iy) * iw + x0;
+                    for b in xs.get(at..at + nx).unwrap_or(&[]) {
+                        let v = value(x.kind, *b);
+                        m = m.max(v);
+                        sum += i32::from(v);
                     }
                 }
-                sink.put((c * oh + oy) * ow + ox, i64::from(m));
+                let out = (c * oh + oy) * ow + ox;
+                match avg {
+                    // The format guarantees a non-empty window (pads below the kernel).
+                    None => sink.put(out, if ny * nx == 0 { 0 } else { i64::from(m) }),
+                    Some(Some(r)) => sink.put(out, requant(i64::from(sum), r)),
+                    Some(None) => {
+                        let n = (ny * nx).max(1) as i32;
+                        sink.put(out, i64::from((2 * sum + n).div_euclid(2 * n)));
+                    }
+                }
             }
         }
     }
-}
-
-fn avg_pool(op: &Op, xs: &[u8], x: &Tensor, r: Requant, sink: &mut Sink<'_>) {
-    windows(op, x, |o, it| {
-        let sum: i64 = it
-            .map(|i| xs.get(i).map_or(0, |&b| i64::from(value(x.kind, b))))
-            .sum();
-        sink.put(o, requant(sum, r));
-    });
 }
 
 #[cfg(test)]

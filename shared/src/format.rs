@@ -2,7 +2,7 @@
 //! writes (`nvcim pack`, `build::pack` behind the `alloc` feature) and the firmware reads in
 //! place, without copying or allocating ([`Model::parse`]).
 //!
-//! # Layout (version 1)
+//! # Layout (version 2)
 //!
 //! All integers are little-endian, floats are IEEE-754 `f32` bit patterns. Sections follow the
 //! 80-byte header back to back, in this order, with no padding:
@@ -10,7 +10,7 @@
 //! | offset | type | field |
 //! |---|---|---|
 //! | 0 | `[u8; 8]` | magic `b"NVCIMPK\0"` |
-//! | 8 | `u16` | format version, 1 |
+//! | 8 | `u16` | format version, 2 (1 is still read, see below) |
 //! | 10 | `u8`, `u8` | M (magnitude bits), N (device bits) |
 //! | 12 | `f32` | sigma the model was packed for |
 //! | 16 | `u8` | sigma unit: 0 `range`, 1 `level` |
@@ -30,34 +30,94 @@
 //! | 72 | `u32` | total length in bytes, CRC included |
 //! | 76 | `u32` | reserved, 0 |
 //! | 80 | `i8 [C][256]` | per-channel input lookup table: raw pixel -> normalized `i8` |
-//! | | `[op; n]` | op table, 40 bytes per op (below) |
+//! | | `[op; n]` | op table, 52 bytes per op (below; 40 in version 1) |
 //! | | `[record; r]` | requantization records, 16 bytes: `m: i32`, `shift: u32`, `bias: i64` |
 //! | | `u16 [w]` | quantized weights: bit 15 sign (negative array), bits 0..8 magnitude |
 //! | | `u8 [t][C][H][W]` | test images (raw pixels) |
 //! | | `u16 [t]` | test labels |
 //! | | `u32` | CRC-32 (IEEE) of every preceding byte |
 //!
-//! **Op record (40 bytes):** `kind u8` (1 conv, 2 linear, 3 relu, 4 max-pool, 5 avg-pool,
-//! 6 global avg-pool, 7 add), `out_kind u8` (0 `u8`, 1 `i8`, 2 `i32` logits), `kh u8`, `kw u8`,
-//! `stride u8`, `pad u8`, reserved `u16` = 0, `src u16`, `src2 u16` (tensor ids; tensor 0 is the
-//! input, tensor `i + 1` the output of op `i`), `out_c u16`, `out_h u16`, `out_w u16`,
-//! `layer u16` (weight-layer index or `0xFFFF`), `out_off u32` (arena byte offset),
-//! `weights_start u32`, `params_start u32`, `out_scale f32`, `w_scale f32` (`max|W|`).
+//! **Op record, version 2 (52 bytes):**
+//!
+//! | offset | type | field |
+//! |---|---|---|
+//! | 0 | `u8` | kind: 1 conv, 2 linear, 3 relu, 4 max-pool, 5 avg-pool, 6 global avg-pool, 7 add, 8 clip, 9 concat |
+//! | 1 | `u8` | output type: 0 `u8`, 1 `i8`, 2 `i32` logits |
+//! | 2 | `u8`, `u8` | kernel height `kh`, width `kw` (conv, pools; 1, 1 for linear; 0 otherwise) |
+//! | 4 | `u8`, `u8` | stride `sh`, `sw` (conv, pools; 1, 1 for linear; 0 otherwise) |
+//! | 6 | `u8` x 4 | zero padding top, left, bottom, right (conv, pools; each `<` its kernel side) |
+//! | 10 | `u8` | flags: bit 0 `count_include_pad` (avg-pool only), other bits 0 |
+//! | 11 | `u8` | reserved, 0 |
+//! | 12 | `u16` | groups (conv: divides in and out channels; 1 for every other op) |
+//! | 14 | `u16`, `u16` | `src`, `src2` (tensor ids; tensor 0 is the input, tensor `i + 1` the output of op `i`; `src2` read by add and concat) |
+//! | 18 | `u16` x 3 | output channels, height, width |
+//! | 24 | `u16` | weight-layer index, or `0xFFFF` |
+//! | 26 | `i16`, `i16` | saturation bounds `lo <= hi` of the output in output units, inside the output type's range (`0..=255` for `u8`, `-127..=127` for `i8`; both 0 for `i32` logits, which saturate at `±(2^31 - 1)`) |
+//! | 30 | `u16` | reserved, 0 |
+//! | 32 | `u32` | `out_off`, the output's arena byte offset (0 for logits) |
+//! | 36 | `u32`, `u32` | `weights_start`, `params_start` |
+//! | 44 | `f32` | `out_scale`, the real value of one output unit |
+//! | 48 | `f32` | `w_scale`, the layer's `max|W|` (weighted ops; 0 otherwise) |
+//!
+//! **Op record, version 1 (40 bytes):** `kind u8` (1..=7), `out_kind u8`, `kh u8`, `kw u8`,
+//! `stride u8`, `pad u8`, reserved `u16` = 0, `src u16`, `src2 u16`, `out_c u16`, `out_h u16`,
+//! `out_w u16`, `layer u16`, `out_off u32`, `weights_start u32`, `params_start u32`,
+//! `out_scale f32`, `w_scale f32`. It reads as the version-2 op with `stride = [s, s]`,
+//! `pad = [p; 4]` (pools: `p = 0`), `groups = 1`, `count_include_pad` set on avg-pools, and the
+//! saturation bounds of its output type; a version-1 model therefore runs exactly as it did.
+//!
+//! # Semantics
 //!
 //! Weight layers appear in forward order with consecutive `layer` indices and consecutive weight
-//! ranges, each in PyTorch's canonical order. Conv/linear ops take one record per output channel
-//! (`y = (acc * m + bias + 2^(shift-1)) >> shift`, saturated to the output type), avg-pools one
-//! (`m`, `shift`, bias 0), add two (`m_a`, `shift`, `bias`; `m_b`). The last op, and only it,
-//! writes `i32` logits (a conv or linear with `out = (classes, 1, 1)`).
+//! ranges, each in PyTorch's canonical order (conv `[out][in / groups][kh][kw]`, linear
+//! `[out][in]`). Conv/linear ops take one record per output channel
+//! (`y = (acc * m + bias + 2^(shift-1)) >> shift`, then saturated to `[lo, hi]`): a fused ReLU
+//! is `[0, 255]`, a fused clip `[round(min / out_scale), round(max / out_scale)]` intersected
+//! with the output type's range. The last op, and only it, writes `i32` logits, with
+//! `out = (classes, 1, 1)`: a conv or linear, or (version 2 only) a global avg-pool.
+//!
+//! - *Conv* with `groups = g`: input channels `[k C/g, (k+1) C/g)` feed output channels
+//!   `[k O/g, (k+1) O/g)`. The fan-in of an output channel is `C/g * kh * kw` ([`Model::fan_in`]),
+//!   its im2col patch reads only its group's channels, and each group is an independent weight
+//!   matrix of `fan_in` rows by `O/g` columns, cut into crossbar tiles exactly as an ungrouped
+//!   layer ([`Model::tile_count`] = `g * ceil(fan_in / rows) * ceil(O/g / cols)`). A depthwise
+//!   layer (`g = C = O`) maps each channel onto one tile column of `kh * kw` rows: one tile per
+//!   channel (tile columns beyond the first stay unused). Programming visits the weights in
+//!   canonical order, so an ungrouped layer's state is what it always was.
+//! - *Pools* slide a `kh x kw` window with stride `[sh, sw]` over the input padded by
+//!   `[top, left, bottom, right]` (floor mode: `out = (in + pads - k) / s + 1`). Max-pool ignores
+//!   padded positions (PyTorch's `-inf` padding); its output has the input's type and scale.
+//!   Avg-pool sums the in-bounds values; with `count_include_pad` it takes one record
+//!   (`m, shift` of `1 / (kh kw)`, bias 0, as the global pool); without, it takes none and
+//!   divides each window's sum `s` by its number `n` of in-bounds positions exactly, rounding
+//!   half up: `y = floor((2 s + n) / (2 n))` (output in the input's scale).
+//! - *Global avg-pool* sums each channel's `H x W` window (at most [`MAX_POOL_WINDOW`]
+//!   values) and requantizes the sum `s` with its one record, `y = (s m + 2^(shift-1)) >>
+//!   shift`. Writing a tensor, the record is `1 / (H W)` (output in the input's type and scale).
+//!   As the last op it writes the `i32` logits (SqueezeNet's `conv 1x1 -> ReLU -> global pool`
+//!   head): the record is `x.scale / (H W) / out_scale` (`out_scale` the logits' unit, as for a
+//!   conv or linear), the result saturated to `±(2^31 - 1)`, and `out` must be
+//!   `(classes, 1, 1)`. This combination is new in version 2 without a layout change (the
+//!   version stays 2; a version-1 model may not use it): readers that predate it reject it as
+//!   an invalid `op.out_kind`.
+//! - *Add* takes two records: `(m_a, shift, bias)` and `(m_b, -, -)`,
+//!   `y = (a m_a + b m_b + bias + 2^(shift-1)) >> shift`.
+//! - *Concat* writes `src`'s channels, then `src2`'s (same height and width), each rescaled to
+//!   the output scale by its own record: `y = (v m + bias + 2^(shift-1)) >> shift`.
+//! - *Clip* (and *ReLU*) keep their input's scale and saturate to `[lo, hi]`.
+//!
+//! The activation arena holds every `u8`/`i8` tensor from its producer to its last reader.
 //!
 //! # Validation
 //!
 //! [`Model::parse`] checks the magic, version, length and CRC first, then every header field,
-//! every op (kinds, tensor references, shape arithmetic, fan-in `<= 65536`, weight and record
-//! ranges, arena regions in bounds and never overwriting a tensor that is still to be read),
-//! every record (`shift <= 62`, `|m| < 2^23`, `|bias| < 2^61`), every weight magnitude and every
-//! label. Any violation is a typed [`Error`]; it never panics and never indexes out of bounds
-//! (every read goes through a checked accessor).
+//! every op (kinds, tensor references, shape arithmetic, kernel, stride, padding `<` kernel,
+//! groups dividing both channel counts, saturation bounds inside the output type, the last op
+//! and only it writing `i32` logits of shape `(classes, 1, 1)` from a conv, linear or global
+//! pool, fan-in `<= 65536`, pooling windows `<=` [`MAX_POOL_WINDOW`], weight and record ranges, arena regions in bounds and never overwriting a tensor
+//! that is still to be read), every record (`shift <= 62`, `|m| < 2^23`, `|bias| < 2^61`), every
+//! weight magnitude and every label. Any violation is a typed [`Error`]; it never panics and
+//! never indexes out of bounds (every read goes through a checked accessor).
 
 #[cfg(any(feature = "alloc", test))]
 pub mod build;
@@ -70,12 +130,16 @@ use crate::variation::{Faults, Profile, SigmaUnit, VariationConfig};
 
 /// The magic bytes of a packed model.
 pub const MAGIC: [u8; 8] = *b"NVCIMPK\0";
-/// The format version this build reads and writes.
-pub const VERSION: u16 = 1;
+/// The format version this build writes (it also reads [`VERSION_1`]).
+pub const VERSION: u16 = 2;
+/// The first format version, still read.
+pub const VERSION_1: u16 = 1;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 80;
-/// Bytes of one op record.
-pub const OP_LEN: usize = 40;
+/// Bytes of one op record (version 2).
+pub const OP_LEN: usize = 52;
+/// Bytes of one op record of a version-1 model.
+pub const OP_LEN_V1: usize = 40;
 /// Bytes of one requantization record.
 pub const RECORD_LEN: usize = 16;
 /// Largest op count.
@@ -86,20 +150,24 @@ pub const MAX_POOL_WINDOW: usize = 65536;
 /// What an op computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
-    /// 2-D convolution with zero padding (weights `[out][in][kh][kw]`).
+    /// 2-D convolution with zero padding, possibly grouped (weights `[out][in / groups][kh][kw]`).
     Conv,
     /// Fully connected layer over the flattened `C*H*W` input (weights `[out][in]`).
     Linear,
     /// `max(x, 0)`, `i8` or `u8` in, `u8` out, same scale.
     Relu,
-    /// Max pooling, no padding; same type and scale as its input.
+    /// Max pooling (padding ignored); same type and scale as its input.
     MaxPool,
-    /// Average pooling, no padding; requantized by one record.
+    /// Average pooling; one record with `count_include_pad`, an exact division without.
     AvgPool,
     /// Mean over `H x W` per channel; requantized by one record.
     GlobalAvgPool,
     /// Residual add of two tensors of one shape, each rescaled to the output scale.
     Add,
+    /// Saturation to `[lo, hi]` ([`Op::clip`]), same scale in and out.
+    Clip,
+    /// Channel concatenation of `src` then `src2`, each rescaled to the output scale.
+    Concat,
 }
 
 impl OpKind {
@@ -112,6 +180,8 @@ impl OpKind {
             5 => OpKind::AvgPool,
             6 => OpKind::GlobalAvgPool,
             7 => OpKind::Add,
+            8 => OpKind::Clip,
+            9 => OpKind::Concat,
             _ => return None,
         })
     }
@@ -126,7 +196,14 @@ impl OpKind {
             OpKind::AvgPool => 5,
             OpKind::GlobalAvgPool => 6,
             OpKind::Add => 7,
+            OpKind::Clip => 8,
+            OpKind::Concat => 9,
         }
+    }
+
+    /// Whether the op reads a second tensor ([`Op::src2`]): add and concat.
+    pub const fn is_binary(self) -> bool {
+        matches!(self, OpKind::Add | OpKind::Concat)
     }
 
     /// Whether the op has weights on crossbar tiles.
@@ -162,6 +239,16 @@ impl ActKind {
             ActKind::U8 => 0,
             ActKind::I8 => 1,
             ActKind::I32 => 2,
+        }
+    }
+
+    /// The values an output of this type saturates to: `[0, 255]`, `[-127, 127]`, or
+    /// `[-(2^31 - 1), 2^31 - 1]`.
+    pub const fn range(self) -> [i32; 2] {
+        match self {
+            ActKind::U8 => [0, 255],
+            ActKind::I8 => [-127, 127],
+            ActKind::I32 => [-i32::MAX, i32::MAX],
         }
     }
 }
@@ -205,13 +292,20 @@ pub struct Op {
     pub kh: usize,
     /// Kernel width (conv, pools).
     pub kw: usize,
-    /// Stride (conv, pools).
-    pub stride: usize,
-    /// Zero padding on every side (conv).
-    pub pad: usize,
+    /// Strides `[sh, sw]` (conv, pools).
+    pub stride: [usize; 2],
+    /// Zero padding `[top, left, bottom, right]` (conv, pools).
+    pub pad: [usize; 4],
+    /// Convolution groups (1 for every other op).
+    pub groups: usize,
+    /// Avg-pool: divide by `kh * kw` (`true`) or by the in-bounds positions of each window.
+    pub count_include_pad: bool,
+    /// Saturation bounds `[lo, hi]` of the output in output units (within
+    /// [`ActKind::range`] of [`Self::out_kind`]).
+    pub clip: [i32; 2],
     /// Input tensor id.
     pub src: usize,
-    /// Second input tensor id (add).
+    /// Second input tensor id (add, concat).
     pub src2: usize,
     /// Output shape.
     pub out: Shape,
@@ -302,6 +396,7 @@ impl ScratchSizes {
 #[derive(Clone, Copy)]
 pub struct Model<'a> {
     bytes: &'a [u8],
+    version: u16,
     var: VariationConfig,
     scale_mode: ScaleMode,
     tile_rows: usize,
@@ -382,11 +477,45 @@ fn check_scale(field: &'static str, s: f32) -> Result<()> {
     ensure(s.is_finite() && s > 0.0, field, i64::from(s.to_bits()))
 }
 
-/// Output size of a window sliding over `n` (with `pad` on each side), or `None` when the window
-/// does not fit.
-fn out_dim(n: usize, k: usize, stride: usize, pad: usize) -> Option<usize> {
-    let padded = n + 2 * pad;
-    (k >= 1 && stride >= 1 && padded >= k).then(|| (padded - k) / stride + 1)
+/// Output size of a window of `k` sliding with `stride` over `n` padded by `lo` before and `hi`
+/// after (floor mode), or `None` when the window does not fit or a pad is not below `k`.
+fn out_dim(n: usize, k: usize, stride: usize, lo: usize, hi: usize) -> Option<usize> {
+    let padded = n + lo + hi;
+    (k >= 1 && stride >= 1 && lo < k && hi < k && padded >= k).then(|| (padded - k) / stride + 1)
+}
+
+/// A version-1 op record as the version-2 op it means (see the module docs).
+fn decode_v1(b: &[u8], at: usize, kind: OpKind, out_kind: ActKind) -> Result<Op> {
+    ensure(kind.code() <= 7, "op.kind", kind.code())?;
+    ensure(u16_at(b, at + 6) == 0, "op.reserved", u16_at(b, at + 6))?;
+    let (stride, pad) = (usize::from(u8_at(b, at + 4)), usize::from(u8_at(b, at + 5)));
+    let pool = matches!(kind, OpKind::MaxPool | OpKind::AvgPool);
+    ensure(!pool || pad == 0, "op.pad", pad)?;
+    let layer = u16_at(b, at + 18);
+    Ok(Op {
+        kind,
+        out_kind,
+        kh: usize::from(u8_at(b, at + 2)),
+        kw: usize::from(u8_at(b, at + 3)),
+        stride: [stride; 2],
+        pad: [pad; 4],
+        groups: 1,
+        count_include_pad: kind == OpKind::AvgPool,
+        clip: out_kind.range(),
+        src: usize::from(u16_at(b, at + 8)),
+        src2: usize::from(u16_at(b, at + 10)),
+        out: Shape {
+            c: usize::from(u16_at(b, at + 12)),
+            h: usize::from(u16_at(b, at + 14)),
+            w: usize::from(u16_at(b, at + 16)),
+        },
+        layer: (layer != 0xFFFF).then_some(usize::from(layer)),
+        out_off: u32_at(b, at + 20) as usize,
+        weights_start: u32_at(b, at + 24) as usize,
+        params_start: u32_at(b, at + 28) as usize,
+        out_scale: f32_at(b, at + 32),
+        w_scale: f32_at(b, at + 36),
+    })
 }
 
 fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
@@ -413,9 +542,14 @@ impl<'a> Model<'a> {
         }
         let b = bytes;
         let version = u16_at(b, 8);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_1 {
             return Err(Error::UnsupportedVersion { version });
         }
+        let op_len = if version == VERSION_1 {
+            OP_LEN_V1
+        } else {
+            OP_LEN
+        };
         let total = u32_at(b, 72) as usize;
         if b.len() < total {
             return Err(Error::Truncated {
@@ -494,7 +628,7 @@ impl<'a> Model<'a> {
         let image_len = input.len_u64();
         let sizes = [
             input.c as u64 * 256,
-            n_ops as u64 * OP_LEN as u64,
+            n_ops as u64 * op_len as u64,
             n_params as u64 * RECORD_LEN as u64,
             n_weights as u64 * 2,
             n_test as u64 * image_len,
@@ -515,6 +649,7 @@ impl<'a> Model<'a> {
         ensure(end + 4 == total as u64, "header.total_len", total)?;
         let m = Model {
             bytes,
+            version,
             var,
             scale_mode,
             tile_rows,
@@ -547,34 +682,68 @@ impl<'a> Model<'a> {
         Ok(m)
     }
 
+    fn op_len(&self) -> usize {
+        if self.version == VERSION_1 {
+            OP_LEN_V1
+        } else {
+            OP_LEN
+        }
+    }
+
     fn decode_op(&self, i: usize) -> Result<Op> {
         let b = self.bytes;
-        let at = self.ops_at + i * OP_LEN;
+        let at = self.ops_at + i * self.op_len();
         let kind = OpKind::from_code(u8_at(b, at)).ok_or(bad("op.kind", u8_at(b, at)))?;
         let out_kind =
             ActKind::from_code(u8_at(b, at + 1)).ok_or(bad("op.out_kind", u8_at(b, at + 1)))?;
-        ensure(u16_at(b, at + 6) == 0, "op.reserved", u16_at(b, at + 6))?;
-        let layer = u16_at(b, at + 18);
+        if self.version == VERSION_1 {
+            return decode_v1(b, at, kind, out_kind);
+        }
+        ensure(u8_at(b, at + 11) == 0, "op.reserved", u8_at(b, at + 11))?;
+        ensure(u16_at(b, at + 30) == 0, "op.reserved", u16_at(b, at + 30))?;
+        let flags = u8_at(b, at + 10);
+        ensure(
+            flags & !1 == 0 && (flags == 0 || kind == OpKind::AvgPool),
+            "op.flags",
+            flags,
+        )?;
+        let (lo, hi) = (
+            i32::from(u16_at(b, at + 26) as i16),
+            i32::from(u16_at(b, at + 28) as i16),
+        );
+        let clip = if out_kind == ActKind::I32 {
+            ensure(lo == 0 && hi == 0, "op.clip", lo)?;
+            out_kind.range()
+        } else {
+            let [tlo, thi] = out_kind.range();
+            ensure(tlo <= lo && lo <= hi && hi <= thi, "op.clip", lo)?;
+            [lo, hi]
+        };
+        let u = |k: usize| usize::from(u8_at(b, at + k));
+        let layer = u16_at(b, at + 24);
         Ok(Op {
             kind,
             out_kind,
-            kh: usize::from(u8_at(b, at + 2)),
-            kw: usize::from(u8_at(b, at + 3)),
-            stride: usize::from(u8_at(b, at + 4)),
-            pad: usize::from(u8_at(b, at + 5)),
-            src: usize::from(u16_at(b, at + 8)),
-            src2: usize::from(u16_at(b, at + 10)),
+            kh: u(2),
+            kw: u(3),
+            stride: [u(4), u(5)],
+            pad: [u(6), u(7), u(8), u(9)],
+            groups: usize::from(u16_at(b, at + 12)),
+            count_include_pad: flags & 1 != 0,
+            clip,
+            src: usize::from(u16_at(b, at + 14)),
+            src2: usize::from(u16_at(b, at + 16)),
             out: Shape {
-                c: usize::from(u16_at(b, at + 12)),
-                h: usize::from(u16_at(b, at + 14)),
-                w: usize::from(u16_at(b, at + 16)),
+                c: usize::from(u16_at(b, at + 18)),
+                h: usize::from(u16_at(b, at + 20)),
+                w: usize::from(u16_at(b, at + 22)),
             },
             layer: (layer != 0xFFFF).then_some(usize::from(layer)),
-            out_off: u32_at(b, at + 20) as usize,
-            weights_start: u32_at(b, at + 24) as usize,
-            params_start: u32_at(b, at + 28) as usize,
-            out_scale: f32_at(b, at + 32),
-            w_scale: f32_at(b, at + 36),
+            out_off: u32_at(b, at + 32) as usize,
+            weights_start: u32_at(b, at + 36) as usize,
+            params_start: u32_at(b, at + 40) as usize,
+            out_scale: f32_at(b, at + 44),
+            w_scale: f32_at(b, at + 48),
         })
     }
 
@@ -600,26 +769,30 @@ impl<'a> Model<'a> {
             check_scale("op.out_scale", op.out_scale)?;
             let o = op.out;
             ensure(o.c >= 1 && o.h >= 1 && o.w >= 1, "op.out_shape", 0)?;
-            let same_window = |k: usize, s: usize, p: usize| {
-                out_dim(x.shape.h, k, s, p) == Some(o.h) && out_dim(x.shape.w, k, s, p) == Some(o.w)
-            };
+            // The window arithmetic of conv and pools: pads below the kernel, the output size.
+            let window_ok = out_dim(x.shape.h, op.kh, op.stride[0], op.pad[0], op.pad[2])
+                == Some(o.h)
+                && out_dim(x.shape.w, op.kw, op.stride[1], op.pad[1], op.pad[3]) == Some(o.w);
+            let no_window = op.kh == 0
+                && op.kw == 0
+                && op.stride == [0, 0]
+                && op.pad == [0; 4]
+                && op.groups == 1;
+            if op.kind != OpKind::Conv {
+                ensure(op.groups == 1, "op.groups", op.groups)?;
+            }
             let mut n_params = 0;
             match op.kind {
                 OpKind::Conv | OpKind::Linear => {
                     let fan_in = if op.kind == OpKind::Conv {
-                        ensure(
-                            op.pad < op.kh.max(1) && op.pad < op.kw.max(1),
-                            "op.pad",
-                            op.pad,
-                        )?;
-                        let ok = out_dim(x.shape.h, op.kh, op.stride, op.pad) == Some(o.h)
-                            && out_dim(x.shape.w, op.kw, op.stride, op.pad) == Some(o.w);
-                        ensure(ok, "op.conv_shape", i)?;
-                        x.shape.c as u64 * op.kh as u64 * op.kw as u64
+                        let g = op.groups;
+                        ensure(g >= 1 && x.shape.c % g == 0 && o.c % g == 0, "op.groups", g)?;
+                        ensure(window_ok, "op.conv_shape", i)?;
+                        (x.shape.c / g) as u64 * op.kh as u64 * op.kw as u64
                     } else {
                         ensure(o.h == 1 && o.w == 1, "op.linear_shape", i)?;
                         ensure(
-                            op.kh == 1 && op.kw == 1 && op.stride == 1 && op.pad == 0,
+                            op.kh == 1 && op.kw == 1 && op.stride == [1, 1] && op.pad == [0; 4],
                             "op.linear_kernel",
                             i,
                         )?;
@@ -660,26 +833,34 @@ impl<'a> Model<'a> {
                         "op.layer",
                         op.layer.map_or(-1, |l| l as i64),
                     )?;
+                    // Besides conv and linear, only a (version-2) global pool writes logits.
                     ensure(
-                        op.out_kind != ActKind::I32,
+                        op.out_kind != ActKind::I32
+                            || (op.kind == OpKind::GlobalAvgPool && self.version != VERSION_1),
                         "op.out_kind",
                         op.out_kind.code(),
+                    )?;
+                    let pool = matches!(op.kind, OpKind::MaxPool | OpKind::AvgPool);
+                    // Version 1 wrote arbitrary kernel fields for window-less ops.
+                    ensure(
+                        pool || no_window || self.version == VERSION_1,
+                        "op.kernel",
+                        op.kh,
                     )?;
                     match op.kind {
                         OpKind::Relu => {
                             ensure(o == x.shape && op.out_kind == ActKind::U8, "op.relu", i)?;
                         }
+                        OpKind::Clip => {
+                            ensure(o == x.shape, "op.clip_shape", i)?;
+                        }
                         OpKind::MaxPool | OpKind::AvgPool => {
-                            ensure(
-                                o.c == x.shape.c && op.kh == op.kw && op.pad == 0,
-                                "op.pool",
-                                i,
-                            )?;
-                            ensure(same_window(op.kh, op.stride, 0), "op.pool_shape", i)?;
+                            ensure(o.c == x.shape.c, "op.pool", i)?;
+                            ensure(window_ok, "op.pool_shape", i)?;
                             ensure(op.kh * op.kw <= MAX_POOL_WINDOW, "op.pool_window", op.kh)?;
                             if op.kind == OpKind::MaxPool {
                                 ensure(op.out_kind == x.kind, "op.out_kind", op.out_kind.code())?;
-                            } else {
+                            } else if op.count_include_pad {
                                 n_params = 1;
                             }
                         }
@@ -687,16 +868,25 @@ impl<'a> Model<'a> {
                             ensure(o.c == x.shape.c && o.h == 1 && o.w == 1, "op.gap_shape", i)?;
                             let window = x.shape.h as u64 * x.shape.w as u64;
                             ensure(window <= MAX_POOL_WINDOW as u64, "op.pool_window", window)?;
+                            if op.out_kind == ActKind::I32 {
+                                ensure(o.c == self.classes, "op.logits_shape", o.c)?;
+                            }
                             n_params = 1;
                         }
-                        OpKind::Add => {
+                        OpKind::Add | OpKind::Concat => {
                             ensure(op.src2 <= i, "op.src2", op.src2)?;
                             let y = self.tensor_unchecked(op.src2)?;
-                            ensure(
-                                y.kind != ActKind::I32 && y.shape == x.shape && o == x.shape,
-                                "op.add_shape",
-                                i,
-                            )?;
+                            ensure(y.kind != ActKind::I32, "op.src2", op.src2)?;
+                            let ok = if op.kind == OpKind::Add {
+                                y.shape == x.shape && o == x.shape
+                            } else {
+                                y.shape.h == x.shape.h
+                                    && y.shape.w == x.shape.w
+                                    && o.h == x.shape.h
+                                    && o.w == x.shape.w
+                                    && o.c == x.shape.c + y.shape.c
+                            };
+                            ensure(ok, "op.binary_shape", i)?;
                             n_params = 2;
                         }
                         _ => {}
@@ -718,7 +908,7 @@ impl<'a> Model<'a> {
                     let later = self.decode_op(k)?;
                     let inputs = [
                         Some(later.src),
-                        (later.kind == OpKind::Add).then_some(later.src2),
+                        later.kind.is_binary().then_some(later.src2),
                     ];
                     for t in inputs.into_iter().flatten().filter(|&t| t <= i) {
                         if let Some(r) = self.tensor_unchecked(t)?.region() {
@@ -915,27 +1105,36 @@ impl<'a> Model<'a> {
         self.bytes.get(at..at + 2 * n).unwrap_or(&[])
     }
 
-    /// Crossbar tiles a weighted op occupies, `ceil(fan_in / rows) * ceil(outputs / cols)`
-    /// (0 for other ops).
+    /// Crossbar tiles a weighted op occupies: each of its `groups` weight matrices (`fan_in`
+    /// rows by `outputs / groups` columns) on its own tiles,
+    /// `groups * ceil(fan_in / rows) * ceil(outputs / groups / cols)` (0 for other ops).
     pub fn tile_count(&self, op: &Op) -> usize {
         let k = self.fan_in(op);
         if k == 0 {
             return 0;
         }
-        k.div_ceil(self.tile_rows) * op.out.c.div_ceil(self.tile_cols)
+        let g = op.groups.max(1);
+        g * k.div_ceil(self.tile_rows) * (op.out.c / g).div_ceil(self.tile_cols)
     }
 
-    /// Fan-in of a weighted op (`in * kh * kw`, or the flattened input), 0 for others.
+    /// Fan-in of one output of a weighted op: `in / groups * kh * kw` for a conv (`in * kh *
+    /// kw` when ungrouped), the flattened input for a linear; 0 for others. A layer holds
+    /// `outputs * fan_in` weights.
     pub fn fan_in(&self, op: &Op) -> usize {
         let x = self
             .tensor_unchecked(op.src)
             .map(|t| t.shape)
             .unwrap_or_default();
         match op.kind {
-            OpKind::Conv => x.c * op.kh * op.kw,
+            OpKind::Conv => x.c / op.groups.max(1) * op.kh * op.kw,
             OpKind::Linear => x.len(),
             _ => 0,
         }
+    }
+
+    /// The format version of the blob (1 or 2).
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Channel `c`'s input table: raw pixel -> `i8` input code (scale [`Self::input_scale`]).

@@ -12,8 +12,9 @@
 //!   (ADC) matrix-vector products and their overflow bounds;
 //! - [`format`]: the versioned, CRC-checked packed model that the host writes
 //!   (`format::build`, feature `alloc`) and the firmware parses in place;
-//! - [`exec`]: the integer executor (conv, linear, ReLU, max/avg/global-avg pool, residual add,
-//!   flatten), with caller-provided state and scratch;
+//! - [`exec`]: the integer executor (conv with rectangular kernels, per-axis strides, asymmetric
+//!   padding and groups, linear, ReLU, clip, padded max/avg pools, global-avg pool, residual add,
+//!   channel concat, flatten), with caller-provided state and scratch;
 //! - [`crc`]: CRC-32 (IEEE).
 //!
 //! It is not a training framework: Burn types never enter it, and without the `alloc` feature it

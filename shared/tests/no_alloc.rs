@@ -44,15 +44,17 @@ fn program_and_infer_do_not_allocate() {
                 weight: &w1,
                 bias: None,
                 out_channels: 4,
-                kernel: 3,
-                stride: 1,
-                padding: 1,
+                kernel: [3, 3],
+                stride: [1, 1],
+                padding: [1; 4],
+                groups: 1,
             })
         },
         Node::new(Layer::Relu),
         Node::new(Layer::MaxPool {
-            kernel: 2,
-            stride: 2,
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0; 4],
         }),
         Node::new(Layer::Flatten),
         Node {

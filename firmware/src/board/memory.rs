@@ -40,12 +40,9 @@ pub fn take_psram() -> Option<&'static mut [u8]> {
     Some(unsafe { core::slice::from_raw_parts_mut(start as *mut u8, len) })
 }
 
-/// Capacity of the activation arena in RAM.
-pub const ACT_CAP: usize = 1 << 20;
-/// Capacity of the patch buffer in RAM (`i16`): the format's largest fan-in.
-pub const PATCH_CAP: usize = nvcim_shared::tile::MAX_FAN_IN;
-/// Capacity of the logits buffer in RAM (`i32`).
-pub const LOGITS_CAP: usize = 4096;
+/// The pool capacities, defined once in the portable [`nvcim_firmware::fit`] (the host's
+/// `nvcim pack` checks models against them).
+pub use nvcim_firmware::fit::{ACT_CAP, LOGITS_CAP, PATCH_CAP};
 
 /// The static scratch pools in RAM, sized for the largest model this board runs; a run uses
 /// the prefix its model's header asks for.

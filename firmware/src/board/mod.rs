@@ -129,7 +129,7 @@ fn run(out: &mut Console, a: &RunArgs) -> Result<(), ExitCode> {
         let e = blob::validate(psram).expect_err("no magic: the parser rejects it");
         return Err(blob_error(out, e));
     };
-    let (head, tail) = psram.split_at_mut(len.div_ceil(4).saturating_mul(4).min(psram_len));
+    let (head, tail) = psram.split_at_mut(nvcim_firmware::fit::state_offset(len).min(psram_len));
     let model = blob::validate(head).map_err(|e| blob_error(out, e))?;
     describe(out, &model);
     let plan = mc::plan(&model, a).map_err(|e| {

@@ -1,5 +1,6 @@
-//! `nvcim check-onnx MODEL`: runs an ONNX file in tract and in ONNX Runtime on the same images,
-//! prints the largest logit difference between them and, with labels, each one's accuracy.
+//! `nvcim check-onnx MODEL`: runs an ONNX file in tract, in ONNX Runtime and (when the importer
+//! takes it) as nvcim's IR on the float engine, on the same images; prints the largest logit
+//! difference between each pair and, with labels, each one's accuracy.
 //!
 //! Images come from the IDX test files of `--data-dir` (MNIST / Fashion-MNIST layout,
 //! `t10k-images-idx3-ubyte[.gz]` and `t10k-labels-idx1-ubyte[.gz]`), scaled to `[0, 1]`, padded
@@ -13,6 +14,7 @@ use anyhow::{Result, bail, ensure};
 use clap::Args;
 use nvcim_shared::rng::{Purpose, standard_normal, stream_for};
 
+use crate::engine::float::layers::{Isa, Prepared};
 use crate::onnx::{ModelInfo, check::check_onnx, idx_images, read_model};
 
 /// Arguments of `nvcim check-onnx`.
@@ -72,6 +74,35 @@ pub fn run(args: &CheckOnnxArgs) -> Result<()> {
         }
     };
     let mut report = check_onnx(&args.model, &images, n, labels.as_deref(), args.batch)?;
+    // The importer's network, run by the float engine of `nvcim eval --onnx`.
+    match crate::onnx::import::import(&model, &what) {
+        Ok(imported) => {
+            let prepared = Prepared::new(&imported.network, Isa::detect())?;
+            let per: usize = info.image.iter().product();
+            let mut logits = Vec::with_capacity(n * imported.network.num_classes);
+            for start in (0..n).step_by(args.batch) {
+                let b = args.batch.min(n - start);
+                logits.extend(prepared.logits(&images[start * per..(start + b) * per], b)?);
+            }
+            if let Some(op) = &imported.dropped_output {
+                // Compare what the file outputs: that function of the logits.
+                let k = imported.network.num_classes;
+                for row in logits.chunks_mut(k) {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+                    for v in row.iter_mut() {
+                        *v = if op == "LogSoftmax" {
+                            *v - max - sum.ln()
+                        } else {
+                            (*v - max).exp() / sum
+                        };
+                    }
+                }
+            }
+            report.compare_reference("nvcim-ir", logits, labels.as_deref())?;
+        }
+        Err(e) => eprintln!("note: the importer refuses {what} ({e:#}); only the runtimes compared"),
+    }
     if let Some(ckpt) = &args.checkpoint {
         let logits = burn_logits(ckpt, &images, n, args.batch)?;
         report.compare_reference("burn", logits, labels.as_deref())?;

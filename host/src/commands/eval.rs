@@ -1,9 +1,10 @@
 //! `nvcim eval CKPT`: Monte Carlo robustness evaluation (Algorithm 2) of a trained checkpoint,
 //! with the float engine (the network with perturbed weights in `f32`, [`crate::engine::float`])
 //! or the integer CiM engine (the packed model the firmware runs, [`crate::engine::int`]); and
-//! `nvcim eval --onnx FILE`, an external ONNX CNN through tract ([`crate::engine::onnx`]: which
-//! weights are perturbed and how), its test images from the IDX test files of `--data-dir`
-//! (padded to the model's size, normalized with the model's `nvcim.normalization.*` metadata).
+//! `nvcim eval --onnx FILE`, any ONNX CNN the importer takes ([`crate::onnx::import`]) on the
+//! same engines, or through tract (`--engine tract`, [`crate::engine::onnx`]: which weights are
+//! perturbed and how), its images from `--data-dir` brought to the model's input and normalized
+//! as the file's metadata or `--mean`/`--std` say ([`crate::onnx::data`]).
 //!
 //! All engines follow the contract of [`crate::engine`]: run `r` under seed `s` perturbs weight
 //! layer `l` from `stream(s, r, l)`, one `VariationConfig::sample` per weight in canonical order,
@@ -14,23 +15,25 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::Device;
 use clap::Args;
 use nvcim_shared::format::build::PackConfig;
+
+use tract_onnx::pb::ModelProto;
 
 use crate::{
     data::subset,
     engine::{
         BnRecalibration,
-        float::{FLOAT_BATCH, float_engine},
-        int::int_engine,
+        float::{FLOAT_BATCH, FloatData, FloatEngine, float_engine},
+        int::{int_engine, int_engine_for},
         onnx::{OnnxData, OnnxEngine},
-        recalibration_images,
     },
     eval::{Engine, EvalOptions, ModelInfo, checkpoint_info, evaluate},
     ir::convert::load_checkpoint,
-    onnx::{ModelInfo as OnnxInfo, idx_images, idx_split_images},
+    onnx::data,
+    options::InputArgs,
 };
 
 /// Arguments of `nvcim eval`.
@@ -39,7 +42,8 @@ pub struct EvalArgs {
     /// A run directory written by `nvcim train` (its best backbone), or a `backbone.bpk` in one.
     #[arg(required_unless_present = "onnx")]
     pub checkpoint: Option<PathBuf>,
-    /// Evaluate an external ONNX model instead (through tract; float engine; needs --data-dir).
+    /// Evaluate an ONNX model instead (imported; the float engine by default, `--engine int`
+    /// for the CiM engine, `--engine tract` for tract; needs --data-dir).
     #[arg(long, value_name = "FILE", conflicts_with = "checkpoint")]
     pub onnx: Option<PathBuf>,
     /// Dataset directory (default: the one the checkpoint was trained on).
@@ -48,6 +52,9 @@ pub struct EvalArgs {
     /// Training images used to calibrate the integer engine's activation scales.
     #[arg(long, default_value_t = 256)]
     pub calibration_images: usize,
+    /// How an ONNX model's images are prepared (its normalization, size and channels).
+    #[command(flatten)]
+    pub input: InputArgs,
     /// The evaluation flags.
     #[command(flatten)]
     pub eval: EvalOptions,
@@ -83,12 +90,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             evaluate(&args.eval, &info, &engine, &data)?;
         }
         Engine::Int => {
-            let cfg = PackConfig {
-                variation: args.eval.device.variation(0.0)?,
-                tile_rows: args.eval.tile_rows,
-                tile_cols: args.eval.tile_cols,
-                scale_mode: args.eval.scale_mode(),
-            };
+            let cfg = pack_config(&args.eval)?;
             let engine = int_engine(
                 &loaded,
                 &train,
@@ -101,6 +103,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             )?;
             evaluate(&args.eval, &info, &engine, &())?;
         }
+        Engine::Tract => bail!(
+            "--engine tract runs an ONNX file (--onnx FILE); a checkpoint runs on the float or \
+             int engine"
+        ),
     }
     Ok(())
 }
@@ -108,9 +114,118 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 /// What an ONNX file's `metadata_props` say about the model, for the result files (`dataset`
 /// names the data when the file does not).
 pub fn onnx_model_info(engine: &OnnxEngine, path: &Path, dataset: &str) -> ModelInfo {
+    onnx_info(engine.model(), path, dataset)
+}
+
+/// Runs `nvcim eval --onnx FILE`: the file imported into the IR and run by the float (default)
+/// or integer engine, or run by tract with its weights perturbed (`--engine tract`, the
+/// independent cross-check; the same layers and streams).
+fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
+    let dir = args
+        .data_dir
+        .as_deref()
+        .context("--onnx needs --data-dir DIR with the test images (IDX or CIFAR files)")?;
+    let i = &args.input;
+    let tract = args.eval.engine == Engine::Tract;
+    let model = data::open(path, dir, &i.mean, &i.std, i.fit, i.gray_to_rgb, !tract)
+        .map_err(|e| {
+            if tract {
+                e
+            } else {
+                e.context(format!(
+                    "the {} engine runs the imported model (`--engine tract` runs what tract runs)",
+                    args.eval.engine.name()
+                ))
+            }
+        })?;
+    let what = path.display().to_string();
+    let norm = model.prepared.normalization.0.clone();
+    let test = subset(&model.test, args.eval.test_subset);
+    let recal_images = |n: usize| {
+        data::recalibration_batch(
+            &model.train,
+            n,
+            args.eval.seed,
+            &norm,
+            &format!(" in {}", dir.display()),
+        )
+    };
+    let mut info = onnx_info(&model.proto, path, &dir.display().to_string());
+    info.preprocess = Some(model.prepared.to_string());
+    if args.eval.engine == Engine::Tract {
+        ensure!(
+            args.eval.scale_mode() == nvcim_shared::quant::ScaleMode::PerLayer,
+            "--engine tract quantizes each layer against its own max|W|; --scale model needs the \
+             float or int engine"
+        );
+        let engine = OnnxEngine::new(path)?;
+        let engine = match args.eval.bn_recalibrate {
+            None => engine,
+            Some(n) => engine.with_recalibration(recal_images(n)?, n)?,
+        };
+        let data = OnnxData {
+            images: data::normalized(&test, &norm),
+            labels: test.labels.iter().map(|&l| u32::from(l)).collect(),
+        };
+        evaluate(&args.eval, &info, &engine, &data)?;
+        return Ok(());
+    }
+    let imported = model.imported?;
+    for note in &imported.notes {
+        eprintln!("note: {what}: {note}");
+    }
+    let net = imported.network;
+    data::check_labels(&test, net.num_classes, &what)?;
+    let recal = args
+        .eval
+        .bn_recalibrate
+        .map(|n| recal_images(n).map(|x| BnRecalibration::from_images(x, n)))
+        .transpose()?;
+    match args.eval.engine {
+        Engine::Float => {
+            let mut engine = FloatEngine::new(net, args.eval.scale_mode())?;
+            if let Some(r) = recal {
+                engine = engine.with_recalibration(r)?;
+            }
+            let data = FloatData::new(&data::batches(&test, &norm, FLOAT_BATCH));
+            evaluate(&args.eval, &info, &engine, &data)?;
+        }
+        Engine::Int => {
+            let cfg = pack_config(&args.eval)?;
+            let sigma = args.eval.check()?.into_iter().fold(0.0, f32::max);
+            let engine = int_engine_for(
+                net,
+                path,
+                &model.train,
+                &test,
+                args.calibration_images,
+                &cfg,
+                args.eval.adc_bits,
+                sigma,
+                recal,
+            )?;
+            evaluate(&args.eval, &info, &engine, &())?;
+        }
+        Engine::Tract => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// The packing configuration of `--engine int`.
+fn pack_config(eval: &crate::eval::EvalOptions) -> Result<PackConfig> {
+    Ok(PackConfig {
+        variation: eval.device.variation(0.0)?,
+        tile_rows: eval.tile_rows,
+        tile_cols: eval.tile_cols,
+        scale_mode: eval.scale_mode(),
+    })
+}
+
+/// What an ONNX file's `metadata_props` say about the model, for the result files (`dataset`
+/// names the data when the file does not).
+pub fn onnx_info(model: &ModelProto, path: &Path, dataset: &str) -> ModelInfo {
     let meta = |k: &str| {
-        engine
-            .model()
+        model
             .metadata_props
             .iter()
             .find(|p| p.key == k)
@@ -125,44 +240,4 @@ pub fn onnx_model_info(engine: &OnnxEngine, path: &Path, dataset: &str) -> Model
         train_sigma: meta("nvcim.train_sigma").and_then(|a| a.parse().ok()),
         ..ModelInfo::default()
     }
-}
-
-/// Runs `nvcim eval --onnx FILE`.
-fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
-    ensure!(
-        args.eval.engine == Engine::Float,
-        "--onnx evaluates through tract (float); --engine int needs a checkpoint"
-    );
-    ensure!(
-        args.eval.scale_mode() == nvcim_shared::quant::ScaleMode::PerLayer,
-        "--onnx quantizes each layer against its own max|W|; --scale model is not supported"
-    );
-    let dir = args
-        .data_dir
-        .as_deref()
-        .context("--onnx needs --data-dir DIR with IDX test files")?;
-    let engine = OnnxEngine::new(path)?;
-    let info = OnnxInfo::of(engine.model(), engine.what())?;
-    let limit = args.eval.test_subset.unwrap_or(usize::MAX);
-    let (images, labels) = idx_images(dir, engine.model(), &info, limit)?;
-    let engine = match args.eval.bn_recalibrate {
-        None => engine,
-        Some(n) => {
-            // The same seeded choice as a checkpoint's evaluation, from --data-dir's training
-            // files.
-            let where_ = format!(" in {}", dir.display());
-            let (recal, _) = idx_split_images(dir, "train", engine.model(), &info, |len| {
-                recalibration_images(len, n, args.eval.seed, &where_)
-            })?;
-            engine.with_recalibration(recal, n)?
-        }
-    };
-    let eval_info = onnx_model_info(&engine, path, &dir.display().to_string());
-    evaluate(
-        &args.eval,
-        &eval_info,
-        &engine,
-        &OnnxData { images, labels },
-    )?;
-    Ok(())
 }

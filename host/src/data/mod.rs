@@ -269,8 +269,14 @@ impl Dataset {
 /// interpolating its two neighbours; a horizontal pass rounded to bytes, then a vertical one.
 /// The caller checks `size >= h, w > 0`.
 pub fn resize_bilinear(images: &[u8], h: usize, w: usize, size: usize) -> Vec<u8> {
+    resize_bilinear_hw(images, h, w, size, size)
+}
+
+/// [`resize_bilinear`] to `oh x ow` (each axis on its own; shrinking samples the same way,
+/// without PIL's antialiasing filter). The caller checks `h, w, oh, ow > 0`.
+pub fn resize_bilinear_hw(images: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
     // Per output coordinate: the two source indices and the weight of the second.
-    let taps = |n: usize| -> Vec<(usize, usize, f64)> {
+    let taps = |n: usize, size: usize| -> Vec<(usize, usize, f64)> {
         (0..size)
             .map(|o| {
                 let c =
@@ -285,19 +291,19 @@ pub fn resize_bilinear(images: &[u8], h: usize, w: usize, size: usize) -> Vec<u8
             .round()
             .clamp(0.0, 255.0) as u8
     };
-    let (ty, tx) = (taps(h), taps(w));
-    let plane = size * size;
+    let (ty, tx) = (taps(h, oh), taps(w, ow));
+    let plane = oh * ow;
     let mut out = vec![0u8; images.len() / (h * w) * plane];
-    let mut rows = vec![0u8; h * size];
+    let mut rows = vec![0u8; h * ow];
     for (src, dst) in images.chunks_exact(h * w).zip(out.chunks_exact_mut(plane)) {
         for y in 0..h {
             for (ox, &(x0, x1, wx)) in tx.iter().enumerate() {
-                rows[y * size + ox] = lerp(src[y * w + x0], src[y * w + x1], wx);
+                rows[y * ow + ox] = lerp(src[y * w + x0], src[y * w + x1], wx);
             }
         }
         for (oy, &(y0, y1, wy)) in ty.iter().enumerate() {
-            for ox in 0..size {
-                dst[oy * size + ox] = lerp(rows[y0 * size + ox], rows[y1 * size + ox], wy);
+            for ox in 0..ow {
+                dst[oy * ow + ox] = lerp(rows[y0 * ow + ox], rows[y1 * ow + ox], wy);
             }
         }
     }

@@ -138,6 +138,12 @@ impl BnRecalibration {
         })
     }
 
+    /// Recalibration on `n` images already normalized for the network (flat NCHW), e.g. an
+    /// imported model's ([`crate::onnx::data::recalibration_batch`]).
+    pub fn from_images(images: Vec<f32>, n: usize) -> Self {
+        BnRecalibration { images, n }
+    }
+
     /// Re-estimates the BatchNorm statistics of `net` (its weights as programmed); returns
     /// each node's largest `|value|` over the images, after recalibration.
     pub fn apply(&self, net: &mut Network) -> Result<Vec<f32>> {

@@ -42,6 +42,9 @@ pub enum Engine {
     Float,
     /// The shared integer CiM engine (what the firmware computes, bit for bit).
     Int,
+    /// tract running the ONNX file with its weights perturbed (`--onnx` only): the
+    /// independent cross-check of the float engine.
+    Tract,
 }
 
 impl Engine {
@@ -50,6 +53,7 @@ impl Engine {
         match self {
             Engine::Float => "float",
             Engine::Int => "int",
+            Engine::Tract => "tract",
         }
     }
 }
@@ -179,6 +183,8 @@ pub struct ModelInfo {
     pub noise_injection: Option<bool>,
     /// Training's per-layer weight clipping (`--clip-weights K`), when it clipped.
     pub clip_weights: Option<f32>,
+    /// How the test images were prepared, for an imported model (fit and normalization).
+    pub preprocess: Option<String>,
 }
 
 /// The resolved configuration of an evaluation.
@@ -195,6 +201,7 @@ pub fn resolve(opts: &EvalOptions, info: &ModelInfo, sigmas: Vec<f32>) -> EvalCo
         drop_exit: info.drop_exit,
         noise_injection: info.noise_injection,
         clip_weights: info.clip_weights,
+        preprocess: info.preprocess.clone(),
         sigma_unit: nvcim_shared::variation::SigmaUnit::from(d.unit)
             .name()
             .to_string(),
@@ -313,5 +320,6 @@ pub fn checkpoint_info(loaded: &Loaded, given: &Path) -> ModelInfo {
         train_seed: c["seed"].as_u64(),
         drop_exit: c["drop_exit"].as_u64().map(|d| d as usize),
         clip_weights: c["clip_weights"].as_f64().map(|k| k as f32),
+        preprocess: None,
     }
 }

@@ -67,6 +67,10 @@ pub struct EvalConfig {
     /// it clipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_weights: Option<f32>,
+    /// How the test images were brought to the model's input (an imported model's fit and
+    /// normalization, and where the normalization came from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<String>,
     /// The sigma convention, `range` or `level`.
     pub sigma_unit: String,
     /// Variation profile name.
@@ -297,6 +301,9 @@ pub fn table(report: &EvalReport) -> String {
         report.test_examples
     )
     .expect("writing to a String");
+    if let Some(p) = &c.preprocess {
+        writeln!(s, "input: {p}").expect("writing to a String");
+    }
     writeln!(
         s,
         "clean accuracy {:.2}%; {:.1} s, {:.0} images/s (runs x examples)",
@@ -420,6 +427,7 @@ pub(crate) mod tests {
             drop_exit: None,
             noise_injection: None,
             clip_weights: None,
+            preprocess: None,
             sigma_unit: "range".into(),
             profile: "uniform".into(),
             m_bits: 8,

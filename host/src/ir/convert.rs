@@ -22,7 +22,9 @@ use nvcim_shared::variation::SigmaUnit;
 use crate::data::{self, Dataset, DatasetKind, Preprocess};
 use crate::training::checkpoint::{load_backbone, read_json};
 
-use crate::ir::{self, BatchNorm, Conv2d, Network, Node, Normalization, Op, Provenance, Value};
+use crate::ir::{
+    self, BatchNorm, Conv2d, Network, Node, Normalization, Op, Pool, Provenance, Value,
+};
 use crate::model::{Arch, Backbone, BnParams, LayerKind, ModelSpec, WeightLayer};
 
 /// Builds the network of `backbone` (of `spec`), with the input `normalization` and the
@@ -48,10 +50,7 @@ pub fn to_network(
                 x = b.conv_bn(&format!("features.{i}"), x, &l)?;
                 x = b.push(format!("features.{i}.relu"), Op::Relu, vec![x]);
                 if i % 2 == 1 {
-                    let op = Op::MaxPool {
-                        kernel: 2,
-                        stride: 2,
-                    };
+                    let op = Op::MaxPool(Pool::square(2, 2));
                     x = b.push(format!("features.{i}.pool"), op, vec![x]);
                 }
             }
@@ -120,13 +119,16 @@ impl Graph {
             bail!("conv `{}` has shape {:?}", l.name, l.shape);
         };
         let conv = Conv2d {
-            out_channels,
-            in_channels,
             kernel: [kh, kw],
-            stride,
-            padding,
-            weight: l.weights.clone(),
-            bias: l.bias.clone(),
+            ..Conv2d::square(
+                in_channels,
+                out_channels,
+                kh,
+                stride,
+                padding,
+                l.weights.clone(),
+                l.bias.clone(),
+            )
         };
         let y = self.push(format!("{name}.conv"), Op::Conv2d(conv), vec![x]);
         let bn =
@@ -178,22 +180,15 @@ pub fn desc_nodes(net: &Network) -> Result<Vec<build::Node<'_>>> {
             Some(p) => Some(p),
         };
         let layer = match &node.op {
-            Op::Conv2d(c) => {
-                ensure!(
-                    c.kernel[0] == c.kernel[1],
-                    "{}: the integer engine needs square kernels, got {:?}",
-                    ctx(),
-                    c.kernel
-                );
-                Layer::Conv2d {
-                    weight: &c.weight,
-                    bias: c.bias.as_deref(),
-                    out_channels: c.out_channels,
-                    kernel: c.kernel[0],
-                    stride: c.stride,
-                    padding: c.padding,
-                }
-            }
+            Op::Conv2d(c) => Layer::Conv2d {
+                weight: &c.weight,
+                bias: c.bias.as_deref(),
+                out_channels: c.out_channels,
+                kernel: c.kernel,
+                stride: c.stride,
+                padding: c.padding,
+                groups: c.groups,
+            },
             Op::Linear(l) => Layer::Linear {
                 weight: &l.weight,
                 bias: l.bias.as_deref(),
@@ -207,13 +202,21 @@ pub fn desc_nodes(net: &Network) -> Result<Vec<build::Node<'_>>> {
                 eps: bn.eps,
             },
             Op::Relu => Layer::Relu,
-            Op::MaxPool { kernel, stride } => Layer::MaxPool {
-                kernel: *kernel,
-                stride: *stride,
+            // The packer takes finite bounds; an open side saturates at the output type's end.
+            Op::Clip { min, max } => Layer::Clip {
+                min: min.max(f32::MIN),
+                max: max.min(f32::MAX),
             },
-            Op::AvgPool { kernel, stride } => Layer::AvgPool {
-                kernel: *kernel,
-                stride: *stride,
+            Op::MaxPool(p) => Layer::MaxPool {
+                kernel: p.kernel,
+                stride: p.stride,
+                padding: p.padding,
+            },
+            Op::AvgPool(p) => Layer::AvgPool {
+                kernel: p.kernel,
+                stride: p.stride,
+                padding: p.padding,
+                count_include_pad: p.count_include_pad,
             },
             Op::GlobalAvgPool => Layer::GlobalAvgPool,
             Op::Flatten => Layer::Flatten,
@@ -221,6 +224,11 @@ pub fn desc_nodes(net: &Network) -> Result<Vec<build::Node<'_>>> {
                 other: node.inputs[1]
                     .producer()
                     .with_context(|| format!("{}: cannot add the image", ctx()))?,
+            },
+            Op::Concat => Layer::Concat {
+                other: node.inputs[1]
+                    .producer()
+                    .with_context(|| format!("{}: cannot concatenate the image", ctx()))?,
             },
         };
         out.push(build::Node {

@@ -11,7 +11,7 @@
 //! that order *is* the contract's layer index `l` (Monte Carlo run `r` under seed `s` perturbs
 //! layer `l` from `rng::stream(s, r, l)`), so a converter must emit nodes in forward order — for a
 //! residual block: `conv1, bn1, relu, conv2, bn2, shortcut conv, shortcut bn, add, relu`. Weights
-//! are stored in PyTorch's canonical order: conv `[out][in][kh][kw]`, linear `[out][in]` (Burn's
+//! are stored in PyTorch's canonical order: conv `[out][in / groups][kh][kw]`, linear `[out][in]` (Burn's
 //! `Linear` stores `[in, out]`: transpose when converting).
 //!
 //! The graph holds the backbone only: training exits never enter it. BatchNorm stays a node of
@@ -58,7 +58,11 @@ impl Value {
     }
 }
 
-/// A 2-D convolution, weight `[out][in][kh][kw]`, symmetric zero padding.
+/// A 2-D convolution, weight `[out][in / groups][kh][kw]`, zero padding, dilation 1.
+///
+/// `groups` splits the channels into independent convolutions: output channel `o` reads input
+/// channels `g * in / groups .. (g + 1) * in / groups` with `g = o / (out / groups)`. A
+/// depthwise convolution has `groups == in_channels`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conv2d {
     /// Output channels.
@@ -67,14 +71,110 @@ pub struct Conv2d {
     pub in_channels: usize,
     /// Kernel height and width.
     pub kernel: [usize; 2],
-    /// Stride (same in both directions).
-    pub stride: usize,
-    /// Zero padding on every side.
-    pub padding: usize,
-    /// Weights, `[out][in][kh][kw]`.
+    /// Stride along the height and the width.
+    pub stride: [usize; 2],
+    /// Zero padding: top, left, bottom, right (ONNX's `pads` order is top, left, bottom, right
+    /// too).
+    pub padding: [usize; 4],
+    /// Channel groups (1: an ordinary convolution).
+    pub groups: usize,
+    /// Weights, `[out][in / groups][kh][kw]`.
     pub weight: Vec<f32>,
     /// One bias per output channel, if any.
     pub bias: Option<Vec<f32>>,
+}
+
+impl Conv2d {
+    /// An ungrouped convolution with a square kernel, one stride and the same padding on every
+    /// side (VGG-8's and ResNet-18's).
+    pub fn square(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        Conv2d {
+            out_channels,
+            in_channels,
+            kernel: [kernel, kernel],
+            stride: [stride, stride],
+            padding: [padding; 4],
+            groups: 1,
+            weight,
+            bias,
+        }
+    }
+
+    /// Weights per output channel: `in / groups * kh * kw`.
+    pub fn fan_in(&self) -> usize {
+        self.in_channels / self.groups.max(1) * self.kernel[0] * self.kernel[1]
+    }
+
+    /// `(stride, padding)` when the convolution is ungrouped with one stride and the same
+    /// padding on every side (the engines' fast paths), `None` otherwise.
+    pub fn uniform(&self) -> Option<(usize, usize)> {
+        let p = self.padding;
+        (self.groups == 1 && self.stride[0] == self.stride[1] && p.iter().all(|&v| v == p[0]))
+            .then_some((self.stride[0], p[0]))
+    }
+}
+
+/// A pooling window: kernel, stride, zero padding (top, left, bottom, right), floor mode.
+/// Max pooling never picks a padded position (PyTorch's and ONNX's semantics); average pooling
+/// divides by the whole window (`count_include_pad`) or by its positions inside the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    /// Window height and width.
+    pub kernel: [usize; 2],
+    /// Step along the height and the width.
+    pub stride: [usize; 2],
+    /// Padding: top, left, bottom, right.
+    pub padding: [usize; 4],
+    /// Average pooling: divide by `kh * kw` even where the window covers padding.
+    pub count_include_pad: bool,
+}
+
+impl Pool {
+    /// A square window without padding.
+    pub const fn square(kernel: usize, stride: usize) -> Self {
+        Pool {
+            kernel: [kernel, kernel],
+            stride: [stride, stride],
+            padding: [0; 4],
+            count_include_pad: true,
+        }
+    }
+
+    /// `(kernel, stride)` of a square window without padding (the engines' fast paths).
+    pub fn uniform(&self) -> Option<(usize, usize)> {
+        (self.kernel[0] == self.kernel[1]
+            && self.stride[0] == self.stride[1]
+            && self.padding == [0; 4])
+            .then_some((self.kernel[0], self.stride[0]))
+    }
+
+    /// The output height and width over an `h x w` input, `None` when the window does not fit.
+    pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        window_out(h, w, self.kernel, self.stride, self.padding)
+    }
+}
+
+/// Output height and width of a window sliding over `h x w` with `pad` (top, left, bottom,
+/// right), floor mode; `None` when it does not fit or a stride is zero.
+pub fn window_out(
+    h: usize,
+    w: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 4],
+) -> Option<(usize, usize)> {
+    let (ph, pw) = (h + pad[0] + pad[2], w + pad[1] + pad[3]);
+    (kernel[0] > 0 && kernel[1] > 0 && stride[0] > 0 && stride[1] > 0 && ph >= kernel[0]
+        && pw >= kernel[1])
+        .then(|| ((ph - kernel[0]) / stride[0] + 1, (pw - kernel[1]) / stride[1] + 1))
 }
 
 /// A fully connected layer, weight `[out][in]` (canonical, *not* Burn's `[in, out]`).
@@ -128,20 +228,17 @@ pub enum Op {
     BatchNorm(BatchNorm),
     /// `max(x, 0)`.
     Relu,
-    /// Max pooling, no padding, floor mode.
-    MaxPool {
-        /// Window size.
-        kernel: usize,
-        /// Step.
-        stride: usize,
+    /// `min(max(x, min), max)` (ReLU6 is `Clip { min: 0, max: 6 }`).
+    Clip {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
     },
-    /// Average pooling, no padding, floor mode.
-    AvgPool {
-        /// Window size.
-        kernel: usize,
-        /// Step.
-        stride: usize,
-    },
+    /// Max pooling.
+    MaxPool(Pool),
+    /// Average pooling.
+    AvgPool(Pool),
     /// Mean over the spatial axes: `[N, C, H, W] -> [N, C, 1, 1]`.
     GlobalAvgPool,
     /// `[N, C, H, W] -> [N, C*H*W]` in NCHW order.
@@ -150,6 +247,8 @@ pub enum Op {
     Linear(Linear),
     /// Elementwise sum of two values of the same shape (residual connections).
     Add,
+    /// The channels of the first input, then those of the second (same height and width).
+    Concat,
 }
 
 impl Op {
@@ -159,17 +258,23 @@ impl Op {
             Op::Conv2d(_) => "Conv2d",
             Op::BatchNorm(_) => "BatchNorm",
             Op::Relu => "Relu",
-            Op::MaxPool { .. } => "MaxPool",
-            Op::AvgPool { .. } => "AvgPool",
+            Op::Clip { .. } => "Clip",
+            Op::MaxPool(_) => "MaxPool",
+            Op::AvgPool(_) => "AvgPool",
             Op::GlobalAvgPool => "GlobalAvgPool",
             Op::Flatten => "Flatten",
             Op::Linear(_) => "Linear",
             Op::Add => "Add",
+            Op::Concat => "Concat",
         }
     }
 
     fn arity(&self) -> usize {
-        if matches!(self, Op::Add) { 2 } else { 1 }
+        if matches!(self, Op::Add | Op::Concat) {
+            2
+        } else {
+            1
+        }
     }
 }
 
@@ -349,6 +454,7 @@ impl Network {
             let out = match &node.op {
                 Op::Conv2d(conv) => {
                     let [kh, kw] = conv.kernel;
+                    let g = conv.groups;
                     ensure!(
                         conv.in_channels == c,
                         "{}: {} input channels, gets {c}",
@@ -356,30 +462,43 @@ impl Network {
                         conv.in_channels
                     );
                     ensure!(
-                        conv.stride > 0 && kh > 0 && kw > 0 && conv.out_channels > 0,
+                        conv.stride.iter().all(|&s| s > 0)
+                            && kh > 0
+                            && kw > 0
+                            && conv.out_channels > 0,
                         "{}: zero stride, kernel or channel count",
                         ctx()
                     );
                     ensure!(
-                        conv.weight.len() == conv.out_channels * c * kh * kw,
+                        g > 0 && c % g == 0 && conv.out_channels % g == 0,
+                        "{}: {g} groups do not divide {c} input and {} output channels",
+                        ctx(),
+                        conv.out_channels
+                    );
+                    ensure!(
+                        conv.weight.len() == conv.out_channels * conv.fan_in(),
                         "{}: weight has {} values, expected {}",
                         ctx(),
                         conv.weight.len(),
-                        conv.out_channels * c * kh * kw
+                        conv.out_channels * conv.fan_in()
                     );
                     if let Some(b) = &conv.bias {
                         ensure!(b.len() == conv.out_channels, "{}: bias length", ctx());
                     }
                     ensure!(
-                        h + 2 * conv.padding >= kh && w + 2 * conv.padding >= kw,
-                        "{}: kernel larger than its padded input {h}x{w}",
-                        ctx()
+                        conv.padding[0] < kh
+                            && conv.padding[2] < kh
+                            && conv.padding[1] < kw
+                            && conv.padding[3] < kw,
+                        "{}: padding {:?} is not smaller than the kernel {kh}x{kw}",
+                        ctx(),
+                        conv.padding
                     );
-                    [
-                        conv.out_channels,
-                        (h + 2 * conv.padding - kh) / conv.stride + 1,
-                        (w + 2 * conv.padding - kw) / conv.stride + 1,
-                    ]
+                    let (oh, ow) = window_out(h, w, conv.kernel, conv.stride, conv.padding)
+                        .with_context(|| {
+                            format!("{}: kernel larger than its padded input {h}x{w}", ctx())
+                        })?;
+                    [conv.out_channels, oh, ow]
                 }
                 Op::BatchNorm(bn) => {
                     for (what, v) in [
@@ -403,13 +522,34 @@ impl Network {
                     [c, h, w]
                 }
                 Op::Relu => [c, h, w],
-                Op::MaxPool { kernel, stride } | Op::AvgPool { kernel, stride } => {
+                Op::Clip { min, max } => {
                     ensure!(
-                        *kernel > 0 && *stride > 0 && *kernel <= h && *kernel <= w,
-                        "{}: window {kernel} / stride {stride} do not fit {h}x{w}",
+                        !min.is_nan() && !max.is_nan() && min <= max,
+                        "{}: bounds [{min}, {max}] are not an interval",
                         ctx()
                     );
-                    [c, (h - kernel) / stride + 1, (w - kernel) / stride + 1]
+                    [c, h, w]
+                }
+                Op::MaxPool(p) | Op::AvgPool(p) => {
+                    ensure!(
+                        p.padding[0] < p.kernel[0]
+                            && p.padding[2] < p.kernel[0]
+                            && p.padding[1] < p.kernel[1]
+                            && p.padding[3] < p.kernel[1],
+                        "{}: padding {:?} is not smaller than the window {:?}",
+                        ctx(),
+                        p.padding,
+                        p.kernel
+                    );
+                    let (oh, ow) = p.out_hw(h, w).with_context(|| {
+                        format!(
+                            "{}: window {:?} / stride {:?} do not fit {h}x{w}",
+                            ctx(),
+                            p.kernel,
+                            p.stride
+                        )
+                    })?;
+                    [c, oh, ow]
                 }
                 Op::GlobalAvgPool => [c, 1, 1],
                 Op::Flatten => [c * h * w, 1, 1],
@@ -447,6 +587,17 @@ impl Network {
                     );
                     ins[0]
                 }
+                Op::Concat => {
+                    let [c2, h2, w2] = ins[1];
+                    ensure!(
+                        (h, w) == (h2, w2),
+                        "{}: concatenates {:?} and {:?} (heights and widths differ)",
+                        ctx(),
+                        ins[0],
+                        ins[1]
+                    );
+                    [c + c2, h, w]
+                }
             };
             shapes.push(out);
         }
@@ -466,7 +617,12 @@ impl Network {
             let (kind, shape) = match &n.op {
                 Op::Conv2d(c) => (
                     LayerKind::Conv,
-                    vec![c.out_channels, c.in_channels, c.kernel[0], c.kernel[1]],
+                    vec![
+                        c.out_channels,
+                        c.in_channels / c.groups.max(1),
+                        c.kernel[0],
+                        c.kernel[1],
+                    ],
                 ),
                 Op::Linear(l) => (LayerKind::Linear, vec![l.out_features, l.in_features]),
                 _ => continue,
@@ -673,15 +829,7 @@ mod tests {
             nodes: vec![
                 Node {
                     name: "c".into(),
-                    op: Op::Conv2d(Conv2d {
-                        out_channels: 1,
-                        in_channels: 1,
-                        kernel: [1, 1],
-                        stride: 1,
-                        padding: 0,
-                        weight: vec![2.0],
-                        bias: Some(vec![1.0]),
-                    }),
+                    op: Op::Conv2d(Conv2d::square(1, 1, 1, 1, 0, vec![2.0], Some(vec![1.0]))),
                     inputs: vec![Value::INPUT],
                 },
                 Node {

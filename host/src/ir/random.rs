@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use nvcim_shared::rng::{Purpose, standard_normal, stream_for};
 
-use super::{BatchNorm, Conv2d, Linear, Network, Node, Normalization, Op, Provenance, Value};
+use super::{
+    BatchNorm, Conv2d, Linear, Network, Node, Normalization, Op, Pool, Provenance, Value,
+};
 
 impl Network {
     /// Random-weight VGG-8 (DESIGN §1): conv 64, 128, pool, 256, 256, pool, 512, 512, pool (each
@@ -27,10 +29,7 @@ impl Network {
             }
             x = b.push(
                 format!("features.pool{k}"),
-                Op::MaxPool {
-                    kernel: 2,
-                    stride: 2,
-                },
+                Op::MaxPool(Pool::square(2, 2)),
                 vec![x],
             );
             spatial /= 2;
@@ -157,15 +156,9 @@ impl<'a> Builder<'a> {
     ) -> Value {
         let fan_in = (c_in * k * k) as f32;
         let weight = self.normals(c_out * c_in * k * k, (2.0 / fan_in).sqrt(), 0.0);
-        let op = Op::Conv2d(Conv2d {
-            out_channels: c_out,
-            in_channels: c_in,
-            kernel: [k, k],
-            stride,
-            padding,
-            weight,
-            bias: None,
-        });
+        let op = Op::Conv2d(Conv2d::square(
+            c_in, c_out, k, stride, padding, weight, None,
+        ));
         self.push(name.to_string(), op, vec![x])
     }
 

@@ -3,7 +3,7 @@
 
 use anyhow::{Result, ensure};
 
-use super::{Conv2d, Linear, Network, Op, Shape, Value};
+use super::{Conv2d, Linear, Network, Op, Pool, Shape, Value};
 
 impl Network {
     /// The reference forward pass: `input` is a normalized NCHW batch of `batch` images; returns
@@ -92,8 +92,9 @@ impl Network {
                     .collect()
             }
             Op::Relu => x.iter().map(|&v| v.max(0.0)).collect(),
-            Op::MaxPool { kernel, stride } => pool(x, batch, s, shapes[i], *kernel, *stride, true),
-            Op::AvgPool { kernel, stride } => pool(x, batch, s, shapes[i], *kernel, *stride, false),
+            Op::Clip { min, max } => x.iter().map(|&v| v.max(*min).min(*max)).collect(),
+            Op::MaxPool(p) => pool(x, batch, s, shapes[i], p, true),
+            Op::AvgPool(p) => pool(x, batch, s, shapes[i], p, false),
             Op::GlobalAvgPool => x
                 .chunks(s[1] * s[2])
                 .map(|ch| (ch.iter().map(|&v| f64::from(v)).sum::<f64>() / ch.len() as f64) as f32)
@@ -104,6 +105,16 @@ impl Network {
                 let (y, _) = get(node.inputs[1]);
                 x.iter().zip(y).map(|(a, b)| a + b).collect()
             }
+            Op::Concat => {
+                let (y, t) = get(node.inputs[1]);
+                let (a, b) = (s[0] * s[1] * s[2], t[0] * t[1] * t[2]);
+                let mut out = Vec::with_capacity(x.len() + y.len());
+                for n in 0..batch {
+                    out.extend_from_slice(&x[n * a..(n + 1) * a]);
+                    out.extend_from_slice(&y[n * b..(n + 1) * b]);
+                }
+                out
+            }
         }
     }
 }
@@ -112,27 +123,32 @@ fn conv_forward(conv: &Conv2d, x: &[f32], batch: usize, s: Shape, o: Shape) -> V
     let [ci, h, w] = s;
     let [co, oh, ow] = o;
     let [kh, kw] = conv.kernel;
-    let (st, pad) = (conv.stride as isize, conv.padding as isize);
+    let (sy, sx) = (conv.stride[0] as isize, conv.stride[1] as isize);
+    let (top, left) = (conv.padding[0] as isize, conv.padding[1] as isize);
+    let groups = conv.groups.max(1);
+    let (cig, cog) = (ci / groups, co / groups);
     let mut out = vec![0.0f32; batch * co * oh * ow];
     for n in 0..batch {
         for oc in 0..co {
+            let g = oc / cog;
             let bias = conv.bias.as_ref().map_or(0.0, |b| f64::from(b[oc]));
             for oy in 0..oh {
                 for ox in 0..ow {
                     let mut acc = bias;
-                    for ic in 0..ci {
+                    for j in 0..cig {
+                        let ic = g * cig + j;
                         for ky in 0..kh {
-                            let iy = oy as isize * st - pad + ky as isize;
+                            let iy = oy as isize * sy - top + ky as isize;
                             if iy < 0 || iy >= h as isize {
                                 continue;
                             }
                             for kx in 0..kw {
-                                let ix = ox as isize * st - pad + kx as isize;
+                                let ix = ox as isize * sx - left + kx as isize;
                                 if ix < 0 || ix >= w as isize {
                                     continue;
                                 }
                                 let xv = x[((n * ci + ic) * h + iy as usize) * w + ix as usize];
-                                let wv = conv.weight[((oc * ci + ic) * kh + ky) * kw + kx];
+                                let wv = conv.weight[((oc * cig + j) * kh + ky) * kw + kx];
                                 acc += f64::from(xv) * f64::from(wv);
                             }
                         }
@@ -162,19 +178,29 @@ fn linear_forward(lin: &Linear, x: &[f32], batch: usize) -> Vec<f32> {
     out
 }
 
-fn pool(x: &[f32], batch: usize, s: Shape, o: Shape, k: usize, st: usize, max: bool) -> Vec<f32> {
+fn pool(x: &[f32], batch: usize, s: Shape, o: Shape, p: &Pool, max: bool) -> Vec<f32> {
     let [c, h, w] = s;
     let [_, oh, ow] = o;
+    let [kh, kw] = p.kernel;
     let mut out = Vec::with_capacity(batch * c * oh * ow);
     for plane in x.chunks(h * w).take(batch * c) {
         for oy in 0..oh {
             for ox in 0..ow {
-                let window = (0..k)
-                    .flat_map(|ky| (0..k).map(move |kx| plane[(oy * st + ky) * w + ox * st + kx]));
+                let y0 = (oy * p.stride[0]) as isize - p.padding[0] as isize;
+                let x0 = (ox * p.stride[1]) as isize - p.padding[1] as isize;
+                let window = (0..kh as isize).flat_map(|ky| {
+                    (0..kw as isize).filter_map(move |kx| {
+                        let (iy, ix) = (y0 + ky, x0 + kx);
+                        (iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize)
+                            .then(|| plane[iy as usize * w + ix as usize])
+                    })
+                });
                 out.push(if max {
                     window.fold(f32::NEG_INFINITY, f32::max)
                 } else {
-                    (window.map(f64::from).sum::<f64>() / (k * k) as f64) as f32
+                    let (sum, n) = window.fold((0f64, 0usize), |(s, n), v| (s + f64::from(v), n + 1));
+                    let count = if p.count_include_pad { kh * kw } else { n };
+                    (sum / count as f64) as f32
                 });
             }
         }

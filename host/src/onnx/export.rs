@@ -146,7 +146,7 @@ pub fn to_model_proto(net: &Network, opts: &ExportOptions) -> Result<ModelProto>
             Op::Conv2d(conv) => {
                 let shape = [
                     conv.out_channels,
-                    conv.in_channels,
+                    conv.in_channels / conv.groups.max(1),
                     conv.kernel[0],
                     conv.kernel[1],
                 ];
@@ -162,19 +162,17 @@ pub fn to_model_proto(net: &Network, opts: &ExportOptions) -> Result<ModelProto>
                 if let Some(b) = &conv.bias {
                     inputs.push(g.init_f32(&format!("{name}.bias"), &[b.len()], b));
                 }
-                let (s, p) = (conv.stride as i64, conv.padding as i64);
-                let k = conv.kernel.map(|k| k as i64);
                 g.node(
                     "Conv",
                     name,
                     inputs,
                     &out,
                     vec![
-                        ints("kernel_shape", &k),
-                        ints("strides", &[s, s]),
-                        ints("pads", &[p, p, p, p]),
+                        ints("kernel_shape", &conv.kernel.map(|k| k as i64)),
+                        ints("strides", &conv.stride.map(|s| s as i64)),
+                        ints("pads", &conv.padding.map(|p| p as i64)),
                         ints("dilations", &[1, 1]),
-                        int("group", 1),
+                        int("group", conv.groups as i64),
                     ],
                 );
                 4
@@ -203,20 +201,25 @@ pub fn to_model_proto(net: &Network, opts: &ExportOptions) -> Result<ModelProto>
                 g.node("Relu", name, vec![x], &out, vec![]);
                 rank
             }
-            Op::MaxPool { kernel, stride } | Op::AvgPool { kernel, stride } => {
-                let op = if matches!(node.op, Op::MaxPool { .. }) {
+            Op::Clip { min, max } => {
+                let lo = g.init_f32(&format!("{name}.min"), &[], &[*min]);
+                let hi = g.init_f32(&format!("{name}.max"), &[], &[*max]);
+                g.node("Clip", name, vec![x, lo, hi], &out, vec![]);
+                rank
+            }
+            Op::MaxPool(p) | Op::AvgPool(p) => {
+                let mut attrs = vec![
+                    ints("kernel_shape", &p.kernel.map(|k| k as i64)),
+                    ints("strides", &p.stride.map(|s| s as i64)),
+                    ints("pads", &p.padding.map(|v| v as i64)),
+                ];
+                let op = if matches!(node.op, Op::MaxPool(_)) {
                     "MaxPool"
                 } else {
+                    attrs.push(int("count_include_pad", i64::from(p.count_include_pad)));
                     "AveragePool"
                 };
-                let (k, s) = (*kernel as i64, *stride as i64);
-                g.node(
-                    op,
-                    name,
-                    vec![x],
-                    &out,
-                    vec![ints("kernel_shape", &[k, k]), ints("strides", &[s, s])],
-                );
+                g.node(op, name, vec![x], &out, attrs);
                 4
             }
             Op::GlobalAvgPool => {
@@ -254,6 +257,11 @@ pub fn to_model_proto(net: &Network, opts: &ExportOptions) -> Result<ModelProto>
             Op::Add => {
                 let (y, _) = input(node.inputs[1]);
                 g.node("Add", name, vec![x, y], &out, vec![]);
+                rank
+            }
+            Op::Concat => {
+                let (y, _) = input(node.inputs[1]);
+                g.node("Concat", name, vec![x, y], &out, vec![int("axis", 1)]);
                 rank
             }
         };

@@ -12,6 +12,8 @@
 
 pub mod check;
 pub mod export;
+pub mod data;
+pub mod import;
 pub mod run;
 
 use std::{

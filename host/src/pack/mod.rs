@@ -63,8 +63,28 @@ pub fn calibrate_checkpoint(
     cfg: &PackConfig,
     noisy_sigma: f32,
 ) -> Result<Calibrated> {
+    calibrate_network(
+        loaded.network()?,
+        &loaded.path,
+        train,
+        calibration,
+        cfg,
+        noisy_sigma,
+    )
+}
+
+/// The activation calibration of [`pack_checkpoint`] for any network (an imported ONNX model's
+/// too): `train` holds raw pixels in the network's input shape, which `net.normalization`
+/// normalizes; `what` names the model in errors.
+pub fn calibrate_network(
+    net: Network,
+    what: &Path,
+    train: &Dataset,
+    calibration: usize,
+    cfg: &PackConfig,
+    noisy_sigma: f32,
+) -> Result<Calibrated> {
     ensure!(calibration > 0, "--calibration-images must be at least 1");
-    let net = loaded.network()?;
     let mut nodes = desc_nodes(&net)?;
     let n = calibration.min(train.len());
     let images = &train.images[..n * train.image_bytes()];
@@ -82,7 +102,7 @@ pub fn calibrate_checkpoint(
     }
     if noisy_sigma > 0.0 {
         let probe = pack(&model_desc(&net, &nodes), cfg, None)
-            .map_err(|e| anyhow::anyhow!("packing {}: {e}", loaded.path.display()))?;
+            .map_err(|e| anyhow::anyhow!("packing {}: {e}", what.display()))?;
         let model = Model::parse(&probe).map_err(|e| anyhow::anyhow!("packed model: {e}"))?;
         let var = cfg.variation.with_sigma(noisy_sigma)?;
         let sets = (0..CALIBRATION_RUNS)

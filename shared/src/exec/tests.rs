@@ -115,9 +115,10 @@ fn small_vgg_nodes<'a>(n: &'a Net, c_in: usize, hw: usize, classes: usize) -> Mo
             weight: &a[0],
             bias: Some(&a[1]),
             out_channels: 6,
-            kernel: 3,
-            stride: 1,
-            padding: 1,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1; 4],
+            groups: 1,
         }),
         Node::new(Layer::BatchNorm {
             gamma: &a[2],
@@ -128,25 +129,28 @@ fn small_vgg_nodes<'a>(n: &'a Net, c_in: usize, hw: usize, classes: usize) -> Mo
         }),
         Node::new(Layer::Relu),
         Node::new(Layer::MaxPool {
-            kernel: 2,
-            stride: 2,
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0; 4],
         }),
         Node::new(Layer::Conv2d {
             weight: &a[6],
             bias: None,
             out_channels: 8,
-            kernel: 3,
-            stride: 2,
-            padding: 1,
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1; 4],
+            groups: 1,
         }),
         Node::new(Layer::Relu),
         Node::new(Layer::Conv2d {
             weight: &a[7],
             bias: None,
             out_channels: 5,
-            kernel: 1,
-            stride: 1,
-            padding: 0,
+            kernel: [1, 1],
+            stride: [1, 1],
+            padding: [0; 4],
+            groups: 1,
         }),
         Node::new(Layer::BatchNorm {
             gamma: &a[11],
@@ -157,8 +161,10 @@ fn small_vgg_nodes<'a>(n: &'a Net, c_in: usize, hw: usize, classes: usize) -> Mo
         }),
         Node::new(Layer::Relu),
         Node::new(Layer::AvgPool {
-            kernel: 2,
-            stride: 2,
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0; 4],
+            count_include_pad: true,
         }),
         Node::new(Layer::Flatten),
         Node::new(Layer::Linear {
@@ -413,20 +419,24 @@ fn naive_conv(
     x: &[i16],
     xs: Shape,
 ) -> Vec<i64> {
-    let (k, q) = (xs.c * op.kh * op.kw, model.quant());
+    let icg = xs.c / op.groups;
+    let (k, q) = (icg * op.kh * op.kw, model.quant());
+    assert_eq!(k, model.fan_in(op));
     let mut out = vec![0i64; op.out.len()];
     for o in 0..op.out.c {
+        let g = o / (op.out.c / op.groups);
         for oy in 0..op.out.h {
             for ox in 0..op.out.w {
                 let mut patch = vec![0i64; k];
-                for c in 0..xs.c {
+                for c in 0..icg {
                     for ky in 0..op.kh {
                         for kx in 0..op.kw {
-                            let iy = (oy * op.stride + ky) as i64 - op.pad as i64;
-                            let ix = (ox * op.stride + kx) as i64 - op.pad as i64;
+                            let iy = (oy * op.stride[0] + ky) as i64 - op.pad[0] as i64;
+                            let ix = (ox * op.stride[1] + kx) as i64 - op.pad[1] as i64;
                             if iy >= 0 && ix >= 0 && (iy as usize) < xs.h && (ix as usize) < xs.w {
-                                patch[(c * op.kh + ky) * op.kw + kx] =
-                                    i64::from(x[(c * xs.h + iy as usize) * xs.w + ix as usize]);
+                                patch[(c * op.kh + ky) * op.kw + kx] = i64::from(
+                                    x[((g * icg + c) * xs.h + iy as usize) * xs.w + ix as usize],
+                                );
                             }
                         }
                     }
@@ -467,8 +477,23 @@ fn clamp_kind(v: i64, kind: ActKind) -> i64 {
     }
 }
 
-/// conv (+ReLU or not) -> flatten -> linear; checks the conv output in the arena against
-/// [`naive_conv`], and the logits against a naive linear over that output.
+/// One convolution to check against [`naive_conv`].
+#[derive(Debug, Clone, Copy)]
+struct ConvCase {
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 4],
+    groups: usize,
+    rows: usize,
+    /// The activation fused into the conv: none, ReLU, or a clip.
+    act: Option<Layer<'static>>,
+}
+
+/// A square conv, ungrouped, with or without ReLU.
 #[allow(clippy::too_many_arguments)]
 fn check_conv(
     seed: u64,
@@ -483,11 +508,42 @@ fn check_conv(
     path: Path,
     sigma: f32,
 ) {
-    let oh = (hw + 2 * pad - k) / stride + 1;
+    let case = ConvCase {
+        c_in,
+        h: hw,
+        w: hw,
+        c_out,
+        kernel: [k, k],
+        stride: [stride, stride],
+        pad: [pad; 4],
+        groups: 1,
+        rows,
+        act: relu.then_some(Layer::Relu),
+    };
+    check_conv_case(seed, case, path, sigma);
+}
+
+/// conv (+activation or not) -> flatten -> linear; checks the conv output in the arena against
+/// [`naive_conv`], and the logits against a naive linear over that output.
+fn check_conv_case(seed: u64, case: ConvCase, path: Path, sigma: f32) {
+    let ConvCase {
+        c_in,
+        h,
+        w,
+        c_out,
+        kernel,
+        stride,
+        pad,
+        groups,
+        rows,
+        act,
+    } = case;
+    let oh = (h + pad[0] + pad[2] - kernel[0]) / stride[0] + 1;
+    let ow = (w + pad[1] + pad[3] - kernel[1]) / stride[1] + 1;
     let arrays = vec![
-        rand_vec(seed, c_out * c_in * k * k, 1.0),
+        rand_vec(seed, c_out * c_in / groups * kernel[0] * kernel[1], 1.0),
         rand_vec(seed + 1, c_out, 0.2),
-        rand_vec(seed + 2, 3 * c_out * oh * oh, 1.0),
+        rand_vec(seed + 2, 3 * c_out * oh * ow, 1.0),
     ];
     let net = Net {
         mean: vec![0.5; c_in],
@@ -499,12 +555,13 @@ fn check_conv(
         weight: &a[0],
         bias: Some(&a[1]),
         out_channels: c_out,
-        kernel: k,
+        kernel,
         stride,
         padding: pad,
+        groups,
     })];
-    if relu {
-        nodes.push(Node::new(Layer::Relu));
+    if let Some(act) = act {
+        nodes.push(Node::new(act));
     }
     nodes.push(Node::new(Layer::Flatten));
     nodes.push(Node::new(Layer::Linear {
@@ -515,15 +572,15 @@ fn check_conv(
     let desc = ModelDesc {
         input: InputSpec {
             channels: c_in,
-            height: hw,
-            width: hw,
+            height: h,
+            width: w,
             mean: &net.mean,
             std: &net.std,
         },
         classes: 3,
         nodes: &nodes,
     };
-    let img = rand_bytes(seed, c_in * hw * hw);
+    let img = rand_bytes(seed, c_in * h * w);
     let desc = calibrated(&desc, &img);
     let var = VariationConfig::paper(sigma).unwrap();
     let cfg = PackConfig {
@@ -562,16 +619,13 @@ fn check_conv(
     let y = model.tensor(1).unwrap();
     let want: Vec<i64> = naive_conv(&model, &op, &state, path, &x, x0.shape)
         .into_iter()
-        .map(|v| clamp_kind(v, y.kind))
+        .map(|v| clamp_kind(v, y.kind).clamp(i64::from(op.clip[0]), i64::from(op.clip[1])))
         .collect();
     let got: Vec<i64> = act[y.off..y.off + y.shape.len()]
         .iter()
         .map(|&b| i64::from(value(y.kind, b)))
         .collect();
-    assert_eq!(
-        got, want,
-        "conv c_in={c_in} hw={hw} c_out={c_out} k={k} s={stride} p={pad} rows={rows}"
-    );
+    assert_eq!(got, want, "{case:?}");
     // The linear layer over the flattened conv output.
     let lin = model.op(1).unwrap();
     let fan_in = y.shape.len();
@@ -668,6 +722,56 @@ proptest! {
         };
         check_conv(seed, c_in, hw, c_out, k, stride, pad, rows, relu, path, sigma);
     }
+
+    /// Rectangular kernels, per-axis strides, asymmetric padding, groups (depthwise included)
+    /// and fused clips against the naive loops.
+    #[test]
+    fn general_conv_matches_naive(
+        seed in any::<u64>(),
+        groups in 1usize..4,
+        in_per in 1usize..4,
+        out_per in 1usize..4,
+        h in 3usize..11,
+        w in 3usize..11,
+        kernel in (1usize..5, 1usize..5),
+        stride in (1usize..4, 1usize..4),
+        pad in (0usize..5, 0usize..5, 0usize..5, 0usize..5),
+        rows in 1usize..40,
+        act in 0u8..4,
+        adc_bits in prop::option::of(3u8..9),
+        sigma in 0.0f32..1.0,
+    ) {
+        let kernel = [kernel.0.min(h), kernel.1.min(w)];
+        let pad = [
+            pad.0 % kernel[0],
+            pad.1 % kernel[1],
+            pad.2 % kernel[0],
+            pad.3 % kernel[1],
+        ];
+        let act = match act {
+            0 => None,
+            1 => Some(Layer::Relu),
+            2 => Some(Layer::Clip { min: 0.0, max: 0.5 }),
+            _ => Some(Layer::Clip { min: -0.3, max: 0.4 }),
+        };
+        let path = match adc_bits {
+            None => Path::Collapsed,
+            Some(bits) => Path::Sliced(Adc::Quantized { bits, step: 64 }),
+        };
+        let case = ConvCase {
+            c_in: groups * in_per,
+            h,
+            w,
+            c_out: groups * out_per,
+            kernel,
+            stride: [stride.0, stride.1],
+            pad,
+            groups,
+            rows,
+            act,
+        };
+        check_conv_case(seed, case, path, sigma);
+    }
 }
 
 #[test]
@@ -689,18 +793,20 @@ fn residual_add_matches_naive() {
             weight: &a[0],
             bias: None,
             out_channels: c,
-            kernel: 3,
-            stride: 1,
-            padding: 1,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1; 4],
+            groups: 1,
         }),
         Node::new(Layer::Relu), // node 1: the shortcut
         Node::new(Layer::Conv2d {
             weight: &a[1],
             bias: None,
             out_channels: c,
-            kernel: 3,
-            stride: 1,
-            padding: 1,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1; 4],
+            groups: 1,
         }),
         Node::new(Layer::Add { other: 1 }),
         Node::new(Layer::Relu),
@@ -778,13 +884,15 @@ fn global_pool_and_max_pool_match_naive() {
             weight: &a[0],
             bias: None,
             out_channels: c,
-            kernel: 3,
-            stride: 1,
-            padding: 1,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1; 4],
+            groups: 1,
         }),
         Node::new(Layer::MaxPool {
-            kernel: 2,
-            stride: 1,
+            kernel: [2, 2],
+            stride: [1, 1],
+            padding: [0; 4],
         }),
         Node::new(Layer::GlobalAvgPool),
         Node::new(Layer::Linear {
@@ -983,16 +1091,32 @@ fn exercise(bytes: &[u8]) -> bool {
     true
 }
 
-/// Runs `cases` mutants of the small model (1-4 random byte writes, CRC fixed up, all over the
-/// blob but mostly in the header and tables) and `cases / 2` random blobs behind a valid magic,
-/// version and length; returns how many mutants parsed.
+/// Runs `cases` mutants of three models (the small model in version 2 and in version 1, the
+/// fire model with every version-2 op; 1-4 random byte writes, CRC fixed up, all over the blob
+/// but mostly in the header and tables) and `cases / 2` random blobs behind a valid magic,
+/// version (1 or 2) and length; returns how many mutants parsed.
 fn fuzz(cases: u64, salt: u64) -> usize {
-    let blob = small_blob();
-    let model = Model::parse(&blob).unwrap();
-    let tables_end =
-        crate::format::HEADER_LEN + 256 + model.op_count() * crate::format::OP_LEN + 16 * 40;
+    let small = small_blob();
+    let blobs = [v2::to_v1(&small), v2::fire_blob(), small];
+    let tables: Vec<usize> = blobs
+        .iter()
+        .map(|b| {
+            let model = Model::parse(b).unwrap();
+            let op_len = if model.version() == 1 {
+                crate::format::OP_LEN_V1
+            } else {
+                crate::format::OP_LEN
+            };
+            crate::format::HEADER_LEN
+                + 256 * model.input_shape().c
+                + model.op_count() * op_len
+                + 16 * 40
+        })
+        .collect();
     let mut accepted = 0;
     for case in 0..cases {
+        let which = (case % 3) as usize;
+        let (blob, tables_end) = (&blobs[which], tables[which]);
         let mut b = blob.clone();
         let seed = mix64(case ^ salt << 40);
         let edits = 1 + (seed % 4) as usize;
@@ -1013,7 +1137,12 @@ fn fuzz(cases: u64, salt: u64) -> usize {
         let seed = mix64(case ^ salt << 40 ^ 0xF00D);
         let mut b = rand_bytes(seed, 90 + (seed % 400) as usize);
         b[..8].copy_from_slice(&crate::format::MAGIC);
-        b[8..10].copy_from_slice(&crate::format::VERSION.to_le_bytes());
+        let version = if case % 2 == 0 {
+            crate::format::VERSION
+        } else {
+            crate::format::VERSION_1
+        };
+        b[8..10].copy_from_slice(&version.to_le_bytes());
         let total = b.len() as u32;
         b[72..76].copy_from_slice(&total.to_le_bytes());
         reseal(&mut b);
@@ -1107,7 +1236,9 @@ fn paths_agree_under_faults_profiles_and_large_sigma() {
 #[test]
 fn golden_blob_and_logits() {
     let blob = small_blob();
-    assert_eq!((blob.len(), crate::crc::crc32(&blob)), (2662, 0x2144_df1c));
+    // The stored CRC (the CRC of a whole blob, its CRC included, is the constant residue).
+    let stored = u32::from_le_bytes(blob[blob.len() - 4..].try_into().unwrap());
+    assert_eq!((blob.len(), stored), (2746, 0xaa7a_3045));
     let model = Model::parse(&blob).unwrap();
     let (img, _) = model.test_image(0).unwrap();
     let (logits, class, _) = run_int(&model, Path::Collapsed, &model.variation(), 42, 0, img);
@@ -1249,3 +1380,5 @@ fn shift_round_is_round_half_up() {
     assert_eq!(shift_round(3, 1), 2);
     assert_eq!(shift_round(7, 0), 7);
 }
+
+mod v2;

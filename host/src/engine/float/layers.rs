@@ -126,10 +126,18 @@ impl<'n> Prepared<'n> {
                 }
                 t
             } else {
-                let mut packed = vec![0f32; out.div_ceil(MR) * k * MR];
+                // Per group (one for an ungrouped conv): `[o / MR][k][o % MR]` of its channels.
+                let groups = match &net.nodes[i].op {
+                    Op::Conv2d(c) => c.groups.max(1),
+                    _ => 1,
+                };
+                let per = out / groups;
+                let len = per.div_ceil(MR) * k * MR;
+                let mut packed = vec![0f32; groups * len];
                 for o in 0..out {
+                    let (g, r) = (o / per, o % per);
                     for (j, &v) in w[o * k..(o + 1) * k].iter().enumerate() {
-                        packed[((o / MR) * k + j) * MR + o % MR] = v;
+                        packed[g * len + ((r / MR) * k + j) * MR + r % MR] = v;
                     }
                 }
                 packed
@@ -264,6 +272,13 @@ impl<'n> Prepared<'n> {
                             *d = a + b;
                         }
                     }
+                    Op::Concat => {
+                        // `[c][n][h][w]`: the second input's channels follow the first's.
+                        let (y, _) = val(node.inputs[1]);
+                        out.clear();
+                        out.extend_from_slice(x);
+                        out.extend_from_slice(y);
+                    }
                     Op::BatchNorm(bn) if recal.is_some() => {
                         let (mean, var) =
                             super::super::channel_stats(x, shape[0], nb * shape[1] * shape[2]);
@@ -349,10 +364,8 @@ pub fn recalibrate_batchnorm(
 #[inline(always)]
 fn plain(op: &Op, x: &[f32], s: ir::Shape, o: ir::Shape, nb: usize, out: &mut Vec<f32>) {
     let [c, h, w] = s;
-    if let Op::MaxPool {
-        kernel: 2,
-        stride: 2,
-    } = op
+    if let Op::MaxPool(p) = op
+        && p.uniform() == Some((2, 2))
     {
         // VGG's pool: two input rows per output row, pairs along them (vectorizes).
         let (oh, ow) = (o[1], o[2]);
@@ -380,31 +393,42 @@ fn plain(op: &Op, x: &[f32], s: ir::Shape, o: ir::Shape, nb: usize, out: &mut Ve
             y
         }
         Op::Relu => x.iter().map(|&v| v.max(0.0)).collect(),
-        Op::MaxPool { kernel, stride } | Op::AvgPool { kernel, stride } => {
-            let max = matches!(op, Op::MaxPool { .. });
+        Op::Clip { min, max } => x.iter().map(|&v| v.max(*min).min(*max)).collect(),
+        Op::MaxPool(p) | Op::AvgPool(p) => {
+            let max = matches!(op, Op::MaxPool(_));
             let (oh, ow) = (o[1], o[2]);
+            let [kh, kw] = p.kernel;
+            let (top, left) = (p.padding[0] as isize, p.padding[1] as isize);
             let mut y = Vec::with_capacity(c * nb * oh * ow);
             for plane in x.chunks(h * w).take(c * nb) {
                 for oy in 0..oh {
+                    let y0 = (oy * p.stride[0]) as isize - top;
+                    let rows = (y0.max(0) as usize)..((y0 + kh as isize).min(h as isize) as usize);
                     for ox in 0..ow {
-                        let at =
-                            |ky: usize, kx: usize| plane[(oy * stride + ky) * w + ox * stride + kx];
+                        let x0 = (ox * p.stride[1]) as isize - left;
+                        let cols =
+                            (x0.max(0) as usize)..((x0 + kw as isize).min(w as isize) as usize);
                         let v = if max {
                             let mut m = f32::NEG_INFINITY;
-                            for ky in 0..*kernel {
-                                for kx in 0..*kernel {
-                                    m = m.max(at(ky, kx));
+                            for iy in rows.clone() {
+                                for &v in &plane[iy * w + cols.start..iy * w + cols.end] {
+                                    m = m.max(v);
                                 }
                             }
                             m
                         } else {
                             let mut sum = 0f32;
-                            for ky in 0..*kernel {
-                                for kx in 0..*kernel {
-                                    sum += at(ky, kx);
+                            for iy in rows.clone() {
+                                for &v in &plane[iy * w + cols.start..iy * w + cols.end] {
+                                    sum += v;
                                 }
                             }
-                            sum / (kernel * kernel) as f32
+                            let count = if p.count_include_pad {
+                                kh * kw
+                            } else {
+                                rows.len() * cols.len()
+                            };
+                            sum / count as f32
                         };
                         y.push(v);
                     }
@@ -430,7 +454,7 @@ fn plain(op: &Op, x: &[f32], s: ir::Shape, o: ir::Shape, nb: usize, out: &mut Ve
             y
         }
         // Run by `Prepared::run` (two inputs) and `weighted`.
-        Op::Add | Op::Conv2d(_) | Op::Linear(_) => Vec::new(),
+        Op::Add | Op::Concat | Op::Conv2d(_) | Op::Linear(_) => Vec::new(),
     }
 }
 
@@ -465,9 +489,9 @@ fn weighted(
     let [ic, ih, iw] = s_in;
     let (k, per_image, conv) = match &node.op {
         Op::Conv2d(c) => {
-            let oh = (ih + 2 * c.padding - c.kernel[0]) / c.stride + 1;
-            let ow = (iw + 2 * c.padding - c.kernel[1]) / c.stride + 1;
-            (ic * c.kernel[0] * c.kernel[1], oh * ow, Some((c, oh, ow)))
+            let (oh, ow) = ir::window_out(ih, iw, c.kernel, c.stride, c.padding)
+                .expect("checked by Network::shapes");
+            (c.fan_in(), oh * ow, Some((c, oh, ow)))
         }
         _ => (ic * ih * iw, 1, None),
     };
@@ -475,87 +499,168 @@ fn weighted(
     let total = nb * per_image;
     // Every element is written below: no need to clear what a previous batch left.
     out.resize(channels * total, 0.0);
-    if conv.is_none() {
+    let Some((conv, oh, ow)) = conv else {
         linear(k, ih * iw, nb, x, w, affine, relu, s, isa, out);
         return;
-    }
+    };
     let block = ((BLOCK_ELEMS / k.max(1)) / (NR * LANES) * (NR * LANES)).max(NR * LANES);
     let block = block.min(total.next_multiple_of(LANES));
-    let (pad, st, kh, kw) = conv.map_or((0, 1, 1, 1), |(c, ..)| {
-        (c.padding, c.stride, c.kernel[0], c.kernel[1])
-    });
+    let Some((st, pad)) = conv.uniform() else {
+        grouped(conv, s_in, (oh, ow), nb, block, x, w, affine, relu, s, isa, out);
+        return;
+    };
+    let [kh, kw] = conv.kernel;
     let (ph, pw) = (ih + 2 * pad, iw + 2 * pad);
-    if let Some((_, oh, ow)) = conv {
-        let per_image = oh * ow;
-        if st == 1
-            && (oh, ow) == (ih, iw)
-            && kw <= MAX_KW
-            && per_image % LANES == 0
-            && (LANES.is_multiple_of(ow) || ow.is_multiple_of(LANES))
-        {
-            direct(
-                k,
-                kh,
-                kw,
-                pad,
-                nb,
-                (ih, iw),
-                x,
-                w,
-                affine,
-                relu,
-                s,
-                isa,
-                out,
-            );
-            return;
-        }
-        pad_planes(x, ic * nb, ih, iw, pad, &mut s.padded);
+    if st == 1
+        && (oh, ow) == (ih, iw)
+        && kw <= MAX_KW
+        && per_image % LANES == 0
+        && (LANES.is_multiple_of(ow) || ow.is_multiple_of(LANES))
+    {
+        direct(
+            k,
+            kh,
+            kw,
+            pad,
+            nb,
+            (ih, iw),
+            x,
+            w,
+            affine,
+            relu,
+            s,
+            isa,
+            out,
+        );
+        return;
     }
+    pad_planes(x, ic * nb, ih, iw, pad, &mut s.padded);
     let mut first = 0;
     while first < total {
         let np = block.min(total - first);
         let stride = np.next_multiple_of(LANES);
         s.col.resize(k * stride, 0.0);
-        if let Some((_, oh, ow)) = conv {
-            pixel_runs(first, np, oh, ow, st, ph, pw, &mut s.runs);
-            let taps = kh * kw;
-            for kk in 0..k {
-                let (c, t) = (kk / taps, kk % taps);
-                let tap = c * nb * ph * pw + (t / kw) * pw + t % kw;
-                let dst = &mut s.col[kk * stride..(kk + 1) * stride];
-                for &(base, at, len) in &s.runs {
-                    let src = &s.padded[base + tap..];
-                    let d = &mut dst[at..at + len];
-                    if st == 1 {
-                        copy(d, &src[..len]);
-                    } else {
-                        for (i, d) in d.iter_mut().enumerate() {
-                            *d = src[i * st];
-                        }
+        pixel_runs(first, np, oh, ow, st, ph, pw, &mut s.runs);
+        let taps = kh * kw;
+        for kk in 0..k {
+            let (c, t) = (kk / taps, kk % taps);
+            let tap = c * nb * ph * pw + (t / kw) * pw + t % kw;
+            let dst = &mut s.col[kk * stride..(kk + 1) * stride];
+            for &(base, at, len) in &s.runs {
+                let src = &s.padded[base + tap..];
+                let d = &mut dst[at..at + len];
+                if st == 1 {
+                    copy(d, &src[..len]);
+                } else {
+                    for (i, d) in d.iter_mut().enumerate() {
+                        *d = src[i * st];
                     }
+                }
+            }
+            dst[np..].fill(0.0);
+        }
+        product(isa, w, &s.col, stride, k, np, first, total, affine, relu, out);
+        first += np;
+    }
+}
+
+/// The register-blocked product of one im2col block (`np` pixels from pixel `first`, rows of
+/// `stride` values) with packed weights `w` (`[o / MR][k][o % MR]`), through the output step,
+/// into `out` (`[o][total]`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn product(
+    isa: Isa,
+    w: &[f32],
+    col: &[f32],
+    stride: usize,
+    k: usize,
+    np: usize,
+    first: usize,
+    total: usize,
+    affine: &[(f32, f32)],
+    relu: bool,
+    out: &mut [f32],
+) {
+    let channels = affine.len();
+    let mut acc = [[0f32; NR * LANES]; MR];
+    for b in 0..channels.div_ceil(MR) {
+        let wb = &w[b * k * MR..(b + 1) * k * MR];
+        let mut v = 0;
+        while v * LANES < np {
+            let nr = (np.div_ceil(LANES) - v).min(NR);
+            tile(isa, wb, col, stride, v * LANES, k, nr, &mut acc);
+            let valid = (np - v * LANES).min(nr * LANES);
+            for (r, a) in acc.iter().enumerate().take(MR.min(channels - b * MR)) {
+                let o = b * MR + r;
+                let (m, c) = affine[o];
+                let at = o * total + first + v * LANES;
+                output(&a[..valid], (m, c), relu, &mut out[at..at + valid]);
+            }
+            v += nr;
+        }
+    }
+}
+
+/// A conv the paths above do not take (groups, a stride or padding that differs between the
+/// axes or sides): per group, its input channels im2col'ed in blocks (zeros where a tap falls
+/// in the padding), then [`product`] with the group's packed weights. A depthwise conv has one
+/// output channel per group: correct, not fast.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn grouped(
+    conv: &ir::Conv2d,
+    [ic, ih, iw]: ir::Shape,
+    (oh, ow): (usize, usize),
+    nb: usize,
+    block: usize,
+    x: &[f32],
+    w: &[f32],
+    affine: &[(f32, f32)],
+    relu: bool,
+    s: &mut Scratch,
+    isa: Isa,
+    out: &mut [f32],
+) {
+    let groups = conv.groups.max(1);
+    let (cig, cog) = (ic / groups, conv.out_channels / groups);
+    let [kh, kw] = conv.kernel;
+    let [sh, sw] = conv.stride;
+    let (top, left) = (conv.padding[0], conv.padding[1]);
+    let k = cig * kh * kw;
+    let per_image = oh * ow;
+    let total = nb * per_image;
+    let len = cog.div_ceil(MR) * k * MR;
+    let plane = ih * iw;
+    for g in 0..groups {
+        let xg = &x[g * cig * nb * plane..(g + 1) * cig * nb * plane];
+        let wg = &w[g * len..(g + 1) * len];
+        let out_g = &mut out[g * cog * total..(g + 1) * cog * total];
+        let mut first = 0;
+        while first < total {
+            let np = block.min(total - first);
+            let stride = np.next_multiple_of(LANES);
+            s.col.resize(k * stride, 0.0);
+            for kk in 0..k {
+                let (c, t) = (kk / (kh * kw), kk % (kh * kw));
+                let (ky, kx) = (t / kw, t % kw);
+                let dst = &mut s.col[kk * stride..(kk + 1) * stride];
+                for (j, d) in dst[..np].iter_mut().enumerate() {
+                    let p = first + j;
+                    let (n, r) = (p / per_image, p % per_image);
+                    let (iy, ix) = ((r / ow) * sh + ky, (r % ow) * sw + kx);
+                    *d = if iy >= top && ix >= left && iy - top < ih && ix - left < iw {
+                        xg[(c * nb + n) * plane + (iy - top) * iw + ix - left]
+                    } else {
+                        0.0
+                    };
                 }
                 dst[np..].fill(0.0);
             }
+            let aff = &affine[g * cog..(g + 1) * cog];
+            product(isa, wg, &s.col, stride, k, np, first, total, aff, relu, out_g);
+            first += np;
         }
-        let mut acc = [[0f32; NR * LANES]; MR];
-        for b in 0..channels.div_ceil(MR) {
-            let wb = &w[b * k * MR..(b + 1) * k * MR];
-            let mut v = 0;
-            while v * LANES < np {
-                let nr = (np.div_ceil(LANES) - v).min(NR);
-                tile(isa, wb, &s.col, stride, v * LANES, k, nr, &mut acc);
-                let valid = (np - v * LANES).min(nr * LANES);
-                for (r, a) in acc.iter().enumerate().take(MR.min(channels - b * MR)) {
-                    let o = b * MR + r;
-                    let (m, c) = affine[o];
-                    let at = o * total + first + v * LANES;
-                    output(&a[..valid], (m, c), relu, &mut out[at..at + valid]);
-                }
-                v += nr;
-            }
-        }
-        first += np;
     }
 }
 

@@ -141,13 +141,26 @@ pub fn unsupported(model: &Model<'_>, path: Path) -> Option<String> {
         if (op.out_kind == ActKind::I32) != (i + 1 == n) {
             return Some("only the last op may (and must) write the logits".into());
         }
-        if op.src > i || (op.kind == OpKind::Add && op.src2 > i) {
+        if op.src > i || (op.kind.is_binary() && op.src2 > i) {
             return Some(format!("op {i} reads a tensor not yet computed"));
         }
         if matches!(op.kind, OpKind::Conv | OpKind::MaxPool | OpKind::AvgPool)
-            && (op.kh == 0 || op.kw == 0 || op.stride == 0)
+            && (op.kh == 0 || op.kw == 0 || op.stride[0] == 0)
         {
             return Some(format!("op {i} has an empty window or a zero stride"));
+        }
+        // The format's version-2 features run through `exec` (the same bits, image by image).
+        if matches!(op.kind, OpKind::Clip | OpKind::Concat)
+            || op.groups != 1
+            || op.stride[0] != op.stride[1]
+            || op.pad.iter().any(|&p| p != op.pad[0])
+            || (op.kind == OpKind::AvgPool && !op.count_include_pad)
+            || (op.out_kind != ActKind::I32 && op.clip != op.out_kind.range())
+        {
+            return Some(format!(
+                "op {i} ({:?}) uses groups, uneven strides or padding, a clip or a concat",
+                op.kind
+            ));
         }
     }
     None
@@ -376,6 +389,9 @@ impl Net {
                         out.put(k, requant(sum, r));
                     }
                 }
+                OpKind::Clip | OpKind::Concat => {
+                    unreachable!("`unsupported` sends models with these ops to exec")
+                }
                 OpKind::Add => {
                     let ys = &done[op.src2][..self.shapes[op.src2].0.len() * nb];
                     let (ra, rb) = (records[0], records[1]);
@@ -400,7 +416,7 @@ struct Tensor<'a> {
 fn pool(op: &Op, x: &Tensor<'_>, nb: usize, out: &mut Out<'_>, avg: Option<Requant>) {
     let (ih, iw) = (x.shape.h, x.shape.w);
     let (oh, ow) = (op.out.h, op.out.w);
-    if let (None, Out::Act(o, kind), 2, 2, 2) = (avg, &mut *out, op.kh, op.kw, op.stride) {
+    if let (None, Out::Act(o, kind), 2, 2, 2) = (avg, &mut *out, op.kh, op.kw, op.stride[0]) {
         let (lo, hi) = if *kind == ActKind::U8 {
             (0, 255)
         } else {
@@ -430,7 +446,7 @@ fn pool(op: &Op, x: &Tensor<'_>, nb: usize, out: &mut Out<'_>, avg: Option<Requa
                 let mut m = i16::MIN;
                 let mut sum = 0i64;
                 for ky in 0..op.kh {
-                    let at = (oy * op.stride + ky) * iw + ox * op.stride;
+                    let at = (oy * op.stride[0] + ky) * iw + ox * op.stride[0];
                     for kx in 0..op.kw {
                         let v = src.get(at + kx).copied();
                         m = m.max(v.unwrap_or(i16::MIN));
@@ -527,9 +543,9 @@ fn weighted(
         h: ih,
         w: iw,
     } = x.shape;
-    let (ph, pw) = (ih + 2 * op.pad, iw + 2 * op.pad);
+    let (ph, pw) = (ih + 2 * op.pad[0], iw + 2 * op.pad[0]);
     if conv {
-        pad_planes(x.v, ic * nb, ih, iw, op.pad, &mut s.padded);
+        pad_planes(x.v, ic * nb, ih, iw, op.pad[0], &mut s.padded);
     }
     let mut first = 0;
     while first < total {
@@ -539,7 +555,7 @@ fn weighted(
         if conv {
             // The block's runs of output pixels along a row: (input offset of the run's first
             // window, im2col column, length).
-            let st = op.stride;
+            let st = op.stride[0];
             pixel_runs(first, np, op.out.h, op.out.w, st, ph, pw, &mut s.runs);
             let taps = op.kh * op.kw;
             let tap_at = |kk: usize| -> Option<usize> {

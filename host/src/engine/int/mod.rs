@@ -14,8 +14,8 @@ use nvcim_shared::{
 use super::{BnRecalibration, NoisyClassifier, float::FloatEngine, simd::HostKernel};
 use crate::{
     data::Dataset,
-    ir::{Op, convert::Loaded},
-    pack::{calibrate_checkpoint, pack_network},
+    ir::{Network, Op, convert::Loaded},
+    pack::{calibrate_network, pack_network},
 };
 
 pub mod layers;
@@ -35,8 +35,35 @@ pub fn int_engine(
     noisy_sigma: f32,
     recal: Option<BnRecalibration>,
 ) -> Result<IntEngine> {
-    let c = calibrate_checkpoint(loaded, train, calibration, cfg, noisy_sigma)?;
-    let blob = pack_network(&c.net, &c.act_max, test, cfg, &loaded.path)?;
+    int_engine_for(
+        loaded.network()?,
+        &loaded.path,
+        train,
+        test,
+        calibration,
+        cfg,
+        adc_bits,
+        noisy_sigma,
+        recal,
+    )
+}
+
+/// [`int_engine`] for any network (an imported ONNX model's too; `what` names it in errors):
+/// `train` and `test` hold raw pixels in its input shape, normalized by `net.normalization`.
+#[allow(clippy::too_many_arguments)]
+pub fn int_engine_for(
+    net: Network,
+    what: &std::path::Path,
+    train: &Dataset,
+    test: &Dataset,
+    calibration: usize,
+    cfg: &PackConfig,
+    adc_bits: Option<u8>,
+    noisy_sigma: f32,
+    recal: Option<BnRecalibration>,
+) -> Result<IntEngine> {
+    let c = calibrate_network(net, what, train, calibration, cfg, noisy_sigma)?;
+    let blob = pack_network(&c.net, &c.act_max, test, cfg, what)?;
     let mut engine = IntEngine::new(blob, adc_bits)?;
     if let Some(r) = recal {
         engine.recal = Some(IntRecal {
@@ -44,7 +71,7 @@ pub fn int_engine(
             net: c.net,
             test: test.clone(),
             cfg: *cfg,
-            what: loaded.path.clone(),
+            what: what.to_path_buf(),
         });
     }
     Ok(engine)

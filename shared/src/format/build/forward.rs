@@ -65,10 +65,11 @@ pub fn forward(
             Layer::Conv2d {
                 weight,
                 bias,
-                out_channels: _,
-                kernel: k,
-                stride,
-                padding,
+                out_channels,
+                kernel: [kh, kw],
+                stride: [sh, sw],
+                padding: [pt, pl, _, _],
+                groups,
             } => {
                 own = w_of(weight);
                 if own.len() != weight.len() {
@@ -77,39 +78,49 @@ pub fn forward(
                         found: own.len(),
                     });
                 }
-                // One patch per output position in `[c][ky][kx]` order (padding as 0.0), then
-                // one sequential dot per output channel: the same additions in the same order
-                // as the direct loop (a padded term adds 0.0), several times faster.
-                let fan_in = xs.c * k * k;
+                // One patch per output position and group in `[c][ky][kx]` order (padding as
+                // 0.0), then one sequential dot per output channel of the group: the same
+                // additions in the same order as the direct loop (a padded term adds 0.0),
+                // several times faster.
+                let (icg, ocg) = (xs.c / groups, out_channels / groups);
+                let fan_in = icg * kh * kw;
                 let mut patch = vec![0.0f64; fan_in];
                 let mut y = vec![0.0; ys.len()];
                 for oy in 0..ys.h {
                     for ox in 0..ys.w {
-                        let mut p = patch.iter_mut();
-                        for c in 0..xs.c {
-                            for ky in 0..k {
-                                let iy = (oy * stride + ky) as isize - padding as isize;
-                                for kx in 0..k {
-                                    let ix = (ox * stride + kx) as isize - padding as isize;
-                                    let inside = iy >= 0
-                                        && ix >= 0
-                                        && (iy as usize) < xs.h
-                                        && (ix as usize) < xs.w;
-                                    if let Some(slot) = p.next() {
-                                        *slot = if inside {
-                                            x[(c * xs.h + iy as usize) * xs.w + ix as usize]
-                                        } else {
-                                            0.0
-                                        };
+                        for g in 0..groups {
+                            let mut p = patch.iter_mut();
+                            for c in g * icg..(g + 1) * icg {
+                                for ky in 0..kh {
+                                    let iy = (oy * sh + ky) as isize - pt as isize;
+                                    for kx in 0..kw {
+                                        let ix = (ox * sw + kx) as isize - pl as isize;
+                                        let inside = iy >= 0
+                                            && ix >= 0
+                                            && (iy as usize) < xs.h
+                                            && (ix as usize) < xs.w;
+                                        if let Some(slot) = p.next() {
+                                            *slot = if inside {
+                                                x[(c * xs.h + iy as usize) * xs.w + ix as usize]
+                                            } else {
+                                                0.0
+                                            };
+                                        }
                                     }
                                 }
                             }
-                        }
-                        for (o, row) in own.chunks_exact(fan_in.max(1)).enumerate() {
-                            y[(o * ys.h + oy) * ys.w + ox] = row
-                                .iter()
-                                .zip(&patch)
-                                .fold(bias.map_or(0.0, |b| f64::from(b[o])), |a, (w, v)| a + w * v);
+                            let rows = own
+                                .chunks_exact(fan_in.max(1))
+                                .enumerate()
+                                .skip(g * ocg)
+                                .take(ocg);
+                            for (o, row) in rows {
+                                y[(o * ys.h + oy) * ys.w + ox] =
+                                    row.iter().zip(&patch).fold(
+                                        bias.map_or(0.0, |b| f64::from(b[o])),
+                                        |a, (w, v)| a + w * v,
+                                    );
+                            }
                         }
                     }
                 }
@@ -154,20 +165,52 @@ pub fn forward(
                     .collect()
             }
             Layer::Relu => x.iter().map(|&v| v.max(0.0)).collect(),
-            Layer::MaxPool { kernel, stride } | Layer::AvgPool { kernel, stride } => {
-                let max = matches!(n.layer, Layer::MaxPool { .. });
+            Layer::Clip { min, max } => x
+                .iter()
+                .map(|&v| v.max(f64::from(min)).min(f64::from(max)))
+                .collect(),
+            Layer::MaxPool {
+                kernel: [kh, kw],
+                stride: [sh, sw],
+                padding: [pt, pl, _, _],
+            }
+            | Layer::AvgPool {
+                kernel: [kh, kw],
+                stride: [sh, sw],
+                padding: [pt, pl, _, _],
+                ..
+            } => {
+                let include = match n.layer {
+                    Layer::AvgPool {
+                        count_include_pad, ..
+                    } => Some(count_include_pad),
+                    _ => None,
+                };
                 let mut y = vec![0.0; ys.len()];
                 for c in 0..ys.c {
                     for oy in 0..ys.h {
                         for ox in 0..ys.w {
-                            let it = (0..kernel).flat_map(|ky| (0..kernel).map(move |kx| (ky, kx)));
-                            let vals = it.map(|(ky, kx)| {
-                                x[(c * xs.h + oy * stride + ky) * xs.w + ox * stride + kx]
-                            });
-                            y[(c * ys.h + oy) * ys.w + ox] = if max {
-                                vals.fold(f64::NEG_INFINITY, f64::max)
-                            } else {
-                                vals.sum::<f64>() / (kernel * kernel) as f64
+                            let (mut max, mut sum, mut n_in) = (f64::NEG_INFINITY, 0.0, 0usize);
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * sh + ky) as isize - pt as isize;
+                                    let ix = (ox * sw + kx) as isize - pl as isize;
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < xs.h
+                                        && (ix as usize) < xs.w
+                                    {
+                                        let v = x[(c * xs.h + iy as usize) * xs.w + ix as usize];
+                                        max = max.max(v);
+                                        sum += v;
+                                        n_in += 1;
+                                    }
+                                }
+                            }
+                            y[(c * ys.h + oy) * ys.w + ox] = match include {
+                                None => max,
+                                Some(true) => sum / (kh * kw) as f64,
+                                Some(false) => sum / n_in.max(1) as f64,
                             };
                         }
                     }
@@ -182,6 +225,7 @@ pub fn forward(
             }
             Layer::Flatten => x.clone(),
             Layer::Add { other } => x.iter().zip(&outs[other]).map(|(a, b)| a + b).collect(),
+            Layer::Concat { other } => x.iter().chain(&outs[other]).copied().collect(),
         };
         drop(own);
         outs.push(y);

@@ -14,11 +14,18 @@
 //! `act_max / 2^20` for the `i32` logits). Weight layers (conv and linear) are numbered in node
 //! order, which must be the backbone's forward order.
 //!
-//! Fusion: a conv or linear node followed by a `BatchNorm` and/or `Relu` that read only it (and
-//! that no other node reads) becomes one op; so does an add followed by a ReLU. Any other ReLU is
-//! its own op; a `BatchNorm` that does not follow a conv or linear is an error. `Flatten` is a
-//! view (`CHW` order, as PyTorch's `flatten(1)`). The last node must be a conv or linear
-//! (optionally with BatchNorm) producing `(classes, 1, 1)`.
+//! Fusion: a conv or linear node followed by a `BatchNorm` and/or a `Relu` or `Clip` that read
+//! only it (and that no other node reads) becomes one op; so does an add or a concat followed by
+//! a `Relu` or `Clip`. The activation becomes the requantization's saturation bounds: `[0, 255]`
+//! for a ReLU, `[round(min / s), round(max / s)]` within the output type's range for a clip at
+//! output scale `s`; the output is `u8` when the activation's lower bound is `>= 0` (a concat's
+//! also when both of its inputs are `u8`), `i8` otherwise. Any other `Relu` or `Clip` is its own
+//! op (input scale kept); a `BatchNorm` that does not follow a conv or linear is an error.
+//! `Flatten` is a view (`CHW` order, as PyTorch's `flatten(1)`). The last node must be a conv or
+//! linear (optionally with BatchNorm) producing `(classes, 1, 1)`.
+//!
+//! A `Concat` rescales both inputs to its own calibrated scale with one record each (as `Add`
+//! does), so its inputs keep their own scales; both stay live in the arena until it has run.
 
 use alloc::vec::Vec;
 
@@ -53,20 +60,23 @@ pub struct InputSpec<'a> {
 /// One float layer.
 #[derive(Debug, Clone, Copy)]
 pub enum Layer<'a> {
-    /// Square-kernel convolution; `weight` in `[out][in][k][k]` order.
+    /// Convolution, possibly grouped (depthwise when `groups` equals the input and output
+    /// channels); `weight` in PyTorch's `[out][in / groups][kh][kw]` order.
     Conv2d {
-        /// Weights, `out_channels * in * kernel * kernel`.
+        /// Weights, `out_channels * in / groups * kh * kw`.
         weight: &'a [f32],
         /// Optional bias, `out_channels`.
         bias: Option<&'a [f32]>,
         /// Output channels.
         out_channels: usize,
-        /// Kernel size.
-        kernel: usize,
-        /// Stride.
-        stride: usize,
-        /// Zero padding on each side.
-        padding: usize,
+        /// Kernel `[kh, kw]` (each 1..=255).
+        kernel: [usize; 2],
+        /// Stride `[sh, sw]` (each 1..=255).
+        stride: [usize; 2],
+        /// Zero padding `[top, left, bottom, right]`, each below its kernel side.
+        padding: [usize; 4],
+        /// Groups, dividing the input and output channels.
+        groups: usize,
     },
     /// Fully connected over the flattened input; `weight` in `[out][in]` order (transpose Burn's
     /// `[in, out]` first).
@@ -93,19 +103,32 @@ pub enum Layer<'a> {
     },
     /// `max(x, 0)`.
     Relu,
-    /// Max pooling without padding.
-    MaxPool {
-        /// Window size.
-        kernel: usize,
-        /// Stride.
-        stride: usize,
+    /// `min(max(x, min), max)` (ReLU6 is `Clip { min: 0.0, max: 6.0 }`).
+    Clip {
+        /// Lower bound (finite, `<= max`).
+        min: f32,
+        /// Upper bound (finite).
+        max: f32,
     },
-    /// Average pooling without padding.
+    /// Max pooling in floor mode; padded positions are ignored (PyTorch's `-inf` padding).
+    MaxPool {
+        /// Window `[kh, kw]` (each 1..=255).
+        kernel: [usize; 2],
+        /// Stride `[sh, sw]` (each 1..=255).
+        stride: [usize; 2],
+        /// Padding `[top, left, bottom, right]`, each below its kernel side.
+        padding: [usize; 4],
+    },
+    /// Average pooling in floor mode.
     AvgPool {
-        /// Window size.
-        kernel: usize,
-        /// Stride.
-        stride: usize,
+        /// Window `[kh, kw]` (each 1..=255).
+        kernel: [usize; 2],
+        /// Stride `[sh, sw]` (each 1..=255).
+        stride: [usize; 2],
+        /// Padding `[top, left, bottom, right]`, each below its kernel side.
+        padding: [usize; 4],
+        /// Divide by `kh * kw` (`true`) or by the in-bounds positions of each window.
+        count_include_pad: bool,
     },
     /// Mean over height and width (to `(C, 1, 1)`).
     GlobalAvgPool,
@@ -114,6 +137,12 @@ pub enum Layer<'a> {
     /// Residual add: this node's input plus node `other`'s output.
     Add {
         /// The other summand.
+        other: usize,
+    },
+    /// Channel concatenation: this node's input's channels, then node `other`'s output's (same
+    /// height and width).
+    Concat {
+        /// The second part.
         other: usize,
     },
 }
@@ -222,8 +251,14 @@ fn shapes(desc: &ModelDesc<'_>) -> Result<Vec<Shape>> {
             return Err(invalid("node.input", i));
         }
         let x = if s == usize::MAX { input } else { out[s] };
-        let window = |k: usize, st: usize, p: usize| -> Result<(usize, usize)> {
-            match (super::out_dim(x.h, k, st, p), super::out_dim(x.w, k, st, p)) {
+        let window = |k: [usize; 2], st: [usize; 2], p: [usize; 4]| -> Result<(usize, usize)> {
+            if k.iter().chain(&st).any(|&v| v > 255) || p.iter().any(|&v| v > 255) {
+                return Err(invalid("node.window", i));
+            }
+            match (
+                super::out_dim(x.h, k[0], st[0], p[0], p[2]),
+                super::out_dim(x.w, k[1], st[1], p[1], p[3]),
+            ) {
                 (Some(h), Some(w)) => Ok((h, w)),
                 _ => Err(invalid("node.window", i)),
             }
@@ -236,19 +271,25 @@ fn shapes(desc: &ModelDesc<'_>) -> Result<Vec<Shape>> {
                 kernel,
                 stride,
                 padding,
+                groups,
             } => {
                 let (h, w) = window(kernel, stride, padding)?;
-                if weight.len() != out_channels * x.c * kernel * kernel || out_channels == 0 {
+                if groups == 0
+                    || groups > 0xFFFF
+                    || x.c % groups != 0
+                    || out_channels % groups != 0
+                    || out_channels == 0
+                {
+                    return Err(invalid("node.groups", i));
+                }
+                let expected = out_channels * (x.c / groups) * kernel[0] * kernel[1];
+                if weight.len() != expected {
                     return Err(Error::LengthMismatch {
-                        expected: out_channels * x.c * kernel * kernel,
+                        expected,
                         found: weight.len(),
                     });
                 }
-                if bias.is_some_and(|b| b.len() != out_channels)
-                    || kernel > 255
-                    || stride > 255
-                    || padding >= kernel
-                {
+                if bias.is_some_and(|b| b.len() != out_channels) {
                     return Err(invalid("node.conv", i));
                 }
                 Shape {
@@ -290,11 +331,24 @@ fn shapes(desc: &ModelDesc<'_>) -> Result<Vec<Shape>> {
                 x
             }
             Layer::Relu => x,
-            Layer::MaxPool { kernel, stride } | Layer::AvgPool { kernel, stride } => {
-                if kernel > 255 || stride > 255 {
-                    return Err(invalid("node.pool", i));
+            Layer::Clip { min, max } => {
+                if !(min.is_finite() && max.is_finite() && min <= max) {
+                    return Err(invalid("node.clip", i));
                 }
-                let (h, w) = window(kernel, stride, 0)?;
+                x
+            }
+            Layer::MaxPool {
+                kernel,
+                stride,
+                padding,
+            }
+            | Layer::AvgPool {
+                kernel,
+                stride,
+                padding,
+                ..
+            } => {
+                let (h, w) = window(kernel, stride, padding)?;
                 Shape { c: x.c, h, w }
             }
             Layer::GlobalAvgPool => Shape { c: x.c, h: 1, w: 1 },
@@ -308,6 +362,16 @@ fn shapes(desc: &ModelDesc<'_>) -> Result<Vec<Shape>> {
                     return Err(invalid("node.add", i));
                 }
                 x
+            }
+            Layer::Concat { other } => {
+                if other >= i || out[other].h != x.h || out[other].w != x.w {
+                    return Err(invalid("node.concat", i));
+                }
+                Shape {
+                    c: x.c + out[other].c,
+                    h: x.h,
+                    w: x.w,
+                }
             }
         };
         if y.c > 0xFFFF || y.h > 0xFFFF || y.w > 0xFFFF {

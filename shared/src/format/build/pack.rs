@@ -5,7 +5,7 @@ use alloc::{vec, vec::Vec};
 
 use crate::crc::crc32;
 use crate::error::{Error, Result};
-use crate::format::{ActKind, HEADER_LEN, MAGIC, OpKind, Shape, VERSION};
+use crate::format::{ActKind, HEADER_LEN, MAGIC, OP_LEN, OpKind, Shape, VERSION};
 use crate::quant::{Quantized, ScaleMode, layer_scale, quantize_layer};
 use crate::tile::{FRAC_BITS, MAX_TILE_ROWS};
 use crate::variation::{Profile, SigmaUnit};
@@ -57,9 +57,12 @@ fn bias_fixed(b: f64, shift: u32) -> Result<i64> {
 struct OpRec {
     kind: OpKind,
     out_kind: ActKind,
-    k: usize,
-    stride: usize,
-    pad: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 4],
+    groups: usize,
+    count_include_pad: bool,
+    clip: [i32; 2],
     src: usize,
     src2: usize,
     out: Shape,
@@ -109,7 +112,7 @@ pub fn pack(
         if s != usize::MAX {
             readers[s] += 1;
         }
-        if let Layer::Add { other } = n.layer {
+        if let Layer::Add { other } | Layer::Concat { other } = n.layer {
             readers[other] += 1;
         }
     }
@@ -156,14 +159,14 @@ pub fn pack(
     let mut layer = 0usize;
     let tensor_of =
         |node_tensor: &[usize], s: usize| if s == usize::MAX { 0 } else { node_tensor[s] };
-    let act_scale = |node: usize, relu: bool, last: bool| -> Result<(ActKind, f64)> {
+    let act_scale = |node: usize, unsigned: bool, last: bool| -> Result<(ActKind, f64)> {
         let a = f64::from(nodes[node].act_max);
         if !(a.is_finite() && a > 0.0) {
             return Err(invalid("node.act_max", node));
         }
         Ok(if last {
             (ActKind::I32, a / f64::from(1u32 << 20))
-        } else if relu {
+        } else if unsigned {
             (ActKind::U8, a / 255.0)
         } else {
             (ActKind::I8, a / 127.0)
@@ -176,6 +179,19 @@ pub fn pack(
             && readers[j] == 1
             && want(&nodes[j + 1].layer)
     };
+    // The activation fused after node `j` (its end node and the activation), if any.
+    let fused_act = |j: usize| -> Option<(usize, Act)> {
+        if fusable(j, |l| matches!(l, Layer::Relu)) {
+            Some((j + 1, Act::Relu))
+        } else if fusable(j, |l| matches!(l, Layer::Clip { .. })) {
+            match nodes[j + 1].layer {
+                Layer::Clip { min, max } => Some((j + 1, Act::Clip(min, max))),
+                _ => None,
+            }
+        } else {
+            None
+        }
+    };
     let mut i = 0;
     while i < nodes.len() {
         let n = nodes[i];
@@ -187,14 +203,15 @@ pub fn pack(
         let mut end = i;
         let rec = match n.layer {
             Layer::Conv2d { weight, bias, .. } | Layer::Linear { weight, bias, .. } => {
-                let (k, stride, pad, kind) = match n.layer {
+                let (kernel, stride, pad, groups, kind) = match n.layer {
                     Layer::Conv2d {
                         kernel,
                         stride,
                         padding,
+                        groups,
                         ..
-                    } => (kernel, stride, padding, OpKind::Conv),
-                    _ => (1, 1, 0, OpKind::Linear),
+                    } => (kernel, stride, padding, groups, OpKind::Conv),
+                    _ => ([1, 1], [1, 1], [0; 4], 1, OpKind::Linear),
                 };
                 let out = shapes[i];
                 let mut bn = None;
@@ -202,18 +219,19 @@ pub fn pack(
                     end += 1;
                     bn = Some(nodes[end].layer);
                 }
-                let relu = fusable(end, |l| matches!(l, Layer::Relu));
-                if relu {
-                    end += 1;
+                let act = fused_act(end);
+                if let Some((e, _)) = act {
+                    end = e;
                 }
+                let act = act.map(|a| a.1);
                 let last = end + 1 == nodes.len();
-                if last && relu {
+                if last && act.is_some() {
                     return Err(invalid("node.last_relu", end));
                 }
                 if last && (out.c != desc.classes || out.h != 1 || out.w != 1) {
                     return Err(invalid("node.logits_shape", out.c));
                 }
-                let (out_kind, out_scale) = act_scale(end, relu, last)?;
+                let (out_kind, out_scale) = act_scale(end, act.is_some_and(Act::unsigned), last)?;
                 let scale = match cfg.scale_mode {
                     ScaleMode::PerLayer => layer_scale(weight)?,
                     ScaleMode::PerModel => model_max,
@@ -248,9 +266,12 @@ pub fn pack(
                 let rec = OpRec {
                     kind,
                     out_kind,
-                    k,
+                    kernel,
                     stride,
                     pad,
+                    groups,
+                    count_include_pad: false,
+                    clip: Act::bounds(act, out_kind, out_scale),
                     src: src_t,
                     src2: 0,
                     out,
@@ -274,55 +295,67 @@ pub fn pack(
                 i += 1;
                 continue;
             }
-            Layer::Relu => {
+            Layer::Relu | Layer::Clip { .. } => {
+                let (kind, act) = match n.layer {
+                    Layer::Clip { min, max } => (OpKind::Clip, Act::Clip(min, max)),
+                    _ => (OpKind::Relu, Act::Relu),
+                };
+                // Values of a `u8` input are never below 0: a negative lower bound is moot.
+                let out_kind = if act.unsigned() || x.kind == ActKind::U8 {
+                    ActKind::U8
+                } else {
+                    ActKind::I8
+                };
                 tensors.push(TensorInfo {
                     shape: x.shape,
-                    kind: ActKind::U8,
+                    kind: out_kind,
                     scale: x.scale,
                 });
-                simple(
-                    OpKind::Relu,
-                    ActKind::U8,
-                    src_t,
-                    x.shape,
-                    0,
-                    0,
-                    records.len(),
-                    x.scale,
-                )
+                let mut rec = simple(kind, out_kind, src_t, x.shape, records.len(), x.scale);
+                rec.clip = Act::bounds(Some(act), out_kind, x.scale);
+                rec
             }
-            Layer::MaxPool { kernel, stride } => {
+            Layer::MaxPool {
+                kernel,
+                stride,
+                padding,
+            }
+            | Layer::AvgPool {
+                kernel,
+                stride,
+                padding,
+                ..
+            } => {
+                let (kind, include) = match n.layer {
+                    Layer::AvgPool {
+                        count_include_pad, ..
+                    } => (OpKind::AvgPool, count_include_pad),
+                    _ => (OpKind::MaxPool, false),
+                };
+                let mut rec = simple(kind, x.kind, src_t, shapes[i], records.len(), x.scale);
+                rec.kernel = kernel;
+                rec.stride = stride;
+                rec.pad = padding;
+                rec.count_include_pad = include;
+                if include {
+                    let (m, shift) = multiplier(1.0 / (kernel[0] * kernel[1]) as f64, "node.pool")?;
+                    records.push((m, shift, 0));
+                }
                 tensors.push(TensorInfo {
                     shape: shapes[i],
                     kind: x.kind,
                     scale: x.scale,
                 });
-                simple(
-                    OpKind::MaxPool,
-                    x.kind,
-                    src_t,
-                    shapes[i],
-                    kernel,
-                    stride,
-                    records.len(),
-                    x.scale,
-                )
+                rec
             }
-            Layer::AvgPool { .. } | Layer::GlobalAvgPool => {
-                let (kind, k, stride, window) = match n.layer {
-                    Layer::AvgPool { kernel, stride } => {
-                        (OpKind::AvgPool, kernel, stride, kernel * kernel)
-                    }
-                    _ => (OpKind::GlobalAvgPool, 0, 0, x.shape.h * x.shape.w),
-                };
+            Layer::GlobalAvgPool => {
+                let window = x.shape.h * x.shape.w;
                 let (m, shift) = multiplier(1.0 / window as f64, "node.pool")?;
                 let rec = simple(
-                    kind,
+                    OpKind::GlobalAvgPool,
                     x.kind,
                     src_t,
                     shapes[i],
-                    k,
-                    stride,
                     records.len(),
                     x.scale,
                 );
@@ -334,38 +367,48 @@ pub fn pack(
                 });
                 rec
             }
-            Layer::Add { other } => {
+            Layer::Add { other } | Layer::Concat { other } => {
+                let add = matches!(n.layer, Layer::Add { .. });
                 let y_t = node_tensor[other];
                 let y = tensors[y_t];
-                let relu = fusable(end, |l| matches!(l, Layer::Relu));
-                if relu {
-                    end += 1;
+                let act = fused_act(end);
+                if let Some((e, _)) = act {
+                    end = e;
                 }
+                let act = act.map(|a| a.1);
                 if end + 1 == nodes.len() {
                     return Err(invalid("node.last", end));
                 }
-                let (out_kind, out_scale) = act_scale(end, relu, false)?;
+                let unsigned = act.is_some_and(Act::unsigned)
+                    || (!add && x.kind == ActKind::U8 && y.kind == ActKind::U8);
+                let (out_kind, out_scale) = act_scale(end, unsigned, false)?;
                 let (ra, rb) = (x.scale / out_scale, y.scale / out_scale);
                 let (_, shift) = multiplier(ra.max(rb), "node.add")?;
                 let (ma, mb) = (
                     libm::round(ra * libm::exp2(f64::from(shift))),
                     libm::round(rb * libm::exp2(f64::from(shift))),
                 );
-                let mut rec = simple(
-                    OpKind::Add,
-                    out_kind,
-                    src_t,
-                    x.shape,
-                    0,
-                    0,
-                    records.len(),
-                    out_scale,
-                );
+                // A flattened operand is a view of its `CHW` tensor: concatenating the tensors
+                // over channels is concatenating the flat vectors when height and width agree.
+                if !add && (x.shape.h != y.shape.h || x.shape.w != y.shape.w) {
+                    return Err(invalid("node.concat", i));
+                }
+                let (kind, out) = if add {
+                    (OpKind::Add, x.shape)
+                } else {
+                    let c = x.shape.c + y.shape.c;
+                    if c > 0xFFFF {
+                        return Err(invalid("node.shape", i));
+                    }
+                    (OpKind::Concat, Shape { c, ..x.shape })
+                };
+                let mut rec = simple(kind, out_kind, src_t, out, records.len(), out_scale);
                 rec.src2 = y_t;
+                rec.clip = Act::bounds(act, out_kind, out_scale);
                 records.push((ma as i32, shift, 0));
                 records.push((mb as i32, shift, 0));
                 tensors.push(TensorInfo {
-                    shape: x.shape,
+                    shape: out,
                     kind: out_kind,
                     scale: out_scale,
                 });
@@ -387,7 +430,7 @@ pub fn pack(
     let mut last_use = (0..n_t).map(|t| t.saturating_sub(1)).collect::<Vec<_>>();
     for (k, op) in ops.iter().enumerate() {
         last_use[op.src] = last_use[op.src].max(k);
-        if op.kind == OpKind::Add {
+        if op.kind.is_binary() {
             last_use[op.src2] = last_use[op.src2].max(k);
         }
     }
@@ -412,7 +455,7 @@ pub fn pack(
     let patch_len = ops
         .iter()
         .map(|o| match o.kind {
-            OpKind::Conv => tensors[o.src].shape.c * o.k * o.k,
+            OpKind::Conv => tensors[o.src].shape.c / o.groups * o.kernel[0] * o.kernel[1],
             OpKind::Linear => tensors[o.src].shape.len(),
             _ => 0,
         })
@@ -489,14 +532,19 @@ pub fn pack(
     debug_assert_eq!(b.len(), HEADER_LEN);
     b.extend_from_slice(&lut);
     for (k, o) in ops.iter().enumerate() {
+        let at = b.len();
         b.extend_from_slice(&[
             o.kind.code(),
             o.out_kind.code(),
-            o.k as u8,
-            o.k as u8,
-            o.stride as u8,
-            o.pad as u8,
-            0,
+            o.kernel[0] as u8,
+            o.kernel[1] as u8,
+            o.stride[0] as u8,
+            o.stride[1] as u8,
+            o.pad[0] as u8,
+            o.pad[1] as u8,
+            o.pad[2] as u8,
+            o.pad[3] as u8,
+            u8::from(o.count_include_pad),
             0,
         ]);
         let out_off = if o.out_kind == ActKind::I32 {
@@ -505,6 +553,7 @@ pub fn pack(
             off[k + 1]
         };
         for v in [
+            o.groups,
             o.src,
             o.src2,
             o.out.c,
@@ -514,11 +563,20 @@ pub fn pack(
         ] {
             b.extend_from_slice(&(v as u16).to_le_bytes());
         }
+        let [lo, hi] = if o.out_kind == ActKind::I32 {
+            [0, 0]
+        } else {
+            o.clip
+        };
+        for v in [lo as i16 as u16, hi as i16 as u16, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
         for v in [out_off, o.weights_start, o.params_start] {
             b.extend_from_slice(&(v as u32).to_le_bytes());
         }
         b.extend_from_slice(&o.out_scale.to_le_bytes());
         b.extend_from_slice(&o.w_scale.to_le_bytes());
+        debug_assert_eq!(b.len() - at, OP_LEN);
     }
     for &(m, shift, bias) in &records {
         b.extend_from_slice(&m.to_le_bytes());
@@ -539,23 +597,55 @@ pub fn pack(
     Ok(b)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// An activation fused into (or standing as) an op.
+#[derive(Clone, Copy)]
+enum Act {
+    Relu,
+    Clip(f32, f32),
+}
+
+impl Act {
+    /// Whether the output is never negative (`u8`).
+    fn unsigned(self) -> bool {
+        match self {
+            Act::Relu => true,
+            Act::Clip(min, _) => min >= 0.0,
+        }
+    }
+
+    /// The saturation bounds of an output of `kind` at `scale` under the activation (the
+    /// type's range without one).
+    fn bounds(act: Option<Act>, kind: ActKind, scale: f64) -> [i32; 2] {
+        let [lo, hi] = kind.range();
+        match act {
+            Some(Act::Clip(min, max)) if kind != ActKind::I32 => {
+                let q = |v: f32| {
+                    libm::round(f64::from(v) / scale).clamp(f64::from(lo), f64::from(hi)) as i32
+                };
+                [q(min), q(max)]
+            }
+            _ => [lo, hi],
+        }
+    }
+}
+
 fn simple(
     kind: OpKind,
     out_kind: ActKind,
     src: usize,
     out: Shape,
-    k: usize,
-    stride: usize,
     params_start: usize,
     scale: f64,
 ) -> OpRec {
     OpRec {
         kind,
         out_kind,
-        k,
-        stride,
-        pad: 0,
+        kernel: [0; 2],
+        stride: [0; 2],
+        pad: [0; 4],
+        groups: 1,
+        count_include_pad: false,
+        clip: out_kind.range(),
         src,
         src2: 0,
         out,
