@@ -383,6 +383,32 @@ mod tests {
         }
     }
 
+    /// A model whose last op is a global pool writing the logits (no weights, no layer).
+    #[test]
+    fn global_pool_logits_model_runs() {
+        let blob = testmodel::squeeze(8);
+        let model = Model::parse(&blob).unwrap();
+        let last = model.op(model.op_count() - 1).unwrap();
+        assert_eq!((last.kind, last.layer), (OpKind::GlobalAvgPool, None));
+        assert_eq!(model.layer_count(), 4);
+        // conv 3x3 8 on 12x12, pool to 6x6, 1x1 convs 8 -> 4 -> 8 -> 4.
+        assert_eq!(
+            macs_per_image(&model),
+            144 * 9 * 8 + 36 * 8 * 4 + 36 * 4 * 8 + 36 * 8 * 4
+        );
+        // Labelled with the clean predictions: all right at sigma 0, and both kernels agree.
+        let clean = plan(&model, &args(2, 0.0, 3)).unwrap();
+        let mut b = OwnedBuffers::new(&needs(&clean));
+        let mut out = String::new();
+        let (summary, _) = run::<Plain>(&clean, &mut b.borrow(), &mut out, &mut NoClock).unwrap();
+        assert_eq!((summary.min, summary.max), (8, 8), "{out}");
+        let noisy = plan(&model, &args(3, 0.5, 3)).unwrap();
+        let (mut a, mut c) = (String::new(), String::new());
+        run::<Plain>(&noisy, &mut b.borrow(), &mut a, &mut NoClock).unwrap();
+        run::<Reversed>(&noisy, &mut b.borrow(), &mut c, &mut NoClock).unwrap();
+        assert_eq!(a, c);
+    }
+
     #[test]
     fn overrides_and_their_errors() {
         let blob = testmodel::small(4);

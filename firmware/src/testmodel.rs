@@ -3,6 +3,10 @@
 //! - [`small`]: a small CNN on 1x12x12 images (conv 4, pool, conv 8, pool, linear 16, linear
 //!   4), deterministic weights, `n` test images labelled so that the clean integer engine gets
 //!   three in four right;
+//! - [`squeeze`]: a SqueezeNet-style head on 1x12x12 images (conv 8 + ReLU, pool, squeeze
+//!   conv 1x1 4 + ReLU, expand conv 1x1 8 + ReLU, classifier conv 1x1 4 + ReLU, global pool as
+//!   the logits: the last op has no weights), `n` test images labelled with the clean
+//!   prediction;
 //! - [`vgg8_w025`]: VGG-8 at width 0.25 on 1x32x32 (conv 16, 32, pool, 64, 64, pool, 128, 128,
 //!   pool, FC 2048 -> 256 -> 10), random weights, for instruction counts.
 
@@ -180,6 +184,63 @@ pub fn small_with(n: usize, sigma: f32) -> Result<Vec<u8>> {
 /// [`small_with`] at sigma 0.3; panics only if packing a fixed valid model fails (a bug).
 pub fn small(n: usize) -> Vec<u8> {
     small_with(n, 0.3).expect("the small test model packs")
+}
+
+/// The SqueezeNet-style test model (see the module docs) with `n` test images, packed for sigma
+/// 0.3; panics only if packing a fixed valid model fails (a bug).
+pub fn squeeze(n: usize) -> Vec<u8> {
+    squeeze_with(n).expect("the squeeze test model packs")
+}
+
+fn squeeze_with(n: usize) -> Result<Vec<u8>> {
+    let mut rng = Xoshiro128PlusPlus::from_u64(0x5_9ee2e);
+    let c1 = weights(&mut rng, 8 * 9, 9);
+    let (sq, ex, cls) = (
+        weights(&mut rng, 4 * 8, 8),
+        weights(&mut rng, 8 * 4, 4),
+        weights(&mut rng, 4 * 8, 8),
+    );
+    // Positive biases keep every class channel alive after the ReLU.
+    let bias = [0.3f32, 0.2, 0.25, 0.35];
+    let pointwise = |weight, bias, out_channels| Layer::Conv2d {
+        weight,
+        bias,
+        out_channels,
+        kernel: [1, 1],
+        stride: [1, 1],
+        padding: [0; 4],
+        groups: 1,
+    };
+    let head = pointwise(&cls, Some(&bias[..]), 4);
+    let layers = [
+        conv(&c1, 8),
+        Layer::Relu,
+        POOL,
+        pointwise(&sq, None, 4),
+        Layer::Relu,
+        pointwise(&ex, None, 8),
+        Layer::Relu,
+        head,
+        Layer::Relu,
+        Layer::GlobalAvgPool,
+        Layer::Flatten,
+    ];
+    let images: Vec<u8> = (0..n * 144).map(|_| (rng.next() >> 24) as u8).collect();
+    let input = InputSpec {
+        channels: 1,
+        height: 12,
+        width: 12,
+        mean: &[0.5],
+        std: &[0.25],
+    };
+    pack_with(
+        input,
+        4,
+        &layers,
+        &images,
+        VariationConfig::paper(0.3)?,
+        |_, class| class as u16,
+    )
 }
 
 /// VGG-8 at width 0.25 with `n` random test images, packed for `sigma` (range convention).

@@ -147,7 +147,12 @@ pub struct InputArgs {
     /// Per-channel mean of the [0, 1] pixels the model was trained with (one value or one per
     /// channel, comma-separated). Required, with --std, for a file without nvcim metadata (a
     /// PyTorch export records no preprocessing).
-    #[arg(long, value_name = "M[,M..]", value_delimiter = ',', allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "M[,M..]",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
     pub mean: Vec<f32>,
     /// Per-channel standard deviation that goes with --mean.
     #[arg(long, value_name = "S[,S..]", value_delimiter = ',')]

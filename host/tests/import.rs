@@ -95,12 +95,16 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn imported_graphs_have_the_expected_ops_and_layers() {
-    let count = |net: &Network, kind: &str| net.nodes.iter().filter(|n| n.op.kind() == kind).count();
+    let count =
+        |net: &Network, kind: &str| net.nodes.iter().filter(|n| n.op.kind() == kind).count();
     for (name, _) in MODELS {
         let path = model(name);
         let m = import(&read_model(&path).unwrap(), name).unwrap();
         let net = &m.network;
-        assert!(!m.has_normalization, "{name}: a PyTorch export has no nvcim metadata");
+        assert!(
+            !m.has_normalization,
+            "{name}: a PyTorch export has no nvcim metadata"
+        );
         assert_eq!(net.num_classes, 10, "{name}");
         // Weight layers in file order: the contract's layer index.
         let proto = read_model(&path).unwrap();
@@ -122,7 +126,10 @@ fn imported_graphs_have_the_expected_ops_and_layers() {
                     _ => None,
                 });
                 let c = first.unwrap();
-                assert_eq!((c.kernel, c.stride, c.padding), ([10, 4], [2, 2], [4, 1, 5, 2]));
+                assert_eq!(
+                    (c.kernel, c.stride, c.padding),
+                    ([10, 4], [2, 2], [4, 1, 5, 2])
+                );
                 assert_eq!(count(net, "BatchNorm"), 7);
                 assert!(net.nodes.iter().any(|n| matches!(&n.op,
                     ir::Op::Conv2d(c) if c.groups == c.in_channels && c.groups > 1)));
@@ -163,20 +170,27 @@ fn ir_forward_equals_onnx_runtime() {
         let m = import(&read_model(&path).unwrap(), name).unwrap();
         let net = &m.network;
         let x = inputs(net, 5, 1);
-        let mut ort = OrtRunner::load(&path, 1)
-            .unwrap_or_else(|e| panic!("{e:#} (ONNX Runtime is required: run `cargo xtask setup`)"));
+        let mut ort = OrtRunner::load(&path, 1).unwrap_or_else(|e| {
+            panic!("{e:#} (ONNX Runtime is required: run `cargo xtask setup`)")
+        });
         let want = ort.run(&x, 5).unwrap();
         let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
         let mut outs = vec![("reference", net.forward(&x, 5).unwrap())];
         for isa in Isa::available() {
-            outs.push(("float", Prepared::new(net, isa).unwrap().logits(&x, 5).unwrap()));
+            outs.push((
+                "float",
+                Prepared::new(net, isa).unwrap().logits(&x, 5).unwrap(),
+            ));
         }
         for (what, mut got) in outs {
             if m.dropped_output.is_some() {
                 softmax(&mut got, net.num_classes);
             }
             let d = max_diff(&want, &got);
-            assert!(d <= 1e-4 * scale, "{name} {what}: max diff {d} (scale {scale})");
+            assert!(
+                d <= 1e-4 * scale,
+                "{name} {what}: max diff {d} (scale {scale})"
+            );
         }
     }
 }
@@ -281,7 +295,10 @@ fn eval_runs_every_model_on_every_engine() {
                 f["summary"]["mean"].as_f64().unwrap(),
                 i["summary"]["mean"].as_f64().unwrap(),
             );
-            assert!((a - b).abs() <= bound, "{name}: float {a} vs int {b} (bound {bound})");
+            assert!(
+                (a - b).abs() <= bound,
+                "{name}: float {a} vs int {b} (bound {bound})"
+            );
         }
     }
 }
@@ -354,7 +371,8 @@ fn reference_model_eval_onnx_is_unchanged() {
         "no Fashion-MNIST in {}: run `cargo xtask setup`",
         data.display()
     );
-    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/vgg8-w0.25-fmnist-nft.onnx");
+    let reference =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/vgg8-w0.25-fmnist-nft.onnx");
     // The images are the ones the tract path read before the importer existed (`idx_images`:
     // pad 28 -> 32, the file's normalization), value for value.
     let proto = read_model(&reference).unwrap();
@@ -363,8 +381,17 @@ fn reference_model_eval_onnx_is_unchanged() {
     let m = nvcim::onnx::data::open(&reference, data, &[], &[], Default::default(), false, true)
         .unwrap();
     let test = nvcim::data::subset(&m.test, Some(300));
-    assert_eq!(nvcim::onnx::data::normalized(&test, &m.prepared.normalization.0), old);
-    assert_eq!(test.labels.iter().map(|&l| u32::from(l)).collect::<Vec<_>>(), old_labels);
+    assert_eq!(
+        nvcim::onnx::data::normalized(&test, &m.prepared.normalization.0),
+        old
+    );
+    assert_eq!(
+        test.labels
+            .iter()
+            .map(|&l| u32::from(l))
+            .collect::<Vec<_>>(),
+        old_labels
+    );
     let dir = tempfile::tempdir().unwrap();
     let mut lines = String::new();
     for engine in ["float", "tract"] {
@@ -414,26 +441,63 @@ fn preprocessing_is_required_and_checked() {
     let data = fixtures().join("data");
     let fire = model("fire");
     let o = nvcim(&[
-        "eval", "--onnx", fire.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
-        "--mc", "1", "--sigma", "0.1",
+        "eval",
+        "--onnx",
+        fire.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--mc",
+        "1",
+        "--sigma",
+        "0.1",
     ]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("--mean") && text(&o).contains("--std"), "{}", text(&o));
+    assert!(
+        text(&o).contains("--mean") && text(&o).contains("--std"),
+        "{}",
+        text(&o)
+    );
     let resnet = model("resnet8");
     let o = nvcim(&[
-        "eval", "--onnx", resnet.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
-        "--mean", "0.5", "--std", "0.5", "--mc", "1", "--sigma", "0.1",
+        "eval",
+        "--onnx",
+        resnet.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--mc",
+        "1",
+        "--sigma",
+        "0.1",
     ]);
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("3 input channel") && t.contains("have 1") && t.contains("--gray-to-rgb"), "{t}");
+    assert!(
+        t.contains("3 input channel") && t.contains("have 1") && t.contains("--gray-to-rgb"),
+        "{t}"
+    );
 }
 
 fn refused(path: &Path, extra: &[&str], needles: &[&str]) {
     let data = fixtures().join("data");
     let mut args = vec![
-        "eval", "--onnx", path.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
-        "--mean", "0", "--std", "1", "--mc", "1", "--sigma", "0.1", "--quiet",
+        "eval",
+        "--onnx",
+        path.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--mean",
+        "0",
+        "--std",
+        "1",
+        "--mc",
+        "1",
+        "--sigma",
+        "0.1",
+        "--quiet",
     ];
     args.extend_from_slice(extra);
     let o = nvcim(&args);
@@ -450,7 +514,10 @@ fn refused(path: &Path, extra: &[&str], needles: &[&str]) {
 fn bad_models_are_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     for (kind, needles) in [
-        ("unsupported", &["LRN", "not supported", "Conv, BatchNormalization"][..]),
+        (
+            "unsupported",
+            &["LRN", "not supported", "Conv, BatchNormalization"][..],
+        ),
         ("dynamic", &["fixed C, H, W"][..]),
         ("computed-weight", &["computed", "not stored"][..]),
         ("huge", &["elements"][..]),
@@ -481,14 +548,26 @@ fn a_model_that_does_not_fit_the_board_fails_at_pack_time() {
                 op: Op::Conv2d(Conv2d::square(1, 8, 3, 1, 1, vec![0.1; 72], None)),
                 inputs: vec![Value::INPUT],
             },
-            Node { name: "relu".into(), op: Op::Relu, inputs: vec![Value::node(0)] },
+            Node {
+                name: "relu".into(),
+                op: Op::Relu,
+                inputs: vec![Value::node(0)],
+            },
             Node {
                 name: "pool".into(),
                 op: Op::MaxPool(nvcim::ir::Pool::square(4, 4)),
                 inputs: vec![Value::node(1)],
             },
-            Node { name: "gap".into(), op: Op::GlobalAvgPool, inputs: vec![Value::node(2)] },
-            Node { name: "flat".into(), op: Op::Flatten, inputs: vec![Value::node(3)] },
+            Node {
+                name: "gap".into(),
+                op: Op::GlobalAvgPool,
+                inputs: vec![Value::node(2)],
+            },
+            Node {
+                name: "flat".into(),
+                op: Op::Flatten,
+                inputs: vec![Value::node(3)],
+            },
             Node {
                 name: "fc".into(),
                 op: Op::Linear(Linear {
@@ -506,13 +585,24 @@ fn a_model_that_does_not_fit_the_board_fails_at_pack_time() {
     export(&net, &ExportOptions::default(), &path).unwrap();
     let data = fixtures().join("data");
     let o = nvcim(&[
-        "pack", "--onnx", path.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
-        "--calibration-images", "4", "--test-images", "2",
-        "-o", dir.path().join("big.cimb").to_str().unwrap(),
+        "pack",
+        "--onnx",
+        path.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--calibration-images",
+        "4",
+        "--test-images",
+        "2",
+        "-o",
+        dir.path().join("big.cimb").to_str().unwrap(),
     ]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
-    assert!(t.contains("does not fit") && t.contains("activation arena"), "{t}");
+    assert!(
+        t.contains("does not fit") && t.contains("activation arena"),
+        "{t}"
+    );
     assert!(!dir.path().join("big.cimb").exists());
 }
 
@@ -523,7 +613,10 @@ fn importer_fuzz_never_panics() {
     use prost::Message;
     let mut rng = stream_for(Purpose::Host, 99, 0, 0);
     let mut next = move |n: usize| (rand_core::RngCore::next_u32(&mut rng) as usize) % n.max(1);
-    let ops = ["Conv", "Relu", "Add", "Concat", "Flatten", "Reshape", "Gemm", "MaxPool", "Clip", "Softmax", "Shape", "Gather"];
+    let ops = [
+        "Conv", "Relu", "Add", "Concat", "Flatten", "Reshape", "Gemm", "MaxPool", "Clip",
+        "Softmax", "Shape", "Gather",
+    ];
     let mut imported = 0;
     for (name, _) in MODELS {
         let bytes = std::fs::read(model(name)).unwrap();

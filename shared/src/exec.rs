@@ -18,7 +18,9 @@
 //! -127..=127, `i32`) and to the op's saturation bounds ([`Op::clip`]: a fused ReLU or clip).
 //! Pooling sums at most 65536 values of at most 255 (`< 2^24`; the exact division of an
 //! avg-pool without padded positions works on `2 s + n < 2^26` in `i32`), the add's and
-//! concat's products are below `2^31` each: `i64` throughout.
+//! concat's products are below `2^31` each: `i64` throughout. A global pool that writes the
+//! logits (the last op of a SqueezeNet-style head) requantizes its window sum (`< 2^24`, times
+//! `|m| < 2^23`) with its record and saturates it to `±(2^31 - 1)` like every logit.
 //!
 //! A grouped convolution gathers, per output pixel and group, the patch of that group's input
 //! channels (`in / groups * kh * kw` values) and runs that group's output channels over it.

@@ -114,10 +114,11 @@
 //! every op (kinds, tensor references, shape arithmetic, kernel, stride, padding `<` kernel,
 //! groups dividing both channel counts, saturation bounds inside the output type, the last op
 //! and only it writing `i32` logits of shape `(classes, 1, 1)` from a conv, linear or global
-//! pool, fan-in `<= 65536`, pooling windows `<=` [`MAX_POOL_WINDOW`], weight and record ranges, arena regions in bounds and never overwriting a tensor
-//! that is still to be read), every record (`shift <= 62`, `|m| < 2^23`, `|bias| < 2^61`), every
-//! weight magnitude and every label. Any violation is a typed [`Error`]; it never panics and
-//! never indexes out of bounds (every read goes through a checked accessor).
+//! pool, fan-in `<= 65536`, pooling windows `<=` [`MAX_POOL_WINDOW`], weight and record
+//! ranges, arena regions in bounds and never overwriting a tensor that is still to be read),
+//! every record (`shift <= 62`, `|m| < 2^23`, `|bias| < 2^61`), every weight magnitude and every
+//! label. Any violation is a typed [`Error`]; it never panics and never indexes out of bounds
+//! (every read goes through a checked accessor).
 
 #[cfg(any(feature = "alloc", test))]
 pub mod build;
@@ -160,7 +161,7 @@ pub enum OpKind {
     MaxPool,
     /// Average pooling; one record with `count_include_pad`, an exact division without.
     AvgPool,
-    /// Mean over `H x W` per channel; requantized by one record.
+    /// Mean over `H x W` per channel; requantized by one record. May write the logits (last op).
     GlobalAvgPool,
     /// Residual add of two tensors of one shape, each rescaled to the output scale.
     Add,

@@ -348,6 +348,105 @@ pub fn eval(root: &Path) -> Result<()> {
     )
 }
 
+/// Alternating rounds of [`onnx`].
+const ONNX_ROUNDS: usize = 3;
+
+/// `cargo xtask bench onnx`: `nvcim eval --onnx` on the reference model (VGG-8 w0.25, 1000
+/// Fashion-MNIST test images, sigma 0.4, 8 runs, both cores) through the imported network on
+/// the float engine (the default) and through tract (`--engine tract`), alternating, in the
+/// same run; the figure is each engine's best Monte Carlo wall time and tract's over the float
+/// engine's (target >= 1: the new default at least as fast).
+pub fn onnx(root: &Path) -> Result<()> {
+    crate::cargo(&crate::BUILD)?;
+    let nvcim = crate::nvcim_binary(root);
+    let model = root.join("models/vgg8-w0.25-fmnist-nft.onnx");
+    let data = Path::new("/usr/share/datasets/fashion-mnist");
+    let out = target_dir(root).join("bench/onnx-eval-runs");
+    let mut best = [f64::INFINITY; 2];
+    let mut rounds = Vec::new();
+    let mut counts: [Option<String>; 2] = [None, None];
+    for round in 1..=ONNX_ROUNDS {
+        let mut secs = [0f64; 2];
+        for (k, engine) in ["float", "tract"].iter().enumerate() {
+            let o = Command::new(&nvcim)
+                .arg("eval")
+                .arg("--onnx")
+                .arg(&model)
+                .arg("--data-dir")
+                .arg(data)
+                .args([
+                    "--engine", engine, "--sigma", "0.4", "--mc", "8", "--seed", "1",
+                ])
+                .args(["--test-subset", "1000", "--jobs", "2", "--quiet", "--json"])
+                .arg("--out")
+                .arg(out.join(engine))
+                .output()
+                .with_context(|| format!("running {}", nvcim.display()))?;
+            if !o.status.success() {
+                bail!(
+                    "nvcim eval --onnx --engine {engine} failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            let s = json_number_after(&text, "{", "\"wall_seconds\"")
+                .with_context(|| format!("no wall_seconds in {text}"))?;
+            let correct = text
+                .split("\"correct\"")
+                .nth(1)
+                .and_then(|r| r.split(']').next())
+                .map(|r| r.split_whitespace().collect::<String>());
+            counts[k] = correct;
+            secs[k] = s;
+            best[k] = best[k].min(s);
+        }
+        eprintln!(
+            "    round {round}: float {:.2} s, tract {:.2} s",
+            secs[0], secs[1]
+        );
+        rounds.push(format!(
+            "{{\"float_s\": {:.3}, \"tract_s\": {:.3}}}",
+            secs[0], secs[1]
+        ));
+    }
+    if counts[0] != counts[1] {
+        bail!(
+            "the float engine and tract classified differently: {:?} vs {:?}",
+            counts[0],
+            counts[1]
+        );
+    }
+    record(
+        root,
+        "onnx_eval",
+        &format!(
+            "{{\"seconds_best\": {{\"float\": {:.3}, \"tract\": {:.3}}}, \
+             \"tract_over_float\": {:.2}, \"target_tract_over_float\": 1.0, \
+             \"rounds\": [{}], \"model\": \"models/vgg8-w0.25-fmnist-nft.onnx\", \
+             \"images\": 1000, \"mc\": 8, \"sigma\": 0.4, \"jobs\": 2, \
+             \"same_counts\": true, \"cpu\": \"{}\"}}",
+            best[0],
+            best[1],
+            best[1] / best[0],
+            rounds.join(", "),
+            cpu_model()
+        ),
+    )
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), for the summaries.
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().replace('"', "'"))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// `cargo xtask bench python`: `nvcim.perturb` from the wheel vs a NumPy implementation of the
 /// same device model, alternating rounds in one process (`bench/reference/perturb_numpy.py`);
 /// the summary goes to `target/bench/python.json`.

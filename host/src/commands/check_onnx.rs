@@ -101,7 +101,9 @@ pub fn run(args: &CheckOnnxArgs) -> Result<()> {
             }
             report.compare_reference("nvcim-ir", logits, labels.as_deref())?;
         }
-        Err(e) => eprintln!("note: the importer refuses {what} ({e:#}); only the runtimes compared"),
+        Err(e) => {
+            eprintln!("note: the importer refuses {what} ({e:#}); only the runtimes compared")
+        }
     }
     if let Some(ckpt) = &args.checkpoint {
         let logits = burn_logits(ckpt, &images, n, args.batch)?;

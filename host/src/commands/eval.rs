@@ -127,8 +127,8 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
         .context("--onnx needs --data-dir DIR with the test images (IDX or CIFAR files)")?;
     let i = &args.input;
     let tract = args.eval.engine == Engine::Tract;
-    let model = data::open(path, dir, &i.mean, &i.std, i.fit, i.gray_to_rgb, !tract)
-        .map_err(|e| {
+    let model =
+        data::open(path, dir, &i.mean, &i.std, i.fit, i.gray_to_rgb, !tract).map_err(|e| {
             if tract {
                 e
             } else {

@@ -96,7 +96,11 @@ pub fn run(args: &PackArgs) -> Result<()> {
             for note in &imported.notes {
                 eprintln!("note: {}: {note}", path.display());
             }
-            data::check_labels(&model.test, imported.network.num_classes, &path.display().to_string())?;
+            data::check_labels(
+                &model.test,
+                imported.network.num_classes,
+                &path.display().to_string(),
+            )?;
             eprintln!("input: {}", model.prepared);
             (imported.network, path.clone(), model.train, model.test)
         }

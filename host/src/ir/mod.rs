@@ -172,9 +172,18 @@ pub fn window_out(
     pad: [usize; 4],
 ) -> Option<(usize, usize)> {
     let (ph, pw) = (h + pad[0] + pad[2], w + pad[1] + pad[3]);
-    (kernel[0] > 0 && kernel[1] > 0 && stride[0] > 0 && stride[1] > 0 && ph >= kernel[0]
+    (kernel[0] > 0
+        && kernel[1] > 0
+        && stride[0] > 0
+        && stride[1] > 0
+        && ph >= kernel[0]
         && pw >= kernel[1])
-        .then(|| ((ph - kernel[0]) / stride[0] + 1, (pw - kernel[1]) / stride[1] + 1))
+        .then(|| {
+            (
+                (ph - kernel[0]) / stride[0] + 1,
+                (pw - kernel[1]) / stride[1] + 1,
+            )
+        })
 }
 
 /// A fully connected layer, weight `[out][in]` (canonical, *not* Burn's `[in, out]`).

@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use nvcim_shared::rng::{Purpose, standard_normal, stream_for};
 
-use super::{
-    BatchNorm, Conv2d, Linear, Network, Node, Normalization, Op, Pool, Provenance, Value,
-};
+use super::{BatchNorm, Conv2d, Linear, Network, Node, Normalization, Op, Pool, Provenance, Value};
 
 impl Network {
     /// Random-weight VGG-8 (DESIGN §1): conv 64, 128, pool, 256, 256, pool, 512, 512, pool (each

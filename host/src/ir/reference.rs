@@ -198,7 +198,8 @@ fn pool(x: &[f32], batch: usize, s: Shape, o: Shape, p: &Pool, max: bool) -> Vec
                 out.push(if max {
                     window.fold(f32::NEG_INFINITY, f32::max)
                 } else {
-                    let (sum, n) = window.fold((0f64, 0usize), |(s, n), v| (s + f64::from(v), n + 1));
+                    let (sum, n) =
+                        window.fold((0f64, 0usize), |(s, n), v| (s + f64::from(v), n + 1));
                     let count = if p.count_include_pad { kh * kw } else { n };
                     (sum / count as f64) as f32
                 });

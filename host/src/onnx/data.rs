@@ -291,7 +291,10 @@ fn pad_images(images: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8
     let (top, left) = ((oh - h) / 2, (ow - w) / 2);
     let planes = images.len() / (h * w).max(1);
     let mut out = vec![0u8; planes * oh * ow];
-    for (src, dst) in images.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
+    for (src, dst) in images
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut(oh * ow))
+    {
         for y in 0..h {
             let d = (y + top) * ow + left;
             dst[d..d + w].copy_from_slice(&src[y * w..(y + 1) * w]);

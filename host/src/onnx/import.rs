@@ -77,7 +77,11 @@ pub struct Imported {
 #[derive(Debug, Clone)]
 enum Val {
     /// An IR value with its per-image shape and its ONNX rank (4, or 2 after a flatten).
-    Act { v: Value, shape: ir::Shape, rank: usize },
+    Act {
+        v: Value,
+        shape: ir::Shape,
+        rank: usize,
+    },
     /// A stored or constant float tensor.
     Float { dims: Vec<usize>, data: Vec<f32> },
     /// Integers; `None` is the symbolic batch size. `scalar` for a 0-D tensor.
@@ -184,10 +188,7 @@ pub fn import(model: &ModelProto, what: &str) -> Result<Imported> {
 }
 
 /// The file's `nvcim.normalization.mean` / `.std` metadata, `None` when it has neither.
-pub fn file_normalization(
-    model: &ModelProto,
-    channels: usize,
-) -> Result<Option<Normalization>> {
+pub fn file_normalization(model: &ModelProto, channels: usize) -> Result<Option<Normalization>> {
     let get = |key: &str| -> Result<Option<Vec<f32>>> {
         let Some(p) = model.metadata_props.iter().find(|p| p.key == key) else {
             return Ok(None);
@@ -205,7 +206,10 @@ pub fn file_normalization(
         );
         Ok(Some(v))
     };
-    match (get("nvcim.normalization.mean")?, get("nvcim.normalization.std")?) {
+    match (
+        get("nvcim.normalization.mean")?,
+        get("nvcim.normalization.std")?,
+    ) {
         (None, None) => Ok(None),
         (Some(mean), Some(std)) => Ok(Some(Normalization { mean, std })),
         _ => bail!("the file has only one of nvcim.normalization.mean and .std"),
@@ -310,9 +314,9 @@ impl<'g> Builder<'g> {
                 "input `{name}` depends on the image's values, not only on shapes; nvcim folds \
                  shape arithmetic only"
             ),
-            Val::Computed { node } => bail!(
-                "input `{name}` is computed by node {node}, which nvcim does not evaluate"
-            ),
+            Val::Computed { node } => {
+                bail!("input `{name}` is computed by node {node}, which nvcim does not evaluate")
+            }
         }
     }
 
@@ -405,7 +409,11 @@ impl<'g> Builder<'g> {
                 let mut p = Vec::new();
                 for (k, what) in [(1, "scale"), (2, "bias"), (3, "mean"), (4, "var")] {
                     let (_, v) = self.weight(node, k, what)?;
-                    ensure!(v.len() == c, "its {what} has {} values for {c} channels", v.len());
+                    ensure!(
+                        v.len() == c,
+                        "its {what} has {} values for {c} channels",
+                        v.len()
+                    );
                     p.push(v);
                 }
                 let var = p.pop().expect("four");
@@ -510,7 +518,10 @@ impl<'g> Builder<'g> {
                         .collect::<Result<_>>()?,
                     None => a.ints("axes"),
                 };
-                let mut axes: Vec<i64> = axes.iter().map(|&v| if v < 0 { v + 4 } else { v }).collect();
+                let mut axes: Vec<i64> = axes
+                    .iter()
+                    .map(|&v| if v < 0 { v + 4 } else { v })
+                    .collect();
                 axes.sort_unstable();
                 ensure!(
                     axes == [2, 3],
@@ -654,7 +665,9 @@ impl<'g> Builder<'g> {
                         }
                     }
                     Val::Computed { node } => {
-                        bail!("the shape of a tensor computed by node {node}, which is not supported")
+                        bail!(
+                            "the shape of a tensor computed by node {node}, which is not supported"
+                        )
                     }
                 };
                 let n = dims.len() as i64;
@@ -707,7 +720,8 @@ impl<'g> Builder<'g> {
                 );
                 let what = label(i, node);
                 for out in &node.output {
-                    self.vals.insert(out.clone(), Val::Computed { node: what.clone() });
+                    self.vals
+                        .insert(out.clone(), Val::Computed { node: what.clone() });
                 }
                 Ok(())
             }
@@ -753,7 +767,12 @@ impl<'g> Builder<'g> {
         let padding = pads(a, kernel, stride, [shape[1], shape[2]])?;
         let bias = self.opt_weight(node, 2, "bias")?;
         if let Some(b) = &bias {
-            ensure!(b.len() == dims[0], "its bias has {} values for {} outputs", b.len(), dims[0]);
+            ensure!(
+                b.len() == dims[0],
+                "its bias has {} values for {} outputs",
+                b.len(),
+                dims[0]
+            );
         }
         let conv = Conv2d {
             out_channels: dims[0],
@@ -817,7 +836,11 @@ impl<'g> Builder<'g> {
     }
 
     fn add(&mut self, i: usize, node: &NodeProto) -> Result<()> {
-        ensure!(node.input.len() == 2, "Add with {} inputs", node.input.len());
+        ensure!(
+            node.input.len() == 2,
+            "Add with {} inputs",
+            node.input.len()
+        );
         let vals = [self.get(&node.input[0])?, self.get(&node.input[1])?];
         match vals {
             [
@@ -896,7 +919,10 @@ impl<'g> Builder<'g> {
         let mut acts = Vec::new();
         for (k, val) in vals.into_iter().enumerate() {
             let Val::Act { v, shape, rank } = val else {
-                bail!("concatenates the constant `{}` with activations", node.input[k]);
+                bail!(
+                    "concatenates the constant `{}` with activations",
+                    node.input[k]
+                );
             };
             acts.push((v, shape, rank));
         }
@@ -1026,7 +1052,12 @@ fn pair(v: &[i64], what: &str) -> Result<[usize; 2]> {
 }
 
 /// The padding `[top, left, bottom, right]` of a window op (`pads`, or `auto_pad`).
-fn pads(a: &Attrs<'_>, kernel: [usize; 2], stride: [usize; 2], hw: [usize; 2]) -> Result<[usize; 4]> {
+fn pads(
+    a: &Attrs<'_>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    hw: [usize; 2],
+) -> Result<[usize; 4]> {
     let auto = a
         .get("auto_pad")
         .map(|x| String::from_utf8_lossy(&x.s).into_owned())

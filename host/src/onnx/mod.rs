@@ -11,8 +11,8 @@
 //!   initializers.
 
 pub mod check;
-pub mod export;
 pub mod data;
+pub mod export;
 pub mod import;
 pub mod run;
 

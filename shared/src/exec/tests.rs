@@ -1091,13 +1091,19 @@ fn exercise(bytes: &[u8]) -> bool {
     true
 }
 
-/// Runs `cases` mutants of three models (the small model in version 2 and in version 1, the
-/// fire model with every version-2 op; 1-4 random byte writes, CRC fixed up, all over the blob
-/// but mostly in the header and tables) and `cases / 2` random blobs behind a valid magic,
-/// version (1 or 2) and length; returns how many mutants parsed.
+/// Runs `cases` mutants of four models (the small model in version 2 and in version 1, the
+/// fire model with every version-2 op, the squeeze model whose global pool writes the logits;
+/// 1-4 random byte writes, CRC fixed up, all over the blob but mostly in the header and tables)
+/// and `cases / 2` random blobs behind a valid magic, version (1 or 2) and length; returns how
+/// many mutants parsed.
 fn fuzz(cases: u64, salt: u64) -> usize {
     let small = small_blob();
-    let blobs = [v2::to_v1(&small), v2::fire_blob(), small];
+    let blobs = [
+        v2::to_v1(&small),
+        v2::fire_blob(),
+        small,
+        v2::squeeze_blob(),
+    ];
     let tables: Vec<usize> = blobs
         .iter()
         .map(|b| {
@@ -1115,7 +1121,7 @@ fn fuzz(cases: u64, salt: u64) -> usize {
         .collect();
     let mut accepted = 0;
     for case in 0..cases {
-        let which = (case % 3) as usize;
+        let which = (case % blobs.len() as u64) as usize;
         let (blob, tables_end) = (&blobs[which], tables[which]);
         let mut b = blob.clone();
         let seed = mix64(case ^ salt << 40);

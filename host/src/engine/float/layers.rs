@@ -506,7 +506,20 @@ fn weighted(
     let block = ((BLOCK_ELEMS / k.max(1)) / (NR * LANES) * (NR * LANES)).max(NR * LANES);
     let block = block.min(total.next_multiple_of(LANES));
     let Some((st, pad)) = conv.uniform() else {
-        grouped(conv, s_in, (oh, ow), nb, block, x, w, affine, relu, s, isa, out);
+        grouped(
+            conv,
+            s_in,
+            (oh, ow),
+            nb,
+            block,
+            x,
+            w,
+            affine,
+            relu,
+            s,
+            isa,
+            out,
+        );
         return;
     };
     let [kh, kw] = conv.kernel;
@@ -559,7 +572,9 @@ fn weighted(
             }
             dst[np..].fill(0.0);
         }
-        product(isa, w, &s.col, stride, k, np, first, total, affine, relu, out);
+        product(
+            isa, w, &s.col, stride, k, np, first, total, affine, relu, out,
+        );
         first += np;
     }
 }
@@ -658,7 +673,9 @@ fn grouped(
                 dst[np..].fill(0.0);
             }
             let aff = &affine[g * cog..(g + 1) * cog];
-            product(isa, wg, &s.col, stride, k, np, first, total, aff, relu, out_g);
+            product(
+                isa, wg, &s.col, stride, k, np, first, total, aff, relu, out_g,
+            );
             first += np;
         }
     }

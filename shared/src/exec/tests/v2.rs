@@ -814,3 +814,362 @@ fn corrupt_version_2_fields_are_typed_errors() {
         );
     }
 }
+
+// ---- a global pool writing the logits (SqueezeNet's head) -------------------------------------
+
+/// A fire module (squeeze 1x1 + ReLU, expand 1x1 + ReLU and expand 3x3 + ReLU, concat), then
+/// SqueezeNet's classifier head: conv 1x1 to 10 classes + ReLU, global pool (the logits), and
+/// with `flatten` a trailing Flatten.
+fn squeeze_net(seed: u64) -> Net {
+    let c = 3;
+    Net {
+        mean: vec![0.5; c],
+        std: vec![0.25; c],
+        arrays: vec![
+            rand_vec(seed, 4 * c, 0.6),
+            rand_vec(seed + 1, 6 * 4, 0.6),
+            rand_vec(seed + 2, 6 * 4 * 9, 0.4),
+            rand_vec(seed + 3, 10 * 12, 0.5),
+            // Positive biases keep every class channel alive after the ReLU.
+            rand_vec(seed + 4, 10, 0.1)
+                .iter()
+                .map(|v| 0.3 + v)
+                .collect(),
+        ],
+    }
+}
+
+fn squeeze(net: &Net, flatten: bool) -> ModelDesc<'_> {
+    let a = &net.arrays;
+    let mut nodes = vec![
+        Node::new(conv(&a[0], 4, [1, 1], [1, 1], [0; 4], 1)), // 0 squeeze
+        Node::new(Layer::Relu),                               // 1
+        Node::new(conv(&a[1], 6, [1, 1], [1, 1], [0; 4], 1)), // 2 expand 1x1
+        Node::new(Layer::Relu),                               // 3
+        Node {
+            input: Some(1),
+            ..Node::new(conv(&a[2], 6, [3, 3], [1, 1], [1; 4], 1))
+        }, // 4 expand 3x3
+        Node::new(Layer::Relu),                               // 5
+        Node::new(Layer::Concat { other: 3 }),                // 6: 12 channels
+        Node::new(Layer::Conv2d {
+            weight: &a[3],
+            bias: Some(&a[4]),
+            out_channels: 10,
+            kernel: [1, 1],
+            stride: [1, 1],
+            padding: [0; 4],
+            groups: 1,
+        }), // 7 classifier conv
+        Node::new(Layer::Relu),                               // 8 (fused: u8)
+        Node::new(Layer::GlobalAvgPool),                      // 9: the logits
+    ];
+    if flatten {
+        nodes.push(Node::new(Layer::Flatten));
+    }
+    desc_of(net, 3, 8, 7, 10, nodes)
+}
+
+/// The squeeze model, calibrated and packed with 4 test images.
+pub(super) fn squeeze_blob() -> Vec<u8> {
+    let net = squeeze_net(23);
+    let desc = squeeze(&net, true);
+    let images = rand_bytes(12, 4 * 3 * 8 * 7);
+    let desc = calibrated(&desc, &images);
+    let mut cfg = PackConfig::new(VariationConfig::paper(0.1).unwrap());
+    cfg.tile_rows = 8;
+    pack(
+        &desc,
+        &cfg,
+        Some(TestBatch {
+            images: &images,
+            labels: &[0, 9, 3, 5],
+        }),
+    )
+    .unwrap()
+}
+
+#[test]
+fn squeeze_head_global_pool_logits_track_the_float_reference() {
+    let net = squeeze_net(23);
+    let desc = squeeze(&net, true);
+    let images = rand_bytes(12, 6 * 3 * 8 * 7);
+    // Both ideal paths bit for bit, the float reference within the crate's bounds.
+    assert_tracks("squeeze", track(&desc, &images, 8, 4));
+    assert_tracks("squeeze 128", track(&desc, &images, 128, 128));
+
+    let cfg = PackConfig::new(VariationConfig::paper(0.1).unwrap());
+    let desc = calibrated(&desc, &images);
+    let blob = pack(&desc, &cfg, None).unwrap();
+    let model = Model::parse(&blob).unwrap();
+    assert_eq!(model.version(), 2);
+    use OpKind::*;
+    let kinds: Vec<OpKind> = (0..model.op_count())
+        .map(|i| model.op(i).unwrap().kind)
+        .collect();
+    assert_eq!(kinds, [Conv, Conv, Conv, Concat, Conv, GlobalAvgPool]);
+    assert_eq!(model.layer_count(), 4);
+    // The classifier conv fuses its ReLU and writes u8; the pool writes the logits.
+    let head = model.op(4).unwrap();
+    assert_eq!(
+        (head.out_kind, head.clip, head.out),
+        (ActKind::U8, [0, 255], Shape { c: 10, h: 8, w: 7 })
+    );
+    let gap = model.op(5).unwrap();
+    assert_eq!(
+        (gap.out_kind, gap.out, gap.layer, gap.src),
+        (ActKind::I32, Shape { c: 10, h: 1, w: 1 }, None, 5)
+    );
+    assert_eq!(gap.clip, ActKind::I32.range());
+    assert_eq!(
+        gap.out_scale,
+        (f64::from(desc.nodes[9].act_max) / f64::from(1u32 << 20)) as f32
+    );
+    // Its record: the window sum from the conv's scale to the logits'.
+    let r = model.record(gap.params_start);
+    let want = f64::from(head.out_scale) / 56.0 / f64::from(gap.out_scale);
+    let got = f64::from(r.m) / libm::exp2(f64::from(r.shift));
+    assert!((got / want - 1.0).abs() < 1e-6, "{got} vs {want}");
+    assert!((1 << 22..1 << 23).contains(&r.m) && r.bias == 0, "{r:?}");
+    // A trailing Flatten is a view: the same blob without it.
+    let bare = ModelDesc {
+        nodes: &desc.nodes[..10],
+        ..desc
+    };
+    assert_eq!(pack(&bare, &cfg, None).unwrap(), blob);
+    // Some logits are positive (the float reference's are all >= 0 after the ReLU).
+    let img = &images[..3 * 8 * 7];
+    let (logits, class, _) = run_int(&model, Path::Collapsed, &cfg.variation, 1, 0, img);
+    assert!(
+        logits.iter().all(|&l| l >= 0) && logits[class] > 0,
+        "{logits:?}"
+    );
+}
+
+/// 1 x 2 x 4 input (mean 0.5, std 0.5: scale 1/127), conv 1x1 to `[x, -x]` at act_max
+/// 127/128 (i8, scale 2^-7), global pool at act_max `gap_max` (the logits, scale
+/// `gap_max / 2^20`), Flatten: the pool's record is `2^-7 / 8 / (gap_max / 2^20)` exactly.
+fn gap_tiny(gap_max: f32) -> Vec<u8> {
+    let w: &'static [f32] = Vec::leak(vec![1.0f32, -1.0]);
+    let nodes = vec![
+        Node {
+            act_max: 127.0 / 128.0,
+            ..Node::new(conv(w, 2, [1, 1], [1, 1], [0; 4], 1))
+        },
+        Node {
+            act_max: gap_max,
+            ..Node::new(Layer::GlobalAvgPool)
+        },
+        Node::new(Layer::Flatten),
+    ];
+    let desc = ModelDesc {
+        input: InputSpec {
+            channels: 1,
+            height: 2,
+            width: 4,
+            mean: &[0.5],
+            std: &[0.5],
+        },
+        classes: 2,
+        nodes: Vec::leak(nodes),
+    };
+    pack(
+        &desc,
+        &PackConfig::new(VariationConfig::paper(0.0).unwrap()),
+        None,
+    )
+    .unwrap()
+}
+
+#[test]
+fn global_pool_logits_record_by_hand() {
+    let bright = [255u8; 8];
+    let mixed = [128u8, 150, 120, 100, 140, 135, 90, 160];
+    // gap_max 1: record 2^10 = (2^22, shift 12); logits = 1024 * sum exactly.
+    // gap_max 2^-12: record 2^22 = (2^22, shift 0); |sum| >= 512 saturates to +-(2^31 - 1).
+    for (gap_max, record) in [(1.0f32, (1 << 22, 12)), (1.0 / 4096.0, (1 << 22, 0))] {
+        let blob = gap_tiny(gap_max);
+        let model = Model::parse(&blob).unwrap();
+        assert_eq!(model.op_count(), 2);
+        let gap = model.op(1).unwrap();
+        assert_eq!(
+            (gap.kind, gap.out_kind),
+            (OpKind::GlobalAvgPool, ActKind::I32)
+        );
+        let r = model.record(gap.params_start);
+        assert_eq!((r.m, r.shift, r.bias), (record.0, record.1, 0));
+        assert_eq!(model.tensor(1).unwrap().scale, 1.0 / 128.0);
+        let var = model.variation();
+        for img in [&bright, &mixed] {
+            let (logits, class, act) = run_int(&model, Path::Collapsed, &var, 0, 0, img);
+            let x = codes(&model, &act, 1);
+            let sums = [
+                x[..8].iter().map(|&v| i64::from(v)).sum::<i64>(),
+                x[8..].iter().map(|&v| i64::from(v)).sum::<i64>(),
+            ];
+            let want: Vec<i32> = sums
+                .iter()
+                .map(|&s| {
+                    let v = if record.1 == 12 { s * 1024 } else { s << 22 };
+                    v.clamp(-i64::from(i32::MAX), i64::from(i32::MAX)) as i32
+                })
+                .collect();
+            assert_eq!(logits, want, "sums {sums:?}");
+            assert_eq!(class, usize::from(want[1] > want[0]));
+            let sliced = run_int(&model, Path::Sliced(Adc::Ideal), &var, 0, 0, img).0;
+            assert_eq!(sliced, logits);
+        }
+        // The bright image: codes 127 and -127 (1.0 at scale 2^-7 is 128, saturated).
+        let (logits, _, act) = run_int(&model, Path::Collapsed, &var, 0, 0, &bright);
+        assert_eq!(codes(&model, &act, 1), [[127i16; 8], [-127; 8]].concat());
+        if record.1 == 12 {
+            assert_eq!(logits, [1016 * 1024, -1016 * 1024]);
+        } else {
+            assert_eq!(logits, [i32::MAX, -i32::MAX]);
+        }
+    }
+    // The mixed image stays below the saturation: exact.
+    let model_blob = gap_tiny(1.0 / 4096.0);
+    let model = Model::parse(&model_blob).unwrap();
+    let (logits, _, act) = run_int(&model, Path::Collapsed, &model.variation(), 0, 0, &mixed);
+    let s: i64 = codes(&model, &act, 1)[..8]
+        .iter()
+        .map(|&v| i64::from(v))
+        .sum();
+    assert!(s != 0 && s.abs() < 512, "{s}");
+    assert_eq!(i64::from(logits[0]), s << 22);
+}
+
+#[test]
+fn global_pool_logits_corrupt_fields_are_typed_errors() {
+    let expect = |b: &[u8], field: &str| {
+        let r = Model::parse(b);
+        assert!(
+            matches!(r, Err(Error::InvalidField { field: f, .. }) if f == field),
+            "{field}: {r:?}"
+        );
+    };
+    // The squeeze model: its last op is the pool writing the logits.
+    let blob = squeeze_blob();
+    let model = Model::parse(&blob).unwrap();
+    let last = model.op_count() - 1;
+    let at = |i: usize, off: usize| HEADER_LEN + 256 * 3 + i * OP_LEN + off;
+    let cases: Vec<(usize, Vec<u8>, &str)> = vec![
+        (at(last, 18), 9u16.to_le_bytes().to_vec(), "op.gap_shape"), // c != input c
+        (at(last, 20), 2u16.to_le_bytes().to_vec(), "op.gap_shape"), // h = 2
+        (at(last, 22), 3u16.to_le_bytes().to_vec(), "op.gap_shape"), // w = 3
+        (38, 9u16.to_le_bytes().to_vec(), "op.logits_shape"),        // 9 classes, 10 pooled
+        (38, 11u16.to_le_bytes().to_vec(), "op.logits_shape"),
+        (at(last, 1), vec![1], "op.out_kind"), // the last op writes i8
+        (at(last, 26), 1i16.to_le_bytes().to_vec(), "op.clip"), // logits have no bounds
+        (at(4, 1), vec![2], "op.clip"),        // the head conv writes logits (bounds 0, 255)
+    ];
+    for (pos, bytes, field) in cases {
+        let mut b = blob.clone();
+        b[pos..pos + bytes.len()].copy_from_slice(&bytes);
+        assert_ne!(b, blob);
+        reseal(&mut b);
+        expect(&b, field);
+    }
+    // The head conv writing logits with valid bounds: not the last op.
+    let mut b = blob.clone();
+    b[at(4, 1)] = 2;
+    b[at(4, 26)..at(4, 30)].fill(0);
+    reseal(&mut b);
+    expect(&b, "op.out_kind");
+    // The fire model's global pool (followed by a linear) writing logits: not the last op.
+    let fire = fire_blob();
+    let fm = Model::parse(&fire).unwrap();
+    let gap = (0..fm.op_count())
+        .find(|&i| fm.op(i).unwrap().kind == OpKind::GlobalAvgPool)
+        .unwrap();
+    assert!(gap + 1 < fm.op_count());
+    let at4 = |i: usize, off: usize| HEADER_LEN + 256 * 4 + i * OP_LEN + off;
+    let mut b = fire.clone();
+    b[at4(gap, 1)] = 2;
+    b[at4(gap, 26)..at4(gap, 30)].fill(0);
+    reseal(&mut b);
+    expect(&b, "op.out_kind");
+    // Version 1 cannot hold a global pool writing logits (a combination new in version 2).
+    let tiny = gap_tiny(1.0);
+    assert!(Model::parse(&tiny).is_ok());
+    expect(&to_v1(&tiny), "op.out_kind");
+}
+
+#[test]
+fn pack_rejects_bad_global_pool_logits_naming_the_node() {
+    let net = squeeze_net(23);
+    // 9 classes for 10 pooled channels.
+    let desc = ModelDesc {
+        classes: 9,
+        ..squeeze(&net, true)
+    };
+    let cfg = PackConfig::new(VariationConfig::paper(0.1).unwrap());
+    assert!(matches!(
+        pack(&desc, &cfg, None),
+        Err(Error::InvalidField {
+            field: "node.logits_shape",
+            value: 10
+        })
+    ));
+    // A global pool over 256 x 257 > MAX_POOL_WINDOW values, at node 1: named by pack.
+    let lin: &'static [f32] = Vec::leak(vec![0.5f32, -0.5]);
+    let id = Node::new(Layer::MaxPool {
+        kernel: [1, 1],
+        stride: [1, 1],
+        padding: [0; 4],
+    });
+    let mut nodes = vec![
+        id,
+        Node::new(Layer::GlobalAvgPool),
+        Node::new(Layer::Flatten),
+        Node::new(Layer::Linear {
+            weight: lin,
+            bias: None,
+            out_features: 2,
+        }),
+    ];
+    let big = |h: usize, w: usize, nodes: &[Node<'static>]| {
+        let desc = ModelDesc {
+            input: InputSpec {
+                channels: 1,
+                height: h,
+                width: w,
+                mean: &[0.5],
+                std: &[0.5],
+            },
+            classes: 2,
+            nodes: Vec::leak(nodes.to_vec()),
+        };
+        pack(&desc, &cfg, None)
+    };
+    assert!(matches!(
+        big(256, 257, &nodes),
+        Err(Error::InvalidField {
+            field: "node.pool_window",
+            value: 1
+        })
+    ));
+    // 256 x 256 = MAX_POOL_WINDOW is allowed, in the middle and as the logits.
+    assert!(Model::parse(&big(256, 256, &nodes).unwrap()).is_ok());
+    nodes.truncate(3);
+    nodes[0] = Node::new(conv(lin, 2, [1, 1], [1, 1], [0; 4], 1));
+    assert!(Model::parse(&big(256, 256, &nodes).unwrap()).is_ok());
+    assert!(matches!(
+        big(257, 256, &nodes),
+        Err(Error::InvalidField {
+            field: "node.pool_window",
+            value: 1
+        })
+    ));
+    // A pool that is neither the logits nor followed by them stays an error.
+    nodes.pop();
+    nodes.push(Node::new(Layer::Relu));
+    assert!(matches!(
+        big(4, 4, &nodes),
+        Err(Error::InvalidField {
+            field: "nodes.count",
+            ..
+        })
+    ));
+}

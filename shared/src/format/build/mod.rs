@@ -21,8 +21,18 @@
 //! output scale `s`; the output is `u8` when the activation's lower bound is `>= 0` (a concat's
 //! also when both of its inputs are `u8`), `i8` otherwise. Any other `Relu` or `Clip` is its own
 //! op (input scale kept); a `BatchNorm` that does not follow a conv or linear is an error.
-//! `Flatten` is a view (`CHW` order, as PyTorch's `flatten(1)`). The last node must be a conv or
-//! linear (optionally with BatchNorm) producing `(classes, 1, 1)`.
+//! `Flatten` is a view (`CHW` order, as PyTorch's `flatten(1)`).
+//!
+//! Logits: the last node, not counting trailing `Flatten`s that read it (views of the logits),
+//! writes the `i32` logits at scale `act_max / 2^20` of that node and must produce
+//! `(classes, 1, 1)`. It is either a conv or linear (optionally with BatchNorm, without an
+//! activation), or a `GlobalAvgPool`: SqueezeNet's head `Conv 1x1 (classes) -> Relu ->
+//! GlobalAveragePool -> Flatten`, where the conv fuses its ReLU as anywhere else (writing `u8`)
+//! and the pool's one record rescales each channel's window sum from the conv's scale to the
+//! logits' (`x.scale / (H W) / out_scale`), saturated to `±(2^31 - 1)`. This is a combination
+//! the version-2 format allows, not a layout change: the blob stays version 2, and every model
+//! that packed before packs to the same bytes. A global pool's window `H W` must not exceed
+//! [`crate::format::MAX_POOL_WINDOW`] (`node.pool_window`, naming the node).
 //!
 //! A `Concat` rescales both inputs to its own calibrated scale with one record each (as `Add`
 //! does), so its inputs keep their own scales; both stay live in the arena until it has run.

@@ -5,7 +5,7 @@ use alloc::{vec, vec::Vec};
 
 use crate::crc::crc32;
 use crate::error::{Error, Result};
-use crate::format::{ActKind, HEADER_LEN, MAGIC, OP_LEN, OpKind, Shape, VERSION};
+use crate::format::{ActKind, HEADER_LEN, MAGIC, MAX_POOL_WINDOW, OP_LEN, OpKind, Shape, VERSION};
 use crate::quant::{Quantized, ScaleMode, layer_scale, quantize_layer};
 use crate::tile::{FRAC_BITS, MAX_TILE_ROWS};
 use crate::variation::{Profile, SigmaUnit};
@@ -192,6 +192,14 @@ pub fn pack(
             None
         }
     };
+    // The nodes up to `body` compute; trailing `Flatten`s of the logits are views of them.
+    let mut body = nodes.len();
+    while body > 1
+        && matches!(nodes[body - 1].layer, Layer::Flatten)
+        && source(nodes, body - 1) == body - 2
+    {
+        body -= 1;
+    }
     let mut i = 0;
     while i < nodes.len() {
         let n = nodes[i];
@@ -224,7 +232,7 @@ pub fn pack(
                     end = e;
                 }
                 let act = act.map(|a| a.1);
-                let last = end + 1 == nodes.len();
+                let last = end + 1 == body;
                 if last && act.is_some() {
                     return Err(invalid("node.last_relu", end));
                 }
@@ -350,20 +358,38 @@ pub fn pack(
             }
             Layer::GlobalAvgPool => {
                 let window = x.shape.h * x.shape.w;
-                let (m, shift) = multiplier(1.0 / window as f64, "node.pool")?;
+                if window > MAX_POOL_WINDOW {
+                    return Err(invalid("node.pool_window", i));
+                }
+                // The last op writes the logits: the record rescales the window's sum to them.
+                let last = i + 1 == body;
+                if last && shapes[i].c != desc.classes {
+                    return Err(invalid("node.logits_shape", shapes[i].c));
+                }
+                let (kind, scale) = if last {
+                    act_scale(i, false, true)?
+                } else {
+                    (x.kind, x.scale)
+                };
+                let ratio = if last {
+                    x.scale / window as f64 / scale
+                } else {
+                    1.0 / window as f64
+                };
+                let (m, shift) = multiplier(ratio, "node.pool")?;
                 let rec = simple(
                     OpKind::GlobalAvgPool,
-                    x.kind,
+                    kind,
                     src_t,
                     shapes[i],
                     records.len(),
-                    x.scale,
+                    scale,
                 );
                 records.push((m, shift, 0));
                 tensors.push(TensorInfo {
                     shape: shapes[i],
-                    kind: x.kind,
-                    scale: x.scale,
+                    kind,
+                    scale,
                 });
                 rec
             }
@@ -376,7 +402,7 @@ pub fn pack(
                     end = e;
                 }
                 let act = act.map(|a| a.1);
-                if end + 1 == nodes.len() {
+                if end + 1 == body {
                     return Err(invalid("node.last", end));
                 }
                 let unsigned = act.is_some_and(Act::unsigned)
