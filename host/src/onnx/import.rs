@@ -987,7 +987,7 @@ fn constant(t: &TensorProto) -> Result<Val> {
             t.float_data.clone()
         } else {
             ensure!(
-                t.raw_data.len() % 4 == 0,
+                t.raw_data.len().is_multiple_of(4),
                 "tensor `{name}` has {} raw bytes, not a whole number of floats",
                 t.raw_data.len()
             );
