@@ -176,6 +176,12 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
     }
     let net = imported.network;
     data::check_labels(&test, net.num_classes, &what)?;
+    ensure!(
+        args.eval.bn_recalibrate.is_none() || crate::engine::has_batchnorm(&net),
+        "--bn-recalibrate: {what} has no BatchNormalization node (exported with BatchNorm \
+         folded, or a network without it): there are no statistics to recalibrate; leave the \
+         flag out"
+    );
     let recal = args
         .eval
         .bn_recalibrate

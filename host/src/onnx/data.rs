@@ -3,7 +3,8 @@
 //!
 //! - **Size.** The model's `[C, H, W]` decides. [`Fit::Auto`] zero-pads (centered) images that
 //!   fit, as nvcim's own networks pad 28x28 to 32x32, and resizes (bilinear, as PIL's) the
-//!   others; [`Fit::Pad`] and [`Fit::Resize`] force one way.
+//!   others, or every image when the file says it was trained so (`nvcim.preprocess =
+//!   resize`); [`Fit::Pad`] and [`Fit::Resize`] force one way.
 //! - **Channels.** A count that differs from the model's is an error naming both, except
 //!   grayscale into a 3-channel model with `gray_to_rgb` (the plane copied three times).
 //! - **Normalization.** The file's `nvcim.normalization.*` metadata when it has it, else the
@@ -274,6 +275,19 @@ pub fn open(
         m.network.normalization = norm.0.clone();
         m
     });
+    // A model trained with the authors' preprocessing (`nvcim.preprocess = resize`) sees its
+    // images resized, not padded.
+    let fit = match fit {
+        Fit::Auto
+            if proto
+                .metadata_props
+                .iter()
+                .any(|p| p.key == "nvcim.preprocess" && p.value == "resize") =>
+        {
+            Fit::Resize
+        }
+        f => f,
+    };
     let (train, test, prepared) = load_for(dir, info.image, fit, gray_to_rgb, norm)?;
     Ok(ForeignModel {
         proto,
