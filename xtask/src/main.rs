@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 mod bench;
 mod cluster;
 mod demo;
+mod docs;
 mod setup;
 mod wheel;
 
