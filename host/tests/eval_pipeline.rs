@@ -18,6 +18,16 @@ struct Flags {
     opts: EvalOptions,
 }
 
+/// The flags parsed once into a plan (as `nvcim eval` does), then the evaluation.
+fn run_eval(
+    opts: &EvalOptions,
+    net: &nvcim::engine::dense::DenseNetwork,
+    data: &nvcim::engine::dense::DenseData,
+) -> anyhow::Result<EvalReport> {
+    let plan = opts.plan()?;
+    evaluate_quiet(&plan, &opts.out, &info(), net, data)
+}
+
 fn options(out: &Path, extra: &[&str]) -> EvalOptions {
     let mut args = vec!["eval"];
     let defaults = [("--sigma", "0.2,0.4,0.6"), ("--mc", "5"), ("--seed", "7")];
@@ -59,7 +69,7 @@ fn every_file_is_present_and_consistent() {
     let (net, data) = fixture::separable(5, 16, 12, 4, 300);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("eval");
-    let report = evaluate_quiet(&options(&out, &[]), &info(), &net, &data).unwrap();
+    let report = run_eval(&options(&out, &[]), &net, &data).unwrap();
 
     let mut names: Vec<String> = fs::read_dir(&out)
         .unwrap()
@@ -128,7 +138,7 @@ fn every_file_is_present_and_consistent() {
 
     // Two worker threads draw exactly the same runs.
     let out2 = dir.path().join("eval2");
-    let two = evaluate_quiet(&options(&out2, &["--jobs", "2"]), &info(), &net, &data).unwrap();
+    let two = run_eval(&options(&out2, &["--jobs", "2"]), &net, &data).unwrap();
     assert_eq!(two.results, report.results);
 
     // nvcim report reads the directory.
@@ -168,7 +178,7 @@ fn bad_input_is_refused() {
     let err = |extra: &[&str], out: &Path| {
         format!(
             "{:#}",
-            evaluate_quiet(&options(out, extra), &info(), &net, &data).unwrap_err()
+            run_eval(&options(out, extra), &net, &data).unwrap_err()
         )
     };
     assert!(err(&["--mc", "0"], &out).contains("--mc"));
@@ -189,7 +199,7 @@ fn report_names_the_file_with_missing_fields() {
     fs::create_dir_all(&run).unwrap();
     let (net, data) = fixture::separable(7, 4, 4, 2, 20);
     let out = dir.path().join("ok");
-    let report: EvalReport = evaluate_quiet(&options(&out, &[]), &info(), &net, &data).unwrap();
+    let report: EvalReport = run_eval(&options(&out, &[]), &net, &data).unwrap();
     let mut v = serde_json::to_value(&report).unwrap();
     v["config"].as_object_mut().unwrap().remove("model");
     fs::write(run.join("eval.json"), v.to_string()).unwrap();

@@ -7,8 +7,9 @@
 //!   layer's own `max|W|`, devices drawn from `rng::stream(seed, run, layer)` in the array's C
 //!   order (nvcim's canonical `[out][in]...` order), bit-identical to `nvcim eval --engine
 //!   float`'s weights for that run and layer;
-//! - [`evaluate_onnx`] is `nvcim eval --onnx` on images the caller holds, returning `eval.json`'s
-//!   fields as a `dict`;
+//! - [`evaluate_onnx`] is `nvcim eval --onnx --engine tract` on images the caller holds (a typed
+//!   [`nvcim::eval::EvalPlan`], no argv), returning `eval.json`'s fields as a `dict`; on nvcim's
+//!   models its runs equal the CLI's default float engine's (the pytest suite checks it);
 //! - [`onnx_dataset`] reads an IDX test (or training) split prepared as an ONNX model expects it,
 //!   exactly as `nvcim eval --onnx --data-dir` does.
 //!
@@ -22,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use clap::{Parser, ValueEnum};
+use clap::ValueEnum;
 use numpy::{
     PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
     PyUntypedArrayMethods,
@@ -30,7 +31,7 @@ use numpy::{
 use nvcim::{
     commands::eval::onnx_model_info,
     engine::onnx::{OnnxData, OnnxEngine},
-    eval::{EvalOptions, compute_report},
+    eval::{EvalPlan, compute_report},
     onnx::{ModelInfo, idx_split_images},
     options::DeviceProfile,
 };
@@ -157,24 +158,6 @@ impl PyVariationConfig {
             stuck_high: sh,
             inner,
         })
-    }
-
-    /// The CLI flags of this device model (without the sigma).
-    fn flags(&self) -> Vec<String> {
-        vec![
-            "--m".into(),
-            self.m.to_string(),
-            "--n".into(),
-            self.n.to_string(),
-            "--sigma-unit".into(),
-            self.unit.name().into(),
-            "--device-profile".into(),
-            self.profile.name().into(),
-            "--stuck-low".into(),
-            self.stuck_low.to_string(),
-            "--stuck-high".into(),
-            self.stuck_high.to_string(),
-        ]
     }
 }
 
@@ -366,14 +349,6 @@ fn perturb<'py>(
     Ok(out)
 }
 
-/// `eval --onnx`'s flags, parsed by the CLI's own parser (same defaults and checks).
-#[derive(Parser)]
-#[command(no_binary_name = true)]
-struct EvalFlags {
-    #[command(flatten)]
-    eval: EvalOptions,
-}
-
 fn check_file(path: &Path, what: &str) -> PyResult<()> {
     if path.is_file() {
         Ok(())
@@ -449,27 +424,20 @@ fn evaluate_onnx_json<'py>(
         Some(c) => c.get().clone(),
         None => PyVariationConfig::build(8, 2, 0.0, "range", "uniform", 0.0, 0.0)?,
     };
-    let sigma_list = sigmas
-        .iter()
-        .map(|&s| (s as f32).to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut args: Vec<String> = vec![
-        "--sigma".into(),
-        sigma_list,
-        "--mc".into(),
-        mc.to_string(),
-        "--seed".into(),
-        seed.to_string(),
-        "--quiet".into(),
-    ];
-    args.extend(config.flags());
+    let variation = config
+        .config()
+        .with_sigma(0.0)
+        .map_err(|e| value_error(e.to_string()))?;
+    let mut plan = EvalPlan::new(
+        sigmas.iter().map(|&s| s as f32).collect(),
+        mc as u32,
+        seed,
+        variation,
+    )
+    .map_err(|e| value_error(format!("{e:#}")))?;
     if let Some(j) = jobs {
-        args.extend(["--jobs".into(), j.to_string()]);
+        plan.jobs = j as usize;
     }
-    let opts = EvalFlags::try_parse_from(&args)
-        .map_err(|e| value_error(e.to_string()))?
-        .eval;
     detached(py, move || {
         let engine = OnnxEngine::new(&path)?;
         let info = ModelInfo::of(engine.model(), engine.what())?;
@@ -489,7 +457,7 @@ fn evaluate_onnx_json<'py>(
             images: flat,
             labels,
         };
-        let report = compute_report(&opts, &model_info, &engine, &data)?;
+        let report = compute_report(&plan, &model_info, &engine, &data)?;
         Ok(serde_json::to_string(&report)?)
     })
 }

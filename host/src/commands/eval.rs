@@ -30,7 +30,7 @@ use crate::{
         int::{int_engine, int_engine_for},
         onnx::{OnnxData, OnnxEngine},
     },
-    eval::{Engine, EvalOptions, ModelInfo, checkpoint_info, evaluate},
+    eval::{Engine, EvalOptions, EvalPlan, ModelInfo, Output, checkpoint_info, evaluate},
     ir::convert::load_checkpoint,
     onnx::data,
     options::InputArgs,
@@ -62,9 +62,10 @@ pub struct EvalArgs {
 
 /// Runs `nvcim eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let sigmas = args.eval.check()?;
+    let plan = args.eval.plan()?;
+    let out = args.eval.output();
     if let Some(onnx) = &args.onnx {
-        return run_onnx(onnx, args);
+        return run_onnx(onnx, args, &plan, &out);
     }
     let ckpt = args
         .checkpoint
@@ -73,35 +74,32 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let device = Device::flex();
     let loaded = load_checkpoint(ckpt, &device)?;
     let (train, test) = loaded.data(args.data_dir.as_deref())?;
-    let test = subset(&test, args.eval.test_subset);
+    let test = subset(&test, plan.test_subset);
     let info = checkpoint_info(&loaded, ckpt);
-    let recal = args
-        .eval
+    let recal = plan
         .bn_recalibrate
-        .map(|n| BnRecalibration::new(&train, n, args.eval.seed))
+        .map(|n| BnRecalibration::new(&train, n, plan.seed))
         .transpose()?;
-    match args.eval.engine {
+    match plan.engine {
         Engine::Float => {
-            let (mut engine, data) =
-                float_engine(&loaded, &test, args.eval.scale_mode(), FLOAT_BATCH)?;
+            let (mut engine, data) = float_engine(&loaded, &test, plan.scale_mode, FLOAT_BATCH)?;
             if let Some(r) = recal {
                 engine = engine.with_recalibration(r)?;
             }
-            evaluate(&args.eval, &info, &engine, &data)?;
+            evaluate(&plan, &out, &info, &engine, &data)?;
         }
         Engine::Int => {
-            let cfg = pack_config(&args.eval)?;
             let engine = int_engine(
                 &loaded,
                 &train,
                 &test,
                 args.calibration_images,
-                &cfg,
-                args.eval.adc_bits,
-                sigmas.iter().copied().fold(0.0, f32::max),
+                &pack_config(&plan),
+                plan.tiles.adc_bits,
+                plan.max_sigma(),
                 recal,
             )?;
-            evaluate(&args.eval, &info, &engine, &())?;
+            evaluate(&plan, &out, &info, &engine, &())?;
         }
         Engine::Tract => bail!(
             "--engine tract runs an ONNX file (--onnx FILE); a checkpoint runs on the float or \
@@ -120,13 +118,13 @@ pub fn onnx_model_info(engine: &OnnxEngine, path: &Path, dataset: &str) -> Model
 /// Runs `nvcim eval --onnx FILE`: the file imported into the IR and run by the float (default)
 /// or integer engine, or run by tract with its weights perturbed (`--engine tract`, the
 /// independent cross-check; the same layers and streams).
-fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
+fn run_onnx(path: &Path, args: &EvalArgs, plan: &EvalPlan, out: &Output) -> Result<()> {
     let dir = args
         .data_dir
         .as_deref()
         .context("--onnx needs --data-dir DIR with the test images (IDX or CIFAR files)")?;
     let i = &args.input;
-    let tract = args.eval.engine == Engine::Tract;
+    let tract = plan.engine == Engine::Tract;
     let model =
         data::open(path, dir, &i.mean, &i.std, i.fit, i.gray_to_rgb, !tract).map_err(|e| {
             if tract {
@@ -134,32 +132,32 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
             } else {
                 e.context(format!(
                     "the {} engine runs the imported model (`--engine tract` runs what tract runs)",
-                    args.eval.engine.name()
+                    plan.engine.name()
                 ))
             }
         })?;
     let what = path.display().to_string();
     let norm = model.prepared.normalization.0.clone();
-    let test = subset(&model.test, args.eval.test_subset);
+    let test = subset(&model.test, plan.test_subset);
     let recal_images = |n: usize| {
         data::recalibration_batch(
             &model.train,
             n,
-            args.eval.seed,
+            plan.seed,
             &norm,
             &format!(" in {}", dir.display()),
         )
     };
     let mut info = onnx_info(&model.proto, path, &dir.display().to_string());
     info.preprocess = Some(model.prepared.to_string());
-    if args.eval.engine == Engine::Tract {
+    if plan.engine == Engine::Tract {
         ensure!(
-            args.eval.scale_mode() == nvcim_shared::quant::ScaleMode::PerLayer,
+            plan.scale_mode == nvcim_shared::quant::ScaleMode::PerLayer,
             "--engine tract quantizes each layer against its own max|W|; --scale model needs the \
              float or int engine"
         );
         let engine = OnnxEngine::new(path)?;
-        let engine = match args.eval.bn_recalibrate {
+        let engine = match plan.bn_recalibrate {
             None => engine,
             Some(n) => engine.with_recalibration(recal_images(n)?, n)?,
         };
@@ -167,7 +165,7 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
             images: data::normalized(&test, &norm),
             labels: test.labels.iter().map(|&l| u32::from(l)).collect(),
         };
-        evaluate(&args.eval, &info, &engine, &data)?;
+        evaluate(plan, out, &info, &engine, &data)?;
         return Ok(());
     }
     let imported = model.imported?;
@@ -177,40 +175,37 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
     let net = imported.network;
     data::check_labels(&test, net.num_classes, &what)?;
     ensure!(
-        args.eval.bn_recalibrate.is_none() || crate::engine::has_batchnorm(&net),
+        plan.bn_recalibrate.is_none() || crate::engine::has_batchnorm(&net),
         "--bn-recalibrate: {what} has no BatchNormalization node (exported with BatchNorm \
          folded, or a network without it): there are no statistics to recalibrate; leave the \
          flag out"
     );
-    let recal = args
-        .eval
+    let recal = plan
         .bn_recalibrate
         .map(|n| recal_images(n).map(|x| BnRecalibration::from_images(x, n)))
         .transpose()?;
-    match args.eval.engine {
+    match plan.engine {
         Engine::Float => {
-            let mut engine = FloatEngine::new(net, args.eval.scale_mode())?;
+            let mut engine = FloatEngine::new(net, plan.scale_mode)?;
             if let Some(r) = recal {
                 engine = engine.with_recalibration(r)?;
             }
             let data = FloatData::new(&data::batches(&test, &norm, FLOAT_BATCH));
-            evaluate(&args.eval, &info, &engine, &data)?;
+            evaluate(plan, out, &info, &engine, &data)?;
         }
         Engine::Int => {
-            let cfg = pack_config(&args.eval)?;
-            let sigma = args.eval.check()?.into_iter().fold(0.0, f32::max);
             let engine = int_engine_for(
                 net,
                 path,
                 &model.train,
                 &test,
                 args.calibration_images,
-                &cfg,
-                args.eval.adc_bits,
-                sigma,
+                &pack_config(plan),
+                plan.tiles.adc_bits,
+                plan.max_sigma(),
                 recal,
             )?;
-            evaluate(&args.eval, &info, &engine, &())?;
+            evaluate(plan, out, &info, &engine, &())?;
         }
         Engine::Tract => unreachable!("handled above"),
     }
@@ -218,13 +213,13 @@ fn run_onnx(path: &Path, args: &EvalArgs) -> Result<()> {
 }
 
 /// The packing configuration of `--engine int`.
-fn pack_config(eval: &crate::eval::EvalOptions) -> Result<PackConfig> {
-    Ok(PackConfig {
-        variation: eval.device.variation(0.0)?,
-        tile_rows: eval.tile_rows,
-        tile_cols: eval.tile_cols,
-        scale_mode: eval.scale_mode(),
-    })
+fn pack_config(plan: &EvalPlan) -> PackConfig {
+    PackConfig {
+        variation: plan.variation,
+        tile_rows: plan.tiles.rows,
+        tile_cols: plan.tiles.cols,
+        scale_mode: plan.scale_mode,
+    }
 }
 
 /// What an ONNX file's `metadata_props` say about the model, for the result files (`dataset`

@@ -4,11 +4,12 @@
 //! - [`mc`]: the driver, runs spread over threads, per-run counts independent of scheduling;
 //! - [`stats`]: mean, std, Student-t 95% interval, min, max;
 //! - [`results`]: `eval.json`, CSVs, plots;
-//! - this module: the flags ([`EvalOptions`]), the resolved configuration and [`evaluate`].
+//! - this module: the typed plan ([`EvalPlan`]), the flags that build it ([`EvalOptions`],
+//!   parsed once by [`EvalOptions::plan`]), the resolved configuration and [`evaluate`].
 //!
-//! A verb that has loaded a checkpoint into an engine calls [`evaluate`] with the flags and the
-//! checkpoint's description ([`ModelInfo`]); everything else — the sigma list, the device model,
-//! the Monte Carlo runs, the summary, the files in `--out`, the table or JSON on stdout — is here.
+//! A verb that has loaded a checkpoint into an engine calls [`evaluate`] with the plan and the
+//! checkpoint's description ([`ModelInfo`]); everything else — the Monte Carlo runs, the
+//! summary, the files in the output directory, the table or JSON on stdout — is here.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,15 +18,16 @@ use std::{
 
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
-use nvcim_shared::{quant::ScaleMode, variation::Profile};
+use nvcim_shared::{quant::ScaleMode, variation::VariationConfig};
 
 pub mod mc;
 pub mod results;
 pub mod stats;
 
+pub use self::results::TileOptions;
 use self::{
     mc::{McPlan, monte_carlo},
-    results::{EvalConfig, EvalReport, TileOptions, table, write_eval_outputs},
+    results::{EvalConfig, EvalReport, table, write_eval_outputs},
 };
 use crate::{
     engine::NoisyClassifier,
@@ -136,28 +138,163 @@ impl EvalOptions {
         }
     }
 
-    /// Checks the flags that do not need the model.
-    pub fn check(&self) -> Result<Vec<f32>> {
-        let sigmas = parse_sigmas(&self.sigma)?;
-        ensure!(self.mc > 0, "--mc must be at least 1");
+    /// The typed plan these flags describe: the one place `nvcim eval`'s flags are parsed and
+    /// checked (the sigma list, the device model, the counts).
+    pub fn plan(&self) -> Result<EvalPlan> {
+        let plan = EvalPlan {
+            sigmas: parse_sigmas(&self.sigma)?,
+            mc: self.mc,
+            seed: self.seed,
+            variation: self.device.variation(0.0)?,
+            scale_mode: self.scale_mode(),
+            engine: self.engine,
+            tiles: TileOptions {
+                rows: self.tile_rows,
+                cols: self.tile_cols,
+                adc_bits: self.adc_bits,
+            },
+            test_subset: self.test_subset,
+            bn_recalibrate: self.bn_recalibrate,
+            jobs: self.jobs(),
+            progress: !self.quiet,
+        };
         ensure!(self.jobs != Some(0), "--jobs must be at least 1");
+        plan.check()
+            .map_err(|e| anyhow::anyhow!("{}", flag_names(&e.to_string())))?;
+        Ok(plan)
+    }
+
+    /// Where the results go and how they are printed.
+    pub fn output(&self) -> Output {
+        Output {
+            dir: self.out.clone(),
+            json: self.json,
+        }
+    }
+}
+
+/// The plan's field names in its messages, as the flags that set them.
+fn flag_names(msg: &str) -> String {
+    msg.replace("`mc`", "--mc")
+        .replace("`test_subset`", "--test-subset")
+        .replace("`bn_recalibrate`", "--bn-recalibrate")
+        .replace("`jobs`", "--jobs")
+        .replace("`tiles`", "--tile-rows and --tile-cols")
+        .replace("`sigmas`", "--sigma")
+}
+
+/// A Monte Carlo evaluation (Algorithm 2) as typed values: what `nvcim eval`'s flags become
+/// ([`EvalOptions::plan`]), and what sweeps and the Python package build directly. Nothing
+/// below it parses a string.
+///
+/// ```
+/// use nvcim::eval::{Engine, EvalPlan};
+/// use nvcim_shared::variation::VariationConfig;
+///
+/// let mut plan = EvalPlan::new(vec![0.2, 0.4], 50, 7, VariationConfig::paper(0.0)?)?;
+/// plan.engine = Engine::Float;
+/// plan.jobs = 2;
+/// plan.check()?;
+/// assert!(EvalPlan::new(vec![], 50, 7, VariationConfig::paper(0.0)?).is_err());
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalPlan {
+    /// The sigmas, in the device model's unit (each finite and `>= 0`; at least one).
+    pub sigmas: Vec<f32>,
+    /// Monte Carlo runs per sigma (`>= 1`).
+    pub mc: u32,
+    /// Seed of the variation streams.
+    pub seed: u64,
+    /// The device model (bits, sigma unit, profile, faults) at sigma 0; each sigma replaces it.
+    pub variation: VariationConfig,
+    /// Quantization against each layer's or the model's `max|W|`.
+    pub scale_mode: ScaleMode,
+    /// The inference engine.
+    pub engine: Engine,
+    /// Tiles and ADC of the integer engine.
+    pub tiles: TileOptions,
+    /// Evaluate on the first N test examples only.
+    pub test_subset: Option<usize>,
+    /// BatchNorm recalibration on N training images after programming (see
+    /// [`EvalOptions::bn_recalibrate`]).
+    pub bn_recalibrate: Option<usize>,
+    /// Worker threads for the runs (`>= 1`; results do not depend on it).
+    pub jobs: usize,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl EvalPlan {
+    /// A plan with the defaults of `nvcim eval` for everything else (float engine, per-layer
+    /// scales, 128 x 128 tiles with an ideal ADC, every test example, no recalibration, one
+    /// job per core, no progress bar), checked.
+    pub fn new(sigmas: Vec<f32>, mc: u32, seed: u64, variation: VariationConfig) -> Result<Self> {
+        let plan = EvalPlan {
+            sigmas,
+            mc,
+            seed,
+            variation,
+            scale_mode: ScaleMode::PerLayer,
+            engine: Engine::Float,
+            tiles: TileOptions {
+                rows: 128,
+                cols: 128,
+                adc_bits: None,
+            },
+            test_subset: None,
+            bn_recalibrate: None,
+            jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            progress: false,
+        };
+        plan.check()?;
+        Ok(plan)
+    }
+
+    /// Checks the plan's values (every error names the field).
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            !self.sigmas.is_empty(),
+            "`sigmas` is empty: give at least one sigma"
+        );
+        if let Some(s) = self.sigmas.iter().find(|s| !s.is_finite() || **s < 0.0) {
+            anyhow::bail!("`sigmas`: {s} is invalid; sigma must be finite and >= 0");
+        }
+        ensure!(self.mc > 0, "`mc` must be at least 1");
+        ensure!(self.jobs > 0, "`jobs` must be at least 1");
         ensure!(
             self.test_subset != Some(0),
-            "--test-subset must be at least 1"
+            "`test_subset` must be at least 1"
         );
         ensure!(
             self.bn_recalibrate != Some(0),
-            "--bn-recalibrate must be at least 1 image (leave it out for no recalibration)"
+            "`bn_recalibrate` must be at least 1 image (leave it out for no recalibration)"
         );
         if self.engine == Engine::Int {
             ensure!(
-                self.tile_rows > 0 && self.tile_cols > 0,
-                "--tile-rows and --tile-cols must be at least 1"
+                self.tiles.rows > 0 && self.tiles.cols > 0,
+                "`tiles` must have at least 1 row and 1 column"
             );
         }
-        self.device.variation(0.0)?;
-        Ok(sigmas)
+        for &s in &self.sigmas {
+            self.variation.with_sigma(s)?;
+        }
+        Ok(())
     }
+
+    /// The largest sigma (what the integer engine calibrates its activation ranges for).
+    pub fn max_sigma(&self) -> f32 {
+        self.sigmas.iter().copied().fold(0.0, f32::max)
+    }
+}
+
+/// Where an evaluation's files go and how its summary is printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// The directory of `eval.json`, the CSVs and the plots.
+    pub dir: PathBuf,
+    /// JSON on stdout instead of the table.
+    pub json: bool,
 }
 
 /// What the checkpoint says about the model and its training.
@@ -188,8 +325,8 @@ pub struct ModelInfo {
 }
 
 /// The resolved configuration of an evaluation.
-pub fn resolve(opts: &EvalOptions, info: &ModelInfo, sigmas: Vec<f32>) -> EvalConfig {
-    let d = &opts.device;
+pub fn resolve(plan: &EvalPlan, info: &ModelInfo) -> EvalConfig {
+    let v = &plan.variation;
     EvalConfig {
         checkpoint: info.checkpoint.clone(),
         model: info.model.clone(),
@@ -202,39 +339,35 @@ pub fn resolve(opts: &EvalOptions, info: &ModelInfo, sigmas: Vec<f32>) -> EvalCo
         noise_injection: info.noise_injection,
         clip_weights: info.clip_weights,
         preprocess: info.preprocess.clone(),
-        sigma_unit: nvcim_shared::variation::SigmaUnit::from(d.unit)
-            .name()
-            .to_string(),
-        profile: Profile::from(d.profile).name().to_string(),
-        m_bits: d.m_bits,
-        n_bits: d.n_bits,
-        stuck_low: d.stuck_low,
-        stuck_high: d.stuck_high,
-        scale_mode: opts.scale_mode().name().to_string(),
-        engine: opts.engine.name().to_string(),
-        tile: (opts.engine == Engine::Int).then_some(TileOptions {
-            rows: opts.tile_rows,
-            cols: opts.tile_cols,
-            adc_bits: opts.adc_bits,
-        }),
-        sigmas,
-        mc: opts.mc,
-        seed: opts.seed,
-        test_subset: opts.test_subset,
-        bn_recalibrate: opts.bn_recalibrate,
+        sigma_unit: v.unit().name().to_string(),
+        profile: v.profile().name().to_string(),
+        m_bits: v.quant().m_bits(),
+        n_bits: v.quant().n_bits(),
+        stuck_low: v.faults().stuck_low(),
+        stuck_high: v.faults().stuck_high(),
+        scale_mode: plan.scale_mode.name().to_string(),
+        engine: plan.engine.name().to_string(),
+        tile: (plan.engine == Engine::Int).then_some(plan.tiles),
+        sigmas: plan.sigmas.clone(),
+        mc: plan.mc,
+        seed: plan.seed,
+        test_subset: plan.test_subset,
+        bn_recalibrate: plan.bn_recalibrate,
     }
 }
 
-/// Runs the Monte Carlo evaluation of `engine` on `data` (already cut to `--test-subset`),
-/// writes the result files into `--out` and prints the table (or JSON) on stdout.
+/// Runs the Monte Carlo evaluation of `engine` on `data` (already cut to the plan's
+/// `test_subset`), writes the result files into `out.dir` and prints the table (or JSON) on
+/// stdout.
 pub fn evaluate<C: NoisyClassifier>(
-    opts: &EvalOptions,
+    plan: &EvalPlan,
+    out: &Output,
     info: &ModelInfo,
     engine: &C,
     data: &C::Data,
 ) -> Result<EvalReport> {
-    let report = evaluate_quiet(opts, info, engine, data)?;
-    if opts.json {
+    let report = evaluate_quiet(plan, &out.dir, info, engine, data)?;
+    if out.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("a report serialises")
@@ -243,59 +376,55 @@ pub fn evaluate<C: NoisyClassifier>(
         print!("{}", table(&report));
         eprintln!(
             "results in {} ({:.1} s)",
-            opts.out.display(),
+            out.dir.display(),
             report.wall_seconds
         );
     }
     Ok(report)
 }
 
-/// [`evaluate`] without printing.
+/// [`evaluate`] without printing: the files go into `dir`.
 pub fn evaluate_quiet<C: NoisyClassifier>(
-    opts: &EvalOptions,
+    plan: &EvalPlan,
+    dir: &Path,
     info: &ModelInfo,
     engine: &C,
     data: &C::Data,
 ) -> Result<EvalReport> {
-    opts.check()?;
+    plan.check()?;
     // Fail on an unwritable --out before spending the Monte Carlo time.
-    std::fs::create_dir_all(&opts.out).map_err(|e| {
+    std::fs::create_dir_all(dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot create the output directory --out {}: {e}",
-            opts.out.display()
+            dir.display()
         )
     })?;
-    let report = compute_report(opts, info, engine, data)?;
-    write_eval_outputs(&opts.out, &report)?;
+    let report = compute_report(plan, info, engine, data)?;
+    write_eval_outputs(dir, &report)?;
     Ok(report)
 }
 
-/// The Monte Carlo evaluation of [`evaluate`] as a report, writing no file (`--out` is not
-/// used): what the Python package's `evaluate_onnx` returns.
+/// The Monte Carlo evaluation of [`evaluate`] as a report, writing no file: what the Python
+/// package's `evaluate_onnx` returns.
 pub fn compute_report<C: NoisyClassifier>(
-    opts: &EvalOptions,
+    plan: &EvalPlan,
     info: &ModelInfo,
     engine: &C,
     data: &C::Data,
 ) -> Result<EvalReport> {
-    let sigmas = opts.check()?;
-    let plan = McPlan {
-        variation: opts.device.variation(0.0)?,
-        sigmas: sigmas.clone(),
-        mc: opts.mc,
-        seed: opts.seed,
-        jobs: opts.jobs(),
-        progress: !opts.quiet,
+    plan.check()?;
+    let mc = McPlan {
+        variation: plan.variation,
+        sigmas: plan.sigmas.clone(),
+        mc: plan.mc,
+        seed: plan.seed,
+        jobs: plan.jobs,
+        progress: plan.progress,
     };
     let clean = engine.clean(data)?;
     let t = Instant::now();
-    let runs = monte_carlo(engine, data, &plan)?;
-    EvalReport::new(
-        resolve(opts, info, sigmas),
-        clean,
-        &runs,
-        t.elapsed().as_secs_f64(),
-    )
+    let runs = monte_carlo(engine, data, &mc)?;
+    EvalReport::new(resolve(plan, info), clean, &runs, t.elapsed().as_secs_f64())
 }
 
 /// Whether a training run perturbed its weights: a noise-injection method at a sigma above 0

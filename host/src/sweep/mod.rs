@@ -721,7 +721,7 @@ mc = 5
                 let Command::Eval(e) = cli.command else {
                     panic!("not an eval command")
                 };
-                e.eval.check().unwrap();
+                e.eval.plan().unwrap();
                 assert_eq!(e.checkpoint.unwrap(), dir.join("train/best/backbone.bpk"));
                 parsed += 1;
             }
