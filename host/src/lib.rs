@@ -39,6 +39,7 @@ pub mod eval;
 pub mod firmware;
 pub mod fsx;
 pub mod ir;
+pub mod kernels;
 pub mod model;
 pub mod onnx;
 pub mod options;

@@ -42,11 +42,9 @@ use crate::{
 
 pub mod dense;
 pub mod float;
-pub mod gemm;
 pub mod int;
 pub mod onnx;
 pub mod perturb;
-pub mod simd;
 
 /// An inference engine whose weights can be reprogrammed with device variation.
 ///

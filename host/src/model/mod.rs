@@ -169,7 +169,7 @@ impl ConvBn {
 
     /// Conv then BN, no activation. `[n, cin, h, w] -> [n, cout, h/stride, w/stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        use crate::training::backend::{batch_norm, conv2d};
+        use crate::kernels::backend::{batch_norm, conv2d};
         batch_norm(&self.bn, conv2d(&self.conv, x))
     }
 }
@@ -225,7 +225,7 @@ impl Vgg8 {
         for (i, b) in self.blocks.iter().enumerate() {
             x = relu(b.forward(x));
             if i % 2 == 1 {
-                x = crate::training::backend::max_pool2d(&self.pool, x);
+                x = crate::kernels::backend::max_pool2d(&self.pool, x);
             }
             if want_taps && matches!(i, 0 | 1 | 3) {
                 taps.push(x.clone());

@@ -12,13 +12,8 @@
 //! perturbs backbone layer `l` with `nvcim_shared::rng::stream(seed, r, l)`, weights visited in
 //! canonical order, quantized against the layer's own `max|W|`.
 
-pub mod backend;
-pub mod bn;
 pub mod checkpoint;
-pub mod conv;
-mod lanes;
 pub mod method;
-pub mod pool;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,6 +28,7 @@ use nvcim_shared::variation::VariationConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset, DatasetKind, tags};
+use crate::kernels::backend;
 use crate::model::noise::{NoiseMapper, TrainingNoise};
 use crate::model::{Backbone, Init, ModelSpec, TrainModel, correct};
 pub use method::{BnStats, Method, Select};

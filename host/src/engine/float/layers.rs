@@ -24,10 +24,10 @@
 
 use anyhow::{Result, ensure};
 
-pub use crate::engine::gemm::Isa;
-use crate::engine::gemm::{LANES, MAX_KW, MR, NR, tile, tile_direct};
 use crate::engine::int::layers::{pad_planes, pixel_runs};
 use crate::ir::{self, Network, Op, Value};
+pub use crate::kernels::gemm::Isa;
+use crate::kernels::gemm::{LANES, MAX_KW, MR, NR, tile, tile_direct};
 
 /// Images per batch (as the integer engine).
 pub const BATCH: usize = 8;

@@ -32,7 +32,7 @@ use nvcim_shared::exec::{requant, shift_round, value};
 use nvcim_shared::format::{ActKind, Model, Op, OpKind, Requant, Shape};
 use nvcim_shared::tile::{MAX_TILE_ROWS, Path};
 
-use crate::engine::simd;
+use crate::kernels::dot;
 
 // No tile sum of `exec` can leave `i32` (module docs).
 const _: () = assert!(MAX_TILE_ROWS as i64 * 32768 * 255 <= i32::MAX as i64);
@@ -62,7 +62,7 @@ pub enum Isa {
 impl Isa {
     /// The best this CPU has.
     pub fn detect() -> Isa {
-        if simd::has_avx512_core() && simd::has_avx512_vnni() {
+        if dot::has_avx512_core() && dot::has_avx512_vnni() {
             Isa::Avx512Vnni
         } else {
             Isa::Portable

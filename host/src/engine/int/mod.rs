@@ -1,7 +1,7 @@
 //! The integer engine: the packed CiM model the firmware runs ([`nvcim_shared::format`]), its
 //! tiles programmed per run, classified on the collapsed path by the layer-at-a-time
 //! [`layers`] engine and with a non-ideal ADC image by image through `shared`'s `exec` on the
-//! host's [`crate::engine::simd`] kernel — bit-exact with the firmware either way.
+//! host's [`crate::kernels::dot`] kernel — bit-exact with the firmware either way.
 
 use anyhow::{Context, Result, ensure};
 use nvcim_shared::{
@@ -11,10 +11,11 @@ use nvcim_shared::{
     variation::VariationConfig,
 };
 
-use super::{BnRecalibration, NoisyClassifier, float::FloatEngine, simd::HostKernel};
+use super::{BnRecalibration, NoisyClassifier, float::FloatEngine};
 use crate::{
     data::Dataset,
     ir::{Network, Op, convert::Loaded},
+    kernels::dot::HostKernel,
     pack::{calibrate_network, pack_network},
 };
 

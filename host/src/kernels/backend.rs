@@ -35,7 +35,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::conv::{self, Geom};
 use super::{bn, pool};
-use crate::engine::gemm::Isa;
+use crate::kernels::gemm::Isa;
 
 fn options(stride: usize, padding: usize) -> ConvOptions<2> {
     ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1)

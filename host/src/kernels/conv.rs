@@ -1,7 +1,7 @@
 //! Training's 2-D convolution on the CPU: the forward pass, the input gradient and the weight
 //! gradient of a bias-free, ungrouped, undilated convolution over `f32` NCHW tensors (every
 //! convolution of VGG-8 and ResNet-18), as matrix products on the kernels of
-//! [`crate::engine::gemm`] (AVX-512, AVX2 or portable, detected at run time).
+//! [`crate::kernels::gemm`] (AVX-512, AVX2 or portable, detected at run time).
 //!
 //! A worker takes a contiguous run of the batch (one per rayon thread) and goes through it a few
 //! images at a time, enough for rows of at least [`COLS`] output pixels:
@@ -29,7 +29,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::lanes::{Lanes, per_isa};
-use crate::engine::gemm::{self, Isa, LANES};
+use crate::kernels::gemm::{self, Isa, LANES};
 
 /// Output pixels per product, at least (images are grouped until their columns reach it).
 const COLS: usize = 512;

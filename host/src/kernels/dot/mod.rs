@@ -17,7 +17,7 @@
 //! machine running them has with `Plain`).
 //!
 //! ```
-//! use nvcim::engine::simd::HostKernel;
+//! use nvcim::kernels::dot::HostKernel;
 //! use nvcim_shared::tile::{DotKernel, Plain};
 //! let (w, x): (Vec<i16>, Vec<i16>) = ((0..300).map(|i| i * 7 - 900).collect(), (0..300).map(|i| i % 256).collect());
 //! assert_eq!(HostKernel::dot_row(&w, &x, 128), Plain::dot_row(&w, &x, 128));

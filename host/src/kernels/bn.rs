@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::lanes::per_isa;
-use crate::engine::gemm::Isa;
+use crate::kernels::gemm::Isa;
 
 per_isa! {
     /// `y = x s + b` (the loop compiled for the CPU's vectors; the same bits).

@@ -1,5 +1,5 @@
 //! The `f32` register-blocked matrix-product kernels that the float engine's layers and the
-//! training convolutions ([`crate::training::conv`]) share: one place for the micro-kernels,
+//! training convolutions ([`crate::kernels::conv`]) share: one place for the micro-kernels,
 //! each with an AVX-512, an AVX2 and a portable path chosen at run time ([`Isa`]).
 //!
 //! - [`tile`]: an `MR x (nr * LANES)` block `acc = W X` with `W` packed `[k][MR]` (one panel of
@@ -15,7 +15,7 @@
 //! The sums run in another order than Burn's: results agree with it within `f32` rounding,
 //! which the float engine's and the training kernels' tests bound.
 
-use crate::engine::simd;
+use crate::kernels::dot;
 
 /// Rows of a register block (one packed panel).
 pub(crate) const MR: usize = 8;
@@ -46,9 +46,9 @@ impl Isa {
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            if simd::has_avx512_core() && simd::has_fma() {
+            if dot::has_avx512_core() && dot::has_fma() {
                 Isa::Avx512
-            } else if simd::has_avx2() && simd::has_fma() {
+            } else if dot::has_avx2() && dot::has_fma() {
                 Isa::Avx2
             } else {
                 Isa::Portable
@@ -59,7 +59,7 @@ impl Isa {
     /// Every path this CPU can run (for tests).
     pub fn available() -> Vec<Isa> {
         let mut v = vec![Isa::Portable];
-        if simd::has_avx2() && simd::has_fma() {
+        if dot::has_avx2() && dot::has_fma() {
             v.push(Isa::Avx2);
         }
         if Isa::detect() == Isa::Avx512 {
