@@ -28,8 +28,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::Isa;
+use super::gemm::{self, LANES};
 use super::lanes::{Lanes, per_isa};
-use crate::kernels::gemm::{self, Isa, LANES};
 
 /// Output pixels per product, at least (images are grouped until their columns reach it).
 const COLS: usize = 512;
@@ -712,7 +713,7 @@ fn transpose_images(
         let out = &mut dst[i * plane * ld..(i + 1) * plane * ld];
         let (mut c_done, mut px_done) = (0, plane);
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 {
+        if isa.has_avx512() {
             (c_done, px_done) = (cols - cols % B, plane - plane % B);
             for c0 in (0..c_done).step_by(B) {
                 for px0 in (0..px_done).step_by(B) {

@@ -15,7 +15,7 @@ use super::{BnRecalibration, NoisyClassifier, float::FloatEngine};
 use crate::{
     data::Dataset,
     ir::{Network, Op, convert::Loaded},
-    kernels::dot::HostKernel,
+    kernels::{Isa, dot::HostKernel},
     pack::{calibrate_network, pack_network},
 };
 
@@ -175,7 +175,7 @@ pub fn int_run(
     program(m, var, seed, run, path, &mut state)
         .map_err(|e| anyhow::anyhow!("programming run {run}: {e}"))?;
     if layers::unsupported(m, path).is_none() {
-        return layers::count_correct(m, &state, layers::BATCH, layers::Isa::detect())
+        return layers::count_correct(m, &state, layers::BATCH, Isa::detect())
             .with_context(|| format!("classifying run {run}"));
     }
     let s = m.scratch();
