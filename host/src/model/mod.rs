@@ -19,11 +19,14 @@
 pub mod import;
 pub mod noise;
 
-use anyhow::{Result, bail, ensure};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
 use burn::module::{Initializer, Module};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::store::ModuleRecord;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::ValueEnum;
@@ -142,6 +145,25 @@ impl ModelSpec {
             .map(|(c, s)| ExitHead::new(c, s, self.ch(512), self.num_classes, device))
             .collect()
     }
+}
+
+/// Loads a backbone saved by training's `Checkpoint::save_best` (or any backbone record) for
+/// `spec`.
+pub fn load_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result<Backbone> {
+    let record = ModuleRecord::load(path)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .with_context(|| format!("reading backbone {}", path.display()))?;
+    spec.init_backbone(device)
+        .try_load_record(record)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .with_context(|| {
+            format!(
+                "{} does not fit a {:?} of width {}",
+                path.display(),
+                spec.arch,
+                spec.width
+            )
+        })
 }
 
 /// A bias-free convolution followed by batch normalization (ReLU is applied by the caller).

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{self, Dataset, DatasetKind, tags};
 use crate::kernels::backend;
 use crate::model::noise::{NoiseMapper, TrainingNoise};
-use crate::model::{Backbone, Init, ModelSpec, TrainModel, correct};
+use crate::model::{Backbone, Init, ModelSpec, TrainModel, correct, load_backbone};
 pub use method::{BnStats, Method, Select};
 
 /// Everything that determines a training run (saved as `config.json` beside the checkpoint).
@@ -604,7 +604,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let mut optim = AdamConfig::new().with_epsilon(ADAM_EPSILON).init();
     let (mut model, mut state) = match opts.resume.then(|| ckpt.latest()).flatten() {
         Some(dir) => {
-            let saved = checkpoint::read_json(&opts.out.join("config.json"))?;
+            let saved = crate::fsx::read_json(&opts.out.join("config.json"))?;
             checkpoint::ensure_same_config(&saved, &config_json)?;
             let (model, st, o) = ckpt.load(&dir, cfg, &ad, optim)?;
             ckpt.write_metrics(&st)?;
@@ -756,7 +756,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     }
     let best_path = ckpt.best_backbone_path();
     let test_clean_acc = if best_path.is_file() {
-        let best = checkpoint::load_backbone(&best_path, &cfg.model, &device)?;
+        let best = load_backbone(&best_path, &cfg.model, &device)?;
         accuracy(&best, &run_data.test, &device)
     } else {
         0.0
