@@ -150,6 +150,13 @@ pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
 /// An exclusive lock on a directory (`DIR/.lock`), held until dropped or the process dies.
 #[derive(Debug)]
 pub struct DirLock {

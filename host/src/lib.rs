@@ -13,17 +13,23 @@
 //!                                                                    integer model    simulated tiles
 //!
 //!  report/ (the paper's tables from many eval.json) and sweep/ (plans of train + eval cells,
-//!  local or Slurm) sit on top; commands/ holds one thin module per CLI verb.
+//!  local or Slurm) sit on top; commands/ holds one thin module per CLI verb. kernels/ (the CPU
+//!  loops of training and of the engines) sits below them all.
 //! ```
 //!
 //! - [`data`]: datasets (IDX, CIFAR binaries), splits, batches.
+//! - [`kernels`]: the CPU kernels of training and of the engines (integer dot products, `f32`
+//!   gemm, convolution, batch norm, max pool, the Burn backend extension that runs them) and the
+//!   one ISA type, [`kernels::Isa`], that picks their AVX-512 / AVX2 / portable paths; it imports
+//!   none of the folders above it.
 //! - [`model`]: the Burn networks (VGG-8, ResNet-18, exits) and the training noise;
-//!   [`training`]: the training loop, methods, checkpoints.
+//!   [`training`]: the training loop, methods, checkpoints. `model/` and `ir/` import nothing
+//!   from `training/`.
 //! - [`ir`]: the Burn-free [`ir::Network`] a checkpoint converts to ([`ir::convert`]): the hub
 //!   that evaluation, export and packing read.
 //! - [`engine`]: the inference engines (float, integer, ONNX) behind one trait,
-//!   [`engine::NoisyClassifier`], and the host's SIMD kernels; [`eval`]: Monte Carlo evaluation
-//!   over any engine (driver, statistics, result files).
+//!   [`engine::NoisyClassifier`]; [`eval`]: Monte Carlo evaluation over any engine (driver,
+//!   statistics, result files).
 //! - [`onnx`]: export to ONNX and the tract / ONNX Runtime runners.
 //! - [`pack`]: the checkpoint as the integer engine's packed model (activation calibration);
 //!   [`firmware`]: running it on the Cortex-M4F firmware in QEMU or in process.
@@ -39,6 +45,7 @@ pub mod eval;
 pub mod firmware;
 pub mod fsx;
 pub mod ir;
+pub mod kernels;
 pub mod model;
 pub mod onnx;
 pub mod options;

@@ -158,8 +158,8 @@ impl fmt::Display for Error {
                 f,
                 "packed model format version {version} is not supported (this build reads {} \
                  and {})",
-                crate::format::VERSION_1,
-                crate::format::VERSION
+                crate::version::VERSION_1,
+                crate::version::VERSION
             ),
             Error::Truncated { needed, found } => {
                 write!(

@@ -128,13 +128,10 @@ use crate::error::{Error, Result};
 use crate::quant::{QuantConfig, Quantized, ScaleMode};
 use crate::tile::{MAX_FAN_IN, MAX_TILE_ROWS, Path};
 use crate::variation::{Faults, Profile, SigmaUnit, VariationConfig};
+pub use crate::version::{VERSION, VERSION_1};
 
 /// The magic bytes of a packed model.
 pub const MAGIC: [u8; 8] = *b"NVCIMPK\0";
-/// The format version this build writes (it also reads [`VERSION_1`]).
-pub const VERSION: u16 = 2;
-/// The first format version, still read.
-pub const VERSION_1: u16 = 1;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 80;
 /// Bytes of one op record (version 2).

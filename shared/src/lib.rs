@@ -114,5 +114,6 @@ pub mod rng;
 pub mod slice;
 pub mod tile;
 pub mod variation;
+mod version;
 
 pub use error::{Error, Result};

@@ -4,16 +4,11 @@
 //! Each benchmark prints a short summary after criterion's own output and writes it to
 //! `target/bench/<what>.json`, so the README's figures can be traced to a run.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{fs, path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-/// Where the PyTorch reference environment lives (created on demand, never by the tests).
-pub(crate) const BENCH_VENV: &str = ".venv-bench";
+use crate::{python::bench_python, target_dir};
 
 /// Mean time in nanoseconds of one criterion benchmark, from its `estimates.json`.
 pub fn criterion_mean_ns(target_dir: &Path, group: &str, id: &str) -> Result<f64> {
@@ -51,50 +46,6 @@ fn json_number_after(text: &str, key1: &str, key2: &str) -> Option<f64> {
     let rest = rest.trim_start().strip_prefix(':')?.trim_start();
     let end = rest.find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))?;
     rest[..end].parse().ok()
-}
-
-/// The cargo target directory in use.
-pub fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-}
-
-/// The Python of the benchmark venv, created with `packages` installed when missing.
-pub fn bench_python(root: &Path, packages: &[&str]) -> Result<PathBuf> {
-    let venv = root.join(BENCH_VENV);
-    let python = venv.join("bin").join("python");
-    if !python.exists() {
-        crate::step(
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-            &format!("python3 -m venv {BENCH_VENV}"),
-        )?;
-    }
-    let probe = format!(
-        "import {}",
-        packages
-            .iter()
-            .map(|p| p.replace('-', "_"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let ok = Command::new(&python)
-        .args(["-c", &probe])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        crate::step(
-            Command::new(&python)
-                .args(["-m", "pip", "install", "-q"])
-                .args(packages),
-            &format!(
-                "pip install {} (benchmark reference only)",
-                packages.join(" ")
-            ),
-        )?;
-    }
-    Ok(python)
 }
 
 /// Runs a Python reference script that prints one JSON object on its last stdout line.

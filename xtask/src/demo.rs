@@ -75,7 +75,7 @@ pub fn run(root: &Path) -> Result<()> {
     crate::setup::run(root)?;
     // The build `cargo xtask test` already made (`crate::BUILD`): nothing compiles after it.
     crate::cargo(&crate::BUILD)?;
-    let nvcim = crate::bench::target_dir(root).join("release").join("nvcim");
+    let nvcim = crate::target_dir(root).join("release").join("nvcim");
     let out = root.join("runs").join("demo");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut timings: Vec<(String, f64)> = Vec::new();

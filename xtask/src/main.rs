@@ -22,6 +22,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod docs;
+mod python;
 mod setup;
 mod wheel;
 
@@ -96,9 +97,16 @@ pub(crate) const BUILD: [&str; 9] = [
     "nvcim-python",
 ];
 
+/// The cargo target directory in use.
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
 /// The `nvcim` binary of [`BUILD`].
 pub(crate) fn nvcim_binary(root: &Path) -> PathBuf {
-    bench::target_dir(root).join("release").join("nvcim")
+    target_dir(root).join("release").join("nvcim")
 }
 
 /// Checks that [`BUILD`] right after the test suite compiles nothing: the binary the tests ran

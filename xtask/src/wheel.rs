@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 /// Builds the wheel into `<target>/wheels` and installs it into `.venv`; returns its path.
 pub fn build(root: &Path) -> Result<PathBuf> {
     let python = venv_python(root, ".venv")?;
-    let out = crate::bench::target_dir(root).join("wheels");
+    let out = crate::target_dir(root).join("wheels");
     if out.is_dir() {
         for e in fs::read_dir(&out).with_context(|| format!("listing {}", out.display()))? {
             let p = e?.path();
@@ -107,12 +107,12 @@ pub fn test(root: &Path, nvcim: &Path) -> Result<()> {
     };
     pytest(&python, ".venv: numpy only", &["python/tests"])?;
     let bench = root
-        .join(crate::bench::BENCH_VENV)
+        .join(crate::python::BENCH_VENV)
         .join("bin")
         .join("python");
     if bench.is_file() && imports(&bench, "torch") {
         // torch is there (the train/eval benchmarks' reference); pytest is a quick install.
-        let bench = crate::bench::bench_python(root, &["torch", "numpy", "pytest"])?;
+        let bench = crate::python::bench_python(root, &["torch", "numpy", "pytest"])?;
         install(&bench, &wheel)?;
         pytest(
             &bench,

@@ -8,9 +8,9 @@
 //! | [`onnx`] | an external ONNX CNN through tract, its Conv/Gemm/MatMul weights perturbed | `nvcim eval --onnx` |
 //! | [`dense`] | a small fully connected network over `shared` (tests and fixtures) | tests |
 //!
-//! [`simd`] holds the host's runtime-dispatched integer kernels (AVX-512 VNNI, AVX2, portable);
-//! the float and integer engines' own register-blocked layer kernels are in `float::layers` and
-//! `int::layers`.
+//! The host's runtime-dispatched kernels (the integer dot products, the `f32` gemm) are in
+//! [`crate::kernels`]; the float and integer engines' own register-blocked layer kernels are in
+//! `float::layers` and `int::layers`.
 //!
 //! **The contract.** For each sigma and each run `r`, an engine programs its noisy weights —
 //! layer `l` drawn from `nvcim_shared::rng::stream(seed, r, l)`, weights in canonical order
@@ -42,11 +42,9 @@ use crate::{
 
 pub mod dense;
 pub mod float;
-pub mod gemm;
 pub mod int;
 pub mod onnx;
 pub mod perturb;
-pub mod simd;
 
 /// An inference engine whose weights can be reprogrammed with device variation.
 ///

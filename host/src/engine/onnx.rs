@@ -28,6 +28,7 @@ use crate::onnx::{ModelInfo, read_model, run::TractRunner};
 
 use super::NoisyClassifier;
 pub use super::argmax;
+pub use crate::onnx::check::accuracy;
 
 /// Ops that carry weights this evaluator cannot perturb.
 const UNSUPPORTED: &[&str] = &[
@@ -245,20 +246,6 @@ pub fn perturbed_model(
         t.raw_data = back.iter().flat_map(|v| v.to_le_bytes()).collect();
     }
     Ok(noisy)
-}
-
-/// Fraction of rows of `logits` (`[n][classes]`) whose arg-max is the label.
-pub fn accuracy(logits: &[f32], labels: &[u32]) -> f32 {
-    if labels.is_empty() {
-        return 0.0;
-    }
-    let classes = logits.len() / labels.len();
-    let correct = logits
-        .chunks(classes)
-        .zip(labels)
-        .filter(|&(row, &y)| argmax(row) == y as usize)
-        .count();
-    correct as f32 / labels.len() as f32
 }
 
 /// Runs `runner` over all images in batches of [`BATCH`].
@@ -504,11 +491,5 @@ mod tests {
         let t = transpose(&a, 2, 3);
         assert_eq!(t, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
         assert_eq!(transpose(&t, 3, 2), a);
-    }
-
-    #[test]
-    fn accuracy_counts_argmax() {
-        let logits = [0.1, 0.9, 0.8, 0.2, 0.5, 0.5];
-        assert_eq!(accuracy(&logits, &[1, 0, 1]), 2.0 / 3.0);
     }
 }

@@ -20,12 +20,12 @@ use nvcim_shared::format::build::{self, InputSpec, Layer, ModelDesc};
 use nvcim_shared::variation::SigmaUnit;
 
 use crate::data::{self, Dataset, DatasetKind, Preprocess};
-use crate::training::checkpoint::{load_backbone, read_json};
+use crate::fsx::read_json;
 
 use crate::ir::{
     self, BatchNorm, Conv2d, Network, Node, Normalization, Op, Pool, Provenance, Value,
 };
-use crate::model::{Arch, Backbone, BnParams, LayerKind, ModelSpec, WeightLayer};
+use crate::model::{Arch, Backbone, BnParams, LayerKind, ModelSpec, WeightLayer, load_backbone};
 
 /// Builds the network of `backbone` (of `spec`), with the input `normalization` and the
 /// weights' `provenance`.

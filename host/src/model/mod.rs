@@ -19,11 +19,14 @@
 pub mod import;
 pub mod noise;
 
-use anyhow::{Result, bail, ensure};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
 use burn::module::{Initializer, Module};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::store::ModuleRecord;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::ValueEnum;
@@ -144,6 +147,25 @@ impl ModelSpec {
     }
 }
 
+/// Loads a backbone saved by training's `Checkpoint::save_best` (or any backbone record) for
+/// `spec`.
+pub fn load_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result<Backbone> {
+    let record = ModuleRecord::load(path)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .with_context(|| format!("reading backbone {}", path.display()))?;
+    spec.init_backbone(device)
+        .try_load_record(record)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .with_context(|| {
+            format!(
+                "{} does not fit a {:?} of width {}",
+                path.display(),
+                spec.arch,
+                spec.width
+            )
+        })
+}
+
 /// A bias-free convolution followed by batch normalization (ReLU is applied by the caller).
 #[derive(Module, Debug)]
 pub struct ConvBn {
@@ -169,7 +191,7 @@ impl ConvBn {
 
     /// Conv then BN, no activation. `[n, cin, h, w] -> [n, cout, h/stride, w/stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        use crate::training::backend::{batch_norm, conv2d};
+        use crate::kernels::backend::{batch_norm, conv2d};
         batch_norm(&self.bn, conv2d(&self.conv, x))
     }
 }
@@ -225,7 +247,7 @@ impl Vgg8 {
         for (i, b) in self.blocks.iter().enumerate() {
             x = relu(b.forward(x));
             if i % 2 == 1 {
-                x = crate::training::backend::max_pool2d(&self.pool, x);
+                x = crate::kernels::backend::max_pool2d(&self.pool, x);
             }
             if want_taps && matches!(i, 0 | 1 | 3) {
                 taps.push(x.clone());

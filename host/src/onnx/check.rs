@@ -11,7 +11,21 @@ use anyhow::{Result, ensure};
 use serde::Serialize;
 
 use super::run::{OrtRunner, TractRunner};
-use crate::engine::onnx::accuracy;
+use crate::engine::argmax;
+
+/// Fraction of rows of `logits` (`[n][classes]`) whose arg-max is the label.
+pub fn accuracy(logits: &[f32], labels: &[u32]) -> f32 {
+    if labels.is_empty() {
+        return 0.0;
+    }
+    let classes = logits.len() / labels.len();
+    let correct = logits
+        .chunks(classes)
+        .zip(labels)
+        .filter(|&(row, &y)| argmax(row) == y as usize)
+        .count();
+    correct as f32 / labels.len() as f32
+}
 
 /// Logits of one implementation.
 #[derive(Debug, Clone, Serialize)]
@@ -142,4 +156,15 @@ pub fn check_onnx(
         ],
         max_abs_diff: vec![("tract".into(), "onnxruntime".into(), diff)],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accuracy_counts_argmax() {
+        let logits = [0.1, 0.9, 0.8, 0.2, 0.5, 0.5];
+        assert_eq!(accuracy(&logits, &[1, 0, 1]), 2.0 / 3.0);
+    }
 }

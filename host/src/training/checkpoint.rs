@@ -2,8 +2,9 @@
 //! crash never leaves a half-written checkpoint.
 //!
 //! Layout under `--out DIR`:
-//! - `config.json` (the resolved run configuration), `model.json` (the backbone's [`ModelSpec`]),
-//!   `metrics.jsonl` (one [`EpochMetrics`](super::EpochMetrics) per line);
+//! - `config.json` (the resolved run configuration), `model.json` (the backbone's
+//!   [`ModelSpec`](crate::model::ModelSpec)), `metrics.jsonl` (one
+//!   [`EpochMetrics`](super::EpochMetrics) per line);
 //! - `checkpoint/`: `model.bpk` (backbone + exits, BN statistics, parameter ids), `optimizer.bpk`
 //!   (Adam moments), `state.json` (epochs done = the scheduler's position, best so far, history,
 //!   the RNG derivation);
@@ -25,8 +26,8 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::{EpochMetrics, TrainConfig};
-use crate::fsx;
-use crate::model::{Backbone, ModelSpec, TrainModel};
+use crate::fsx::{self, read_json};
+use crate::model::{Backbone, TrainModel};
 
 /// Progress and selection state saved with each checkpoint.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -54,13 +55,7 @@ pub struct Checkpoint {
 }
 
 pub use crate::fsx::{write_atomic, write_json_atomic};
-
-/// Reads a JSON file.
-pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
-}
+pub use crate::model::load_backbone;
 
 /// Fails, naming the differing keys, when a resumed run's configuration differs from the saved one.
 pub fn ensure_same_config(saved: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
@@ -86,24 +81,6 @@ pub fn ensure_same_config(saved: &serde_json::Value, now: &serde_json::Value) ->
         );
     }
     Ok(())
-}
-
-/// Loads a backbone saved by [`Checkpoint::save_best`] (or any backbone record) for `spec`.
-pub fn load_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result<Backbone> {
-    let record = ModuleRecord::load(path)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .with_context(|| format!("reading backbone {}", path.display()))?;
-    spec.init_backbone(device)
-        .try_load_record(record)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .with_context(|| {
-            format!(
-                "{} does not fit a {:?} of width {}",
-                path.display(),
-                spec.arch,
-                spec.width
-            )
-        })
 }
 
 /// On a failed write (a full disk, say), removes the partial `tmp` directory so it holds no

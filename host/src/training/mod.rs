@@ -12,13 +12,8 @@
 //! perturbs backbone layer `l` with `nvcim_shared::rng::stream(seed, r, l)`, weights visited in
 //! canonical order, quantized against the layer's own `max|W|`.
 
-pub mod backend;
-pub mod bn;
 pub mod checkpoint;
-pub mod conv;
-mod lanes;
 pub mod method;
-pub mod pool;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,8 +28,9 @@ use nvcim_shared::variation::VariationConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset, DatasetKind, tags};
+use crate::kernels::backend;
 use crate::model::noise::{NoiseMapper, TrainingNoise};
-use crate::model::{Backbone, Init, ModelSpec, TrainModel, correct};
+use crate::model::{Backbone, Init, ModelSpec, TrainModel, correct, load_backbone};
 pub use method::{BnStats, Method, Select};
 
 /// Everything that determines a training run (saved as `config.json` beside the checkpoint).
@@ -608,7 +604,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let mut optim = AdamConfig::new().with_epsilon(ADAM_EPSILON).init();
     let (mut model, mut state) = match opts.resume.then(|| ckpt.latest()).flatten() {
         Some(dir) => {
-            let saved = checkpoint::read_json(&opts.out.join("config.json"))?;
+            let saved = crate::fsx::read_json(&opts.out.join("config.json"))?;
             checkpoint::ensure_same_config(&saved, &config_json)?;
             let (model, st, o) = ckpt.load(&dir, cfg, &ad, optim)?;
             ckpt.write_metrics(&st)?;
@@ -760,7 +756,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     }
     let best_path = ckpt.best_backbone_path();
     let test_clean_acc = if best_path.is_file() {
-        let best = checkpoint::load_backbone(&best_path, &cfg.model, &device)?;
+        let best = load_backbone(&best_path, &cfg.model, &device)?;
         accuracy(&best, &run_data.test, &device)
     } else {
         0.0

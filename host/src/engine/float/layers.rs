@@ -24,10 +24,10 @@
 
 use anyhow::{Result, ensure};
 
-pub use crate::engine::gemm::Isa;
-use crate::engine::gemm::{LANES, MAX_KW, MR, NR, tile, tile_direct};
 use crate::engine::int::layers::{pad_planes, pixel_runs};
 use crate::ir::{self, Network, Op, Value};
+pub use crate::kernels::Isa;
+use crate::kernels::gemm::{LANES, MAX_KW, MR, NR, tile, tile_direct};
 
 /// Images per batch (as the integer engine).
 pub const BATCH: usize = 8;
@@ -216,10 +216,10 @@ impl<'n> Prepared<'n> {
         }
         ws.values.resize_with(self.steps.len(), Vec::new);
         match self.isa {
-            // SAFETY: `Isa::Avx512` is only detected (or listed) when the CPU has AVX-512 F, BW,
-            // DQ, VL and FMA, the features `run_avx512` is compiled for.
+            // SAFETY: `Isa::Avx512Vnni` and `Isa::Avx512` are only detected (or listed) when the
+            // CPU has AVX-512 F, BW, DQ, VL and FMA, the features `run_avx512` is compiled for.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { self.run_avx512(nb, ws) },
+            Isa::Avx512Vnni | Isa::Avx512 => unsafe { self.run_avx512(nb, ws) },
             _ => self.run(nb, ws),
         }
         Ok(ws.values.last().map_or(&[][..], |v| v.as_slice()))

@@ -32,7 +32,7 @@ use nvcim_shared::exec::{requant, shift_round, value};
 use nvcim_shared::format::{ActKind, Model, Op, OpKind, Requant, Shape};
 use nvcim_shared::tile::{MAX_TILE_ROWS, Path};
 
-use crate::engine::simd;
+use crate::kernels::Isa;
 
 // No tile sum of `exec` can leave `i32` (module docs).
 const _: () = assert!(MAX_TILE_ROWS as i64 * 32768 * 255 <= i32::MAX as i64);
@@ -49,35 +49,6 @@ const LANES: usize = 16;
 const NR: usize = 3;
 /// Pairs of fan-in rows times padded pixels of one im2col block, at most (about 256 KiB).
 const BLOCK_ELEMS: usize = 1 << 16;
-
-/// Which inner loops this CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// AVX-512 F, BW, DQ, VL and VNNI.
-    Avx512Vnni,
-    /// Portable Rust.
-    Portable,
-}
-
-impl Isa {
-    /// The best this CPU has.
-    pub fn detect() -> Isa {
-        if simd::has_avx512_core() && simd::has_avx512_vnni() {
-            Isa::Avx512Vnni
-        } else {
-            Isa::Portable
-        }
-    }
-
-    /// Every path this CPU can run (for tests).
-    pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        if Isa::detect() == Isa::Avx512Vnni {
-            v.push(Isa::Avx512Vnni);
-        }
-        v
-    }
-}
 
 /// A weighted op's per-run data: the programmed weights in register-block order and the
 /// fan-in chunk that keeps `i32` sums exact.

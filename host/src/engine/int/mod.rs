@@ -1,7 +1,7 @@
 //! The integer engine: the packed CiM model the firmware runs ([`nvcim_shared::format`]), its
 //! tiles programmed per run, classified on the collapsed path by the layer-at-a-time
 //! [`layers`] engine and with a non-ideal ADC image by image through `shared`'s `exec` on the
-//! host's [`crate::engine::simd`] kernel — bit-exact with the firmware either way.
+//! host's [`crate::kernels::dot`] kernel — bit-exact with the firmware either way.
 
 use anyhow::{Context, Result, ensure};
 use nvcim_shared::{
@@ -11,10 +11,11 @@ use nvcim_shared::{
     variation::VariationConfig,
 };
 
-use super::{BnRecalibration, NoisyClassifier, float::FloatEngine, simd::HostKernel};
+use super::{BnRecalibration, NoisyClassifier, float::FloatEngine};
 use crate::{
     data::Dataset,
     ir::{Network, Op, convert::Loaded},
+    kernels::{Isa, dot::HostKernel},
     pack::{calibrate_network, pack_network},
 };
 
@@ -174,7 +175,7 @@ pub fn int_run(
     program(m, var, seed, run, path, &mut state)
         .map_err(|e| anyhow::anyhow!("programming run {run}: {e}"))?;
     if layers::unsupported(m, path).is_none() {
-        return layers::count_correct(m, &state, layers::BATCH, layers::Isa::detect())
+        return layers::count_correct(m, &state, layers::BATCH, Isa::detect())
             .with_context(|| format!("classifying run {run}"));
     }
     let s = m.scratch();

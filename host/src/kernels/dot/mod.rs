@@ -3,7 +3,7 @@
 //!
 //! The workspace is built for generic x86-64, where [`Plain`]'s reduction vectorizes to SSE2
 //! `pmaddwd` (8 products per instruction). [`HostKernel`] detects the CPU's features at run
-//! time and uses, in order of preference:
+//! time ([`Isa::detect`]) and uses, in order of preference:
 //! - AVX-512 VNNI `_mm512_dpwssd_epi32` (32 products accumulated per instruction; the last
 //!   partial vector of a tile through a masked load), with [`DotKernel::dot_rows2`] loading
 //!   each input vector once for both rows;
@@ -17,7 +17,7 @@
 //! machine running them has with `Plain`).
 //!
 //! ```
-//! use nvcim::engine::simd::HostKernel;
+//! use nvcim::kernels::dot::HostKernel;
 //! use nvcim_shared::tile::{DotKernel, Plain};
 //! let (w, x): (Vec<i16>, Vec<i16>) = ((0..300).map(|i| i * 7 - 900).collect(), (0..300).map(|i| i % 256).collect());
 //! assert_eq!(HostKernel::dot_row(&w, &x, 128), Plain::dot_row(&w, &x, 128));
@@ -25,121 +25,46 @@
 
 use nvcim_shared::tile::{DotKernel, MAX_TILE_ROWS, Plain};
 
-/// AVX-512 VNNI or AVX2 when detected at run time, else [`Plain`]; bit-identical to [`Plain`]
-/// (module docs).
+use super::Isa;
+
+/// AVX-512 VNNI or AVX2 as the CPU's [`Isa`] has them, else [`Plain`]; bit-identical to
+/// [`Plain`] (module docs).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostKernel;
-
-/// The path [`HostKernel`] takes on this CPU.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Simd {
-    Vnni,
-    Avx2,
-    Portable,
-}
-
-/// The detection, once: one load per dot product instead of three feature tests.
-fn simd() -> Simd {
-    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        if has_avx512_vnni() {
-            Simd::Vnni
-        } else if has_avx2() {
-            Simd::Avx2
-        } else {
-            Simd::Portable
-        }
-    })
-}
-
-/// Whether this CPU runs the AVX2 path (the detection result is cached by std).
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this CPU has AVX-512 F, BW, DQ and VL, the subset the layer-wise engines'
-/// AVX-512 functions are compiled for (cached by std).
-pub fn has_avx512_core() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512dq")
-            && std::is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this CPU has FMA (cached by std).
-pub fn has_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this CPU runs the AVX-512 VNNI path (AVX-512 F, BW and VNNI; cached by std).
-pub fn has_avx512_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 impl DotKernel for HostKernel {
     #[inline]
     fn dot_i16(w: &[i16], x: &[i16]) -> i32 {
-        match simd() {
-            // SAFETY: `simd` returns `Vnni` only when AVX-512 F, BW and VNNI were detected.
+        match Isa::detect() {
+            // SAFETY: `Isa::Avx512Vnni` is detected only when AVX-512 F, BW and VNNI were.
             #[cfg(target_arch = "x86_64")]
-            Simd::Vnni => unsafe { avx512::dot_i16(w, x) },
-            // SAFETY: `simd` returns `Avx2` only when AVX2 was detected.
+            Isa::Avx512Vnni => unsafe { avx512::dot_i16(w, x) },
+            // SAFETY: `Isa::Avx512` and `Isa::Avx2` are detected only when AVX2 was.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { avx2::dot_i16(w, x) },
+            Isa::Avx512 | Isa::Avx2 => unsafe { avx2::dot_i16(w, x) },
             _ => Plain::dot_i16(w, x),
         }
     }
 
     #[inline]
     fn dot_row(w: &[i16], x: &[i16], rows: usize) -> i64 {
-        match simd() {
+        match Isa::detect() {
             // SAFETY: as in `dot_i16`.
             #[cfg(target_arch = "x86_64")]
-            Simd::Vnni => unsafe { avx512::dot_row(w, x, rows) },
+            Isa::Avx512Vnni => unsafe { avx512::dot_row(w, x, rows) },
             // SAFETY: as in `dot_i16`.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { avx2::dot_row(w, x, rows) },
+            Isa::Avx512 | Isa::Avx2 => unsafe { avx2::dot_row(w, x, rows) },
             _ => Plain::dot_row(w, x, rows),
         }
     }
 
     #[inline]
     fn dot_rows2(w: [&[i16]; 2], x: &[i16], rows: usize) -> [i64; 2] {
-        match simd() {
+        match Isa::detect() {
             // SAFETY: as in `dot_i16`.
             #[cfg(target_arch = "x86_64")]
-            Simd::Vnni => unsafe { avx512::dot_rows2(w, x, rows) },
+            Isa::Avx512Vnni => unsafe { avx512::dot_rows2(w, x, rows) },
             _ => [Self::dot_row(w[0], x, rows), Self::dot_row(w[1], x, rows)],
         }
     }
@@ -270,10 +195,10 @@ mod tests {
     }
 
     fn each_path(mut f: impl FnMut(&str, &Path)) {
-        if has_avx512_vnni() {
+        if Isa::detect().has_vnni() {
             f("vnni", &Path("vnni"));
         }
-        if has_avx2() {
+        if Isa::detect().has_avx2() {
             f("avx2", &Path("avx2"));
         }
     }

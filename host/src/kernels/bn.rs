@@ -8,8 +8,8 @@
 
 use rayon::prelude::*;
 
+use super::Isa;
 use super::lanes::per_isa;
-use crate::engine::gemm::Isa;
 
 per_isa! {
     /// `y = x s + b` (the loop compiled for the CPU's vectors; the same bits).

@@ -11,8 +11,8 @@
 
 use rayon::prelude::*;
 
+use super::Isa;
 use super::lanes::{Lanes, per_isa};
-use crate::engine::gemm::Isa;
 
 /// The window's maximum and its position (0..4, row-major) under Flex's rule: the maximum
 /// starts at the first value and moves to a later one that is greater or NaN (the kernels below

@@ -1,5 +1,5 @@
 //! The `f32` register-blocked matrix-product kernels that the float engine's layers and the
-//! training convolutions ([`crate::training::conv`]) share: one place for the micro-kernels,
+//! training convolutions ([`crate::kernels::conv`]) share: one place for the micro-kernels,
 //! each with an AVX-512, an AVX2 and a portable path chosen at run time ([`Isa`]).
 //!
 //! - [`tile`]: an `MR x (nr * LANES)` block `acc = W X` with `W` packed `[k][MR]` (one panel of
@@ -15,7 +15,7 @@
 //! The sums run in another order than Burn's: results agree with it within `f32` rounding,
 //! which the float engine's and the training kernels' tests bound.
 
-use crate::engine::simd;
+use super::Isa;
 
 /// Rows of a register block (one packed panel).
 pub(crate) const MR: usize = 8;
@@ -29,45 +29,6 @@ pub(crate) const MAX_KW: usize = 16;
 const KC: usize = 128;
 /// Columns of `B` per [`gemm_nn`] block (`KC x NC` floats: 240 KiB, inside L2).
 const NC: usize = 480;
-
-/// Which inner loops this CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// AVX-512 F, BW, DQ and VL, and FMA (what the engine's AVX-512 functions are compiled for).
-    Avx512,
-    /// AVX2 and FMA.
-    Avx2,
-    /// Portable Rust.
-    Portable,
-}
-
-impl Isa {
-    /// The best this CPU has.
-    pub fn detect() -> Isa {
-        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            if simd::has_avx512_core() && simd::has_fma() {
-                Isa::Avx512
-            } else if simd::has_avx2() && simd::has_fma() {
-                Isa::Avx2
-            } else {
-                Isa::Portable
-            }
-        })
-    }
-
-    /// Every path this CPU can run (for tests).
-    pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        if simd::has_avx2() && simd::has_fma() {
-            v.push(Isa::Avx2);
-        }
-        if Isa::detect() == Isa::Avx512 {
-            v.push(Isa::Avx512);
-        }
-        v
-    }
-}
 
 /// Packs the `m x k` matrix `A` (element `(i, j)` at `a[i * rs + j * cs]`) into panels of
 /// [`MR`] rows, `[m / MR][k][MR]`, rows past `m` zero: the `W` operand of [`tile`] and
@@ -155,7 +116,7 @@ pub(crate) fn gemm(
         }
         return;
     }
-    if let (Lhs::Rows(rows, lda), false) = (a, cfg!(target_arch = "x86_64") && isa == Isa::Avx512) {
+    if let (Lhs::Rows(rows, lda), false) = (a, cfg!(target_arch = "x86_64") && isa.has_avx512()) {
         // Only the AVX-512 kernel reads rows in place; the others take the packed panels.
         let mut packed = Vec::new();
         pack_panels(rows, m, k, lda, 1, &mut packed);
@@ -259,7 +220,7 @@ pub(crate) fn tile_direct(
         // SAFETY: detected AVX-512 F and FMA; every load `taps[j] + bases[v] .. + 16` is
         // inside `padded` and every `tap_x` indexes the mask rows (checked above).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe {
+        Isa::Avx512Vnni | Isa::Avx512 => unsafe {
             match nr {
                 3 => avx512::tile_direct::<3>(w, padded, taps, tap_x, bases, masks, acc),
                 2 => avx512::tile_direct::<2>(w, padded, taps, tap_x, bases, masks, acc),
@@ -306,7 +267,7 @@ pub(crate) fn tile(
     match isa {
         // SAFETY: detected AVX-512 F and FMA; the bounds were checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe {
+        Isa::Avx512Vnni | Isa::Avx512 => unsafe {
             match nr {
                 3 => avx512::tile::<3>(w, col, stride, col0, k, acc),
                 2 => avx512::tile::<2>(w, col, stride, col0, k, acc),

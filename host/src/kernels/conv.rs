@@ -1,7 +1,7 @@
 //! Training's 2-D convolution on the CPU: the forward pass, the input gradient and the weight
 //! gradient of a bias-free, ungrouped, undilated convolution over `f32` NCHW tensors (every
 //! convolution of VGG-8 and ResNet-18), as matrix products on the kernels of
-//! [`crate::engine::gemm`] (AVX-512, AVX2 or portable, detected at run time).
+//! [`crate::kernels::gemm`] (AVX-512, AVX2 or portable, detected at run time).
 //!
 //! A worker takes a contiguous run of the batch (one per rayon thread) and goes through it a few
 //! images at a time, enough for rows of at least [`COLS`] output pixels:
@@ -28,8 +28,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::Isa;
+use super::gemm::{self, LANES};
 use super::lanes::{Lanes, per_isa};
-use crate::engine::gemm::{self, Isa, LANES};
 
 /// Output pixels per product, at least (images are grouped until their columns reach it).
 const COLS: usize = 512;
@@ -712,7 +713,7 @@ fn transpose_images(
         let out = &mut dst[i * plane * ld..(i + 1) * plane * ld];
         let (mut c_done, mut px_done) = (0, plane);
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 {
+        if isa.has_avx512() {
             (c_done, px_done) = (cols - cols % B, plane - plane % B);
             for c0 in (0..c_done).step_by(B) {
                 for px0 in (0..px_done).step_by(B) {

@@ -1,12 +1,12 @@
 //! `f32` vectors for the training kernels' plain loops: [`Lanes`] (an AVX-512 or AVX2 register,
 //! or one scalar) and [`per_isa!`], which compiles a kernel once per instruction set and calls
-//! the copy for the CPU's [`crate::engine::gemm::Isa`].
+//! the copy for the CPU's [`crate::kernels::Isa`].
 
 /// A vector of `f32` lanes: one AVX-512 or AVX2 register, or one scalar (the portable path and
 /// the tails).
 ///
 /// The register types' methods call their ISA's intrinsics: they are only instantiated by
-/// [`per_isa!`]'s copies for that ISA, which run once [`crate::engine::gemm::Isa::detect`] found it.
+/// [`per_isa!`]'s copies for that ISA, which run once [`crate::kernels::Isa::detect`] found it.
 pub(crate) trait Lanes: Copy {
     /// Lanes per vector.
     const N: usize;
@@ -239,26 +239,26 @@ macro_rules! per_isa {
     ($(#[$m:meta])* fn $name:ident<$v:ident>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        fn $name(isa: $crate::engine::gemm::Isa, $($a: $t),*) $(-> $r)? {
+        fn $name(isa: $crate::kernels::Isa, $($a: $t),*) $(-> $r)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn body<$v: $crate::training::lanes::Lanes>($($a: $t),*) $(-> $r)? $body
+            fn body<$v: $crate::kernels::lanes::Lanes>($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
             #[allow(clippy::too_many_arguments)]
-            fn avx512($($a: $t),*) $(-> $r)? { body::<$crate::training::lanes::regs::F512>($($a),*) }
+            fn avx512($($a: $t),*) $(-> $r)? { body::<$crate::kernels::lanes::regs::F512>($($a),*) }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
-            fn avx2($($a: $t),*) $(-> $r)? { body::<$crate::training::lanes::regs::F256>($($a),*) }
+            fn avx2($($a: $t),*) $(-> $r)? { body::<$crate::kernels::lanes::regs::F256>($($a),*) }
             match isa {
-                // SAFETY: `Isa::Avx512` and `Isa::Avx2` are only detected on CPUs with these
-                // features.
+                // SAFETY: `Isa::Avx512Vnni`, `Isa::Avx512` and `Isa::Avx2` are only detected on
+                // CPUs with these features.
                 #[cfg(target_arch = "x86_64")]
-                $crate::engine::gemm::Isa::Avx512 => unsafe { avx512($($a),*) },
+                $crate::kernels::Isa::Avx512Vnni | $crate::kernels::Isa::Avx512 => unsafe { avx512($($a),*) },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
-                $crate::engine::gemm::Isa::Avx2 => unsafe { avx2($($a),*) },
+                $crate::kernels::Isa::Avx2 => unsafe { avx2($($a),*) },
                 _ => body::<f32>($($a),*),
             }
         }

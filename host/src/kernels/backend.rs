@@ -33,9 +33,9 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
 use burn::tensor::{Tensor, TensorData};
 
+use super::Isa;
 use super::conv::{self, Geom};
 use super::{bn, pool};
-use crate::engine::gemm::Isa;
 
 fn options(stride: usize, padding: usize) -> ConvOptions<2> {
     ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1)
