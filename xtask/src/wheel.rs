@@ -14,8 +14,27 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+/// The crates only the Python package depends on: all a wheel build after the workspace's own
+/// build ([`crate::BUILD`]) may compile (see [`test`]).
+const PYTHON_ONLY: [&str; 9] = [
+    "pyo3",
+    "pyo3-build-config",
+    "pyo3-ffi",
+    "pyo3-macros",
+    "pyo3-macros-backend",
+    "numpy",
+    "rustc-hash",
+    "target-lexicon",
+    "nvcim-python",
+];
+
 /// Builds the wheel into `<target>/wheels` and installs it into `.venv`; returns its path.
 pub fn build(root: &Path) -> Result<PathBuf> {
+    build_listing(root).map(|(wheel, _)| wheel)
+}
+
+/// [`build`], also returning the crates cargo compiled for it (its `Compiling` lines).
+fn build_listing(root: &Path) -> Result<(PathBuf, Vec<String>)> {
     let python = venv_python(root, ".venv")?;
     let out = crate::target_dir(root).join("wheels");
     if out.is_dir() {
@@ -26,17 +45,38 @@ pub fn build(root: &Path) -> Result<PathBuf> {
             }
         }
     }
-    crate::step(
-        Command::new(&python)
-            .args(["-m", "maturin", "build", "--release", "--manifest-path"])
-            .arg(root.join("python").join("Cargo.toml"))
-            .arg("--interpreter")
-            .arg(&python)
-            .arg("--out")
-            .arg(&out),
-        "maturin build --release (python/, abi3 wheel)",
-    )
-    .context("building the wheel (`cargo xtask setup` installs maturin into .venv)")?;
+    let label = "maturin build --release (python/, abi3 wheel)";
+    eprintln!("\n==> {label}");
+    let t = std::time::Instant::now();
+    let output = Command::new(&python)
+        .args(["-m", "maturin", "build", "--release", "--manifest-path"])
+        .arg(root.join("python").join("Cargo.toml"))
+        .arg("--interpreter")
+        .arg(&python)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting `{label}`"))?;
+    let log = String::from_utf8_lossy(&output.stderr);
+    eprint!("{log}");
+    eprintln!(
+        "<== {label}: {} in {:.1} s",
+        output.status,
+        t.elapsed().as_secs_f64()
+    );
+    if !output.status.success() {
+        bail!(
+            "`{label}` failed ({}); `cargo xtask setup` installs maturin into .venv",
+            output.status
+        );
+    }
+    let compiled = log
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("Compiling "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
     let wheel = fs::read_dir(&out)
         .with_context(|| format!("listing {}", out.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -44,7 +84,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
         .with_context(|| format!("maturin wrote no nvcim wheel into {}", out.display()))?;
     install(&python, &wheel)?;
     eprintln!("    wheel: {}", wheel.display());
-    Ok(wheel)
+    Ok((wheel, compiled))
 }
 
 fn is_our_wheel(p: &Path) -> bool {
@@ -92,8 +132,34 @@ fn imports(python: &Path, module: &str) -> bool {
 /// Builds and installs the wheel, then runs `python/tests` with pytest against it and `nvcim`
 /// (the binary of the same build): in `.venv`, and the torch tests in `.venv-bench` when it has
 /// torch.
+///
+/// Run after the workspace's build, the wheel's build must compile only the crates the Python
+/// package alone depends on ([`PYTHON_ONLY`]): one build, not two (`shared/Cargo.toml` unifies
+/// syn's features with PyO3's for that).
 pub fn test(root: &Path, nvcim: &Path) -> Result<()> {
-    let wheel = build(root)?;
+    let (wheel, compiled) = build_listing(root)?;
+    let again: Vec<&String> = compiled
+        .iter()
+        .filter(|c| !PYTHON_ONLY.contains(&c.as_str()))
+        .collect();
+    if !again.is_empty() {
+        bail!(
+            "the wheel's build compiled {} crates that the workspace's build had already compiled \
+             ({}): the Python package's dependency graph turns on other features of them; \
+             unify the features (see shared/Cargo.toml's build-dependencies)",
+            again.len(),
+            again
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    eprintln!(
+        "    one build: the wheel compiled only {} ({} crates)",
+        compiled.join(", "),
+        compiled.len()
+    );
     let python = venv_python(root, ".venv")?;
     let pytest = |python: &Path, what: &str, args: &[&str]| {
         crate::step(
