@@ -36,6 +36,26 @@
 //! - [`report`]: the paper's tables; [`sweep`]: experiment plans, local and Slurm.
 //! - [`commands`]: one module per CLI verb, each a thin shell (parse, call the library, print);
 //!   [`cli`] dispatches. The hardware model itself lives in `nvcim-shared`.
+//!
+//! The library takes typed values; flags are parsed once, in [`commands`]. A Monte Carlo
+//! evaluation of a network under device variation, from Rust:
+//!
+//! ```
+//! use nvcim::data::Batch;
+//! use nvcim::engine::float::{FloatData, FloatEngine};
+//! use nvcim::eval::{EvalPlan, ModelInfo, compute_report};
+//! use nvcim::ir::{Network, RandomArch};
+//! use nvcim_shared::{quant::ScaleMode, variation::VariationConfig};
+//!
+//! // A random-weight VGG-8; `nvcim::onnx::import::import` gives the same for any ONNX CNN.
+//! let net = Network::vgg8(&RandomArch::new(1, 0.0625))?;
+//! let engine = FloatEngine::new(net, ScaleMode::PerLayer)?;
+//! let batch = Batch { images: vec![0.5; 4 * 32 * 32], labels: vec![0, 1, 2, 3], shape: [4, 1, 32, 32] };
+//! let plan = EvalPlan::new(vec![0.2, 0.4], 3, 7, VariationConfig::paper(0.0)?)?;
+//! let report = compute_report(&plan, &ModelInfo::default(), &engine, &FloatData::new(&[batch]))?;
+//! assert_eq!(report.results.len(), 2); // one summary per sigma, 3 runs each
+//! # Ok::<(), anyhow::Error>(())
+//! ```
 
 pub mod cli;
 pub mod commands;

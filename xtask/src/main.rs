@@ -219,6 +219,15 @@ fn test(root: &Path) -> Result<()> {
     one_build()?;
     cluster::run(root, &nvcim_binary(root))?;
     wheel::test(root, &nvcim_binary(root))?;
+    // The library's documentation: its crate-level example runs with the doc tests above, and
+    // no intra-doc link of the `nvcim` crate may be broken.
+    let cargo_bin = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    step(
+        Command::new(cargo_bin)
+            .args(["doc", "--release", "--no-deps", "-p", "nvcim"])
+            .env("RUSTDOCFLAGS", "-D rustdoc::broken_intra_doc_links"),
+        "cargo doc --release --no-deps -p nvcim (broken intra-doc links are errors)",
+    )?;
     cargo(&["test", "--release", "-p", "nvcim-firmware", "--lib"])?;
     cargo(&[
         "build",
