@@ -22,7 +22,7 @@ use crate::{
 pub mod layers;
 
 /// The integer engine of `nvcim eval`: the checkpoint packed with `test` and activation scales
-/// calibrated on `calibration` training images (see [`pack_checkpoint`]), with an ideal ADC or
+/// calibrated on `calibration` training images (see [`crate::pack::pack_checkpoint`]), with an ideal ADC or
 /// one of `adc_bits`; with `recal`, every run's BatchNorm statistics are re-estimated through
 /// its perturbed weights and folded into its requantization records ([`IntEngine`]).
 #[allow(clippy::too_many_arguments)]
