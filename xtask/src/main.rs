@@ -225,8 +225,11 @@ fn test(root: &Path) -> Result<()> {
     step(
         Command::new(cargo_bin)
             .args(["doc", "--release", "--no-deps", "-p", "nvcim"])
-            .env("RUSTDOCFLAGS", "-D rustdoc::broken_intra_doc_links"),
-        "cargo doc --release --no-deps -p nvcim (broken intra-doc links are errors)",
+            .env(
+                "RUSTDOCFLAGS",
+                "-D rustdoc::broken_intra_doc_links -D rustdoc::private_intra_doc_links",
+            ),
+        "cargo doc --release --no-deps -p nvcim (broken or private intra-doc links are errors)",
     )?;
     cargo(&["test", "--release", "-p", "nvcim-firmware", "--lib"])?;
     cargo(&[

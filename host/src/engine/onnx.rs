@@ -248,7 +248,7 @@ pub fn perturbed_model(
     Ok(noisy)
 }
 
-/// Runs `runner` over all images in batches of [`BATCH`].
+/// Runs `runner` over all images in batches of `BATCH`.
 pub fn logits_of(runner: &mut TractRunner, images: &[f32], n: usize) -> Result<Vec<f32>> {
     let per = images.len() / n.max(1);
     let mut out = Vec::new();

@@ -4,18 +4,18 @@
 //! [`crate::kernels::gemm`] (AVX-512, AVX2 or portable, detected at run time).
 //!
 //! A worker takes a contiguous run of the batch (one per rayon thread) and goes through it a few
-//! images at a time, enough for rows of at least [`COLS`] output pixels:
+//! images at a time, enough for rows of at least `COLS` output pixels:
 //! - forward: `Y = W col` — `col` the im2col matrix (`[c kh kw][image, oy, ox]`) of the images,
 //!   `W` packed once per call;
 //! - input gradient: `dcol = W^T dY`, then col2im adds `dcol` back onto the input pixels;
-//! - weight gradient: `dW^T += col dY^T`, `col`'s rows read in place ([`gemm::Lhs::Rows`]) and
+//! - weight gradient: `dW^T += col dY^T`, `col`'s rows read in place (`gemm::Lhs::Rows`) and
 //!   `dY` transposed to pixel rows (16 x 16 register blocks with AVX-512), on the same
 //!   micro-kernel as the other two; each worker owns a range of fan-in rows and sums over the
 //!   whole batch in order (the same bits with any number of threads).
 //!
 //! A 3x3, stride-1, padding-1 convolution with at least 16 input and output channels (every
 //! VGG-8 convolution but the first) takes Winograd F(2x2, 3x3) instead, forward and input
-//! gradient alike ([`winograd`]): each 4x4 input tile transformed (`B^T d B`), 16 products of the
+//! gradient alike (`winograd`): each 4x4 input tile transformed (`B^T d B`), 16 products of the
 //! transformed kernels (`G k G^T`, `o x c`) by the transformed tiles on the same micro-kernel,
 //! each 2x2 output tile transformed back (`A^T m A`): 2.25x fewer multiplies, results within
 //! `f32` rounding of the direct sum (the transforms' coefficients are 0, +-1 and +-1/2).

@@ -2,14 +2,14 @@
 //! training convolutions ([`crate::kernels::conv`]) share: one place for the micro-kernels,
 //! each with an AVX-512, an AVX2 and a portable path chosen at run time ([`Isa`]).
 //!
-//! - [`tile`]: an `MR x (nr * LANES)` block `acc = W X` with `W` packed `[k][MR]` (one panel of
-//!   [`pack_panels`]) and `X` row-major (`k` rows of `stride` values) — the float engine's
-//!   im2col product and [`gemm_nn`]'s block;
-//! - [`tile_direct`]: the same block reading a padded image through tap offsets (the float
+//! - `tile`: an `MR x (nr * LANES)` block `acc = W X` with `W` packed `[k][MR]` (one panel of
+//!   `pack_panels`) and `X` row-major (`k` rows of `stride` values) — the float engine's
+//!   im2col product and `gemm_nn`'s block;
+//! - `tile_direct`: the same block reading a padded image through tap offsets (the float
 //!   engine's direct convolution);
-//! - [`gemm_nn`]: `C (+)= A B` over whole matrices, `A` packed by [`pack_panels`], blocked for
+//! - `gemm_nn`: `C (+)= A B` over whole matrices, `A` packed by `pack_panels`, blocked for
 //!   the caches (`KC` fan-in rows x `NC` columns of `B` per block);
-//! - [`gemm`]: the same with `A` packed or row-major ([`Lhs`]); the AVX-512 path reads rows in
+//! - [`gemm`]: the same with `A` packed or row-major (`Lhs`); the AVX-512 path reads rows in
 //!   place (`avx512::tile_rows`, broadcasting from `MR` rows), the others pack them first.
 //!
 //! The sums run in another order than Burn's: results agree with it within `f32` rounding,

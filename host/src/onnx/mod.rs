@@ -1,5 +1,5 @@
-//! ONNX: export of a [`crate::ir::Network`], running files in tract and ONNX Runtime, their
-//! cross-check, and Monte Carlo evaluation of external ONNX models.
+//! ONNX: export of a [`crate::ir::Network`], import of any CNN file into one, running files in
+//! tract and ONNX Runtime, and their cross-check.
 //!
 //! - [`export`]: IR -> `ModelProto` (prost types from `tract_onnx::pb`), BatchNorm folded or
 //!   kept, QDQ weights, one sampled noisy instance, provenance in `metadata_props`.
@@ -7,8 +7,11 @@
 //!   from `ORT_DYLIB_PATH` or the repository's `.venv`, see [`locate_ort`]).
 //! - [`check`]: the two runtimes on the same images, their differences and accuracies, and a
 //!   hook for reference logits (Burn's).
-//! - [`mc`]: Monte Carlo evaluation of any ONNX CNN by perturbing its Conv/Gemm/MatMul weight
-//!   initializers.
+//! - [`import`]: an ONNX CNN (as PyTorch exports it) into a [`crate::ir::Network`], for the
+//!   float and integer engines, the packed format and the firmware; [`data`]: its images,
+//!   brought to its input and normalized as the file or the user says.
+//! - The tract engine of `nvcim eval --onnx --engine tract` (the file's Conv/Gemm/MatMul weight
+//!   initializers perturbed) is [`crate::engine::onnx`].
 
 pub mod check;
 pub mod data;

@@ -4,7 +4,7 @@
 //! Layout under `--out DIR`:
 //! - `config.json` (the resolved run configuration), `model.json` (the backbone's
 //!   [`ModelSpec`](crate::model::ModelSpec)), `metrics.jsonl` (one
-//!   [`EpochMetrics`](super::EpochMetrics) per line);
+//!   [`EpochMetrics`] per line);
 //! - `checkpoint/`: `model.bpk` (backbone + exits, BN statistics, parameter ids), `optimizer.bpk`
 //!   (Adam moments), `state.json` (epochs done = the scheduler's position, best so far, history,
 //!   the RNG derivation);
