@@ -150,6 +150,103 @@ pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
+/// The file a checkpoint save writes beside its other files: the CRC-32 (IEEE) and the length of
+/// each, so that a changed byte (bit rot, a bad copy) is refused on load instead of evaluated.
+pub const CHECKSUMS: &str = "checksums.json";
+
+/// Writes `dir/checksums.json` for every other file in `dir` (a save's temporary directory, so
+/// it is swapped in with the files it describes).
+pub fn write_checksums(dir: &Path) -> Result<()> {
+    let mut files = serde_json::Map::new();
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file() && e.file_name() != CHECKSUMS)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let bytes = std::fs::read(dir.join(&name))
+            .with_context(|| format!("reading {}", dir.join(&name).display()))?;
+        files.insert(
+            name,
+            serde_json::json!({
+                "crc32": format!("{:08x}", nvcim_shared::crc::crc32(&bytes)),
+                "bytes": bytes.len(),
+            }),
+        );
+    }
+    write_json_atomic(
+        &dir.join(CHECKSUMS),
+        &serde_json::json!({ "algorithm": "crc32-ieee", "files": files }),
+    )
+}
+
+/// Checks `file` against the `checksums.json` of its directory. A directory without one (a
+/// save from before nvcim wrote checksums, or a file placed there by hand) is accepted as it is.
+pub fn verify_checksum(file: &Path) -> Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let sums = dir.join(CHECKSUMS);
+    if !sums.is_file() {
+        return Ok(());
+    }
+    let table = read_json(&sums)?;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let Some(entry) = table["files"].get(&name) else {
+        bail!(
+            "{} is not listed in {}: the checkpoint directory holds a file its save did not \
+             write; restore the directory from a copy or train again",
+            file.display(),
+            sums.display()
+        );
+    };
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let crc = format!("{:08x}", nvcim_shared::crc::crc32(&bytes));
+    let (want_crc, want_len) = (
+        entry["crc32"].as_str().unwrap_or(""),
+        entry["bytes"].as_u64().unwrap_or(u64::MAX),
+    );
+    if crc != want_crc || bytes.len() as u64 != want_len {
+        bail!(
+            "{} changed since it was saved (CRC-32 {crc}, {} bytes; {} records {want_crc}, \
+             {want_len} bytes): the file is corrupt (bit rot or a bad copy); restore it from a \
+             copy, or train again",
+            file.display(),
+            bytes.len(),
+            sums.display()
+        );
+    }
+    Ok(())
+}
+
+/// [`verify_checksum`] of every file `dir/checksums.json` lists (and that each is there).
+pub fn verify_dir(dir: &Path) -> Result<()> {
+    let sums = dir.join(CHECKSUMS);
+    if !sums.is_file() {
+        return Ok(());
+    }
+    let table = read_json(&sums)?;
+    let files = table["files"]
+        .as_object()
+        .with_context(|| format!("{} has no `files` table", sums.display()))?;
+    for name in files.keys() {
+        let f = dir.join(name);
+        if !f.is_file() {
+            bail!(
+                "{} is missing ({} lists it): the checkpoint is incomplete; restore it from a \
+                 copy, or train again",
+                f.display(),
+                sums.display()
+            );
+        }
+        verify_checksum(&f)?;
+    }
+    Ok(())
+}
+
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text =

@@ -905,3 +905,77 @@ mkdir '{s}/after-ro'; cp -a '{m}/run' '{m}/eval' '{s}/after-ro/'
     let s = summary(&train(data.path(), &copy.join("run"), &resume));
     assert_eq!(s["epochs_done"], 3);
 }
+
+/// Every save writes `checksums.json`; one flipped byte in the best backbone is refused by
+/// `nvcim eval` (naming the file, never a silent 10%), and one in the checkpoint by `--resume`.
+#[test]
+fn a_flipped_byte_in_a_checkpoint_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 128, 32);
+    let out = tempfile::tempdir().unwrap();
+    let flags = [
+        "--epochs",
+        "2",
+        "--max-train",
+        "96",
+        "--stop-after-epochs",
+        "1",
+    ];
+    summary(&train(data.path(), out.path(), &flags));
+    for dir in ["best", "checkpoint"] {
+        let sums: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join(dir).join("checksums.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(sums["files"].get("state.json").is_some(), "{dir}: {sums}");
+    }
+    let flip = |p: &Path| {
+        let mut b = std::fs::read(p).unwrap();
+        let at = b.len() / 2;
+        b[at] ^= 0x10;
+        std::fs::write(p, &b).unwrap();
+        at
+    };
+    // The best backbone: eval refuses it; with the byte restored it evaluates.
+    let backbone = out.path().join("best/backbone.bpk");
+    let original = std::fs::read(&backbone).unwrap();
+    flip(&backbone);
+    let eval = |o: &Path| {
+        nvcim(&[
+            "eval",
+            out.path().to_str().unwrap(),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--sigma",
+            "0.2",
+            "--mc",
+            "1",
+            "--out",
+            o.to_str().unwrap(),
+            "--quiet",
+        ])
+    };
+    let ev = tempfile::tempdir().unwrap();
+    let o = eval(ev.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("backbone.bpk") && err.contains("changed since it was saved"),
+        "{err}"
+    );
+    assert!(!ev.path().join("eval.json").exists());
+    std::fs::write(&backbone, &original).unwrap();
+    let o = eval(ev.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The training checkpoint: --resume refuses it and names the file.
+    flip(&out.path().join("checkpoint/optimizer.bpk"));
+    let mut resume = flags[..4].to_vec();
+    resume.push("--resume");
+    let o = train(data.path(), out.path(), &resume);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("optimizer.bpk") && err.contains("changed since it was saved"),
+        "{err}"
+    );
+}

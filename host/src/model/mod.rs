@@ -150,6 +150,7 @@ impl ModelSpec {
 /// Loads a backbone saved by training's `Checkpoint::save_best` (or any backbone record) for
 /// `spec`.
 pub fn load_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result<Backbone> {
+    crate::fsx::verify_checksum(path)?;
     let record = ModuleRecord::load(path)
         .map_err(|e| anyhow::anyhow!("{e:?}"))
         .with_context(|| format!("reading backbone {}", path.display()))?;

@@ -11,6 +11,10 @@
 //! - `best/`: `backbone.bpk` (the backbone alone, best validation accuracy under the run's
 //!   `--select` rule, named in its `state.json`), `model.json`, `state.json`.
 //!
+//! Both directories hold `checksums.json` (the CRC-32 and length of each file, written with
+//! them): `--resume` and every reader of `best/backbone.bpk` refuse a file that changed since
+//! (saves from before checksums load as they are).
+//!
 //! Every file is `fsync`ed before the directory holding it is swapped in, and the swap itself
 //! is two renames (`checkpoint/` -> `checkpoint.old/`, `checkpoint.tmp/` -> `checkpoint/`):
 //! a process killed at any point leaves a complete `checkpoint/` or `checkpoint.old/`, which
@@ -199,7 +203,8 @@ impl Checkpoint {
                 "derived: epoch e reseeds the device with epoch_seed({}, e) and draws shuffles/augmentation from stream_for(Host, {}, e, tag)",
                 cfg.seed, cfg.seed
             );
-            write_json_atomic(&tmp.join("state.json"), &serde_json::to_value(&st)?)
+            write_json_atomic(&tmp.join("state.json"), &serde_json::to_value(&st)?)?;
+            fsx::write_checksums(&tmp)
         })();
         abandon_on_error(written, &tmp, &dir)?;
         swap_in(&tmp, &dir, "checkpoint-swap")?;
@@ -240,7 +245,8 @@ impl Checkpoint {
                 "val_noisy_acc": state.best_val_noisy,
                 "selected_by": format!("{} validation accuracy", cfg.selection().name()),
             });
-            write_json_atomic(&tmp.join("state.json"), &info)
+            write_json_atomic(&tmp.join("state.json"), &info)?;
+            fsx::write_checksums(&tmp)
         })();
         abandon_on_error(written, &tmp, &dir)?;
         swap_in(&tmp, &dir, "best-swap")
@@ -254,6 +260,7 @@ impl Checkpoint {
         device: &Device,
         optim: ModuleOptimizer,
     ) -> Result<(TrainModel, State, ModuleOptimizer)> {
+        fsx::verify_dir(dir).context("resuming")?;
         let state: State = serde_json::from_value(read_json(&dir.join("state.json"))?)
             .with_context(|| {
                 format!(
