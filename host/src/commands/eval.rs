@@ -15,11 +15,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use burn::tensor::Device;
 use clap::Args;
 use nvcim_shared::format::build::PackConfig;
-
 use tract_onnx::pb::ModelProto;
 
 use crate::{
@@ -67,6 +66,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if let Some(onnx) = &args.onnx {
         return run_onnx(onnx, args, &plan, &out);
     }
+    ensure!(
+        plan.engine != Engine::Tract,
+        "--engine tract runs an ONNX file (--onnx FILE); a checkpoint runs on the float or int \
+         engine"
+    );
     let ckpt = args
         .checkpoint
         .as_deref()
@@ -101,10 +105,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             )?;
             evaluate(&plan, &out, &info, &engine, &())?;
         }
-        Engine::Tract => bail!(
-            "--engine tract runs an ONNX file (--onnx FILE); a checkpoint runs on the float or \
-             int engine"
-        ),
+        Engine::Tract => unreachable!("refused above"),
     }
     Ok(())
 }
