@@ -223,19 +223,7 @@ impl Dataset {
             self.height,
             self.width
         );
-        let (top, left) = ((size - self.height) / 2, (size - self.width) / 2);
-        let mut images = vec![0u8; self.len() * self.channels * size * size];
-        for (src, dst) in
-            images_iter(self).zip(images.chunks_exact_mut(self.channels * size * size))
-        {
-            for c in 0..self.channels {
-                for y in 0..self.height {
-                    let s = (c * self.height + y) * self.width;
-                    let d = (c * size + y + top) * size + left;
-                    dst[d..d + self.width].copy_from_slice(&src[s..s + self.width]);
-                }
-            }
-        }
+        let images = pad_centered(&self.images, self.height, self.width, size, size);
         Ok(self.with_square_images(images, size))
     }
 
@@ -261,6 +249,24 @@ impl Dataset {
             ..self.clone_header()
         }
     }
+}
+
+/// Zero-pads every `h x w` byte plane of `images` to `oh x ow`, centered (an odd extra row or
+/// column at the bottom or right). The caller checks `oh >= h`, `ow >= w`.
+pub fn pad_centered(images: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
+    let (top, left) = ((oh - h) / 2, (ow - w) / 2);
+    let planes = images.len() / (h * w).max(1);
+    let mut out = vec![0u8; planes * oh * ow];
+    for (src, dst) in images
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut(oh * ow))
+    {
+        for y in 0..h {
+            let d = (y + top) * ow + left;
+            dst[d..d + w].copy_from_slice(&src[y * w..(y + 1) * w]);
+        }
+    }
+    out
 }
 
 /// Resizes every `h x w` byte plane of `images` (images x channels of them) to `size x size`
@@ -308,10 +314,6 @@ pub fn resize_bilinear_hw(images: &[u8], h: usize, w: usize, oh: usize, ow: usiz
         }
     }
     out
-}
-
-fn images_iter(d: &Dataset) -> impl Iterator<Item = &[u8]> {
-    d.images.chunks_exact(d.image_bytes())
 }
 
 /// The training and test sets of `kind` from `dir`.

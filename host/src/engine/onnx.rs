@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail, ensure};
 use nvcim_shared::{quant::layer_scale, rng::stream, variation::VariationConfig};
 use tract_onnx::pb::{ModelProto, TensorProto, tensor_proto::DataType};
 
-use crate::onnx::{ModelInfo, read_model, run::TractRunner};
+use crate::onnx::{ModelInfo, import::transpose, read_model, run::TractRunner};
 
 use super::NoisyClassifier;
 pub use super::argmax;
@@ -189,17 +189,6 @@ fn read_f32(t: &TensorProto, what: &str) -> Result<Vec<f32>> {
         t.dims
     );
     Ok(data)
-}
-
-/// `[rows][cols]` -> `[cols][rows]`.
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
 }
 
 /// The model of Monte Carlo run `run`: every weight layer perturbed per the contract.

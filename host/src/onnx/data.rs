@@ -197,7 +197,7 @@ pub fn load_for(
         let images = if (ih, iw) == (h, w) {
             d.images
         } else if pad {
-            pad_images(&d.images, ih, iw, h, w)
+            data::pad_centered(&d.images, ih, iw, h, w)
         } else {
             data::resize_bilinear_hw(&d.images, ih, iw, h, w)
         };
@@ -299,24 +299,6 @@ pub fn open(
     })
 }
 
-/// Zero-pads every `h x w` plane to `oh x ow`, centered (the extra row or column, if odd, at the
-/// bottom or right).
-fn pad_images(images: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
-    let (top, left) = ((oh - h) / 2, (ow - w) / 2);
-    let planes = images.len() / (h * w).max(1);
-    let mut out = vec![0u8; planes * oh * ow];
-    for (src, dst) in images
-        .chunks_exact(h * w)
-        .zip(out.chunks_exact_mut(oh * ow))
-    {
-        for y in 0..h {
-            let d = (y + top) * ow + left;
-            dst[d..d + w].copy_from_slice(&src[y * w..(y + 1) * w]);
-        }
-    }
-    out
-}
-
 /// The images of `d` normalized with `n`, flat NCHW.
 pub fn normalized(d: &Dataset, n: &Normalization) -> Vec<f32> {
     let plane = d.height * d.width;
@@ -333,7 +315,6 @@ pub fn normalized(d: &Dataset, n: &Normalization) -> Vec<f32> {
 
 /// `d` as normalized batches of at most `size` images.
 pub fn batches(d: &Dataset, n: &Normalization, size: usize) -> Vec<Batch> {
-    let per = d.image_bytes();
     let mut out = Vec::new();
     for start in (0..d.len()).step_by(size.max(1)) {
         let idx: Vec<usize> = (start..(start + size).min(d.len())).collect();
@@ -343,7 +324,6 @@ pub fn batches(d: &Dataset, n: &Normalization, size: usize) -> Vec<Batch> {
             labels: part.labels.iter().map(|&l| i64::from(l)).collect(),
             shape: [idx.len(), d.channels, d.height, d.width],
         });
-        debug_assert_eq!(part.images.len(), idx.len() * per);
     }
     out
 }
@@ -378,7 +358,7 @@ mod tests {
 
     #[test]
     fn padding_centers_the_plane() {
-        let out = pad_images(&[1, 2, 3, 4], 2, 2, 3, 4);
+        let out = data::pad_centered(&[1, 2, 3, 4], 2, 2, 3, 4);
         assert_eq!(out, vec![0, 1, 2, 0, 0, 3, 4, 0, 0, 0, 0, 0]);
     }
 

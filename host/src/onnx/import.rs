@@ -187,7 +187,8 @@ pub fn import(model: &ModelProto, what: &str) -> Result<Imported> {
     })
 }
 
-/// The file's `nvcim.normalization.mean` / `.std` metadata, `None` when it has neither.
+/// The file's `nvcim.normalization.mean` / `.std` metadata, `None` when it has neither (a key
+/// that is missing beside the other one is mean 0 or std 1 per channel).
 pub fn file_normalization(model: &ModelProto, channels: usize) -> Result<Option<Normalization>> {
     let get = |key: &str| -> Result<Option<Vec<f32>>> {
         let Some(p) = model.metadata_props.iter().find(|p| p.key == key) else {
@@ -211,8 +212,10 @@ pub fn file_normalization(model: &ModelProto, channels: usize) -> Result<Option<
         get("nvcim.normalization.std")?,
     ) {
         (None, None) => Ok(None),
-        (Some(mean), Some(std)) => Ok(Some(Normalization { mean, std })),
-        _ => bail!("the file has only one of nvcim.normalization.mean and .std"),
+        (mean, std) => Ok(Some(Normalization {
+            mean: mean.unwrap_or_else(|| vec![0.0; channels]),
+            std: std.unwrap_or_else(|| vec![1.0; channels]),
+        })),
     }
 }
 
@@ -1034,7 +1037,7 @@ fn constant(t: &TensorProto) -> Result<Val> {
 }
 
 /// `[rows][cols]` -> `[cols][rows]`.
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; data.len()];
     for r in 0..rows {
         for c in 0..cols {

@@ -206,31 +206,9 @@ fn normalization(
     model: &tract_onnx::pb::ModelProto,
     channels: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let get = |key: &str, default: f32| -> Result<Vec<f32>> {
-        match model.metadata_props.iter().find(|p| p.key == key) {
-            None => Ok(vec![default; channels]),
-            Some(p) => {
-                let v: Vec<f32> = p
-                    .value
-                    .split(',')
-                    .map(|s| s.trim().parse::<f32>())
-                    .collect::<Result<_, _>>()
-                    .with_context(|| {
-                        format!("metadata {key} = `{}` is not a number list", p.value)
-                    })?;
-                ensure!(
-                    v.len() == channels,
-                    "metadata {key} has {} values for {channels} channels",
-                    v.len()
-                );
-                Ok(v)
-            }
-        }
-    };
-    Ok((
-        get("nvcim.normalization.mean", 0.0)?,
-        get("nvcim.normalization.std", 1.0)?,
-    ))
+    let n = import::file_normalization(model, channels)?
+        .unwrap_or_else(|| crate::ir::Normalization::identity(channels));
+    Ok((n.mean, n.std))
 }
 
 /// The first `limit` test images, prepared for the model, and their labels.
