@@ -128,6 +128,7 @@ fn main() -> Result<()> {
         in_channels: 1,
         image_size: 32,
         num_classes: 10,
+        graph: None,
     };
     let loaded = Loaded {
         path: PathBuf::from("random-init"),

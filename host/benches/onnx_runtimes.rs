@@ -24,6 +24,7 @@ fn runtimes(c: &mut Criterion) {
         in_channels: 3,
         image_size: 32,
         num_classes: 10,
+        graph: None,
     };
     let dev = Device::flex();
     let backbone = spec.init_backbone(&dev);

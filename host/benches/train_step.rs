@@ -33,6 +33,7 @@ fn bench(c: &mut Criterion) {
             in_channels: 1,
             image_size: 32,
             num_classes: 10,
+            graph: None,
         };
         let mut model = TrainModel {
             backbone: spec.init_backbone(&ad),

@@ -53,6 +53,7 @@ pub fn run(args: &ImportArgs) -> Result<()> {
         in_channels: args.dataset.channels(),
         image_size: args.image_size,
         num_classes: args.dataset.classes(),
+        graph: None,
     };
     let backbone = import::import_backbone(&args.weights, &spec, &Device::flex())?;
     let best = args.out.join("best");

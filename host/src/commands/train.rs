@@ -183,6 +183,7 @@ impl TrainFlags {
                 in_channels: self.dataset.channels(),
                 image_size: if pad32 { 32 } else { native },
                 num_classes: self.dataset.classes(),
+                graph: None,
             },
             method: self.method,
             alpha: self.alpha,

@@ -35,6 +35,13 @@ pub fn to_network(
     normalization: Normalization,
     provenance: Provenance,
 ) -> Result<Network> {
+    if let Backbone::Graph(g) = backbone {
+        let mut net = g.to_network(provenance)?;
+        net.normalization = normalization;
+        net.shapes()
+            .context("the converted network is inconsistent")?;
+        return Ok(net);
+    }
     let mut layers = backbone.weight_layers().into_iter();
     let mut b = Graph { nodes: Vec::new() };
     let mut next = |what: &str| {
@@ -456,6 +463,7 @@ mod tests {
             in_channels: 3,
             image_size: 16,
             num_classes: 10,
+            graph: None,
         };
         let ad = Device::flex().autodiff();
         ad.seed(5);

@@ -16,6 +16,7 @@
 //! shortcut convolution when the block has one. See [`Backbone::weight_layers`] and
 //! [`Backbone::set_weights`].
 
+pub mod graph;
 pub mod import;
 pub mod noise;
 
@@ -40,6 +41,9 @@ pub enum Arch {
     Vgg8,
     /// ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), stages 64/128/256/512, FC K.
     Resnet18,
+    /// Any CNN given as a graph (`nvcim train --onnx FILE`; recorded in `model.json`).
+    #[value(skip)]
+    Graph,
 }
 
 /// Everything needed to rebuild a backbone (saved beside every checkpoint).
@@ -55,6 +59,9 @@ pub struct ModelSpec {
     pub image_size: usize,
     /// Output classes.
     pub num_classes: usize,
+    /// The graph of an [`Arch::Graph`] model (its structure and exits; `None` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph: Option<Box<graph::GraphSpec>>,
 }
 
 /// How the backbone's linear layers start (`nvcim train --init`; convs are Kaiming-normal
@@ -84,8 +91,59 @@ fn scaled(base: usize, width: f64) -> usize {
 }
 
 impl ModelSpec {
+    /// A graph model of `graph` (its input and classes).
+    pub fn of_graph(graph: graph::GraphSpec) -> Self {
+        ModelSpec {
+            arch: Arch::Graph,
+            width: 1.0,
+            in_channels: graph.input[0],
+            image_size: graph.input[1],
+            num_classes: graph.num_classes,
+            graph: Some(Box::new(graph)),
+        }
+    }
+
+    /// Input channels, height and width.
+    pub fn input(&self) -> [usize; 3] {
+        match &self.graph {
+            Some(g) => g.input,
+            None => [self.in_channels, self.image_size, self.image_size],
+        }
+    }
+
+    /// The pooled sizes of Table I's exits (VGG-8 6, 4, 3; ResNet-18 6, 6, 4, 3).
+    pub fn table_one_pools(&self) -> Vec<usize> {
+        match self.arch {
+            Arch::Vgg8 => vec![6, 4, 3],
+            Arch::Resnet18 => vec![6, 6, 4, 3],
+            Arch::Graph => Vec::new(),
+        }
+    }
+
+    /// The graph of this model: the recorded one, or VGG-8's / ResNet-18's.
+    pub fn graph(&self) -> graph::GraphSpec {
+        let (m, s) = (vec![0.0; self.in_channels], vec![1.0; self.in_channels]);
+        match (&self.graph, self.arch) {
+            (Some(g), _) => (**g).clone(),
+            (None, Arch::Resnet18) => graph::GraphSpec::resnet18(self, &m, &s),
+            (None, _) => graph::GraphSpec::vgg8(self, &m, &s),
+        }
+    }
+
     /// Checks the numbers (width > 0, 1 or 3 channels, an image VGG-8 can pool three times).
     pub fn validate(&self) -> Result<()> {
+        if let Some(g) = &self.graph {
+            ensure!(
+                self.arch == Arch::Graph,
+                "a {:?} model with a recorded graph",
+                self.arch
+            );
+            return g.check();
+        }
+        ensure!(
+            self.arch != Arch::Graph,
+            "a graph model without its graph (model.json has no `graph`)"
+        );
         ensure!(
             self.width.is_finite() && self.width > 0.0 && self.width <= 8.0,
             "--width must be in (0, 8], got {}",
@@ -117,6 +175,9 @@ impl ModelSpec {
 
     /// The exits of Table I as (channels at the tap, pooled size s).
     pub fn exit_taps(&self) -> Vec<(usize, usize)> {
+        if let Some(g) = &self.graph {
+            return g.exit_taps().unwrap_or_default();
+        }
         match self.arch {
             Arch::Vgg8 => vec![(self.ch(64), 6), (self.ch(128), 4), (self.ch(256), 3)],
             Arch::Resnet18 => {
@@ -127,6 +188,7 @@ impl ModelSpec {
                     (self.ch(256), 3),
                 ]
             }
+            Arch::Graph => Vec::new(),
         }
     }
 
@@ -135,14 +197,19 @@ impl ModelSpec {
         match self.arch {
             Arch::Vgg8 => Backbone::Vgg8(Vgg8::new(self, device)),
             Arch::Resnet18 => Backbone::Resnet18(ResNet18::new(self, device)),
+            Arch::Graph => Backbone::Graph(graph::GraphNet::init(self.graph(), device)),
         }
     }
 
     /// Freshly initialized exits (Table I) on `device`.
     pub fn init_exits(&self, device: &Device) -> Vec<ExitHead> {
+        let hidden = match &self.graph {
+            Some(g) => g.exit_hidden,
+            None => self.ch(512),
+        };
         self.exit_taps()
             .into_iter()
-            .map(|(c, s)| ExitHead::new(c, s, self.ch(512), self.num_classes, device))
+            .map(|(c, s)| ExitHead::new(c, s, hidden, self.num_classes, device))
             .collect()
     }
 }
@@ -378,6 +445,8 @@ pub enum Backbone {
     Vgg8(Vgg8),
     /// ResNet-18.
     Resnet18(ResNet18),
+    /// Any CNN, as a graph.
+    Graph(graph::GraphNet),
 }
 
 /// The kind and geometry of a weight layer.
@@ -433,14 +502,14 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .expect("float tensors convert to f32")
 }
 
-/// A borrowed weight layer (conv-BN block or linear), in forward order.
+/// A borrowed weight layer (a conv with the BatchNorm after it, or linear), in forward order.
 enum LayerRef<'a> {
-    Conv(&'a ConvBn),
+    Conv(&'a Conv2d, Option<&'a BatchNorm>),
     Linear(&'a Linear),
 }
 
 enum LayerMut<'a> {
-    Conv(&'a mut ConvBn),
+    Conv(&'a mut Conv2d),
     Linear(&'a mut Linear),
 }
 
@@ -455,32 +524,110 @@ impl Backbone {
         match self {
             Backbone::Vgg8(m) => m.forward_taps(x, want_taps),
             Backbone::Resnet18(m) => m.forward_taps(x, want_taps),
+            Backbone::Graph(m) => m.forward_taps(x, want_taps),
         }
     }
 
-    fn layers(&self) -> Vec<(String, LayerRef<'_>)> {
+    /// The graph of a [`Backbone::Graph`].
+    pub fn graph(&self) -> Option<&graph::GraphNet> {
+        match self {
+            Backbone::Graph(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// Every BatchNorm, in forward order.
+    fn bns(&self) -> Vec<&BatchNorm> {
+        match self {
+            Backbone::Graph(g) => g
+                .layers
+                .iter()
+                .filter_map(|l| match l {
+                    graph::GraphLayer::Bn(b) => Some(b),
+                    _ => None,
+                })
+                .collect(),
+            _ => self
+                .layers()
+                .into_iter()
+                .filter_map(|(_, l)| match l {
+                    LayerRef::Conv(_, bn) => bn,
+                    LayerRef::Linear(_) => None,
+                })
+                .collect(),
+        }
+    }
+
+    fn bns_mut(&mut self) -> Vec<&mut BatchNorm> {
+        match self {
+            Backbone::Vgg8(m) => m.blocks.iter_mut().map(|b| &mut b.bn).collect(),
+            Backbone::Resnet18(m) => {
+                let mut out = vec![&mut m.stem.bn];
+                for block in m.stages.iter_mut().flatten() {
+                    out.push(&mut block.conv1.bn);
+                    out.push(&mut block.conv2.bn);
+                    if let Some(sc) = &mut block.shortcut {
+                        out.push(&mut sc.bn);
+                    }
+                }
+                out
+            }
+            Backbone::Graph(g) => g
+                .layers
+                .iter_mut()
+                .filter_map(|l| match l {
+                    graph::GraphLayer::Bn(b) => Some(b),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    fn layers<'a>(&'a self) -> Vec<(String, LayerRef<'a>)> {
         let mut out = Vec::new();
         match self {
             Backbone::Vgg8(m) => {
                 for (i, b) in m.blocks.iter().enumerate() {
-                    out.push((format!("blocks.{i}"), LayerRef::Conv(b)));
+                    out.push((format!("blocks.{i}"), LayerRef::Conv(&b.conv, Some(&b.bn))));
                 }
                 out.push(("fc1".into(), LayerRef::Linear(&m.fc1)));
                 out.push(("fc2".into(), LayerRef::Linear(&m.fc2)));
             }
             Backbone::Resnet18(m) => {
-                out.push(("stem".into(), LayerRef::Conv(&m.stem)));
+                let conv = |c: &'a ConvBn| LayerRef::Conv(&c.conv, Some(&c.bn));
+                out.push(("stem".into(), conv(&m.stem)));
                 for (s, stage) in m.stages.iter().enumerate() {
                     for (b, block) in stage.iter().enumerate() {
                         let p = format!("stages.{s}.{b}");
-                        out.push((format!("{p}.conv1"), LayerRef::Conv(&block.conv1)));
-                        out.push((format!("{p}.conv2"), LayerRef::Conv(&block.conv2)));
+                        out.push((format!("{p}.conv1"), conv(&block.conv1)));
+                        out.push((format!("{p}.conv2"), conv(&block.conv2)));
                         if let Some(sc) = &block.shortcut {
-                            out.push((format!("{p}.shortcut"), LayerRef::Conv(sc)));
+                            out.push((format!("{p}.shortcut"), conv(sc)));
                         }
                     }
                 }
                 out.push(("fc".into(), LayerRef::Linear(&m.fc)));
+            }
+            Backbone::Graph(g) => {
+                let nodes = g.spec().nodes.iter().filter(|n| {
+                    matches!(
+                        n.op,
+                        graph::GraphOp::Conv { .. }
+                            | graph::GraphOp::BatchNorm { .. }
+                            | graph::GraphOp::Linear { .. }
+                    )
+                });
+                for (node, l) in nodes.zip(&g.layers) {
+                    match l {
+                        graph::GraphLayer::Conv(c) => {
+                            out.push((node.name.clone(), LayerRef::Conv(c, None)));
+                        }
+                        graph::GraphLayer::Linear(l) => {
+                            out.push((node.name.clone(), LayerRef::Linear(l)));
+                        }
+                        graph::GraphLayer::Bn(_) => {}
+                    }
+                }
             }
         }
         out
@@ -490,20 +637,29 @@ impl Backbone {
         let mut out = Vec::new();
         match self {
             Backbone::Vgg8(m) => {
-                out.extend(m.blocks.iter_mut().map(LayerMut::Conv));
+                out.extend(m.blocks.iter_mut().map(|b| LayerMut::Conv(&mut b.conv)));
                 out.push(LayerMut::Linear(&mut m.fc1));
                 out.push(LayerMut::Linear(&mut m.fc2));
             }
             Backbone::Resnet18(m) => {
-                out.push(LayerMut::Conv(&mut m.stem));
+                out.push(LayerMut::Conv(&mut m.stem.conv));
                 for block in m.stages.iter_mut().flatten() {
-                    out.push(LayerMut::Conv(&mut block.conv1));
-                    out.push(LayerMut::Conv(&mut block.conv2));
+                    out.push(LayerMut::Conv(&mut block.conv1.conv));
+                    out.push(LayerMut::Conv(&mut block.conv2.conv));
                     if let Some(sc) = &mut block.shortcut {
-                        out.push(LayerMut::Conv(sc));
+                        out.push(LayerMut::Conv(&mut sc.conv));
                     }
                 }
                 out.push(LayerMut::Linear(&mut m.fc));
+            }
+            Backbone::Graph(g) => {
+                for l in &mut g.layers {
+                    match l {
+                        graph::GraphLayer::Conv(c) => out.push(LayerMut::Conv(c)),
+                        graph::GraphLayer::Linear(l) => out.push(LayerMut::Linear(l)),
+                        graph::GraphLayer::Bn(_) => {}
+                    }
+                }
             }
         }
         out
@@ -513,12 +669,10 @@ impl Backbone {
     /// `RunningState` lags one update behind until synced), so that saving, evaluating and
     /// resuming all see the latest statistics.
     pub fn sync_running_stats(&mut self) {
-        for l in self.layers_mut() {
-            if let LayerMut::Conv(c) = l {
-                // `value_sync` folds this thread's pending update into the stored value.
-                let _ = c.bn.running_mean.value_sync();
-                let _ = c.bn.running_var.value_sync();
-            }
+        for bn in self.bns() {
+            // `value_sync` folds this thread's pending update into the stored value.
+            let _ = bn.running_mean.value_sync();
+            let _ = bn.running_var.value_sync();
         }
     }
 
@@ -537,15 +691,9 @@ impl Backbone {
     /// Every BatchNorm's running (mean, variance), in forward order, with pending updates
     /// folded in.
     pub fn running_stats(&self) -> Vec<(Tensor<1>, Tensor<1>)> {
-        self.layers()
+        self.bns()
             .into_iter()
-            .filter_map(|(_, l)| match l {
-                LayerRef::Conv(c) => Some((
-                    c.bn.running_mean.value_sync(),
-                    c.bn.running_var.value_sync(),
-                )),
-                LayerRef::Linear(_) => None,
-            })
+            .map(|bn| (bn.running_mean.value_sync(), bn.running_var.value_sync()))
             .collect()
     }
 
@@ -554,20 +702,18 @@ impl Backbone {
     pub fn set_running_stats(&mut self, stats: &[(Tensor<1>, Tensor<1>)]) -> Result<()> {
         let mut it = stats.iter();
         let mut n = 0;
-        for l in self.layers_mut() {
-            if let LayerMut::Conv(c) = l {
-                let Some((m, v)) = it.next() else {
-                    bail!(
-                        "{} BatchNorm statistics for a network with more",
-                        stats.len()
-                    );
-                };
-                c.bn.running_mean.update(m.clone());
-                c.bn.running_var.update(v.clone());
-                let _ = c.bn.running_mean.value_sync();
-                let _ = c.bn.running_var.value_sync();
-                n += 1;
-            }
+        for bn in self.bns_mut() {
+            let Some((m, v)) = it.next() else {
+                bail!(
+                    "{} BatchNorm statistics for a network with more",
+                    stats.len()
+                );
+            };
+            bn.running_mean.update(m.clone());
+            bn.running_var.update(v.clone());
+            let _ = bn.running_mean.value_sync();
+            let _ = bn.running_var.value_sync();
+            n += 1;
         }
         ensure!(
             n == stats.len(),
@@ -587,19 +733,18 @@ impl Backbone {
         self.layers()
             .into_iter()
             .map(|(name, l)| match l {
-                LayerRef::Conv(c) => {
-                    let w = c.conv.weight.val();
-                    let bn = &c.bn;
+                LayerRef::Conv(c, bn) => {
+                    let w = c.weight.val();
                     WeightLayer {
                         name,
                         kind: LayerKind::Conv {
-                            stride: c.conv.stride[0],
-                            padding: c.conv.kernel_size[0] / 2,
+                            stride: c.stride[0],
+                            padding: c.kernel_size[0] / 2,
                         },
                         shape: w.dims().to_vec(),
                         weights: to_vec(w),
-                        bias: None,
-                        bn: Some(BnParams {
+                        bias: c.bias.as_ref().map(|b| to_vec(b.val())),
+                        bn: bn.map(|bn| BnParams {
                             gamma: to_vec(bn.gamma.val()),
                             beta: to_vec(bn.beta.val()),
                             mean: to_vec(bn.running_mean.value()),
@@ -628,7 +773,7 @@ impl Backbone {
         self.layers()
             .into_iter()
             .map(|(_, l)| match l {
-                LayerRef::Conv(c) => to_vec(c.conv.weight.val()),
+                LayerRef::Conv(c, _) => to_vec(c.weight.val()),
                 LayerRef::Linear(l) => to_vec(l.weight.val().transpose()),
             })
             .collect()
@@ -647,7 +792,7 @@ impl Backbone {
         for (i, (l, w)) in layers.into_iter().zip(weights).enumerate() {
             match l {
                 LayerMut::Conv(c) => {
-                    let t = c.conv.weight.val();
+                    let t = c.weight.val();
                     let shape = t.dims();
                     ensure!(
                         shape.iter().product::<usize>() == w.len(),
@@ -662,7 +807,7 @@ impl Backbone {
                     } else {
                         new
                     };
-                    c.conv.weight = c.conv.weight.clone().map(|_| new);
+                    c.weight = c.weight.clone().map(|_| new);
                 }
                 LayerMut::Linear(l) => {
                     let t = l.weight.val();
@@ -736,6 +881,7 @@ mod tests {
             in_channels: channels,
             image_size: 32,
             num_classes: 10,
+            graph: None,
         }
     }
 
@@ -829,7 +975,7 @@ mod tests {
         // Canonical linear order: element [o][i] is Burn's weight[i][o].
         let burn_w = match &b {
             Backbone::Vgg8(m) => to_vec(m.fc2.weight.val()),
-            Backbone::Resnet18(_) => unreachable!(),
+            _ => unreachable!(),
         };
         let (din, dout) = (128, 10);
         assert_eq!(layers[7].weights[3 * din + 5], burn_w[5 * dout + 3]);
@@ -840,5 +986,240 @@ mod tests {
         b.set_weights(&new).unwrap();
         assert_eq!(b.weights(), new);
         assert!(b.set_weights(&new[..3]).is_err());
+    }
+}
+
+/// The generic graph module against the hand-written VGG-8 and ResNet-18: same parameters, same
+/// input, the same logits, exit taps and gradients (within 1e-5 of their scale), kept as a
+/// golden file (`tests/golden/graph_modules.txt`, written by the hand-written modules with
+/// `NVCIM_BLESS=1`) so that the graph builders stay checked against them.
+#[cfg(test)]
+mod graph_tests {
+    use std::fmt::Write;
+
+    use super::*;
+    use crate::ir;
+
+    fn spec(arch: Arch) -> ModelSpec {
+        ModelSpec {
+            arch,
+            width: 0.125,
+            in_channels: 3,
+            image_size: 32,
+            num_classes: 10,
+            graph: None,
+        }
+    }
+
+    fn wave(n: usize, k: f32, scale: f32, offset: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| offset + scale * ((i as f32 * 0.618 + k) * 1.7).sin())
+            .collect()
+    }
+
+    /// The network of `spec`'s graph with deterministic parameters (no Burn RNG involved).
+    fn filled(spec: &ModelSpec) -> ir::Network {
+        let mut net = spec.graph().skeleton();
+        for (k, node) in net.nodes.iter_mut().enumerate() {
+            let k = k as f32;
+            match &mut node.op {
+                ir::Op::Conv2d(c) => {
+                    let s = (2.0 / c.fan_in() as f32).sqrt();
+                    c.weight = wave(c.weight.len(), k, s, 0.0);
+                }
+                ir::Op::Linear(l) => {
+                    let s = (1.0 / l.in_features as f32).sqrt();
+                    l.weight = wave(l.weight.len(), k, s, 0.0);
+                    l.bias = Some(wave(l.out_features, k + 0.5, 0.05, 0.0));
+                }
+                ir::Op::BatchNorm(b) => {
+                    let c = b.gamma.len();
+                    b.gamma = wave(c, k, 0.2, 1.0);
+                    b.beta = wave(c, k + 1.0, 0.1, 0.0);
+                    b.mean = wave(c, k + 2.0, 0.05, 0.0);
+                    b.var = wave(c, k + 3.0, 0.2, 1.0);
+                }
+                _ => {}
+            }
+        }
+        net
+    }
+
+    /// The hand-written module of `spec` holding `net`'s parameters.
+    fn hand_written(spec: &ModelSpec, net: &ir::Network, device: &Device) -> Backbone {
+        let mut b = spec.init_backbone(device);
+        assert!(b.graph().is_none());
+        let mut weights = Vec::new();
+        let mut biases = Vec::new();
+        let mut bns = Vec::new();
+        for node in &net.nodes {
+            match &node.op {
+                ir::Op::Conv2d(c) => weights.push(c.weight.clone()),
+                ir::Op::Linear(l) => {
+                    weights.push(l.weight.clone());
+                    biases.push(l.bias.clone().unwrap());
+                }
+                ir::Op::BatchNorm(bn) => bns.push(bn.clone()),
+                _ => {}
+            }
+        }
+        b.set_weights(&weights).unwrap();
+        let t = |v: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
+        let mut biases = biases.iter();
+        for l in b.layers_mut() {
+            if let LayerMut::Linear(l) = l {
+                let v = biases.next().unwrap();
+                l.bias = Some(l.bias.clone().unwrap().map(|_| t(v).require_grad()));
+            }
+        }
+        let mut stats = Vec::new();
+        for (bn, p) in b.bns_mut().into_iter().zip(&bns) {
+            bn.gamma = bn.gamma.clone().map(|_| t(&p.gamma).require_grad());
+            bn.beta = bn.beta.clone().map(|_| t(&p.beta).require_grad());
+            stats.push((t(&p.mean), t(&p.var)));
+        }
+        b.set_running_stats(&stats).unwrap();
+        b
+    }
+
+    /// Logits and taps (training mode), their gradients' per-layer sums, and eval-mode logits,
+    /// as lines of numbers.
+    fn measure(b: &Backbone) -> Vec<(String, Vec<f64>)> {
+        let device = Device::flex().autodiff();
+        let n = 2 * 3 * 32 * 32;
+        let x = Tensor::<4>::from_data(
+            TensorData::new(wave(n, 0.3, 1.0, 0.0), [2, 3, 32, 32]),
+            &device,
+        );
+        let (logits, taps) = b.forward_taps(x.clone(), true);
+        let c = Tensor::<2>::from_data(TensorData::new(wave(20, 9.0, 1.0, 0.0), [2, 10]), &device);
+        let mut loss = (logits.clone() * c).sum();
+        for t in &taps {
+            loss = loss + t.clone().sum().mul_scalar(0.01);
+        }
+        let grads = loss.backward();
+        let sums = |v: Vec<f32>| {
+            let s: f64 = v.iter().map(|&x| f64::from(x)).sum();
+            let a: f64 = v.iter().map(|&x| f64::from(x.abs())).sum();
+            vec![s, a]
+        };
+        let mut out = vec![("logits".to_string(), to_vec(logits.detach()).iter().map(|&v| f64::from(v)).collect())];
+        for (i, t) in taps.into_iter().enumerate() {
+            out.push((format!("tap{i}"), sums(to_vec(t.detach()))));
+        }
+        for (name, l) in b.layers() {
+            let g = match l {
+                LayerRef::Conv(c, _) => to_vec(c.weight.val().grad(&grads).unwrap()),
+                LayerRef::Linear(l) => to_vec(l.weight.val().grad(&grads).unwrap()),
+            };
+            out.push((format!("grad {name}"), sums(g)));
+        }
+        let eval = b.valid().forward(x.inner());
+        out.push(("eval logits".to_string(), to_vec(eval).iter().map(|&v| f64::from(v)).collect()));
+        out
+    }
+
+    fn golden_path() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/graph_modules.txt")
+    }
+
+    fn render(all: &[(Arch, Vec<(String, Vec<f64>)>)]) -> String {
+        let mut s = String::from(
+            "# nvcim: the hand-written VGG-8 / ResNet-18 (width 0.125, 3x32x32, 10 classes) on\n\
+             # deterministic parameters and input (model::graph_tests): logits, exit taps (sum,\n\
+             # sum of |x|), weight gradients per layer (sum, sum of |g|), eval-mode logits.\n",
+        );
+        for (arch, lines) in all {
+            for (k, v) in lines {
+                let v: Vec<String> = v.iter().map(|x| format!("{x:.9e}")).collect();
+                writeln!(s, "{arch:?} | {k} | {}", v.join(" ")).unwrap();
+            }
+        }
+        s
+    }
+
+    fn parse(text: &str) -> Vec<(String, Vec<f64>)> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let mut p = l.splitn(3, " | ");
+                let key = format!("{} | {}", p.next().unwrap(), p.next().unwrap());
+                let v = p.next().unwrap().split(' ').map(|x| x.parse().unwrap()).collect();
+                (key, v)
+            })
+            .collect()
+    }
+
+    fn assert_close(what: &str, got: &[(String, Vec<f64>)], want: &[(String, Vec<f64>)]) {
+        assert_eq!(got.len(), want.len(), "{what}: line count");
+        for ((gk, gv), (wk, wv)) in got.iter().zip(want) {
+            assert_eq!(gk, wk, "{what}");
+            let scale = wv.iter().fold(1f64, |m, v| m.max(v.abs()));
+            for (a, b) in gv.iter().zip(wv) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "{what}: {gk}: {a} vs {b} (scale {scale})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn graph_modules_equal_the_hand_written_ones() {
+        let _rng = crate::burn_rng_guard();
+        let device = Device::flex().autodiff();
+        let mut hand_all = Vec::new();
+        let mut graph_all = Vec::new();
+        for arch in [Arch::Vgg8, Arch::Resnet18] {
+            let s = spec(arch);
+            let net = filled(&s);
+            let hand = hand_written(&s, &net, &device);
+            let g = graph::GraphNet::from_network(&net, s.graph().exits, &device).unwrap();
+            let g = Backbone::Graph(g);
+            let (h, m) = (measure(&hand), measure(&g));
+            let tag = |v: &[(String, Vec<f64>)]| -> Vec<(String, Vec<f64>)> {
+                v.iter().map(|(k, x)| (format!("{arch:?} | {k}"), x.clone())).collect()
+            };
+            // Layer names differ between the modules; compare by position.
+            let strip = |v: Vec<(String, Vec<f64>)>| -> Vec<(String, Vec<f64>)> {
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (k, x))| (if k.starts_with("grad ") { format!("grad {i}") } else { k }, x))
+                    .collect()
+            };
+            assert_close(&format!("{arch:?}"), &strip(m.clone()), &strip(h.clone()));
+            hand_all.push((arch, strip(h)));
+            graph_all.push((arch, tag(&strip(m))));
+        }
+        let path = golden_path();
+        if std::env::var_os("NVCIM_BLESS").is_some() {
+            std::fs::write(&path, render(&hand_all)).unwrap();
+        }
+        let golden = parse(&std::fs::read_to_string(&path).unwrap());
+        let got: Vec<(String, Vec<f64>)> = graph_all.into_iter().flat_map(|(_, v)| v).collect();
+        assert_close("golden", &got, &golden);
+    }
+
+    /// `--exits auto` on the full-width graphs gives Table I's positions and sizes.
+    #[test]
+    fn auto_exits_are_table_one() {
+        for (arch, ins) in [
+            (Arch::Vgg8, vec![2304, 2048, 2304]),
+            (Arch::Resnet18, vec![2304, 2304, 2048, 2304]),
+        ] {
+            let s = ModelSpec {
+                width: 1.0,
+                ..spec(arch)
+            };
+            let g = s.graph();
+            let auto = g.auto_exits().unwrap();
+            assert_eq!(auto, g.exits, "{arch:?}\n{}", g.describe().unwrap());
+            let shapes = g.shapes().unwrap();
+            let got: Vec<usize> = auto
+                .iter()
+                .map(|e| shapes[e.node][0] * e.pool * e.pool)
+                .collect();
+            assert_eq!(got, ins, "{arch:?}");
+        }
     }
 }

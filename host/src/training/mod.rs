@@ -825,6 +825,7 @@ mod tests {
             in_channels: 1,
             image_size: 32,
             num_classes: 10,
+            graph: None,
         };
         let clean = TrainModel {
             backbone: spec.init_backbone(&ad),
@@ -924,6 +925,7 @@ mod bn_stats_tests {
                 in_channels: 1,
                 image_size: 16,
                 num_classes: 10,
+                graph: None,
             },
             method,
             alpha: 0.1,
@@ -1162,6 +1164,7 @@ mod resume_tests {
             in_channels: 1,
             image_size: 32,
             num_classes: 10,
+            graph: None,
         };
         let mut model = TrainModel {
             backbone: spec.init_backbone(&ad),

@@ -164,6 +164,7 @@ mod tests {
                 in_channels: 1,
                 image_size: 16,
                 num_classes: 10,
+                graph: None,
             };
             let dev = Device::flex();
             dev.seed(4);
