@@ -6,10 +6,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::Args;
 
 use crate::data::{DatasetKind, Preprocess};
+use crate::model::graph::GraphSpec;
 use crate::model::{Arch, Init, ModelSpec};
 use crate::options::DeviceArgs;
 use crate::training::{
@@ -105,8 +106,28 @@ pub struct TrainFlags {
     /// Kaiming-normal fan-out either way. `pytorch` by default: with the authors' init the
     /// 10-way classifier starts with logits of std ~16, and noise-injection training at sigma
     /// 0.4 barely moved in a CPU budget (loss 81 after 20 steps, measured).
-    #[arg(long, value_enum, default_value_t = Init::Pytorch)]
-    pub init: Init,
+    ///
+    /// With --onnx the backbone starts from the file's weights unless --init is given (`random`
+    /// = `pytorch`: train the file's architecture from scratch).
+    #[arg(long, value_enum, value_name = "pytorch|random|authors")]
+    pub init: Option<Init>,
+    /// Train the CNN of this ONNX file instead of --model: its graph (the ops `eval --onnx`
+    /// imports), its weights as the starting point, its input size (images are brought to it
+    /// as --fit says) and its normalization (the file's nvcim metadata, else --mean/--std).
+    /// The trained backbone exports, evaluates, packs and runs on the firmware like a built-in
+    /// one. See docs/guide.md, "Train your own CNN".
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["init_from", "no_pad"])]
+    pub onnx: Option<PathBuf>,
+    /// The exits of an --onnx model (nft): `auto` (the paper's rule: one at the end of every
+    /// block where the resolution, the width or the kind of convolution changes, before the
+    /// last block; heads pooled so that C*s*s comes nearest Table I's 2048-2304) or node names,
+    /// comma-separated (an exit reads that node's output). `nvcim train --show-exits` prints
+    /// them. VGG-8 and ResNet-18 keep Table I's exits.
+    #[arg(long, value_name = "auto|NODE,...", value_delimiter = ',', requires = "onnx")]
+    pub exits: Vec<String>,
+    /// Input preparation of an --onnx model (normalization, size, channels).
+    #[command(flatten)]
+    pub input: crate::options::InputArgs,
     /// Start the backbone from a trained checkpoint (a run directory or its `backbone.bpk`;
     /// same architecture, width and data) instead of random weights: fine-tuning, e.g. noise
     /// injection or nft on top of a vanilla model. The exits (nft) start random. The path is
@@ -138,17 +159,33 @@ impl TrainFlags {
             "--alpha must be >= 0, got {}",
             self.alpha
         );
+        let model = self.model_spec()?;
         if let Some(i) = self.drop_exit {
             ensure!(
                 self.method == Method::Nft,
                 "--drop-exit needs --method nft (the only method with exits), got {:?}",
                 self.method
             );
-            let exits = if self.model == Arch::Vgg8 { 3 } else { 4 };
+            let exits = model.exit_taps().len();
             ensure!(
                 (1..=exits).contains(&i),
-                "--drop-exit {i}: {:?} has exits 1..={exits}",
-                self.model
+                "--drop-exit {i}: the model has exits 1..={exits}"
+            );
+        }
+        if model.arch == Arch::Graph && self.method.uses_exits() {
+            ensure!(
+                !model.exit_taps().is_empty(),
+                "--exits auto found no block boundary before the last convolution block of {};                  name the exit points with --exits NODE,... (see --show-exits)",
+                self.onnx.as_deref().unwrap_or(std::path::Path::new("")).display()
+            );
+        }
+        if self.onnx.is_none() {
+            ensure!(
+                self.input.mean.is_empty()
+                    && self.input.std.is_empty()
+                    && !self.input.gray_to_rgb
+                    && self.input.fit == crate::onnx::data::Fit::Auto,
+                "--mean, --std, --fit and --gray-to-rgb apply to --onnx models only"
             );
         }
         if let Some(k) = self.clip_weights {
@@ -166,7 +203,7 @@ impl TrainFlags {
             "--preprocess resize applies to the 28x28 datasets (mnist, fashion-mnist); {} images are already 32x32",
             self.dataset.display_name()
         );
-        let pad32 = !self.no_pad && !self.dataset.augments();
+        let pad32 = !self.no_pad && !self.dataset.augments() && self.onnx.is_none();
         let native = if self.dataset.augments() { 32 } else { 28 };
         let data_dir = self
             .data_dir
@@ -177,13 +214,17 @@ impl TrainFlags {
             data_dir,
             pad32,
             preprocess: self.preprocess,
-            model: ModelSpec {
-                arch: self.model,
-                width: self.width,
-                in_channels: self.dataset.channels(),
-                image_size: if pad32 { 32 } else { native },
-                num_classes: self.dataset.classes(),
-                graph: None,
+            model: if self.onnx.is_some() {
+                model
+            } else {
+                ModelSpec {
+                    arch: self.model,
+                    width: self.width,
+                    in_channels: self.dataset.channels(),
+                    image_size: if pad32 { 32 } else { native },
+                    num_classes: self.dataset.classes(),
+                    graph: None,
+                }
             },
             method: self.method,
             alpha: self.alpha,
@@ -198,13 +239,64 @@ impl TrainFlags {
             mc_val: self.mc_val,
             select: self.select,
             bn_stats: self.bn_stats,
-            init: self.init,
+            init: self.init.unwrap_or_default(),
             init_from: self.init_from.clone(),
             exit_profile: self.exit_profile,
             drop_exit: self.drop_exit,
             clip_weights: self.clip_weights,
             backend: self.backend,
+            onnx: self.onnx.as_ref().map(|file| training::OnnxSource {
+                file: file.clone(),
+                weights: self.init.is_none(),
+                fit: self.input.fit,
+                gray_to_rgb: self.input.gray_to_rgb,
+            }),
         })
+    }
+
+    /// The model: VGG-8 / ResNet-18 of --model and --width, or the graph of --onnx with its
+    /// exits and normalization.
+    pub fn model_spec(&self) -> Result<ModelSpec> {
+        let Some(file) = &self.onnx else {
+            let native = if self.dataset.augments() { 32 } else { 28 };
+            let pad32 = !self.no_pad && !self.dataset.augments();
+            return Ok(ModelSpec {
+                arch: self.model,
+                width: self.width,
+                in_channels: self.dataset.channels(),
+                image_size: if pad32 { 32 } else { native },
+                num_classes: self.dataset.classes(),
+                graph: None,
+            });
+        };
+        let what = file.display().to_string();
+        let proto = crate::onnx::read_model(file)?;
+        let imported = crate::onnx::import::import(&proto, &what)?;
+        let mut graph = GraphSpec::from_network(&imported.network)
+            .with_context(|| format!("{what} cannot be trained"))?;
+        let channels = graph.input[0];
+        let file_norm = crate::onnx::import::file_normalization(&proto, channels)
+            .with_context(|| format!("{what}: its nvcim.normalization metadata"))?;
+        let (norm, _) = crate::onnx::data::resolve_normalization(
+            file_norm.as_ref(),
+            &self.input.mean,
+            &self.input.std,
+            channels,
+            &what,
+        )?;
+        graph.mean = norm.mean;
+        graph.std = norm.std;
+        graph.exits = match self.exits.as_slice() {
+            [] => graph.auto_exits()?,
+            [one] if one == "auto" => graph.auto_exits()?,
+            names => graph
+                .exits_at(names)
+                .with_context(|| format!("--exits on {what}"))?,
+        };
+        graph
+            .check()
+            .with_context(|| format!("{what} cannot be trained"))?;
+        Ok(ModelSpec::of_graph(graph))
     }
 }
 
@@ -229,6 +321,9 @@ pub struct TrainArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print the backbone with its exit points and head sizes, and train nothing.
+    #[arg(long)]
+    pub show_exits: bool,
 }
 
 /// Prints a summary for people.
@@ -273,7 +368,51 @@ pub fn print_summary(cfg: &TrainConfig, s: &TrainSummary) {
 
 /// Runs `nvcim train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
+    if args.show_exits {
+        let spec = args.flags.model_spec()?;
+        let graph = spec.graph();
+        match &args.flags.onnx {
+            Some(f) => println!("{} ({} nodes)", f.display(), graph.nodes.len()),
+            None => println!(
+                "{:?} width {} (Table I's exits)",
+                spec.arch, spec.width
+            ),
+        }
+        print!("{}", graph.describe()?);
+        println!("{} exit(s)", graph.exits.len());
+        return Ok(());
+    }
     let cfg = args.flags.config()?;
+    if let (Some(f), Some(g)) = (&cfg.onnx, &cfg.model.graph) {
+        if !g.has_batchnorm() {
+            eprintln!(
+                "note: {} holds no BatchNorm: PyTorch's exporter folds BatchNorm into the \
+                 convolutions in eval mode. nvcim trains what the file holds (convolutions with \
+                 biases); to keep BatchNorm, export in training mode with \
+                 `torch.onnx.export(model.train(), ..., training=torch.onnx.TrainingMode.TRAINING, \
+                 do_constant_folding=False)`",
+                f.file.display()
+            );
+        }
+        eprintln!(
+            "training {} ({} weight layers, {} exits){}",
+            f.file.display(),
+            g.nodes
+                .iter()
+                .filter(|n| matches!(
+                    n.op,
+                    crate::model::graph::GraphOp::Conv { .. }
+                        | crate::model::graph::GraphOp::Linear { .. }
+                ))
+                .count(),
+            g.exits.len(),
+            if f.weights {
+                ", starting from its weights"
+            } else {
+                ", from random weights (--init)"
+            }
+        );
+    }
     let opts = RunOptions {
         out: args.out.clone(),
         resume: args.resume,

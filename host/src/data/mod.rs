@@ -166,6 +166,9 @@ pub struct Dataset {
     pub labels: Vec<u8>,
     /// How the images were brought to the network's size (and so how they are normalized).
     pub preprocess: Preprocess,
+    /// A model's own normalization (per-channel mean and std), in place of the preprocessing's
+    /// (a graph model trained with `--onnx`).
+    pub custom_normalization: Option<std::sync::Arc<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl Dataset {
@@ -199,13 +202,17 @@ impl Dataset {
     }
 
     /// Per-channel mean and std (in [0, 1] units) the batches are normalized with.
-    pub fn normalization(&self) -> (&'static [f32], &'static [f32]) {
-        self.preprocess.normalization(self.kind)
+    pub fn normalization(&self) -> (&[f32], &[f32]) {
+        match &self.custom_normalization {
+            Some(n) => (&n.0, &n.1),
+            None => self.preprocess.normalization(self.kind),
+        }
     }
 
     fn clone_header(&self) -> Dataset {
         Dataset {
             preprocess: self.preprocess,
+            custom_normalization: self.custom_normalization.clone(),
             kind: self.kind,
             channels: self.channels,
             height: self.height,
@@ -357,6 +364,7 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<(Dataset, Dataset)> {
                     images: img.data,
                     labels,
                     preprocess: Preprocess::Pad,
+                    custom_normalization: None,
                 })
             };
             Ok((set(&paths[0], &paths[1])?, set(&paths[2], &paths[3])?))
@@ -386,6 +394,7 @@ pub fn load(kind: DatasetKind, dir: &Path) -> Result<(Dataset, Dataset)> {
                     images,
                     labels,
                     preprocess: Preprocess::Pad,
+                    custom_normalization: None,
                 })
             };
             Ok((set(&train_files)?, set(&[test_file])?))

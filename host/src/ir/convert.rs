@@ -363,8 +363,19 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
 }
 
 impl Loaded {
+    /// Where a graph model came from (`config.json`'s `onnx`), `None` for VGG-8 / ResNet-18.
+    pub fn onnx_source(&self) -> Option<crate::training::OnnxSource> {
+        serde_json::from_value(self.config.get("onnx")?.clone()).ok()
+    }
+
     /// The input normalization of the training data, one entry per input channel.
     pub fn normalization(&self) -> Normalization {
+        if let Some(g) = &self.spec.graph {
+            return Normalization {
+                mean: g.mean.clone(),
+                std: g.std.clone(),
+            };
+        }
         let (mean, std) = self.preprocess.normalization(self.dataset);
         let c = self.spec.in_channels;
         Normalization {
@@ -386,6 +397,14 @@ impl Loaded {
         extra.insert("width".into(), self.spec.width.to_string());
         if self.pad32 {
             extra.insert("preprocess".into(), self.preprocess.name().to_string());
+        }
+        if let Some(src) = self.onnx_source() {
+            if src.fit == crate::onnx::data::Fit::Resize {
+                extra.insert("preprocess".into(), "resize".into());
+            }
+            if let Some(name) = src.file.file_name() {
+                extra.insert("source".into(), name.to_string_lossy().into_owned());
+            }
         }
         let unit = match c["variation"]["sigma_unit"].as_str() {
             Some("level") => Some(SigmaUnit::Level),
@@ -418,6 +437,9 @@ impl Loaded {
     pub fn data(&self, data_dir: Option<&Path>) -> Result<(Dataset, Dataset)> {
         let dir = data_dir.unwrap_or(&self.data_dir);
         let (train, test) = data::load_from(self.dataset, Some(dir))?;
+        if let Some(src) = self.onnx_source() {
+            return src.prepare(&self.spec, train, test, dir);
+        }
         let pad = |d: Dataset| {
             if self.pad32 {
                 self.preprocess.apply(d, 32)

@@ -69,8 +69,10 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Init {
-    /// PyTorch's `nn.Linear` default: Kaiming-uniform fan-in, bias in `±1/sqrt(fan_in)`.
+    /// PyTorch's `nn.Linear` default: Kaiming-uniform fan-in, bias in `±1/sqrt(fan_in)`
+    /// (`random` is another name for it).
     #[default]
+    #[value(alias = "random")]
     Pytorch,
     /// The authors' `init_weights`: Kaiming-normal fan-out (ReLU gain), bias 0, on the
     /// backbone's linear layers (their exits keep PyTorch's default, as their code creates them

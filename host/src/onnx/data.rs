@@ -23,7 +23,10 @@ use crate::data::{self, Batch, Dataset, DatasetKind, cifar, idx};
 use crate::ir::Normalization;
 
 /// How images reach the model's height and width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Fit {
     /// Zero-pad (centered) when the images fit, else resize.
     #[default]
@@ -148,6 +151,33 @@ pub fn load_for(
         );
     };
     let (train, test) = data::load(kind, dir)?;
+    let (train, test, source, size, replicate) =
+        fit_images(train, test, dir, input, fit, gray_to_rgb)?;
+    Ok((
+        train,
+        test,
+        Prepared {
+            source,
+            size,
+            gray_to_rgb: replicate,
+            normalization,
+        },
+    ))
+}
+
+/// Brings `train` and `test` (read from `dir`) to `input` (`[C, H, W]`): zero-padded or resized
+/// per `fit`, gray planes replicated when the model takes three channels and `gray_to_rgb`.
+/// Returns the sets, a description of the source and of what was done to the size, and whether
+/// gray was replicated.
+pub fn fit_images(
+    train: Dataset,
+    test: Dataset,
+    dir: &Path,
+    input: [usize; 3],
+    fit: Fit,
+    gray_to_rgb: bool,
+) -> Result<(Dataset, Dataset, String, String, bool)> {
+    let kind = test.kind;
     let source = format!(
         "{} in {} ({}x{}x{})",
         if kind == DatasetKind::FashionMnist {
@@ -217,16 +247,7 @@ pub fn load_for(
             ..d
         }
     };
-    Ok((
-        bring(train),
-        bring(test),
-        Prepared {
-            source,
-            size,
-            gray_to_rgb: replicate,
-            normalization,
-        },
-    ))
+    Ok((bring(train), bring(test), source, size, replicate))
 }
 
 /// An imported ONNX model with its images: what `eval --onnx` and `pack --onnx` work on.

@@ -89,6 +89,61 @@ pub struct TrainConfig {
     pub clip_weights: Option<f32>,
     /// The backend (`flex`, `cuda`, `wgpu`).
     pub backend: Backend,
+    /// Where a graph model came from (`--onnx`); `None` for VGG-8 and ResNet-18.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnx: Option<OnnxSource>,
+}
+
+/// A model read from an ONNX file (`nvcim train --onnx`): its graph is `model.graph`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnnxSource {
+    /// The file.
+    pub file: PathBuf,
+    /// Start from the file's weights (`false`: `--init` random weights of its architecture).
+    pub weights: bool,
+    /// How images reach the model's input size.
+    pub fit: crate::onnx::data::Fit,
+    /// Gray images replicated into three channels.
+    pub gray_to_rgb: bool,
+}
+
+impl OnnxSource {
+    /// `train` and `test` brought to `model`'s input and normalized as its graph says.
+    pub fn prepare(
+        &self,
+        model: &ModelSpec,
+        train: Dataset,
+        test: Dataset,
+        dir: &std::path::Path,
+    ) -> Result<(Dataset, Dataset)> {
+        let graph = model
+            .graph
+            .as_ref()
+            .context("an --onnx run's model.json has no graph")?;
+        let (train, test, _, _, _) = crate::onnx::data::fit_images(
+            train,
+            test,
+            dir,
+            graph.input,
+            self.fit,
+            self.gray_to_rgb,
+        )?;
+        let norm = std::sync::Arc::new((graph.mean.clone(), graph.std.clone()));
+        let with = |d: Dataset| Dataset {
+            custom_normalization: Some(norm.clone()),
+            ..d
+        };
+        let (train, test) = (with(train), with(test));
+        crate::onnx::data::check_labels(&test, graph.num_classes, &self.file.display().to_string())?;
+        Ok((train, test))
+    }
+
+    /// The file's network (weights included).
+    pub fn network(&self) -> Result<crate::ir::Network> {
+        let what = self.file.display().to_string();
+        let proto = crate::onnx::read_model(&self.file)?;
+        Ok(crate::onnx::import::import(&proto, &what)?.network)
+    }
 }
 
 /// The backbone of `--init-from`: the checkpoint's, checked to be the same network on the same
@@ -333,7 +388,10 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<RunData> {
             Ok(d)
         }
     };
-    let (train, test) = (pad(train)?, pad(test)?);
+    let (train, test) = match &cfg.onnx {
+        Some(src) => src.prepare(&cfg.model, train, test, &cfg.data_dir)?,
+        None => (pad(train)?, pad(test)?),
+    };
     let (mut train, val) = data::split_validation(&train, cfg.val_fraction, cfg.seed)?;
     ensure!(
         !val.is_empty() || cfg.val_fraction == 0.0,
@@ -573,16 +631,13 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     );
     ensure!(cfg.alpha.is_finite(), "--alpha must be finite");
     let run_data = prepare_data(cfg)?;
+    let [c, h, w] = cfg.model.input();
     ensure!(
-        run_data.train.height == cfg.model.image_size
-            && run_data.train.channels == cfg.model.in_channels,
-        "the data is {}x{}x{} but the model expects {}x{}x{}",
+        [run_data.train.channels, run_data.train.height, run_data.train.width] == [c, h, w],
+        "the data is {}x{}x{} but the model expects {c}x{h}x{w}",
         run_data.train.channels,
         run_data.train.height,
         run_data.train.width,
-        cfg.model.in_channels,
-        cfg.model.image_size,
-        cfg.model.image_size
     );
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating output directory {}", opts.out.display()))?;
@@ -630,6 +685,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             }
             if let Some(from) = &cfg.init_from {
                 backbone = pretrained_backbone(from, cfg, &ad)?;
+            }
+            if let (Some(src), crate::model::Backbone::Graph(g)) = (&cfg.onnx, &mut backbone)
+                && src.weights
+            {
+                g.load_network(&src.network()?)
+                    .with_context(|| format!("the weights of {}", src.file.display()))?;
             }
             let exits = if cfg.method.uses_exits() {
                 cfg.model.init_exits(&ad)
@@ -943,6 +1004,7 @@ mod bn_stats_tests {
             init: Init::Pytorch,
             init_from: None,
             exit_profile: ExitProfile::Backbone,
+            onnx: None,
             drop_exit: None,
             clip_weights: None,
             backend: Backend::Flex,
