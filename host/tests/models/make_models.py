@@ -36,6 +36,7 @@ directory), for error-path tests:
 - ``huge``            a Gemm weight declaring dims [1000000, 1000000] with 16 bytes of raw_data
                       (saved without checking: intentionally broken).
 - ``cyclic``          an Add and a Relu reading each other's outputs (saved without checking).
+- ``noconv``          a valid MLP (Flatten, Gemm, Relu, Gemm): nothing for the trainer's exits.
 - ``truncated``       the bytes of resnet8.onnx cut in half.
 
 The first three pass the checker and run in ONNX Runtime; the last three are not checked.
@@ -306,13 +307,19 @@ def bad_model(kind):
         x = b.node("Flatten", [b.node("GlobalAveragePool", ["/Relu_output_0"])], axis=1)
         b.gemm(x, "/fc", "fc", 3, 10, "logits")
         return b.model((3, 8, 8)).SerializeToString(), False
+    if kind == "noconv":
+        b = Builder(15)
+        x = b.node("Flatten", ["input"], axis=1)
+        x = b.node("Relu", [b.gemm(x, "/fc1", "fc1", 64, 32)], "/relu")
+        b.gemm(x, "/fc2", "fc2", 32, 10, "logits")
+        return b.model((1, 8, 8)).SerializeToString(), True
     if kind == "truncated":
         data = resnet8().SerializeToString()
         return data[: len(data) // 2], False
     raise SystemExit(f"make_models.py: unknown --bad kind {kind!r}; one of: {', '.join(BAD)}")
 
 
-BAD = ("unsupported", "dynamic", "computed-weight", "huge", "cyclic", "truncated")
+BAD = ("unsupported", "dynamic", "computed-weight", "huge", "cyclic", "noconv", "truncated")
 
 
 def verify(path):

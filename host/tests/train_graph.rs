@@ -1,0 +1,306 @@
+//! Negative feedback training of any CNN: `nvcim train --onnx` on the importer's test models
+//! (`tests/models/make_models.py`), then export, eval, pack and the firmware; `--exits` and
+//! `--show-exits`; the refusals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+mod common;
+
+use nvcim::onnx::{import::import, read_model, venv_python};
+
+/// The models and a small IDX data set (96 training, 48 test images), made once per binary.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = python(&[dir.path().to_str().unwrap()]);
+        assert!(out.status.success(), "make_models.py failed: {}", text(&out));
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        common::write_idx(&dir.path().join("data"), 96, 48);
+        dir
+    })
+    .path()
+}
+
+fn python(args: &[&str]) -> Output {
+    let py = venv_python().unwrap_or_else(|e| panic!("{e:#} (run `cargo xtask setup`)"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models/make_models.py");
+    Command::new(py).arg(script).args(args).output().unwrap()
+}
+
+fn model(name: &str) -> PathBuf {
+    fixtures().join(format!("{name}.onnx"))
+}
+
+fn data() -> PathBuf {
+    fixtures().join("data")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(args: &[&str]) -> Output {
+    let o = common::nvcim(args);
+    assert!(o.status.success(), "nvcim {}: {}", args.join(" "), text(&o));
+    o
+}
+
+/// `nvcim train --onnx FILE` on the test data with `extra` flags.
+fn train(file: &Path, out: &Path, extra: &[&str]) -> Output {
+    let data = data();
+    let mut args = vec![
+        "train",
+        "--onnx",
+        file.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--mean",
+        "0.3",
+        "--std",
+        "0.3",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    common::nvcim(&args)
+}
+
+fn corrects(report: &serde_json::Value) -> Vec<serde_json::Value> {
+    report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["correct"].clone())
+        .collect()
+}
+
+fn weights(path: &Path) -> Vec<Vec<f32>> {
+    let net = import(&read_model(path).unwrap(), "test").unwrap().network;
+    net.nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            nvcim::ir::Op::Conv2d(c) => Some(c.weight.clone()),
+            nvcim::ir::Op::Linear(l) => Some(l.weight.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One epoch of `nft` on the ResNet-8 (BatchNorm folded: biased convs, residual adds) and the
+/// DS-CNN (depthwise convs, BatchNorm kept, 49x10 input): the weights move from the file's,
+/// the checkpoint and its ONNX export evaluate identically run by run, the export packs, and
+/// the firmware's loop equals the host's integer engine.
+#[test]
+fn nft_on_imported_models_then_export_eval_pack_and_firmware() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data();
+    for (name, flags) in [("resnet8", &["--gray-to-rgb"][..]), ("dscnn", &[][..])] {
+        let run = dir.path().join(name);
+        let mut extra = vec![
+            "--method",
+            "nft",
+            "--sigma",
+            "0.2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--mc-val",
+            "1",
+        ];
+        extra.extend_from_slice(flags);
+        let o = train(&model(name), &run, &extra);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(s["epochs_done"], 1, "{name}");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["model"]["arch"], "graph", "{name}");
+        assert!(cfg["model"]["graph"]["exits"].as_array().unwrap().len() >= 1);
+        assert_eq!(cfg["onnx"]["weights"], true, "{name}");
+        let onnx = dir.path().join(format!("{name}-nft.onnx"));
+        ok(&[
+            "export",
+            run.to_str().unwrap(),
+            "-o",
+            onnx.to_str().unwrap(),
+        ]);
+        let (before, after) = (weights(&model(name)), weights(&onnx));
+        assert_eq!(before.len(), after.len(), "{name}: weight layers");
+        assert!(
+            before.iter().zip(&after).all(|(a, b)| a != b),
+            "{name}: every weight layer trained"
+        );
+        let eval = |target: &[&str], out: &str| -> serde_json::Value {
+            let o = dir.path().join(out);
+            let mut args = vec!["eval"];
+            args.extend_from_slice(target);
+            args.extend_from_slice(&[
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--sigma",
+                "0.2,0.5",
+                "--mc",
+                "2",
+                "--seed",
+                "3",
+                "--out",
+                o.to_str().unwrap(),
+                "--quiet",
+                "--json",
+            ]);
+            serde_json::from_slice(&ok(&args).stdout).unwrap()
+        };
+        let from_run = eval(&[run.to_str().unwrap()], &format!("{name}-run"));
+        let mut target = vec!["--onnx", onnx.to_str().unwrap()];
+        target.extend_from_slice(flags);
+        let from_onnx = eval(&target, &format!("{name}-onnx"));
+        assert_eq!(corrects(&from_run), corrects(&from_onnx), "{name}");
+        assert_eq!(from_run["clean_accuracy"], from_onnx["clean_accuracy"]);
+        let cimb = dir.path().join(format!("{name}.cimb"));
+        let mut pack = vec![
+            "pack",
+            "--onnx",
+            onnx.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--test-images",
+            "8",
+            "--calibration-images",
+            "32",
+            "-o",
+            cimb.to_str().unwrap(),
+        ];
+        pack.extend_from_slice(flags);
+        ok(&pack);
+        let o = ok(&[
+            "firmware",
+            "run",
+            cimb.to_str().unwrap(),
+            "--mc",
+            "2",
+            "--sigma",
+            "0.4",
+            "--seed",
+            "9",
+            "--simulated",
+        ]);
+        assert!(
+            text(&o).contains("2 of 2 runs identical, summary identical"),
+            "{name}: {}",
+            text(&o)
+        );
+    }
+}
+
+/// `--show-exits` lists the backbone with its exits and trains nothing; named exits replace
+/// the automatic ones; `--init random` starts from other weights than the file's.
+#[test]
+fn show_exits_named_exits_and_random_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = model("resnet8");
+    let show = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--onnx",
+            file.to_str().unwrap(),
+            "--mean",
+            "0.3",
+            "--std",
+            "0.3",
+            "--show-exits",
+        ];
+        args.extend_from_slice(extra);
+        text(&ok(&args))
+    };
+    let auto = show(&[]);
+    assert!(auto.contains("3 exit(s)"), "{auto}");
+    assert!(
+        auto.contains("exit 3: AdaptiveAvgPool(8) -> Linear(32*8*8 = 2048 -> 512)"),
+        "{auto}"
+    );
+    let named = show(&["--exits", "/layer1/layer1.0/relu_1/Relu"]);
+    assert!(named.contains("1 exit(s)"), "{named}");
+    assert!(
+        named.contains("exit 1: AdaptiveAvgPool(12) -> Linear(16*12*12 = 2304"),
+        "{named}"
+    );
+    let builtin = text(&ok(&["train", "--model", "resnet18", "--width", "1", "--show-exits"]));
+    assert!(builtin.contains("4 exit(s)"), "{builtin}");
+    assert!(!dir.path().join("run").exists());
+
+    // --init random: the trained weights are not the file's plus an epoch of updates.
+    let run = dir.path().join("random");
+    let o = train(
+        &file,
+        &run,
+        &[
+            "--gray-to-rgb",
+            "--init",
+            "random",
+            "--method",
+            "vanilla",
+            "--epochs",
+            "1",
+            "--mc-val",
+            "0",
+            "--select",
+            "clean",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["onnx"]["weights"], false);
+}
+
+/// Bad requests: a clear message naming what is wrong, a non-zero exit, never a panic.
+#[test]
+fn bad_exits_and_models_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |file: &Path, extra: &[&str], needles: &[&str]| {
+        let o = train(file, &dir.path().join("never"), extra);
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        assert!(!t.contains("panicked"), "{t}");
+        for n in needles {
+            assert!(t.contains(n), "no `{n}` in {t}");
+        }
+        assert!(!dir.path().join("never/checkpoint").exists());
+    };
+    let r8 = model("resnet8");
+    refused(
+        &r8,
+        &["--gray-to-rgb", "--exits", "/no/such/node"],
+        &["--exits", "/no/such/node", "/conv1/Conv"],
+    );
+    refused(
+        &r8,
+        &["--gray-to-rgb", "--exits", "/layer3/layer3.0/relu_1/Relu"],
+        &["not before the last convolution", "/layer3/layer3.0/downsample/downsample.0/Conv"],
+    );
+    for (kind, needles) in [
+        ("noconv", &["no convolution", "CNNs"][..]),
+        ("unsupported", &["LRN", "not supported"][..]),
+        ("truncated", &["truncated or corrupt"][..]),
+    ] {
+        let path = dir.path().join(format!("bad-{kind}.onnx"));
+        let o = python(&["--bad", kind, path.to_str().unwrap()]);
+        assert!(o.status.success(), "{kind}: {}", text(&o));
+        refused(&path, &[], needles);
+    }
+    // --exits names only mean something for a graph model.
+    let o = common::nvcim(&["train", "--exits", "auto", "--show-exits"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--onnx"), "{}", text(&o));
+}
