@@ -16,7 +16,11 @@ fn fixtures() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = python(&[dir.path().to_str().unwrap()]);
-        assert!(out.status.success(), "make_models.py failed: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "make_models.py failed: {}",
+            text(&out)
+        );
         std::fs::create_dir(dir.path().join("data")).unwrap();
         common::write_idx(&dir.path().join("data"), 96, 48);
         dir
@@ -126,7 +130,12 @@ fn nft_on_imported_models_then_export_eval_pack_and_firmware() {
             serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap())
                 .unwrap();
         assert_eq!(cfg["model"]["arch"], "graph", "{name}");
-        assert!(cfg["model"]["graph"]["exits"].as_array().unwrap().len() >= 1);
+        assert!(
+            !cfg["model"]["graph"]["exits"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(cfg["onnx"]["weights"], true, "{name}");
         let onnx = dir.path().join(format!("{name}-nft.onnx"));
         ok(&[
@@ -235,7 +244,14 @@ fn show_exits_named_exits_and_random_init() {
         named.contains("exit 1: AdaptiveAvgPool(12) -> Linear(16*12*12 = 2304"),
         "{named}"
     );
-    let builtin = text(&ok(&["train", "--model", "resnet18", "--width", "1", "--show-exits"]));
+    let builtin = text(&ok(&[
+        "train",
+        "--model",
+        "resnet18",
+        "--width",
+        "1",
+        "--show-exits",
+    ]));
     assert!(builtin.contains("4 exit(s)"), "{builtin}");
     assert!(!dir.path().join("run").exists());
 
@@ -287,7 +303,10 @@ fn bad_exits_and_models_are_refused() {
     refused(
         &r8,
         &["--gray-to-rgb", "--exits", "/layer3/layer3.0/relu_1/Relu"],
-        &["not before the last convolution", "/layer3/layer3.0/downsample/downsample.0/Conv"],
+        &[
+            "not before the last convolution",
+            "/layer3/layer3.0/downsample/downsample.0/Conv",
+        ],
     );
     for (kind, needles) in [
         ("noconv", &["no convolution", "CNNs"][..]),

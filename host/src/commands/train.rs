@@ -123,7 +123,12 @@ pub struct TrainFlags {
     /// last block; heads pooled so that C*s*s comes nearest Table I's 2048-2304) or node names,
     /// comma-separated (an exit reads that node's output). `nvcim train --show-exits` prints
     /// them. VGG-8 and ResNet-18 keep Table I's exits.
-    #[arg(long, value_name = "auto|NODE,...", value_delimiter = ',', requires = "onnx")]
+    #[arg(
+        long,
+        value_name = "auto|NODE,...",
+        value_delimiter = ',',
+        requires = "onnx"
+    )]
     pub exits: Vec<String>,
     /// Input preparation of an --onnx model (normalization, size, channels).
     #[command(flatten)]
@@ -176,7 +181,10 @@ impl TrainFlags {
             ensure!(
                 !model.exit_taps().is_empty(),
                 "--exits auto found no block boundary before the last convolution block of {};                  name the exit points with --exits NODE,... (see --show-exits)",
-                self.onnx.as_deref().unwrap_or(std::path::Path::new("")).display()
+                self.onnx
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
             );
         }
         if self.onnx.is_none() {
@@ -373,10 +381,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let graph = spec.graph();
         match &args.flags.onnx {
             Some(f) => println!("{} ({} nodes)", f.display(), graph.nodes.len()),
-            None => println!(
-                "{:?} width {} (Table I's exits)",
-                spec.arch, spec.width
-            ),
+            None => println!("{:?} width {} (Table I's exits)", spec.arch, spec.width),
         }
         print!("{}", graph.describe()?);
         println!("{} exit(s)", graph.exits.len());

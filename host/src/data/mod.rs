@@ -525,7 +525,24 @@ mod tests {
             images: (0..n * 6).map(|i| i as u8).collect(),
             labels: (0..n).map(|i| (i % 10) as u8).collect(),
             preprocess: Preprocess::Pad,
+            custom_normalization: None,
         }
+    }
+
+    /// A model's own normalization (`train --onnx`) replaces the preprocessing's in batches.
+    #[test]
+    fn custom_normalization_is_used_by_batches() {
+        let d = tiny(1);
+        let plain = make_batch(&d, &[0], None);
+        let (m, s) = d.normalization();
+        assert_eq!(plain.images[1], (1.0 / 255.0 - m[0]) / s[0]);
+        let custom = Dataset {
+            custom_normalization: Some(std::sync::Arc::new((vec![0.5], vec![0.25]))),
+            ..d
+        };
+        let b = make_batch(&custom, &[0], None);
+        assert_eq!(b.images[1], (1.0 / 255.0 - 0.5) / 0.25);
+        assert_eq!(custom.subset(&[0]).normalization().0, &[0.5]);
     }
 
     #[test]

@@ -27,9 +27,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail, ensure};
 use burn::module::{Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::pool::{
-    AdaptiveAvgPool2dConfig, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig,
-};
+use burn::nn::pool::{AdaptiveAvgPool2dConfig, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -174,7 +172,8 @@ fn pool_of(kernel: [usize; 2], stride: [usize; 2], padding: [usize; 4], cip: boo
 impl GraphSpec {
     /// The structure of `net` (no exits).
     pub fn from_network(net: &Network) -> Result<Self> {
-        net.shapes().context("the imported network is inconsistent")?;
+        net.shapes()
+            .context("the imported network is inconsistent")?;
         let nodes = net
             .nodes
             .iter()
@@ -471,7 +470,7 @@ impl GraphSpec {
                 .last()
                 .is_some_and(|&s: &usize| self.nodes[s].inputs[0] == v);
             let depthwise = groups > 1 && groups == in_channels;
-            if reads_cut && !already && !(depthwise && !starts.is_empty()) {
+            if reads_cut && !already && (!depthwise || starts.is_empty()) {
                 starts.push(i);
             }
         }
@@ -693,7 +692,11 @@ fn value_index(v: Value) -> usize {
 }
 
 fn value_of(i: usize) -> Value {
-    if i == 0 { Value::INPUT } else { Value::node(i - 1) }
+    if i == 0 {
+        Value::INPUT
+    } else {
+        Value::node(i - 1)
+    }
 }
 
 struct Builder {
@@ -1030,7 +1033,10 @@ impl GraphNet {
                             PaddingConfig2d::Explicit(t, l, b, r)
                         })
                         .init();
-                    Val::Map(crate::kernels::backend::max_pool2d(&pool, a.map(&node.name)))
+                    Val::Map(crate::kernels::backend::max_pool2d(
+                        &pool,
+                        a.map(&node.name),
+                    ))
                 }
                 &GraphOp::AvgPool {
                     kernel,
@@ -1060,10 +1066,7 @@ impl GraphNet {
                 }
                 GraphOp::Concat => {
                     let b = take(node.inputs[1]);
-                    Val::Map(Tensor::cat(
-                        vec![a.map(&node.name), b.map(&node.name)],
-                        1,
-                    ))
+                    Val::Map(Tensor::cat(vec![a.map(&node.name), b.map(&node.name)], 1))
                 }
             };
             if want_taps

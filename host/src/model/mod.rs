@@ -1066,7 +1066,8 @@ mod graph_tests {
             }
         }
         b.set_weights(&weights).unwrap();
-        let t = |v: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
+        let t =
+            |v: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
         let mut biases = biases.iter();
         for l in b.layers_mut() {
             if let LayerMut::Linear(l) = l {
@@ -1105,7 +1106,13 @@ mod graph_tests {
             let a: f64 = v.iter().map(|&x| f64::from(x.abs())).sum();
             vec![s, a]
         };
-        let mut out = vec![("logits".to_string(), to_vec(logits.detach()).iter().map(|&v| f64::from(v)).collect())];
+        let mut out = vec![(
+            "logits".to_string(),
+            to_vec(logits.detach())
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect(),
+        )];
         for (i, t) in taps.into_iter().enumerate() {
             out.push((format!("tap{i}"), sums(to_vec(t.detach()))));
         }
@@ -1117,7 +1124,10 @@ mod graph_tests {
             out.push((format!("grad {name}"), sums(g)));
         }
         let eval = b.valid().forward(x.inner());
-        out.push(("eval logits".to_string(), to_vec(eval).iter().map(|&v| f64::from(v)).collect()));
+        out.push((
+            "eval logits".to_string(),
+            to_vec(eval).iter().map(|&v| f64::from(v)).collect(),
+        ));
         out
     }
 
@@ -1125,7 +1135,10 @@ mod graph_tests {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/graph_modules.txt")
     }
 
-    fn render(all: &[(Arch, Vec<(String, Vec<f64>)>)]) -> String {
+    /// Named rows of numbers.
+    type Lines = Vec<(String, Vec<f64>)>;
+
+    fn render(all: &[(Arch, Lines)]) -> String {
         let mut s = String::from(
             "# nvcim: the hand-written VGG-8 / ResNet-18 (width 0.125, 3x32x32, 10 classes) on\n\
              # deterministic parameters and input (model::graph_tests): logits, exit taps (sum,\n\
@@ -1146,7 +1159,12 @@ mod graph_tests {
             .map(|l| {
                 let mut p = l.splitn(3, " | ");
                 let key = format!("{} | {}", p.next().unwrap(), p.next().unwrap());
-                let v = p.next().unwrap().split(' ').map(|x| x.parse().unwrap()).collect();
+                let v = p
+                    .next()
+                    .unwrap()
+                    .split(' ')
+                    .map(|x| x.parse().unwrap())
+                    .collect();
                 (key, v)
             })
             .collect()
@@ -1180,13 +1198,24 @@ mod graph_tests {
             let g = Backbone::Graph(g);
             let (h, m) = (measure(&hand), measure(&g));
             let tag = |v: &[(String, Vec<f64>)]| -> Vec<(String, Vec<f64>)> {
-                v.iter().map(|(k, x)| (format!("{arch:?} | {k}"), x.clone())).collect()
+                v.iter()
+                    .map(|(k, x)| (format!("{arch:?} | {k}"), x.clone()))
+                    .collect()
             };
             // Layer names differ between the modules; compare by position.
             let strip = |v: Vec<(String, Vec<f64>)>| -> Vec<(String, Vec<f64>)> {
                 v.into_iter()
                     .enumerate()
-                    .map(|(i, (k, x))| (if k.starts_with("grad ") { format!("grad {i}") } else { k }, x))
+                    .map(|(i, (k, x))| {
+                        (
+                            if k.starts_with("grad ") {
+                                format!("grad {i}")
+                            } else {
+                                k
+                            },
+                            x,
+                        )
+                    })
                     .collect()
             };
             assert_close(&format!("{arch:?}"), &strip(m.clone()), &strip(h.clone()));

@@ -134,7 +134,11 @@ impl OnnxSource {
             ..d
         };
         let (train, test) = (with(train), with(test));
-        crate::onnx::data::check_labels(&test, graph.num_classes, &self.file.display().to_string())?;
+        crate::onnx::data::check_labels(
+            &test,
+            graph.num_classes,
+            &self.file.display().to_string(),
+        )?;
         Ok((train, test))
     }
 
@@ -633,7 +637,11 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let run_data = prepare_data(cfg)?;
     let [c, h, w] = cfg.model.input();
     ensure!(
-        [run_data.train.channels, run_data.train.height, run_data.train.width] == [c, h, w],
+        [
+            run_data.train.channels,
+            run_data.train.height,
+            run_data.train.width
+        ] == [c, h, w],
         "the data is {}x{}x{} but the model expects {c}x{h}x{w}",
         run_data.train.channels,
         run_data.train.height,
