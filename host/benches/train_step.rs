@@ -5,17 +5,15 @@
 //! `train_step/vgg8_w1_b128_nft`). `NVCIM_BENCH_WIDTHS=0.25` limits the widths; with
 //! `NVCIM_BENCH_RSS_FILE=PATH` the process writes its peak resident set (`VmHWM`, MiB) there at
 //! the end (`cargo xtask bench train` runs one width per process to get each width's).
-//! `NVCIM_BENCH_ARCH=resnet18` times ResNet-18 instead; `NVCIM_BENCH_MODULE=graph` runs the
-//! network through the generic graph module (`model::graph`) instead of the hand-written one.
+//! `NVCIM_BENCH_ARCH=resnet18` times ResNet-18 instead.
 
 use std::hint::black_box;
 
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
-use nvcim::model::graph::GraphNet;
 use nvcim::model::noise::TrainingNoise;
-use nvcim::model::{Arch, Backbone, ModelSpec, TrainModel};
+use nvcim::model::{Arch, ModelSpec, TrainModel};
 use nvcim::training::{Method, method, step_forward};
 use nvcim_shared::variation::VariationConfig;
 
@@ -42,13 +40,7 @@ fn bench(c: &mut Criterion) {
             num_classes: 10,
             graph: None,
         };
-        // `NVCIM_BENCH_MODULE=graph`: the same network through the generic graph module.
-        let graph = std::env::var("NVCIM_BENCH_MODULE").as_deref() == Ok("graph");
-        let backbone = if graph {
-            Backbone::Graph(GraphNet::init(spec.graph(), &ad))
-        } else {
-            spec.init_backbone(&ad)
-        };
+        let backbone = spec.init_backbone(&ad);
         let mut model = TrainModel {
             backbone,
             exits: spec.init_exits(&ad),
@@ -59,8 +51,7 @@ fn bench(c: &mut Criterion) {
         let labels: Vec<i64> = (0..128).map(|i| i % 10).collect();
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [128]), &ad);
         let name = format!("{arch:?}").to_lowercase();
-        let module = if graph { "_graph" } else { "" };
-        group.bench_function(format!("{name}_w{width}_b128_nft{module}"), |b| {
+        group.bench_function(format!("{name}_w{width}_b128_nft"), |b| {
             b.iter(|| {
                 let (out, fb) =
                     step_forward(&model, Method::Nft, &noise, x.clone()).expect("forward");

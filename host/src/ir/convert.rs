@@ -1,11 +1,12 @@
-//! From a trained Burn [`Backbone`] to the Burn-free [`ir::Network`], and from a network to the
+//! From a trained Burn [`Backbone`] to the Burn-free [`Network`], and from a network to the
 //! integer engine's float description ([`build::ModelDesc`]).
 //!
-//! [`to_network`] emits nodes in forward order (the contract's weight-layer order, equal to
-//! [`Backbone::weight_layers`]): VGG-8 `conv, bn, relu[, pool]` six times, `flatten, fc1, relu,
-//! fc2`; ResNet-18 `stem conv, bn, relu`, then per basic block `conv1, bn1, relu, conv2, bn2[,
-//! shortcut conv, shortcut bn], add, relu`, then `gap, flatten, fc`. BatchNorm stays a node of
-//! its own; the conv weights are the trained weights themselves.
+//! [`to_network`] emits the backbone's graph ([`crate::model::graph`]) in its order (the
+//! contract's weight-layer order, equal to [`Backbone::weight_layers`]): VGG-8 `conv, bn,
+//! relu[, pool]` six times, `flatten, fc1, relu, fc2`; ResNet-18 `stem conv, bn, relu`, then per
+//! basic block `conv1, bn1, relu, conv2, bn2[, shortcut conv, shortcut bn], add, relu`, then
+//! `gap, flatten, fc`; an imported CNN in its file's order. BatchNorm stays a node of its own;
+//! the conv weights are the trained weights themselves.
 //!
 //! [`desc_nodes`] maps every network node to one description node (same indices), BatchNorm
 //! included: the packer folds it into the requantization multiplier and bias, never into the
@@ -22,10 +23,8 @@ use nvcim_shared::variation::SigmaUnit;
 use crate::data::{self, Dataset, DatasetKind, Preprocess};
 use crate::fsx::read_json;
 
-use crate::ir::{
-    self, BatchNorm, Conv2d, Network, Node, Normalization, Op, Pool, Provenance, Value,
-};
-use crate::model::{Arch, Backbone, BnParams, LayerKind, ModelSpec, WeightLayer, load_backbone};
+use crate::ir::{Network, Normalization, Op, Provenance};
+use crate::model::{Backbone, ModelSpec, load_backbone};
 
 /// Builds the network of `backbone` (of `spec`), with the input `normalization` and the
 /// weights' `provenance`.
@@ -35,142 +34,17 @@ pub fn to_network(
     normalization: Normalization,
     provenance: Provenance,
 ) -> Result<Network> {
-    if let Backbone::Graph(g) = backbone {
-        let mut net = g.to_network(provenance)?;
-        net.normalization = normalization;
-        net.shapes()
-            .context("the converted network is inconsistent")?;
-        return Ok(net);
-    }
-    let mut layers = backbone.weight_layers().into_iter();
-    let mut b = Graph { nodes: Vec::new() };
-    let mut next = |what: &str| {
-        layers
-            .next()
-            .with_context(|| format!("the backbone has no weight layer for {what}"))
-    };
-    let mut x = Value::INPUT;
-    match (spec.arch, backbone) {
-        (Arch::Vgg8, Backbone::Vgg8(_)) => {
-            for i in 0..6 {
-                let l = next("a VGG-8 conv block")?;
-                x = b.conv_bn(&format!("features.{i}"), x, &l)?;
-                x = b.push(format!("features.{i}.relu"), Op::Relu, vec![x]);
-                if i % 2 == 1 {
-                    let op = Op::MaxPool(Pool::square(2, 2));
-                    x = b.push(format!("features.{i}.pool"), op, vec![x]);
-                }
-            }
-            x = b.push("flatten".into(), Op::Flatten, vec![x]);
-            x = b.linear("fc1", x, &next("fc1")?)?;
-            x = b.push("fc1.relu".into(), Op::Relu, vec![x]);
-            b.linear("fc2", x, &next("fc2")?)?;
-        }
-        (Arch::Resnet18, Backbone::Resnet18(m)) => {
-            x = b.conv_bn("stem", x, &next("the stem")?)?;
-            x = b.push("stem.relu".into(), Op::Relu, vec![x]);
-            for (s, stage) in m.stages.iter().enumerate() {
-                for (k, block) in stage.iter().enumerate() {
-                    let p = format!("layer{}.{k}", s + 1);
-                    let y = b.conv_bn(&format!("{p}.conv1"), x, &next("conv1")?)?;
-                    let y = b.push(format!("{p}.relu1"), Op::Relu, vec![y]);
-                    let y = b.conv_bn(&format!("{p}.conv2"), y, &next("conv2")?)?;
-                    let short = if block.shortcut.is_some() {
-                        b.conv_bn(&format!("{p}.shortcut"), x, &next("a shortcut")?)?
-                    } else {
-                        x
-                    };
-                    let sum = b.push(format!("{p}.add"), Op::Add, vec![y, short]);
-                    x = b.push(format!("{p}.relu"), Op::Relu, vec![sum]);
-                }
-            }
-            x = b.push("pool".into(), Op::GlobalAvgPool, vec![x]);
-            x = b.push("flatten".into(), Op::Flatten, vec![x]);
-            b.linear("fc", x, &next("fc")?)?;
-        }
-        (arch, _) => bail!("the backbone is not a {arch:?}"),
-    }
     ensure!(
-        layers.next().is_none(),
-        "the backbone has more weight layers than a {:?}",
-        spec.arch
+        backbone.spec().nodes == spec.graph().nodes,
+        "the backbone is not the {:?} of width {} that its model description says",
+        spec.arch,
+        spec.width
     );
-    let net = Network {
-        input: [spec.in_channels, spec.image_size, spec.image_size],
-        num_classes: spec.num_classes,
-        normalization,
-        provenance,
-        nodes: b.nodes,
-    };
+    let mut net = backbone.to_network(provenance)?;
+    net.normalization = normalization;
     net.shapes()
         .context("the converted network is inconsistent")?;
     Ok(net)
-}
-
-struct Graph {
-    nodes: Vec<Node>,
-}
-
-impl Graph {
-    fn push(&mut self, name: String, op: Op, inputs: Vec<Value>) -> Value {
-        self.nodes.push(Node { name, op, inputs });
-        Value::node(self.nodes.len() - 1)
-    }
-
-    /// A conv weight layer and its BatchNorm.
-    fn conv_bn(&mut self, name: &str, x: Value, l: &WeightLayer) -> Result<Value> {
-        let LayerKind::Conv { stride, padding } = l.kind else {
-            bail!("weight layer `{}` is not a convolution", l.name);
-        };
-        let &[out_channels, in_channels, kh, kw] = l.shape.as_slice() else {
-            bail!("conv `{}` has shape {:?}", l.name, l.shape);
-        };
-        let conv = Conv2d {
-            kernel: [kh, kw],
-            ..Conv2d::square(
-                in_channels,
-                out_channels,
-                kh,
-                stride,
-                padding,
-                l.weights.clone(),
-                l.bias.clone(),
-            )
-        };
-        let y = self.push(format!("{name}.conv"), Op::Conv2d(conv), vec![x]);
-        let bn =
-            l.bn.as_ref()
-                .with_context(|| format!("conv `{}` has no BatchNorm", l.name))?;
-        Ok(self.push(format!("{name}.bn"), Op::BatchNorm(batchnorm(bn)), vec![y]))
-    }
-
-    fn linear(&mut self, name: &str, x: Value, l: &WeightLayer) -> Result<Value> {
-        ensure!(
-            l.kind == LayerKind::Linear,
-            "weight layer `{}` is not linear",
-            l.name
-        );
-        let &[out_features, in_features] = l.shape.as_slice() else {
-            bail!("linear `{}` has shape {:?}", l.name, l.shape);
-        };
-        let lin = ir::Linear {
-            out_features,
-            in_features,
-            weight: l.weights.clone(),
-            bias: l.bias.clone(),
-        };
-        Ok(self.push(name.into(), Op::Linear(lin), vec![x]))
-    }
-}
-
-fn batchnorm(bn: &BnParams) -> BatchNorm {
-    BatchNorm {
-        gamma: bn.gamma.clone(),
-        beta: bn.beta.clone(),
-        mean: bn.mean.clone(),
-        var: bn.var.clone(),
-        eps: bn.epsilon as f32,
-    }
 }
 
 /// The description nodes of `net`, one per network node (same indices), `act_max` 1 (calibrate
@@ -470,6 +344,7 @@ impl Loaded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Arch;
     use burn::module::Module;
     use burn::tensor::{Device, Distribution, Tensor};
 

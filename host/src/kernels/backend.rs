@@ -6,7 +6,7 @@
 //! Why an extension and not a decorator backend: with Burn 0.22's `Dispatch` tensors a model's
 //! tensors carry one of Burn's own backends, so a backend of ours cannot be slotted in; Burn's
 //! `#[backend_extension]` is its route for custom operations on a dispatched backend. The one
-//! call site is [`conv2d`], used by every conv-BN block ([`crate::model::ConvBn`]); a
+//! call site is [`conv2d`], used by every convolution of the graph network ([`crate::model::graph`]); a
 //! convolution it does not cover (bias, groups, dilation, asymmetric padding, a dtype other
 //! than `f32`, or another device such as wgpu/cuda) goes to Burn's `conv2d` unchanged.
 //!

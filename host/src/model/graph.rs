@@ -843,9 +843,30 @@ impl GraphNet {
     /// Fresh parameters for `spec` on `device`: convs Kaiming-normal (fan-out, ReLU gain),
     /// BatchNorm 1/0, linears PyTorch's default, created in node order.
     pub fn init(spec: GraphSpec, device: &Device) -> Self {
+        // Burn draws a parameter's random values on its first use, in the module's visiting
+        // order: node order here, as in the hand-written VGG-8 and ResNet-18, so a seed gives the
+        // weights it gave them.
+        let layers = spec
+            .nodes
+            .iter()
+            .filter(|n| {
+                matches!(
+                    n.op,
+                    GraphOp::Conv { .. } | GraphOp::BatchNorm { .. } | GraphOp::Linear { .. }
+                )
+            })
+            .map(|n| Self::init_layer(&n.op, device))
+            .collect();
+        GraphNet {
+            layers,
+            spec: Arc::new(spec),
+        }
+    }
+
+    fn init_layer(op: &GraphOp, device: &Device) -> GraphLayer {
         let mut layers = Vec::new();
-        for node in &spec.nodes {
-            match node.op {
+        {
+            match *op {
                 GraphOp::Conv {
                     in_channels,
                     out_channels,
@@ -877,13 +898,10 @@ impl GraphNet {
                         .with_bias(bias)
                         .init(device),
                 )),
-                _ => {}
+                _ => unreachable!("only conv, BatchNorm and linear nodes have layers"),
             }
         }
-        GraphNet {
-            layers,
-            spec: Arc::new(spec),
-        }
+        layers.pop().expect("one layer")
     }
 
     /// The network of `net` with its weights, BatchNorm parameters and statistics, and `spec`'s

@@ -59,7 +59,14 @@ pub fn import_backbone(path: &Path, spec: &ModelSpec, device: &Device) -> Result
         .to_ascii_lowercase();
     ensure_file(path)?;
     let mut backbone = spec.init_backbone(device);
-    let patterns = key_patterns(spec.arch);
+    let mut patterns = key_patterns(spec.arch);
+    // nvcim's module names -> the graph network's layers (enum variants skipped).
+    for (old, k, _) in super::legacy::layer_names(spec) {
+        patterns.push((
+            format!("^{}\\.", old.replace('.', "\\.")),
+            format!("layers.{k}."),
+        ));
+    }
     let result = match ext.as_str() {
         "safetensors" => {
             let mut store = SafetensorsStore::from_file(path)

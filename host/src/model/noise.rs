@@ -258,6 +258,20 @@ pub(crate) mod tests {
         v.1
     }
 
+    /// Every float parameter of `module`, in visiting order.
+    pub(crate) fn all_params<M: Module>(module: &M) -> Vec<Vec<f32>> {
+        struct V(Vec<Vec<f32>>);
+        impl burn::module::ModuleVisitor for V {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.0
+                    .push(param.val().into_data().try_to_vec::<f32>().unwrap());
+            }
+        }
+        let mut v = V(Vec::new());
+        module.visit(&mut v);
+        v.0
+    }
+
     /// Sample mean and the standard error of the mean of `xs`.
     fn mean_se(xs: &[f64]) -> (f64, f64) {
         let n = xs.len() as f64;

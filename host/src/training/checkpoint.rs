@@ -275,6 +275,16 @@ impl Checkpoint {
             Vec::new()
         };
         let p = dir.join("model.bpk");
+        if crate::model::legacy::is_legacy(&p) {
+            let run = dir.parent().unwrap_or(dir);
+            bail!(
+                "{} was written by an earlier nvcim (before VGG-8 and ResNet-18 became graphs of \
+                 the generic network) and cannot be resumed; its best backbone still loads: \
+                 continue from it with the same flags, --init-from {} and a new --out",
+                p.display(),
+                run.display()
+            );
+        }
         let record = ModuleRecord::load(&p)
             .map_err(rec_err)
             .with_context(|| format!("reading {}", p.display()))?;

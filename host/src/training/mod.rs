@@ -694,10 +694,11 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             if let Some(from) = &cfg.init_from {
                 backbone = pretrained_backbone(from, cfg, &ad)?;
             }
-            if let (Some(src), crate::model::Backbone::Graph(g)) = (&cfg.onnx, &mut backbone)
+            if let Some(src) = &cfg.onnx
                 && src.weights
             {
-                g.load_network(&src.network()?)
+                backbone
+                    .load_network(&src.network()?)
                     .with_context(|| format!("the weights of {}", src.file.display()))?;
             }
             let exits = if cfg.method.uses_exits() {
@@ -934,10 +935,17 @@ mod tests {
         let loss = method::loss(Method::Nft, out, &fb, y, 0.1, None);
         let g_ref = GradientsParams::from_grads(loss.backward(), &reference);
 
-        let Backbone::Vgg8(c) = &clean.backbone else {
-            unreachable!()
+        // VGG-8's graph layers: conv k at 2k, its BatchNorm at 2k + 1, fc1 at 12, fc2 at 13.
+        let conv = |b: &Backbone, k: usize| match &b.layers[k] {
+            crate::model::graph::GraphLayer::Conv(c) => c.weight.id,
+            _ => unreachable!("layer {k} is a conv"),
         };
-        let ids = [c.blocks[0].conv.weight.id, c.blocks[5].conv.weight.id];
+        let fc1 = |b: &Backbone| match &b.layers[12] {
+            crate::model::graph::GraphLayer::Linear(l) => l.weight.clone(),
+            _ => unreachable!("layer 12 is fc1"),
+        };
+        let c = &clean.backbone;
+        let ids = [conv(c, 0), conv(c, 10)];
         for id in ids {
             let a = g_train
                 .get::<4>(id)
@@ -949,8 +957,8 @@ mod tests {
             );
         }
         let (a, b) = (
-            g_train.get::<2>(c.fc1.weight.id).unwrap(),
-            g_ref.get::<2>(c.fc1.weight.id).unwrap(),
+            g_train.get::<2>(fc1(c).id).unwrap(),
+            g_ref.get::<2>(fc1(c).id).unwrap(),
         );
         a.into_data()
             .assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
@@ -960,16 +968,12 @@ mod tests {
             .assert_approx_eq::<f32>(&b.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
 
         // The update lands on the clean weights: w_clean - lr * grad(perturbed).
-        let g = g_ref.get::<2>(c.fc1.weight.id).unwrap();
-        let before = c.fc1.weight.val();
+        let g = g_ref.get::<2>(fc1(c).id).unwrap();
+        let before = fc1(c).val();
         let mut sgd = SgdConfig::new().init();
         let stepped = sgd.step(0.5, clean.clone(), g_train);
-        let Backbone::Vgg8(s) = &stepped.backbone else {
-            unreachable!()
-        };
         let expect = before - g.mul_scalar(0.5);
-        s.fc1
-            .weight
+        fc1(&stepped.backbone)
             .val()
             .into_data()
             .assert_approx_eq::<f32>(&expect.into_data(), burn::tensor::Tolerance::absolute(1e-6));
