@@ -323,3 +323,65 @@ fn bad_exits_and_models_are_refused() {
     assert!(!o.status.success());
     assert!(text(&o).contains("--onnx"), "{}", text(&o));
 }
+
+/// Per weight layer of the ONNX file at `path`: the sum and the sum of |w| of its weights and
+/// of its BatchNorm's four vectors, as one line of numbers.
+fn layer_sums(path: &Path) -> Vec<f64> {
+    let net = import(&read_model(path).unwrap(), "test").unwrap().network;
+    let mut out = Vec::new();
+    let mut put = |v: &[f32]| {
+        out.push(v.iter().map(|&x| f64::from(x)).sum::<f64>());
+        out.push(v.iter().map(|&x| f64::from(x.abs())).sum::<f64>());
+    };
+    for n in &net.nodes {
+        match &n.op {
+            nvcim::ir::Op::Conv2d(c) => put(&c.weight),
+            nvcim::ir::Op::Linear(l) => {
+                put(&l.weight);
+                put(l.bias.as_deref().unwrap_or(&[]));
+            }
+            nvcim::ir::Op::BatchNorm(b) => {
+                for v in [&b.gamma, &b.beta, &b.mean, &b.var] {
+                    put(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Run directories written by the hand-written VGG-8 and ResNet-18 modules (before the generic
+/// network; `tests/fixtures/legacy/`) still load: their export equals, layer by layer, what the
+/// nvcim that wrote them exported (`tests/golden/legacy_checkpoints.txt`).
+#[test]
+fn checkpoints_of_the_hand_written_modules_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let golden = std::fs::read_to_string(root.join("golden/legacy_checkpoints.txt")).unwrap();
+    for arch in ["vgg8", "resnet18"] {
+        let run = root.join("fixtures/legacy").join(arch);
+        let onnx = dir.path().join(format!("{arch}.onnx"));
+        ok(&[
+            "export",
+            run.to_str().unwrap(),
+            "-o",
+            onnx.to_str().unwrap(),
+        ]);
+        let got = layer_sums(&onnx);
+        let want: Vec<f64> = golden
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{arch} | ")))
+            .unwrap_or_else(|| panic!("no {arch} line in the golden file"))
+            .split(' ')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{arch}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{arch} value {i}: {a} vs {b}"
+            );
+        }
+    }
+}

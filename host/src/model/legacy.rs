@@ -11,7 +11,7 @@ use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::Device;
 
 use super::graph::GraphOp;
-use super::{Arch, Backbone, ModelSpec};
+use super::{Arch, Backbone, ModelSpec, TrainModel};
 
 /// Each parameterized node of `spec`'s graph as (its old module path without the variant, its
 /// layer index, the graph layer's variant name), in layer order.
@@ -71,14 +71,35 @@ pub fn is_legacy(path: &Path) -> bool {
 
 /// Loads an old VGG-8 / ResNet-18 backbone file into the graph network of `spec`.
 pub fn load(path: &Path, spec: &ModelSpec, device: &Device) -> Result<Backbone> {
-    let mut backbone = spec.init_backbone(device);
+    let mut backbone = apply(spec.init_backbone(device), path, spec, "")?;
+    backbone.sync_running_stats();
+    Ok(backbone)
+}
+
+/// Loads an old training checkpoint (`checkpoint/model.bpk`: backbone and exits, parameter ids
+/// kept, so the optimizer's state, keyed by them, still applies) into `model`.
+pub fn load_train_model(path: &Path, spec: &ModelSpec, model: TrainModel) -> Result<TrainModel> {
+    let mut model = apply(model, path, spec, "backbone.")?;
+    model.backbone.sync_running_stats();
+    Ok(model)
+}
+
+/// `module` with the tensors of the old file at `path`, whose backbone paths start with
+/// `prefix` + the old variant.
+fn apply<M: ModuleSnapshot>(
+    mut module: M,
+    path: &Path,
+    spec: &ModelSpec,
+    prefix: &str,
+) -> Result<M> {
     let mut store = BurnpackStore::from_file(path);
     let v = variant(spec.arch);
+    let p = regex_escape(prefix);
     for (old, k, layer) in layer_names(spec) {
-        let from = format!("^{v}\\.{}\\.", regex_escape(&old));
-        store = store.with_remap_pattern(from, format!("layers.{k}.{layer}."));
+        let from = format!("^{p}{v}\\.{}\\.", regex_escape(&old));
+        store = store.with_remap_pattern(from, format!("{prefix}layers.{k}.{layer}."));
     }
-    let result = backbone
+    let result = module
         .load_from(&mut store)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("reading {} (an earlier nvcim's checkpoint)", path.display()))?;
@@ -92,8 +113,7 @@ pub fn load(path: &Path, spec: &ModelSpec, device: &Device) -> Result<Backbone> 
             result.errors
         );
     }
-    backbone.sync_running_stats();
-    Ok(backbone)
+    Ok(module)
 }
 
 fn regex_escape(s: &str) -> String {

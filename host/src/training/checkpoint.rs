@@ -275,23 +275,19 @@ impl Checkpoint {
             Vec::new()
         };
         let p = dir.join("model.bpk");
-        if crate::model::legacy::is_legacy(&p) {
-            let run = dir.parent().unwrap_or(dir);
-            bail!(
-                "{} was written by an earlier nvcim (before VGG-8 and ResNet-18 became graphs of \
-                 the generic network) and cannot be resumed; its best backbone still loads: \
-                 continue from it with the same flags, --init-from {} and a new --out",
-                p.display(),
-                run.display()
-            );
-        }
         let record = ModuleRecord::load(&p)
             .map_err(rec_err)
             .with_context(|| format!("reading {}", p.display()))?;
-        let model = TrainModel { backbone, exits }
-            .try_load_record(record)
-            .map_err(rec_err)
-            .with_context(|| format!("{} does not fit this model", p.display()))?;
+        let model = TrainModel { backbone, exits };
+        let model = if crate::model::legacy::is_legacy(&p) {
+            // Written before VGG-8 and ResNet-18 became graphs: the names are mapped.
+            crate::model::legacy::load_train_model(&p, &cfg.model, model)?
+        } else {
+            model
+                .try_load_record(record)
+                .map_err(rec_err)
+                .with_context(|| format!("{} does not fit this model", p.display()))?
+        };
         let p = dir.join("optimizer.bpk");
         let optim = optim
             .load(&p)
