@@ -979,3 +979,41 @@ fn a_flipped_byte_in_a_checkpoint_is_refused() {
         "{err}"
     );
 }
+
+/// `--recipe paper` sets every authors' setting at once, an explicit flag wins over it, and
+/// nvcim's recipe clips the methods that inject noise (`--clip-weights 0` turns it off);
+/// `config.json` records the recipe and the resolved values.
+#[test]
+fn recipes_set_the_defaults_and_flags_win() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), 64, 16);
+    let config = |extra: &[&str]| -> serde_json::Value {
+        let out = tempfile::tempdir().unwrap();
+        let mut args = vec!["--max-train", "32"];
+        args.extend_from_slice(extra);
+        summary(&train(data.path(), out.path(), &args));
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap()
+    };
+    // Not --lr or --epochs: train_args gives those.
+    let paper = config(&["--recipe", "paper", "--model", "resnet18", "--alpha", "0.5"]);
+    assert_eq!(paper["recipe"], "paper");
+    assert_eq!(paper["bn_stats"], "noisy");
+    assert_eq!(paper["select"], "noisy");
+    assert_eq!(paper["init"], "authors");
+    assert_eq!(paper["preprocess"], "resize");
+    assert_eq!(paper["exit_profile"], "uniform");
+    assert_eq!(paper["alpha"], 0.5, "an explicit flag wins");
+    assert!(paper.get("clip_weights").is_none(), "{paper}");
+    let paper_alpha = config(&["--recipe", "paper", "--model", "resnet18"]);
+    assert_eq!(paper_alpha["alpha"], 0.1, "the authors' ResNet-18 MNIST alpha");
+    let nvcim = config(&[]);
+    assert_eq!(nvcim["recipe"], "nvcim");
+    assert_eq!(nvcim["bn_stats"], "clean");
+    assert_eq!(nvcim["preprocess"], "pad");
+    assert_eq!(nvcim["clip_weights"], 1.5, "nft clips by default");
+    let vanilla = config(&["--method", "vanilla"]);
+    assert!(vanilla.get("clip_weights").is_none(), "{vanilla}");
+    let off = config(&["--clip-weights", "0"]);
+    assert!(off.get("clip_weights").is_none(), "{off}");
+}

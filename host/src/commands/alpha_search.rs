@@ -79,7 +79,7 @@ pub fn run(args: &AlphaSearchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &alpha in &alphas {
         let mut flags = args.flags.clone();
-        flags.alpha = alpha;
+        flags.alpha = Some(alpha);
         let cfg = flags.config()?;
         let dir = args.out.join(format!("alpha-{alpha}"));
         if !args.quiet {

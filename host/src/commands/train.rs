@@ -14,8 +14,8 @@ use crate::model::graph::GraphSpec;
 use crate::model::{Arch, Init, ModelSpec};
 use crate::options::DeviceArgs;
 use crate::training::{
-    self, Backend, BnStats, ExitProfile, LrSchedule, Method, RunOptions, Select, TrainConfig,
-    TrainSummary,
+    self, Backend, BnStats, ExitProfile, LrSchedule, Method, Recipe, RunOptions, Select,
+    TrainConfig, TrainSummary,
 };
 
 /// The flags that define a training run (shared with `alpha-search`).
@@ -34,9 +34,16 @@ pub struct TrainFlags {
     /// How 28x28 images (MNIST, Fashion-MNIST) become 32x32: `pad` (nvcim's default: zero
     /// padding, every pixel kept, the dataset's own mean/std) or `resize` (the authors': bilinear
     /// 28 -> 32, mean/std 0.5). Recorded in config.json; eval, export and pack apply the same.
-    /// See the README's Fidelity section.
-    #[arg(long, value_enum, default_value_t = Preprocess::Pad)]
-    pub preprocess: Preprocess,
+    /// See docs/fidelity.md. Default: the recipe's (nvcim `pad`, paper `resize`).
+    #[arg(long, value_enum)]
+    pub preprocess: Option<Preprocess>,
+    /// The set of defaults for the flags below that say "the recipe's": `nvcim` (chosen from
+    /// measurements at small budgets) or `paper` (every setting of the authors' code at once:
+    /// noisy BatchNorm statistics and selection, their linear init, resize, lr 1e-3 / ResNet-18
+    /// 1e-2, uniform exit noise, their alpha, 200 epochs, no clipping). A flag given explicitly
+    /// wins; config.json records the recipe and every resolved value.
+    #[arg(long, value_enum, default_value_t = Recipe::Nvcim)]
+    pub recipe: Recipe,
     /// The network.
     #[arg(long, value_enum, default_value_t = Arch::Vgg8)]
     pub model: Arch,
@@ -46,26 +53,27 @@ pub struct TrainFlags {
     /// The training method.
     #[arg(long, value_enum, default_value_t = Method::Nft)]
     pub method: Method,
-    /// Negative-feedback weight alpha (eq. 1). The authors' IRS (`nft`) values: VGG-8 MNIST
-    /// 1e-2, CIFAR-10 1e-1; ResNet-18 MNIST 1e-1, CIFAR-10/100 1e-3.
-    #[arg(long, default_value_t = 0.1)]
-    pub alpha: f64,
+    /// Negative-feedback weight alpha (eq. 1). Default: the recipe's (nvcim 0.1; paper the
+    /// authors' IRS values VGG-8 MNIST 1e-2, CIFAR-10 1e-1, ResNet-18 MNIST 1e-1, CIFAR-10/100
+    /// 1e-3, and their OVF values for nft-ovf).
+    #[arg(long)]
+    pub alpha: Option<f64>,
     /// Device variation sigma for training noise and noisy validation (unit: --sigma-unit).
     #[arg(long, default_value_t = 0.4)]
     pub sigma: f32,
     /// The device model.
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Epochs.
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
+    /// Epochs. Default: the recipe's (nvcim 10, paper 200).
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Batch size.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
     /// Initial learning rate of Adam (epsilon 1e-8, as PyTorch; cosine-annealed to 0 over the
-    /// epochs). The authors train VGG-8 at 1e-3 and ResNet-18 at 1e-2.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
+    /// epochs). Default: the recipe's (nvcim 1e-3; paper VGG-8 1e-3, ResNet-18 1e-2).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// When the cosine annealing steps: `cosine-epoch` (once per epoch, the authors'
     /// `CosineAnnealingLR(T_max=epochs)`) or `cosine-step` (after every batch, the same curve
     /// over the run's steps, ending near 0). With few epochs the per-epoch curve never comes
@@ -87,15 +95,17 @@ pub struct TrainFlags {
     /// Which epoch is kept as `best/`: `clean` validation accuracy, `noisy` (mean over
     /// --mc-val runs at --sigma), or `auto` (clean for vanilla, noisy for the noise-injection
     /// methods: a vanilla model is near chance at sigma 0.4 in every epoch, so its noisy
-    /// figures cannot tell its epochs apart).
-    #[arg(long, value_enum, default_value_t = Select::Auto)]
-    pub select: Select,
+    /// figures cannot tell its epochs apart). Default: the recipe's (nvcim `auto`, paper
+    /// `noisy`).
+    #[arg(long, value_enum)]
+    pub select: Option<Select>,
     /// BatchNorm's running statistics under noise injection: `clean` (from a clean forward
     /// pass of the same batch, no gradient through it; the network that is evaluated is the
     /// clean one) or `noisy` (from the noisy pass that is trained on, the authors' code). The
-    /// batch itself is always normalized with its own statistics.
-    #[arg(long, value_enum, default_value_t = BnStats::Clean)]
-    pub bn_stats: BnStats,
+    /// batch itself is always normalized with its own statistics. Default: the recipe's (nvcim
+    /// `clean`, paper `noisy`).
+    #[arg(long, value_enum)]
+    pub bn_stats: Option<BnStats>,
     /// Leave exit I (1-based, shallowest first) out of eq. 1 (`nft` only; Table V's ablation).
     /// The other exits keep their coefficients 0.1^(i-1) and the divisor counts the terms that
     /// remain (backbone + 2 exits on VGG-8: 3).
@@ -142,8 +152,9 @@ pub struct TrainFlags {
     /// The device profile of the exits' training noise (`nft`): `backbone` (the backbone's
     /// --device-profile: one device model for every perturbed layer) or `uniform` (the
     /// authors' code). The exits are never deployed, so this changes only the feedback terms.
-    #[arg(long, value_enum, default_value_t = ExitProfile::Backbone)]
-    pub exit_profile: ExitProfile,
+    /// Default: the recipe's (nvcim `backbone`, paper `uniform`).
+    #[arg(long, value_enum)]
+    pub exit_profile: Option<ExitProfile>,
     /// Clip every conv and linear weight to +-K standard deviations of its layer after each
     /// optimizer step (per-layer Gaussian clipping, aihwkit's `LAYER_GAUSSIAN`; not in the
     /// paper). Under the `range` convention the device noise scales with max|W|, so a layer's
@@ -159,10 +170,21 @@ pub struct TrainFlags {
 impl TrainFlags {
     /// The resolved configuration.
     pub fn config(&self) -> Result<TrainConfig> {
+        let d = self
+            .recipe
+            .defaults(self.model_arch(), self.dataset, self.method);
+        let alpha = self.alpha.unwrap_or(d.alpha);
+        let select = self.select.unwrap_or(d.select);
+        let preprocess = self.preprocess.unwrap_or(d.preprocess);
+        // `--clip-weights 0` turns the recipe's clipping off.
+        let clip_weights = match self.clip_weights {
+            Some(k) if k == 0.0 => None,
+            Some(k) => Some(k),
+            None => d.clip_weights,
+        };
         ensure!(
-            self.alpha.is_finite() && self.alpha >= 0.0,
-            "--alpha must be >= 0, got {}",
-            self.alpha
+            alpha.is_finite() && alpha >= 0.0,
+            "--alpha must be >= 0, got {alpha}"
         );
         let model = self.model_spec()?;
         if let Some(i) = self.drop_exit {
@@ -180,7 +202,7 @@ impl TrainFlags {
         if model.arch == Arch::Graph && self.method.uses_exits() {
             ensure!(
                 !model.exit_taps().is_empty(),
-                "--exits auto found no block boundary before the last convolution block of {};                  name the exit points with --exits NODE,... (see --show-exits)",
+                "--exits auto found no block boundary before the last convolution block of {}; name the exit points with --exits NODE,... (see --show-exits)",
                 self.onnx
                     .as_deref()
                     .unwrap_or(std::path::Path::new(""))
@@ -198,19 +220,21 @@ impl TrainFlags {
         }
         if let Some(k) = self.clip_weights {
             ensure!(
-                k.is_finite() && k > 0.0,
-                "--clip-weights must be a positive number of standard deviations, got {k}"
+                k.is_finite() && k >= 0.0,
+                "--clip-weights must be a positive number of standard deviations (0: off), got {k}"
             );
         }
         ensure!(
-            !(self.select == Select::Noisy && self.mc_val == 0),
+            !(select == Select::Noisy && self.mc_val == 0),
             "--select noisy needs noisy validation runs: --mc-val must be at least 1"
         );
         ensure!(
-            !(self.preprocess == Preprocess::Resize && self.dataset.augments()),
+            !(self.preprocess == Some(Preprocess::Resize) && self.dataset.augments()),
             "--preprocess resize applies to the 28x28 datasets (mnist, fashion-mnist); {} images are already 32x32",
             self.dataset.display_name()
         );
+        // The paper recipe's resize applies to the 28x28 data sets only (CIFAR is 32x32).
+        let preprocess = if self.no_pad { Preprocess::Pad } else { preprocess };
         let pad32 = !self.no_pad && !self.dataset.augments() && self.onnx.is_none();
         let native = if self.dataset.augments() { 32 } else { 28 };
         let data_dir = self
@@ -221,7 +245,7 @@ impl TrainFlags {
             dataset: self.dataset,
             data_dir,
             pad32,
-            preprocess: self.preprocess,
+            preprocess,
             model: if self.onnx.is_some() {
                 model
             } else {
@@ -235,23 +259,24 @@ impl TrainFlags {
                 }
             },
             method: self.method,
-            alpha: self.alpha,
+            alpha,
             variation: self.device.variation(self.sigma)?,
-            epochs: self.epochs,
+            epochs: self.epochs.unwrap_or(d.epochs),
             batch_size: self.batch_size,
-            lr: self.lr,
+            lr: self.lr.unwrap_or(d.lr),
             lr_schedule: self.lr_schedule,
             val_fraction: self.val_fraction,
             seed: self.seed,
             max_train: self.max_train,
             mc_val: self.mc_val,
-            select: self.select,
-            bn_stats: self.bn_stats,
-            init: self.init.unwrap_or_default(),
+            select,
+            bn_stats: self.bn_stats.unwrap_or(d.bn_stats),
+            init: self.init.unwrap_or(d.init),
             init_from: self.init_from.clone(),
-            exit_profile: self.exit_profile,
+            exit_profile: self.exit_profile.unwrap_or(d.exit_profile),
             drop_exit: self.drop_exit,
-            clip_weights: self.clip_weights,
+            clip_weights,
+            recipe: self.recipe,
             backend: self.backend,
             onnx: self.onnx.as_ref().map(|file| training::OnnxSource {
                 file: file.clone(),
@@ -260,6 +285,15 @@ impl TrainFlags {
                 gray_to_rgb: self.input.gray_to_rgb,
             }),
         })
+    }
+
+    /// The architecture: --model's, or a graph with --onnx.
+    fn model_arch(&self) -> Arch {
+        if self.onnx.is_some() {
+            Arch::Graph
+        } else {
+            self.model
+        }
     }
 
     /// The model: VGG-8 / ResNet-18 of --model and --width, or the graph of --onnx with its
@@ -336,6 +370,7 @@ pub struct TrainArgs {
 
 /// Prints a summary for people.
 pub fn print_summary(cfg: &TrainConfig, s: &TrainSummary) {
+    println!("recipe          {}", cfg.recipe.name());
     println!("method          {:?}", cfg.method);
     println!(
         "model           {:?} width {}",
@@ -394,7 +429,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 "note: {} holds no BatchNorm: PyTorch's exporter folds BatchNorm into the \
                  convolutions in eval mode. nvcim trains what the file holds (convolutions with \
                  biases); to keep BatchNorm, export in training mode with \
-                 `torch.onnx.export(model.train(), ..., training=torch.onnx.TrainingMode.TRAINING, \
+                 `torch.onnx.export(model.eval(), ..., training=torch.onnx.TrainingMode.PRESERVE, \
                  do_constant_folding=False)`",
                 f.file.display()
             );

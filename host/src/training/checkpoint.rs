@@ -70,6 +70,8 @@ pub fn ensure_same_config(saved: &serde_json::Value, now: &serde_json::Value) ->
         .keys()
         .chain(b.keys())
         .filter(|k| a.get(*k) != b.get(*k))
+        // Runs saved before recipes existed used nvcim's.
+        .filter(|k| !(*k == "recipe" && a.get(*k).is_none() && b[*k] == "nvcim"))
         .map(|k| {
             format!(
                 "{k}: saved {} now {}",

@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod method;
+pub mod recipe;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -32,6 +33,7 @@ use crate::kernels::backend;
 use crate::model::noise::{NoiseMapper, TrainingNoise};
 use crate::model::{Backbone, Init, ModelSpec, TrainModel, correct, load_backbone};
 pub use method::{BnStats, Method, Select};
+pub use recipe::Recipe;
 
 /// Everything that determines a training run (saved as `config.json` beside the checkpoint).
 #[derive(Debug, Clone, Serialize)]
@@ -87,6 +89,8 @@ pub struct TrainConfig {
     /// Per-layer Gaussian weight clipping after every optimizer step (`--clip-weights K`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_weights: Option<f32>,
+    /// The set of defaults the unset flags took (`--recipe`).
+    pub recipe: Recipe,
     /// The backend (`flex`, `cuda`, `wgpu`).
     pub backend: Backend,
     /// Where a graph model came from (`--onnx`); `None` for VGG-8 and ResNet-18.
@@ -1016,6 +1020,7 @@ mod bn_stats_tests {
             init: Init::Pytorch,
             init_from: None,
             exit_profile: ExitProfile::Backbone,
+            recipe: Recipe::Nvcim,
             onnx: None,
             drop_exit: None,
             clip_weights: None,
