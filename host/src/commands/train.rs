@@ -172,13 +172,13 @@ impl TrainFlags {
     pub fn config(&self) -> Result<TrainConfig> {
         let d = self
             .recipe
-            .defaults(self.model_arch(), self.dataset, self.method);
+            .defaults(self.model_arch(), self.dataset, self.method, self.sigma);
         let alpha = self.alpha.unwrap_or(d.alpha);
         let select = self.select.unwrap_or(d.select);
         let preprocess = self.preprocess.unwrap_or(d.preprocess);
         // `--clip-weights 0` turns the recipe's clipping off.
         let clip_weights = match self.clip_weights {
-            Some(k) if k == 0.0 => None,
+            Some(0.0) => None,
             Some(k) => Some(k),
             None => d.clip_weights,
         };
@@ -234,7 +234,11 @@ impl TrainFlags {
             self.dataset.display_name()
         );
         // The paper recipe's resize applies to the 28x28 data sets only (CIFAR is 32x32).
-        let preprocess = if self.no_pad { Preprocess::Pad } else { preprocess };
+        let preprocess = if self.no_pad {
+            Preprocess::Pad
+        } else {
+            preprocess
+        };
         let pad32 = !self.no_pad && !self.dataset.augments() && self.onnx.is_none();
         let native = if self.dataset.augments() { 32 } else { 28 };
         let data_dir = self

@@ -17,7 +17,7 @@ pub enum Recipe {
     /// nvcim's defaults, from measurements at small budgets: BatchNorm statistics of the clean
     /// network, clean selection for vanilla, PyTorch's linear init, zero padding, Adam lr 1e-3,
     /// alpha 0.1, 10 epochs, and per-layer weight clipping at 1.5 std for the methods that
-    /// inject noise (docs/fidelity.md says why each).
+    /// inject noise at a sigma above 0 (docs/fidelity.md says why each).
     #[default]
     Nvcim,
     /// Every setting of the authors' code (`NF_Training`): noisy BatchNorm statistics, noisy
@@ -59,8 +59,14 @@ impl Recipe {
         }
     }
 
-    /// The defaults for training `arch` on `dataset` with `method`.
-    pub fn defaults(self, arch: Arch, dataset: DatasetKind, method: Method) -> Defaults {
+    /// The defaults for training `arch` on `dataset` with `method` at a training `sigma`.
+    pub fn defaults(
+        self,
+        arch: Arch,
+        dataset: DatasetKind,
+        method: Method,
+        sigma: f32,
+    ) -> Defaults {
         match self {
             Recipe::Nvcim => Defaults {
                 bn_stats: BnStats::Clean,
@@ -71,7 +77,8 @@ impl Recipe {
                 exit_profile: ExitProfile::Backbone,
                 alpha: 0.1,
                 epochs: 10,
-                clip_weights: method.injects_noise().then_some(CLIP),
+                // Only where noise is injected (nft at sigma 0 trains without it).
+                clip_weights: (method.injects_noise() && sigma > 0.0).then_some(CLIP),
             },
             Recipe::Paper => {
                 let cifar = dataset.augments();
@@ -121,20 +128,23 @@ mod tests {
     /// The paper recipe is the Fidelity table's "authors' behaviour" column.
     #[test]
     fn paper_recipe_is_the_authors_code() {
-        let d = Recipe::Paper.defaults(Arch::Resnet18, DatasetKind::Mnist, Method::Nft);
+        let d = Recipe::Paper.defaults(Arch::Resnet18, DatasetKind::Mnist, Method::Nft, 0.4);
         assert_eq!(d.bn_stats, BnStats::Noisy);
         assert_eq!(d.select, Select::Noisy);
         assert_eq!(d.init, Init::Authors);
         assert_eq!(d.preprocess, Preprocess::Resize);
         assert_eq!(d.exit_profile, ExitProfile::Uniform);
-        assert_eq!((d.lr, d.alpha, d.epochs, d.clip_weights), (1e-2, 1e-1, 200, None));
-        let v = Recipe::Paper.defaults(Arch::Vgg8, DatasetKind::Cifar10, Method::Nft);
+        assert_eq!(
+            (d.lr, d.alpha, d.epochs, d.clip_weights),
+            (1e-2, 1e-1, 200, None)
+        );
+        let v = Recipe::Paper.defaults(Arch::Vgg8, DatasetKind::Cifar10, Method::Nft, 0.4);
         assert_eq!((v.lr, v.alpha, v.preprocess), (1e-3, 1e-1, Preprocess::Pad));
-        let o = Recipe::Paper.defaults(Arch::Resnet18, DatasetKind::Cifar100, Method::NftOvf);
+        let o = Recipe::Paper.defaults(Arch::Resnet18, DatasetKind::Cifar100, Method::NftOvf, 0.4);
         assert_eq!(o.alpha, 1e-1);
     }
 
-    /// nvcim's recipe clips only the methods that inject noise.
+    /// nvcim's recipe clips only where noise is injected.
     #[test]
     fn nvcim_recipe_clips_noisy_methods_only() {
         for (m, clip) in [
@@ -143,8 +153,10 @@ mod tests {
             (Method::Nft, Some(CLIP)),
             (Method::NftOvf, Some(CLIP)),
         ] {
-            let d = Recipe::Nvcim.defaults(Arch::Vgg8, DatasetKind::FashionMnist, m);
+            let d = Recipe::Nvcim.defaults(Arch::Vgg8, DatasetKind::FashionMnist, m, 0.4);
             assert_eq!(d.clip_weights, clip, "{m:?}");
+            let zero = Recipe::Nvcim.defaults(Arch::Vgg8, DatasetKind::FashionMnist, m, 0.0);
+            assert_eq!(zero.clip_weights, None, "{m:?} at sigma 0 injects no noise");
             assert_eq!((d.lr, d.alpha, d.epochs), (1e-3, 0.1, 10));
         }
     }
