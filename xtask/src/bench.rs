@@ -76,10 +76,47 @@ pub fn record(root: &Path, name: &str, json: &str) -> Result<()> {
     let dir = target_dir(root).join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{name}.json"));
+    // Every summary names the CPU it was measured on: figures from different machines are never
+    // one series.
+    let (model, flags) = cpu();
+    let json = match json.trim_end().strip_suffix('}') {
+        Some(body) => format!(
+            "{body}, \"cpu\": {}, \"cpu_flags\": {}}}",
+            json_string(&model),
+            json_string(&flags)
+        ),
+        None => json.to_string(),
+    };
+    let json = json.as_str();
     fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
     println!("{json}");
     eprintln!("    summary written to {}", path.display());
     Ok(())
+}
+
+/// The CPU's model name and its SIMD flags (`/proc/cpuinfo`; "unknown" elsewhere).
+fn cpu() -> (String, String) {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| "unknown".into());
+    let flags = field("flags")
+        .map(|f| {
+            f.split_whitespace()
+                .filter(|f| f.starts_with("avx") || f.starts_with("fma") || f.starts_with("amx"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    (model, flags)
+}
+
+fn json_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// `cargo bench` of one bench target in the release profile and the workspace's feature set —
@@ -145,7 +182,8 @@ pub fn engine(root: &Path) -> Result<()> {
 }
 
 /// `cargo xtask bench train`: nvcim's training step against PyTorch's, same model, loss and
-/// noise injection, batch 128, at the demo width and at width 1.0, in one run.
+/// noise injection, batch 128: VGG-8 at the demo width and at width 1.0, ResNet-18 at width 0.25,
+/// in one run.
 pub fn train(root: &Path) -> Result<()> {
     let python = bench_python(root, &["torch", "numpy"])?;
     let script = root.join("bench/reference/train_step.py");
@@ -153,18 +191,23 @@ pub fn train(root: &Path) -> Result<()> {
     let dir = t.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rows = Vec::new();
-    for (width, id) in [("0.25", "vgg8_w0.25_b128_nft"), ("1.0", "vgg8_w1_b128_nft")] {
+    for (model, width, id) in [
+        ("vgg8", "0.25", "vgg8_w0.25_b128_nft"),
+        ("vgg8", "1.0", "vgg8_w1_b128_nft"),
+        ("resnet18", "0.25", "resnet18_w0.25_b128_nft"),
+    ] {
         // One process per width, so that each width's peak resident set is its own.
         let rss_file = t
             .join("bench")
-            .join(format!("train_step_w{width}_rss_mb.txt"));
+            .join(format!("train_step_{model}_w{width}_rss_mb.txt"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         crate::step(
             Command::new(cargo)
                 .args(bench_args("train_step", &[]))
                 .env("NVCIM_BENCH_WIDTHS", width)
+                .env("NVCIM_BENCH_ARCH", model)
                 .env("NVCIM_BENCH_RSS_FILE", &rss_file),
-            &format!("cargo bench train_step (width {width})"),
+            &format!("cargo bench train_step ({model}, width {width})"),
         )?;
         let ours_rss: f64 = fs::read_to_string(&rss_file)
             .with_context(|| format!("reading {}", rss_file.display()))?
@@ -176,6 +219,8 @@ pub fn train(root: &Path) -> Result<()> {
             &python,
             &script,
             &[
+                "--model".into(),
+                model.into(),
                 "--width".into(),
                 width.into(),
                 "--batch".into(),
@@ -187,7 +232,7 @@ pub fn train(root: &Path) -> Result<()> {
         let torch_rss = json_number_after(&line, "{", "\"peak_rss_mb\"")
             .with_context(|| format!("no peak_rss_mb in the reference's output: {line}"))?;
         rows.push(format!(
-            "{{\"width\": {width}, \"nvcim_ms\": {ours_ms:.2}, \"pytorch_ms\": {torch_ms:.2}, \"ratio\": {:.3}, \"nvcim_peak_rss_mb\": {ours_rss:.1}, \"pytorch_peak_rss_mb\": {torch_rss:.1}}}",
+            "{{\"model\": \"{model}\", \"width\": {width}, \"nvcim_ms\": {ours_ms:.2}, \"pytorch_ms\": {torch_ms:.2}, \"ratio\": {:.3}, \"nvcim_peak_rss_mb\": {ours_rss:.1}, \"pytorch_peak_rss_mb\": {torch_rss:.1}}}",
             ours_ms / torch_ms
         ));
     }
