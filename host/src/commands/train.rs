@@ -126,7 +126,7 @@ pub struct TrainFlags {
     /// as --fit says) and its normalization (the file's nvcim metadata, else --mean/--std).
     /// The trained backbone exports, evaluates, packs and runs on the firmware like a built-in
     /// one. See docs/guide.md, "Train your own CNN".
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["init_from", "no_pad"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["init_from", "no_pad", "model", "width", "preprocess"])]
     pub onnx: Option<PathBuf>,
     /// The exits of an --onnx model (nft): `auto` (the paper's rule: one at the end of every
     /// block where the resolution, the width or the kind of convolution changes, before the

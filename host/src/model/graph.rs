@@ -820,12 +820,12 @@ enum Val {
 }
 
 impl Val {
-    fn map(self, what: &str) -> Tensor<4> {
+    /// The value as `[N, C, H, W]`; a flat `[N, F]` is the IR's `[N, F, 1, 1]`.
+    fn map(self) -> Tensor<4> {
         match self {
             Val::Map(t) => t,
             Val::Flat(t) => {
                 let [n, f] = t.dims();
-                debug_assert!(false, "{what}: a flat value where a map is expected");
                 t.reshape([n, f, 1, 1])
             }
         }
@@ -849,13 +849,7 @@ impl GraphNet {
         let layers = spec
             .nodes
             .iter()
-            .filter(|n| {
-                matches!(
-                    n.op,
-                    GraphOp::Conv { .. } | GraphOp::BatchNorm { .. } | GraphOp::Linear { .. }
-                )
-            })
-            .map(|n| Self::init_layer(&n.op, device))
+            .filter_map(|n| Self::init_layer(&n.op, device))
             .collect();
         GraphNet {
             layers,
@@ -863,45 +857,42 @@ impl GraphNet {
         }
     }
 
-    fn init_layer(op: &GraphOp, device: &Device) -> GraphLayer {
-        let mut layers = Vec::new();
-        {
-            match *op {
-                GraphOp::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding: [t, l, b, r],
-                    groups,
-                    bias,
-                } => layers.push(GraphLayer::Conv(
-                    Conv2dConfig::new([in_channels, out_channels], kernel)
-                        .with_stride(stride)
-                        .with_padding(PaddingConfig2d::Explicit(t, l, b, r))
-                        .with_groups(groups)
-                        .with_bias(bias)
-                        .with_initializer(kaiming())
-                        .init(device),
-                )),
-                GraphOp::BatchNorm { channels, eps } => layers.push(GraphLayer::Bn(
-                    BatchNormConfig::new(channels)
-                        .with_epsilon(eps)
-                        .init(device),
-                )),
-                GraphOp::Linear {
-                    in_features,
-                    out_features,
-                    bias,
-                } => layers.push(GraphLayer::Linear(
-                    LinearConfig::new(in_features, out_features)
-                        .with_bias(bias)
-                        .init(device),
-                )),
-                _ => unreachable!("only conv, BatchNorm and linear nodes have layers"),
-            }
-        }
-        layers.pop().expect("one layer")
+    /// A fresh layer for a conv, BatchNorm or linear node (`None` for any other).
+    fn init_layer(op: &GraphOp, device: &Device) -> Option<GraphLayer> {
+        Some(match *op {
+            GraphOp::Conv {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding: [t, l, b, r],
+                groups,
+                bias,
+            } => GraphLayer::Conv(
+                Conv2dConfig::new([in_channels, out_channels], kernel)
+                    .with_stride(stride)
+                    .with_padding(PaddingConfig2d::Explicit(t, l, b, r))
+                    .with_groups(groups)
+                    .with_bias(bias)
+                    .with_initializer(kaiming())
+                    .init(device),
+            ),
+            GraphOp::BatchNorm { channels, eps } => GraphLayer::Bn(
+                BatchNormConfig::new(channels)
+                    .with_epsilon(eps)
+                    .init(device),
+            ),
+            GraphOp::Linear {
+                in_features,
+                out_features,
+                bias,
+            } => GraphLayer::Linear(
+                LinearConfig::new(in_features, out_features)
+                    .with_bias(bias)
+                    .init(device),
+            ),
+            _ => return None,
+        })
     }
 
     /// The network of `net` with its weights, BatchNorm parameters and statistics, and `spec`'s
@@ -1014,14 +1005,14 @@ impl GraphNet {
                         unreachable!("layers follow the nodes")
                     };
                     layer += 1;
-                    Val::Map(conv(c, a.map(&node.name)))
+                    Val::Map(conv(c, a.map()))
                 }
                 GraphOp::BatchNorm { .. } => {
                     let GraphLayer::Bn(b) = &self.layers[layer] else {
                         unreachable!("layers follow the nodes")
                     };
                     layer += 1;
-                    Val::Map(crate::kernels::backend::batch_norm(b, a.map(&node.name)))
+                    Val::Map(crate::kernels::backend::batch_norm(b, a.map()))
                 }
                 GraphOp::Linear { .. } => {
                     let GraphLayer::Linear(l) = &self.layers[layer] else {
@@ -1051,10 +1042,7 @@ impl GraphNet {
                             PaddingConfig2d::Explicit(t, l, b, r)
                         })
                         .init();
-                    Val::Map(crate::kernels::backend::max_pool2d(
-                        &pool,
-                        a.map(&node.name),
-                    ))
+                    Val::Map(crate::kernels::backend::max_pool2d(&pool, a.map()))
                 }
                 &GraphOp::AvgPool {
                     kernel,
@@ -1067,24 +1055,22 @@ impl GraphNet {
                         .with_padding(PaddingConfig2d::Explicit(t, l, b, r))
                         .with_count_include_pad(count_include_pad)
                         .init();
-                    Val::Map(pool.forward(a.map(&node.name)))
+                    Val::Map(pool.forward(a.map()))
                 }
-                GraphOp::GlobalAvgPool => Val::Map(
-                    AdaptiveAvgPool2dConfig::new([1, 1])
-                        .init()
-                        .forward(a.map(&node.name)),
-                ),
+                GraphOp::GlobalAvgPool => {
+                    Val::Map(AdaptiveAvgPool2dConfig::new([1, 1]).init().forward(a.map()))
+                }
                 GraphOp::Flatten => Val::Flat(a.flat()),
                 GraphOp::Add => {
                     let b = take(node.inputs[1]);
                     match (a, b) {
                         (Val::Flat(a), b) => Val::Flat(a + b.flat()),
-                        (a, b) => Val::Map(a.map(&node.name) + b.map(&node.name)),
+                        (a, b) => Val::Map(a.map() + b.map()),
                     }
                 }
                 GraphOp::Concat => {
                     let b = take(node.inputs[1]);
-                    Val::Map(Tensor::cat(vec![a.map(&node.name), b.map(&node.name)], 1))
+                    Val::Map(Tensor::cat(vec![a.map(), b.map()], 1))
                 }
             };
             if want_taps
