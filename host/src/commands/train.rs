@@ -158,8 +158,10 @@ pub struct TrainFlags {
     /// Clip every conv and linear weight to +-K standard deviations of its layer after each
     /// optimizer step (per-layer Gaussian clipping, aihwkit's `LAYER_GAUSSIAN`; not in the
     /// paper). Under the `range` convention the device noise scales with max|W|, so a layer's
-    /// outliers set every weight's noise; clipping them lowers it. Off by default; recorded in
-    /// config.json. See the README's training section for what it measured.
+    /// outliers set every weight's noise; clipping them lowers it. Default: the recipe's (nvcim
+    /// 1.5 for the methods that inject noise at a sigma above 0, off for vanilla; paper off);
+    /// `--clip-weights 0` turns it off. Recorded in config.json; docs/results.md has what it
+    /// measured.
     #[arg(long, value_name = "K")]
     pub clip_weights: Option<f32>,
     /// Compute backend.
