@@ -8,15 +8,16 @@
 //! arithmetic, a grouped conv, `MatMul` + bias `Add` and a trailing `Softmax`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::Output;
 
 mod common;
+
+use common::{make_models as python, onnx_fixtures as fixtures, text};
 
 use nvcim::{
     engine::float::layers::{Isa, Prepared},
     ir::{self, Network},
-    onnx::{import::import, read_model, run::OrtRunner, venv_python},
+    onnx::{import::import, read_model, run::OrtRunner},
 };
 use nvcim_shared::rng::{Purpose, standard_normal, stream_for};
 
@@ -29,45 +30,12 @@ const MODELS: [(&str, &[&str]); 5] = [
     ("viewnet", &[]),
 ];
 
-/// A directory holding the five models and a small IDX data set, made once per test binary.
-fn fixtures() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = python(&[dir.path().to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "make_models.py failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::create_dir(dir.path().join("data")).unwrap();
-        common::write_idx(&dir.path().join("data"), 96, 48);
-        dir
-    })
-    .path()
-}
-
-fn python(args: &[&str]) -> Output {
-    let py = venv_python().unwrap_or_else(|e| panic!("{e:#} (run `cargo xtask setup`)"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models/make_models.py");
-    Command::new(py).arg(script).args(args).output().unwrap()
-}
-
 fn model(name: &str) -> PathBuf {
     fixtures().join(format!("{name}.onnx"))
 }
 
 fn nvcim(args: &[&str]) -> Output {
     common::nvcim(args)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn inputs(net: &Network, batch: usize, seed: u32) -> Vec<f32> {

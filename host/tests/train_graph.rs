@@ -3,36 +3,13 @@
 //! `--show-exits`; the refusals.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::Output;
 
 mod common;
 
-use nvcim::onnx::{import::import, read_model, venv_python};
+use common::{make_models as python, onnx_fixtures as fixtures, text};
 
-/// The models and a small IDX data set (96 training, 48 test images), made once per binary.
-fn fixtures() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = python(&[dir.path().to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "make_models.py failed: {}",
-            text(&out)
-        );
-        std::fs::create_dir(dir.path().join("data")).unwrap();
-        common::write_idx(&dir.path().join("data"), 96, 48);
-        dir
-    })
-    .path()
-}
-
-fn python(args: &[&str]) -> Output {
-    let py = venv_python().unwrap_or_else(|e| panic!("{e:#} (run `cargo xtask setup`)"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models/make_models.py");
-    Command::new(py).arg(script).args(args).output().unwrap()
-}
+use nvcim::onnx::{import::import, read_model};
 
 fn model(name: &str) -> PathBuf {
     fixtures().join(format!("{name}.onnx"))
@@ -40,14 +17,6 @@ fn model(name: &str) -> PathBuf {
 
 fn data() -> PathBuf {
     fixtures().join("data")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn ok(args: &[&str]) -> Output {

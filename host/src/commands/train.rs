@@ -443,14 +443,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eprintln!(
             "training {} ({} weight layers, {} exits){}",
             f.file.display(),
-            g.nodes
-                .iter()
-                .filter(|n| matches!(
-                    n.op,
-                    crate::model::graph::GraphOp::Conv { .. }
-                        | crate::model::graph::GraphOp::Linear { .. }
-                ))
-                .count(),
+            g.nodes.iter().filter(|n| n.op.is_weight()).count(),
             g.exits.len(),
             if f.weights {
                 ", starting from its weights"

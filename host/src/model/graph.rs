@@ -111,6 +111,21 @@ pub enum GraphOp {
     Concat,
 }
 
+impl GraphOp {
+    /// Whether the node has a layer in [`GraphNet`] (conv, BatchNorm, linear).
+    pub fn has_layer(&self) -> bool {
+        matches!(
+            self,
+            GraphOp::Conv { .. } | GraphOp::BatchNorm { .. } | GraphOp::Linear { .. }
+        )
+    }
+
+    /// Whether the node is a weight layer of the contract (conv, linear).
+    pub fn is_weight(&self) -> bool {
+        matches!(self, GraphOp::Conv { .. } | GraphOp::Linear { .. })
+    }
+}
+
 /// One node: a name, an op and its inputs (0 is the image, `i + 1` the output of node `i`, as
 /// [`ir::Value`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -525,7 +540,7 @@ impl GraphSpec {
         let mut layer = 0;
         for (i, (n, [c, h, w])) in self.nodes.iter().zip(&shapes).enumerate() {
             let kind = op_name(&n.op);
-            let weight = if matches!(n.op, GraphOp::Conv { .. } | GraphOp::Linear { .. }) {
+            let weight = if n.op.is_weight() {
                 layer += 1;
                 format!("  weight layer {}", layer - 1)
             } else {
@@ -701,7 +716,6 @@ fn value_of(i: usize) -> Value {
 
 struct Builder {
     spec: GraphSpec,
-    channels: usize,
 }
 
 impl Builder {
@@ -716,7 +730,6 @@ impl Builder {
                 exits: Vec::new(),
                 exit_hidden: spec.ch(512),
             },
-            channels: spec.in_channels,
         }
     }
 
@@ -726,24 +739,17 @@ impl Builder {
         self.spec.nodes.len()
     }
 
+    /// The channels of value `x` (0: the image): those of the conv or BatchNorm that made it.
     fn in_channels(&self, x: usize) -> usize {
-        if x == 0 {
-            return self.spec.input[0];
-        }
-        // Walk back to the producer of x's channels.
         let mut v = x;
-        loop {
+        while v > 0 {
             match &self.spec.nodes[v - 1].op {
                 GraphOp::Conv { out_channels, .. } => return *out_channels,
                 GraphOp::BatchNorm { channels, .. } => return *channels,
-                _ => {
-                    v = self.spec.nodes[v - 1].inputs[0];
-                    if v == 0 {
-                        return self.channels;
-                    }
-                }
+                _ => v = self.spec.nodes[v - 1].inputs[0],
             }
         }
+        self.spec.input[0]
     }
 
     /// A bias-free 3x3 (or 1x1) conv with padding k/2, then BatchNorm.

@@ -288,14 +288,7 @@ impl graph::GraphNet {
         self.spec()
             .nodes
             .iter()
-            .filter(|n| {
-                matches!(
-                    n.op,
-                    graph::GraphOp::Conv { .. }
-                        | graph::GraphOp::BatchNorm { .. }
-                        | graph::GraphOp::Linear { .. }
-                )
-            })
+            .filter(|n| n.op.has_layer())
             .map(|n| n.name.as_str())
             .collect()
     }

@@ -120,3 +120,38 @@ pub fn golden(path: &Path, text: &str) {
     });
     assert_eq!(text, want, "lines differ from {}", path.display());
 }
+
+/// Runs `tests/models/make_models.py` (the `.venv` Python's `onnx`) with `args`.
+pub fn make_models(args: &[&str]) -> Output {
+    let py = venv_python().unwrap_or_else(|e| panic!("{e:#} (run `cargo xtask setup`)"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models/make_models.py");
+    Command::new(py).arg(script).args(args).output().unwrap()
+}
+
+/// A directory holding the importer's five test models and a small IDX data set in `data/`
+/// (96 training, 48 test images), made once per test binary.
+pub fn onnx_fixtures() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = make_models(&[dir.path().to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "make_models.py failed:\n{}",
+            text(&out)
+        );
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        write_idx(&dir.path().join("data"), 96, 48);
+        dir
+    })
+    .path()
+}
+
+/// A process's stdout and stderr, for messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
