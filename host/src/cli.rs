@@ -28,7 +28,7 @@ pub enum Command {
     Sweep(commands::sweep::SweepArgs),
     /// Merge evaluation results into the paper's tables (Markdown, CSV, PNG).
     Report(commands::report::ReportArgs),
-    /// Train VGG-8 / ResNet-18 with vanilla, noise injection, NFT or NFT-OVF.
+    /// Train VGG-8, ResNet-18 or any CNN in ONNX with vanilla, noise injection, NFT or NFT-OVF.
     Train(commands::train::TrainArgs),
     /// Search the feedback weight alpha over {1, 0.1, 0.01, 0.001, 0.0001} by noisy validation accuracy.
     AlphaSearch(commands::alpha_search::AlphaSearchArgs),

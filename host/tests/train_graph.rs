@@ -358,3 +358,222 @@ fn checkpoints_of_the_hand_written_modules_still_load() {
         }
     }
 }
+
+/// The trained values of the ONNX file at `path` (conv and linear weights and biases, BatchNorm
+/// parameters and statistics, in node order), in two groups: those the loss determines, and
+/// those it does not. A conv's bias that a BatchNorm in training mode reads has a gradient of
+/// zero but for rounding; Adam scales that rounding to steps of about `lr` whose sign is the
+/// rounding's, so such a bias, and the running mean of its BatchNorm, walk differently on two
+/// backends that round differently.
+fn trained_values(path: &Path) -> (Vec<f32>, Vec<f32>) {
+    use nvcim::ir::{Op, Value};
+    let net = import(&read_model(path).unwrap(), "test").unwrap().network;
+    let feeds_bn = |i: usize| {
+        net.nodes
+            .iter()
+            .any(|n| matches!(n.op, Op::BatchNorm(_)) && n.inputs == [Value::node(i)])
+    };
+    let (mut determined, mut free) = (Vec::new(), Vec::new());
+    for (i, n) in net.nodes.iter().enumerate() {
+        match &n.op {
+            Op::Conv2d(c) => {
+                determined.extend_from_slice(&c.weight);
+                let bias = c.bias.as_deref().unwrap_or(&[]);
+                if feeds_bn(i) {
+                    &mut free
+                } else {
+                    &mut determined
+                }
+                .extend_from_slice(bias);
+            }
+            Op::Linear(l) => {
+                determined.extend_from_slice(&l.weight);
+                determined.extend_from_slice(l.bias.as_deref().unwrap_or(&[]));
+            }
+            Op::BatchNorm(b) => {
+                for v in [&b.gamma, &b.beta, &b.var] {
+                    determined.extend_from_slice(v);
+                }
+                let after_bias = n.inputs.first().is_some_and(|v| {
+                    net.nodes.iter().enumerate().any(|(j, m)| {
+                        Value::node(j) == *v && matches!(&m.op, Op::Conv2d(c) if c.bias.is_some())
+                    })
+                });
+                if after_bias {
+                    &mut free
+                } else {
+                    &mut determined
+                }
+                .extend_from_slice(&b.mean);
+            }
+            _ => {}
+        }
+    }
+    (determined, free)
+}
+
+/// The largest |a - b| over the largest |a|.
+fn relative_max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+/// `--backend wgpu` trains the generic network as flex does: the same steps from the same
+/// weights (the file's; `--method vanilla`, so no noise is drawn) on Mesa's lavapipe where the
+/// machine has no GPU (`cargo xtask setup` installs it). ResNet-8 (biased convs, residual adds)
+/// and DS-CNN (depthwise convs, biased convs before BatchNorm in training mode): two epochs of
+/// three steps.
+///
+/// Tolerance: the backends sum in other orders. The training losses agree to 1e-4 relative,
+/// the values the loss determines to 1e-3 of the largest (measured 2026-12-06 on lavapipe: 5e-6
+/// on ResNet-8, 1e-4 on DS-CNN, whose first layer has gradients near rounding). The values it
+/// does not determine ([`trained_values`]) are bounded by Adam's step: at most
+/// `lr (1 - beta1) / sqrt(1 - beta2)` = 3.2 `lr` per step and backend, 6 steps at `lr` <= 1e-3,
+/// so 0.04 apart (measured: 3e-3).
+#[test]
+fn wgpu_trains_as_flex_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, flags) in [("resnet8", &["--gray-to-rgb"][..]), ("dscnn", &[][..])] {
+        let mut losses = Vec::new();
+        let mut trained = Vec::new();
+        for backend in ["flex", "wgpu"] {
+            let run = dir.path().join(format!("{name}-{backend}"));
+            let mut extra = vec![
+                "--method",
+                "vanilla",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--seed",
+                "5",
+                "--mc-val",
+                "1",
+                "--backend",
+                backend,
+            ];
+            extra.extend_from_slice(flags);
+            let o = train(&model(name), &run, &extra);
+            assert!(o.status.success(), "{name} on {backend}: {}", text(&o));
+            let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+            losses.push(
+                metrics
+                    .lines()
+                    .map(|l| {
+                        let m: serde_json::Value = serde_json::from_str(l).unwrap();
+                        m["train_loss"].as_f64().unwrap()
+                    })
+                    .collect::<Vec<f64>>(),
+            );
+            let onnx = dir.path().join(format!("{name}-{backend}.onnx"));
+            ok(&[
+                "export",
+                run.to_str().unwrap(),
+                "-o",
+                onnx.to_str().unwrap(),
+            ]);
+            trained.push(trained_values(&onnx));
+        }
+        assert_eq!(losses[0].len(), 2, "{name}: two epochs of metrics");
+        for (f, w) in losses[0].iter().zip(&losses[1]) {
+            assert!(
+                ((f - w) / f).abs() < 1e-4,
+                "{name}: training loss flex {f} against wgpu {w}"
+            );
+        }
+        let (start, _) = trained_values(&model(name));
+        let (flex, wgpu) = (&trained[0], &trained[1]);
+        let moved = relative_max_diff(&start, &flex.0);
+        let apart = relative_max_diff(&flex.0, &wgpu.0);
+        let free = flex
+            .1
+            .iter()
+            .zip(&wgpu.1)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!(
+            "{name}: weights moved {moved:.2e}, flex and wgpu apart {apart:.2e}; the {} values \
+             the loss does not determine {free:.2e}",
+            flex.1.len()
+        );
+        assert!(moved > 1e-3, "{name}: training moved the weights ({moved})");
+        assert!(apart < 1e-3, "{name}: flex and wgpu weights {apart} apart");
+        assert!(free < 0.04, "{name}: undetermined values {free} apart");
+    }
+    // A wgpu device that cannot be started (here: a fifth discrete GPU, through cubecl's
+    // override) is a clear error, not a panic.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_nvcim"))
+        .args(["train", "--model", "vgg8", "--backend", "wgpu", "--out"])
+        .arg(dir.path().join("no-device"))
+        .env("CUBECL_WGPU_DEFAULT_DEVICE", "DiscreteGpu(4)")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(!o.status.success() && !t.contains("panicked"), "{t}");
+    assert!(
+        t.contains("--backend wgpu: no wgpu device") && t.contains("mesa-vulkan-drivers"),
+        "{t}"
+    );
+}
+
+/// A sweep plan trains and evaluates a model given as an ONNX file (`onnx_models`), with the
+/// flags that file needs (`train_args_by_model`).
+#[test]
+fn sweep_plan_on_an_onnx_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"name = "onnx-sweep"
+datasets = ["mnist"]
+data_dir = "{data}"
+models = ["dscnn"]
+onnx_models = {{ dscnn = "{file}" }}
+train_args_by_model = {{ dscnn = ["--mean", "0.3", "--std", "0.3"] }}
+methods = ["vanilla", "nft"]
+train_sigmas = [0.2]
+alphas = [0.01]
+seeds = [0]
+epochs = 1
+train_args = ["--batch-size", "32", "--mc-val", "1"]
+[eval]
+sigmas = [0.2]
+mc = 2
+"#,
+            data = data().display(),
+            file = model("dscnn").display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = ok(&[
+        "sweep",
+        plan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    for cell in [
+        "mnist_dscnn_vanilla_seed0",
+        "mnist_dscnn_nft_s0.2_a0.01_seed0",
+    ] {
+        let c = out.join(cell);
+        assert!(
+            c.join("eval/eval.json").is_file(),
+            "{cell} not finished: {}",
+            text(&o)
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(c.join("train/config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["model"]["arch"], "graph", "{cell}");
+        assert!(
+            cfg["onnx"]["file"]
+                .as_str()
+                .unwrap()
+                .ends_with("dscnn.onnx"),
+            "{cell}: {cfg}"
+        );
+    }
+}

@@ -2,8 +2,8 @@
 //!
 //! - Debian packages `qemu-system-arm` (the Cortex-M4F board for the firmware) and
 //!   `dataset-fashion-mnist` (the demo's data), `slurm-wlm` and `munge` (the one-node cluster
-//!   test) through apt-get, as root; otherwise it prints the
-//!   exact command and fails.
+//!   test), `mesa-vulkan-drivers` (lavapipe, the Vulkan device the wgpu backend's test runs on)
+//!   through apt-get, as root; otherwise it prints the exact command and fails.
 //! - The rustup target `thumbv7em-none-eabihf` for the pinned toolchain (rustup does not add the
 //!   targets of `rust-toolchain.toml` to a toolchain that is already installed).
 //! - A Python virtual environment `.venv` with PyPI's `onnx` (the format's own checker) and
@@ -31,6 +31,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     (
         "munge",
         "Slurm's authentication daemon for the cluster test",
+    ),
+    (
+        "mesa-vulkan-drivers",
+        "Mesa's lavapipe, Vulkan on the CPU: the test of `--backend wgpu` where there is no GPU",
     ),
 ];
 

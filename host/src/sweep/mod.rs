@@ -11,7 +11,8 @@
 //! seeds = [0]
 //! epochs = 10
 //! # optional: out, data_dir, width, sigma_unit, alpha_by_model, drop_exits, train_args,
-//! #           train_args_by_model = { resnet18 = ["--lr", "0.01"] }
+//! #           train_args_by_model = { resnet18 = ["--lr", "0.01"] },
+//! #           onnx_models = { mycnn = "models/mycnn.onnx" }   # then models = ["mycnn"]
 //!
 //! [eval]
 //! sigmas = [0.2, 0.4, 0.6]
@@ -32,6 +33,13 @@
 //! trains without noise injection (Table IV's "without" row). `train_args_by_model` adds
 //! flags to the trainings of the models it names, after `train_args` (the authors train
 //! ResNet-18 at `--lr 0.01`, VGG-8 at the default 1e-3).
+//!
+//! **Your own CNN.** `onnx_models` names ONNX files; a name listed there may stand in `models`,
+//! and its cells train `nvcim train --onnx FILE` (the file's weights as the starting point, exits
+//! by `--exits auto`) instead of `--model NAME`. The plan's `width` applies to the built-in
+//! models only. Input flags the file needs (`--mean`, `--std`, `--fit`, `--gray-to-rgb`,
+//! `--init random`, `--exits`) go in `train_args_by_model.NAME`. A relative path is taken from
+//! the directory `nvcim sweep` runs in, as `data_dir` is.
 //!
 //! **Settings both verbs take flow through.** The device model a cell is trained under
 //! (`--m`, `--n`, `--device-profile`, `--stuck-low`, `--stuck-high` in `train_args`, and
@@ -115,6 +123,9 @@ pub struct Plan {
     /// Extra flags for the trainings of particular models (after `train_args`).
     #[serde(default)]
     pub train_args_by_model: BTreeMap<String, Vec<String>>,
+    /// Models given as ONNX files (`nvcim train --onnx FILE`), by the name `models` uses.
+    #[serde(default)]
+    pub onnx_models: BTreeMap<String, String>,
     /// The evaluation of every cell.
     pub eval: EvalPlan,
     /// Cluster options for `--emit slurm`.
@@ -230,7 +241,42 @@ impl Plan {
             "`name` must be non-empty letters, digits, `-`, `_` or `.`"
         );
         check_names("datasets", &self.datasets, &DATASETS)?;
-        check_names("models", &self.models, &MODELS)?;
+        for (name, file) in &self.onnx_models {
+            ensure!(
+                !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)),
+                "`onnx_models` name `{name}` must be non-empty letters, digits, `-` or `.` (it \
+                 becomes part of the cell directories' names)"
+            );
+            ensure!(
+                !MODELS.contains(&name.as_str()),
+                "`onnx_models` name `{name}` is a built-in model's; choose another"
+            );
+            ensure!(
+                !file.is_empty(),
+                "`onnx_models.{name}` is empty: give the ONNX file's path"
+            );
+        }
+        let known: Vec<&str> = MODELS
+            .iter()
+            .copied()
+            .chain(self.onnx_models.keys().map(String::as_str))
+            .collect();
+        check_names("models", &self.models, &known)?;
+        for m in self.onnx_models.keys() {
+            ensure!(
+                self.models.contains(m),
+                "`onnx_models` names `{m}`, which is not in `models`"
+            );
+        }
+        for m in self.train_args_by_model.keys() {
+            ensure!(
+                self.models.contains(m),
+                "`train_args_by_model` names `{m}`, which is not in `models`"
+            );
+        }
         check_names("methods", &self.methods, &METHODS)?;
         ensure!(!self.seeds.is_empty(), "`seeds` is empty");
         ensure!(self.epochs > 0, "`epochs` must be at least 1");
@@ -459,9 +505,14 @@ pub fn train_command(plan: &Plan, cell: &Cell, cell_dir: &Path, resume: bool) ->
     if let Some(d) = &plan.data_dir {
         flag("data-dir", d.clone());
     }
-    flag("model", cell.model.clone());
-    if let Some(w) = plan.width {
-        flag("width", w.to_string());
+    match plan.onnx_models.get(&cell.model) {
+        Some(file) => flag("onnx", file.clone()),
+        None => {
+            flag("model", cell.model.clone());
+            if let Some(w) = plan.width {
+                flag("width", w.to_string());
+            }
+        }
     }
     flag("method", cell.method.clone());
     if let Some(al) = cell.alpha {
@@ -652,6 +703,63 @@ mc = 5
         assert!(Plan::parse("not toml [").is_err());
         let err = Plan::load(Path::new("/nonexistent/plan.toml")).unwrap_err();
         assert!(format!("{err:#}").contains("/nonexistent/plan.toml"));
+    }
+
+    /// A model given as an ONNX file trains with `--onnx FILE` (no `--model`, no `--width`) and
+    /// takes its own flags; bad `onnx_models` entries are clear errors.
+    #[test]
+    fn onnx_models_train_from_their_file() {
+        let plan = PLAN.replace(
+            "models = [\"vgg8\", \"resnet18\"]",
+            "models = [\"vgg8\", \"mycnn\"]\nwidth = 0.5\nonnx_models = { mycnn = \"m/my.onnx\" }\n\
+             train_args_by_model = { mycnn = [\"--mean\", \"0.5\"] }",
+        );
+        let plan = plan.replace("alpha_by_model = { resnet18 = [0.1, 0.001] }", "");
+        let p = Plan::parse(&plan).unwrap();
+        let cells = p.cells();
+        let mine = cells.iter().find(|c| c.model == "mycnn").unwrap();
+        let t = train_command(&p, mine, Path::new("/o/c"), false).join(" ");
+        assert!(
+            t.starts_with(
+                "train --dataset fashion-mnist --data-dir /data/fm --onnx m/my.onnx --method"
+            ),
+            "{t}"
+        );
+        assert!(!t.contains("--width") && !t.contains("--model"), "{t}");
+        assert!(t.ends_with("--mean 0.5"), "{t}");
+        let vgg = cells.iter().find(|c| c.model == "vgg8").unwrap();
+        let t = train_command(&p, vgg, Path::new("/o/c"), false).join(" ");
+        assert!(t.contains("--model vgg8 --width 0.5"), "{t}");
+        assert!(!t.contains("--mean"), "{t}");
+        for (from, to, needle) in [
+            ("mycnn = \"m/my.onnx\"", "vgg8 = \"m/my.onnx\"", "built-in"),
+            ("mycnn = \"m/my.onnx\"", "mycnn = \"\"", "path"),
+            (
+                "mycnn = \"m/my.onnx\" }",
+                "mycnn = \"m/my.onnx\", other = \"o.onnx\" }",
+                "`other`",
+            ),
+            (
+                "mycnn = \"m/my.onnx\"",
+                "\"my_cnn\" = \"m/my.onnx\"",
+                "letters",
+            ),
+            (
+                "onnx_models = { mycnn = \"m/my.onnx\" }",
+                "",
+                "unknown models entry `mycnn`",
+            ),
+            (
+                "train_args_by_model = { mycnn",
+                "train_args_by_model = { yourcnn",
+                "`yourcnn`",
+            ),
+        ] {
+            assert!(plan.contains(from), "{from}");
+            let err = Plan::parse(&plan.replace(from, to)).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains(needle), "{from} -> {to}: {msg}");
+        }
     }
 
     #[test]

@@ -252,7 +252,8 @@ pub enum Backend {
     Flex,
     /// NVIDIA CUDA (build with `--features cuda`).
     Cuda,
-    /// wgpu: Vulkan / Metal / DX12 (build with `--features wgpu`).
+    /// wgpu: Vulkan / Metal / DX12 (in the default build; without a GPU, Mesa's lavapipe runs
+    /// Vulkan on the CPU, slowly).
     Wgpu,
 }
 
@@ -264,7 +265,13 @@ impl Backend {
             #[cfg(feature = "cuda")]
             Backend::Cuda => Ok(Device::cuda(0)),
             #[cfg(feature = "wgpu")]
-            Backend::Wgpu => Ok(Device::wgpu(Default::default())),
+            Backend::Wgpu => Device::wgpu_options().init().map_err(|e| {
+                anyhow::anyhow!(
+                    "--backend wgpu: no wgpu device could be started ({e}). Without a GPU, Mesa's \
+                     lavapipe runs Vulkan on the CPU (Debian: `apt-get install \
+                     mesa-vulkan-drivers`); or train with --backend flex"
+                )
+            }),
             #[allow(unreachable_patterns)]
             other => bail!(
                 "--backend {other:?}: this nvcim was built without it; rebuild with \
