@@ -493,8 +493,10 @@ fn wgpu_trains_as_flex_does() {
             .zip(&wgpu.1)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         eprintln!(
-            "{name}: weights moved {moved:.2e}, flex and wgpu apart {apart:.2e}; the {} values \
-             the loss does not determine {free:.2e}",
+            "{name}: losses flex {:?} wgpu {:?}; weights moved {moved:.2e}, flex and wgpu apart \
+             {apart:.2e}; the {} values the loss does not determine {free:.2e}",
+            losses[0],
+            losses[1],
             flex.1.len()
         );
         assert!(moved > 1e-3, "{name}: training moved the weights ({moved})");

@@ -405,11 +405,15 @@ pub fn print_summary(cfg: &TrainConfig, s: &TrainSummary) {
         s.best_epoch, s.select
     );
     println!("val clean acc   {:.2}%", 100.0 * s.best_val_clean_acc);
-    println!(
-        "val noisy acc   {:.2}% ({} runs)",
-        100.0 * s.best_val_noisy_acc,
-        cfg.mc_val
-    );
+    if cfg.mc_val == 0 {
+        println!("val noisy acc   not measured (--mc-val 0)");
+    } else {
+        println!(
+            "val noisy acc   {:.2}% ({} runs)",
+            100.0 * s.best_val_noisy_acc,
+            cfg.mc_val
+        );
+    }
     println!("test clean acc  {:.2}%", 100.0 * s.test_clean_acc);
     println!("best backbone   {}", s.best_backbone.display());
     println!("wall time       {:.1} s", s.wall_seconds);
