@@ -503,6 +503,38 @@ fn wgpu_trains_as_flex_does() {
         assert!(apart < 1e-3, "{name}: flex and wgpu weights {apart} apart");
         assert!(free < 0.04, "{name}: undetermined values {free} apart");
     }
+    // Several trainings in one process (alpha-search) start the wgpu device once.
+    let data = data();
+    let file = model("dscnn");
+    let search = dir.path().join("alpha-search");
+    ok(&[
+        "alpha-search",
+        "--onnx",
+        file.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--mean",
+        "0.3",
+        "--std",
+        "0.3",
+        "--method",
+        "nft",
+        "--sigma",
+        "0.2",
+        "--alphas",
+        "0.1,0.01",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--mc-val",
+        "1",
+        "--backend",
+        "wgpu",
+        "--quiet",
+        "--out",
+        search.to_str().unwrap(),
+    ]);
     // A wgpu device that cannot be started (here: a fifth discrete GPU, through cubecl's
     // override) is a clear error, not a panic.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_nvcim"))

@@ -265,13 +265,23 @@ impl Backend {
             #[cfg(feature = "cuda")]
             Backend::Cuda => Ok(Device::cuda(0)),
             #[cfg(feature = "wgpu")]
-            Backend::Wgpu => Device::wgpu_options().init().map_err(|e| {
-                anyhow::anyhow!(
-                    "--backend wgpu: no wgpu device could be started ({e}). Without a GPU, Mesa's \
-                     lavapipe runs Vulkan on the CPU (Debian: `apt-get install \
-                     mesa-vulkan-drivers`); or train with --backend flex"
-                )
-            }),
+            Backend::Wgpu => {
+                // Started once per process (Burn refuses a second start of the same runtime):
+                // `alpha-search` trains several times.
+                static WGPU: std::sync::OnceLock<std::result::Result<Device, String>> =
+                    std::sync::OnceLock::new();
+                WGPU.get_or_init(|| {
+                    Device::wgpu_options().init().map_err(|e| {
+                        format!(
+                            "--backend wgpu: no wgpu device could be started ({e}). Without a \
+                             GPU, Mesa's lavapipe runs Vulkan on the CPU (Debian: `apt-get \
+                             install mesa-vulkan-drivers`); or train with --backend flex"
+                        )
+                    })
+                })
+                .clone()
+                .map_err(anyhow::Error::msg)
+            }
             #[allow(unreachable_patterns)]
             other => bail!(
                 "--backend {other:?}: this nvcim was built without it; rebuild with \
