@@ -12,7 +12,7 @@ use std::process::Output;
 
 mod common;
 
-use common::{make_models as python, onnx_fixtures as fixtures, text};
+use common::{make_models as python, max_diff, onnx_fixtures as fixtures, text};
 
 use nvcim::{
     engine::float::layers::{Isa, Prepared},
@@ -51,14 +51,6 @@ fn softmax(logits: &mut [f32], classes: usize) {
         let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
         row.iter_mut().for_each(|v| *v = (*v - max).exp() / sum);
     }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{path::Path, process::Command};
 
 mod common;
 
-use common::{check_with_onnx_checker, run_checker};
+use common::{check_with_onnx_checker, max_diff, run_checker};
 
 use nvcim::{
     engine::onnx::{accuracy, onnx_mc, perturbed_model, weight_layers},
@@ -42,14 +42,6 @@ fn inputs(net: &Network, batch: usize, seed: u32) -> Vec<f32> {
     (0..batch * net.input.iter().product::<usize>())
         .map(|_| standard_normal(&mut rng))
         .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::Output;
 
 mod common;
 
-use common::{make_models as python, onnx_fixtures as fixtures, text};
+use common::{make_models as python, max_diff, onnx_fixtures as fixtures, text};
 
 use nvcim::onnx::{import::import, read_model};
 
@@ -27,9 +27,14 @@ fn ok(args: &[&str]) -> Output {
 
 /// `nvcim train --onnx FILE` on the test data with `extra` flags.
 fn train(file: &Path, out: &Path, extra: &[&str]) -> Output {
+    on_test_data("train", file, out, extra)
+}
+
+/// `nvcim VERB --onnx FILE` (a training verb) on the test data with `extra` flags.
+fn on_test_data(verb: &str, file: &Path, out: &Path, extra: &[&str]) -> Output {
     let data = data();
     let mut args = vec![
-        "train",
+        verb,
         "--onnx",
         file.to_str().unwrap(),
         "--data-dir",
@@ -414,10 +419,7 @@ fn trained_values(path: &Path) -> (Vec<f32>, Vec<f32>) {
 
 /// The largest |a - b| over the largest |a|.
 fn relative_max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    diff / scale
+    max_diff(a, b) / a.iter().fold(0f32, |m, x| m.max(x.abs()))
 }
 
 /// `--backend wgpu` trains the generic network as flex does: the same steps from the same
@@ -487,11 +489,7 @@ fn wgpu_trains_as_flex_does() {
         let (flex, wgpu) = (&trained[0], &trained[1]);
         let moved = relative_max_diff(&start, &flex.0);
         let apart = relative_max_diff(&flex.0, &wgpu.0);
-        let free = flex
-            .1
-            .iter()
-            .zip(&wgpu.1)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let free = max_diff(&flex.1, &wgpu.1);
         eprintln!(
             "{name}: losses flex {:?} wgpu {:?}; weights moved {moved:.2e}, flex and wgpu apart \
              {apart:.2e}; the {} values the loss does not determine {free:.2e}",
@@ -504,37 +502,28 @@ fn wgpu_trains_as_flex_does() {
         assert!(free < 0.04, "{name}: undetermined values {free} apart");
     }
     // Several trainings in one process (alpha-search) start the wgpu device once.
-    let data = data();
-    let file = model("dscnn");
-    let search = dir.path().join("alpha-search");
-    ok(&[
+    let o = on_test_data(
         "alpha-search",
-        "--onnx",
-        file.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--mean",
-        "0.3",
-        "--std",
-        "0.3",
-        "--method",
-        "nft",
-        "--sigma",
-        "0.2",
-        "--alphas",
-        "0.1,0.01",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--mc-val",
-        "1",
-        "--backend",
-        "wgpu",
-        "--quiet",
-        "--out",
-        search.to_str().unwrap(),
-    ]);
+        &model("dscnn"),
+        &dir.path().join("alpha-search"),
+        &[
+            "--method",
+            "nft",
+            "--sigma",
+            "0.2",
+            "--alphas",
+            "0.1,0.01",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--mc-val",
+            "1",
+            "--backend",
+            "wgpu",
+        ],
+    );
+    assert!(o.status.success(), "alpha-search on wgpu: {}", text(&o));
     // A wgpu device that cannot be started (here: a fifth discrete GPU, through cubecl's
     // override) is a clear error, not a panic.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_nvcim"))

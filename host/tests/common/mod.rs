@@ -147,6 +147,15 @@ pub fn onnx_fixtures() -> &'static Path {
     .path()
 }
 
+/// The largest `|a - b|` of two equally long slices.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// A process's stdout and stderr, for messages.
 pub fn text(o: &Output) -> String {
     format!(
