@@ -5,9 +5,14 @@
 //! `train_step/vgg8_w1_b128_nft`). `NVCIM_BENCH_WIDTHS=0.25` limits the widths; with
 //! `NVCIM_BENCH_RSS_FILE=PATH` the process writes its peak resident set (`VmHWM`, MiB) there at
 //! the end (`cargo xtask bench train` runs one width per process to get each width's).
-//! `NVCIM_BENCH_ARCH=resnet18` times ResNet-18 instead.
+//! `NVCIM_BENCH_ARCH=resnet18` times ResNet-18 instead. With `NVCIM_BENCH_PROFILE=PATH` it
+//! skips criterion and writes, for each width, where the time of [`PROFILE_STEPS`] steps went
+//! (the step's phases and every routed kernel by shape, `nvcim::kernels::profile`) to `PATH` as
+//! JSON lines: the nvcim side of `cargo xtask bench layers`.
 
 use std::hint::black_box;
+use std::io::Write;
+use std::time::Instant;
 
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
@@ -51,15 +56,26 @@ fn bench(c: &mut Criterion) {
         let labels: Vec<i64> = (0..128).map(|i| i % 10).collect();
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [128]), &ad);
         let name = format!("{arch:?}").to_lowercase();
+        let mut step = |phases: &mut [f64; 3]| {
+            let t0 = Instant::now();
+            let (out, fb) = step_forward(&model, Method::Nft, &noise, x.clone()).expect("forward");
+            let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1, None);
+            black_box(loss.clone().into_scalar::<f32>());
+            let t1 = Instant::now();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let t2 = Instant::now();
+            model = optim.step(1e-3, model.clone(), grads);
+            let t3 = Instant::now();
+            for (p, (a, b)) in phases.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3)]) {
+                *p += (b - a).as_secs_f64() * 1e3;
+            }
+        };
+        if let Some(path) = std::env::var_os("NVCIM_BENCH_PROFILE") {
+            profile(&path, &name, width, &mut step);
+            continue;
+        }
         group.bench_function(format!("{name}_w{width}_b128_nft"), |b| {
-            b.iter(|| {
-                let (out, fb) =
-                    step_forward(&model, Method::Nft, &noise, x.clone()).expect("forward");
-                let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1, None);
-                black_box(loss.clone().into_scalar::<f32>());
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                model = optim.step(1e-3, model.clone(), grads);
-            })
+            b.iter(|| step(&mut [0.0; 3]))
         });
     }
     group.finish();
@@ -72,6 +88,55 @@ fn bench(c: &mut Criterion) {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmHWM in /proc/self/status");
         std::fs::write(&path, format!("{:.1}\n", kib / 1024.0)).expect("writing the peak RSS file");
+    }
+}
+
+/// Steps [`profile`] accounts for, after as many unaccounted ones.
+const PROFILE_STEPS: usize = 10;
+
+/// Appends to `path` the phases of [`PROFILE_STEPS`] steps and the routed kernels' times, per
+/// step, as JSON lines.
+fn profile(path: &std::ffi::OsStr, model: &str, width: f64, step: &mut impl FnMut(&mut [f64; 3])) {
+    use nvcim::kernels::profile;
+    for _ in 0..PROFILE_STEPS {
+        step(&mut [0.0; 3]);
+    }
+    let mut phases = [0.0; 3];
+    profile::take();
+    profile::enable(true);
+    let t = Instant::now();
+    for _ in 0..PROFILE_STEPS {
+        step(&mut phases);
+    }
+    let total = t.elapsed().as_secs_f64() * 1e3;
+    profile::enable(false);
+    let per = PROFILE_STEPS as f64;
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("opening the profile file");
+    let mut row = |op: &str, shape: &str, calls: u64, ms: f64| {
+        writeln!(
+            out,
+            "{{\"model\": \"{model}\", \"width\": {width}, \"op\": \"{op}\", \"shape\": \"{shape}\", \"calls\": {calls}, \"ms\": {ms:.4}}}"
+        )
+        .expect("writing the profile file");
+    };
+    row("step", "", 1, total / per);
+    for (op, ms) in ["phase forward", "phase backward", "phase optimizer"]
+        .iter()
+        .zip(phases)
+    {
+        row(op, "", 1, ms / per);
+    }
+    for ((op, shape), e) in profile::take() {
+        row(
+            op,
+            &shape,
+            e.calls / PROFILE_STEPS as u64,
+            e.ns as f64 / 1e6 / per,
+        );
     }
 }
 

@@ -35,7 +35,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::Isa;
 use super::conv::{self, Geom};
-use super::{bn, pool};
+use super::{bn, pool, profile};
 
 fn options(stride: usize, padding: usize) -> ConvOptions<2> {
     ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1)
@@ -141,6 +141,19 @@ fn geom(x: &FlexTensor, w: &FlexTensor, stride: usize, padding: usize) -> Option
     (ci == c && g.out().is_some()).then_some(g)
 }
 
+/// A convolution's row in [`profile`]'s table: `n x c x h x w -> o, kh x kw / stride`.
+fn conv_key(g: &Geom) -> String {
+    format!(
+        "{}x{}x{}x{} -> {}, {}x{}/{}",
+        g.n, g.c, g.h, g.w, g.o, g.kh, g.kw, g.stride
+    )
+}
+
+/// A batch norm's or pool's row in [`profile`]'s table: `n x c x plane`.
+fn bn_key(n: usize, c: usize, plane: usize) -> String {
+    format!("{n}x{c}x{plane}")
+}
+
 fn flex_out(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
@@ -153,7 +166,11 @@ impl NvKernels for Flex {
         let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
         let (oh, ow) = g.out().expect("checked by geom");
         let mut y = vec![0f32; g.n * g.o * oh * ow];
-        conv::forward(Isa::detect(), &g, x.storage(), weight.storage(), &mut y);
+        profile::time(
+            "conv forward",
+            || conv_key(&g),
+            || conv::forward(Isa::detect(), &g, x.storage(), weight.storage(), &mut y),
+        );
         flex_out(y, [g.n, g.o, oh, ow])
     }
 
@@ -171,7 +188,11 @@ impl NvKernels for Flex {
         };
         let (weight, dy) = (weight.to_contiguous(), output_grad.to_contiguous());
         let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
-        conv::backward_input(Isa::detect(), &g, weight.storage(), dy.storage(), &mut dx);
+        profile::time(
+            "conv input grad",
+            || conv_key(&g),
+            || conv::backward_input(Isa::detect(), &g, weight.storage(), dy.storage(), &mut dx),
+        );
         flex_out(dx, [g.n, g.c, g.h, g.w])
     }
 
@@ -189,7 +210,11 @@ impl NvKernels for Flex {
         };
         let (x, dy) = (x.to_contiguous(), output_grad.to_contiguous());
         let mut dw = vec![0f32; g.o * g.c * g.kh * g.kw];
-        conv::backward_weight(Isa::detect(), &g, x.storage(), dy.storage(), &mut dw);
+        profile::time(
+            "conv weight grad",
+            || conv_key(&g),
+            || conv::backward_weight(Isa::detect(), &g, x.storage(), dy.storage(), &mut dw),
+        );
         flex_out(dw, [g.o, g.c, g.kh, g.kw])
     }
 
@@ -209,13 +234,19 @@ impl NvKernels for Flex {
             gamma.to_contiguous(),
             beta.to_contiguous(),
         );
-        let (y, mean, var) = bn::forward(
-            x.storage(),
-            gamma.storage(),
-            beta.storage(),
-            epsilon,
-            n,
-            plane,
+        let (y, mean, var) = profile::time(
+            "bn forward",
+            || bn_key(n, c, plane),
+            || {
+                bn::forward(
+                    x.storage(),
+                    gamma.storage(),
+                    beta.storage(),
+                    epsilon,
+                    n,
+                    plane,
+                )
+            },
         );
         (flex_out(y, shape), flex_out(mean, [c]), flex_out(var, [c]))
     }
@@ -235,15 +266,21 @@ impl NvKernels for Flex {
         let shape = x.shape();
         let [x, gamma, mean, variance, dy] =
             [x, gamma, mean, variance, output_grad].map(|t| t.to_contiguous());
-        let (dx, dgamma, dbeta) = bn::backward(
-            x.storage(),
-            gamma.storage(),
-            mean.storage(),
-            variance.storage(),
-            epsilon,
-            dy.storage(),
-            n,
-            plane,
+        let (dx, dgamma, dbeta) = profile::time(
+            "bn backward",
+            || bn_key(n, c, plane),
+            || {
+                bn::backward(
+                    x.storage(),
+                    gamma.storage(),
+                    mean.storage(),
+                    variance.storage(),
+                    epsilon,
+                    dy.storage(),
+                    n,
+                    plane,
+                )
+            },
         );
         (
             flex_out(dx, shape),
@@ -258,7 +295,11 @@ impl NvKernels for Flex {
         };
         let x = x.to_contiguous();
         let mut y = vec![0f32; n * c * (h / 2) * (w / 2)];
-        pool::forward(x.storage(), n * c, h, w, &mut y);
+        profile::time(
+            "pool forward",
+            || bn_key(n, c, h * w),
+            || pool::forward(x.storage(), n * c, h, w, &mut y),
+        );
         flex_out(y, [n, c, h / 2, w / 2])
     }
 
@@ -268,7 +309,11 @@ impl NvKernels for Flex {
         };
         let (x, dy) = (x.to_contiguous(), output_grad.to_contiguous());
         let mut dx = vec![0f32; n * c * h * w];
-        pool::backward(x.storage(), dy.storage(), n * c, h, w, &mut dx);
+        profile::time(
+            "pool backward",
+            || bn_key(n, c, h * w),
+            || pool::backward(x.storage(), dy.storage(), n * c, h, w, &mut dx),
+        );
         flex_out(dx, [n, c, h, w])
     }
 }

@@ -25,9 +25,15 @@ pub(crate) const LANES: usize = 16;
 pub(crate) const NR: usize = 3;
 /// Widest kernel of the float engine's direct path.
 pub(crate) const MAX_KW: usize = 16;
-/// Fan-in rows of one [`gemm_nn`] block.
+/// Fan-in rows of one [`gemm_nn`] block when `B` is narrow (at most [`NARROW`] columns): the
+/// block of `B` that every panel of `A` re-reads then stays in L1 (32 KiB at 64 columns).
 const KC: usize = 128;
-/// Columns of `B` per [`gemm_nn`] block (`KC x NC` floats: 240 KiB, inside L2).
+/// Fan-in rows of one block when `B` is wider: its block is read from L2 either way, and a
+/// deeper block halves the passes over `C` (the weight gradient's `C` is megabytes).
+const KC_WIDE: usize = 256;
+/// The widest `B` that takes [`KC`].
+const NARROW: usize = 128;
+/// Columns of `B` per [`gemm_nn`] block (`KC_WIDE x NC` floats: 480 KiB, inside L2).
 const NC: usize = 480;
 
 /// Packs the `m x k` matrix `A` (element `(i, j)` at `a[i * rs + j * cs]`) into panels of
@@ -134,9 +140,10 @@ pub(crate) fn gemm(
         );
     }
     let mut acc = [[0f32; NR * LANES]; MR];
+    let kc_max = if n <= NARROW { KC } else { KC_WIDE };
     let mut k0 = 0;
     while k0 < k {
-        let kc = (k - k0).min(KC);
+        let kc = (k - k0).min(kc_max);
         let add = accumulate || k0 > 0;
         let bk = &b[k0 * ldb..];
         let mut n0 = 0;
@@ -148,33 +155,61 @@ pub(crate) fn gemm(
                 let mut v = 0;
                 while v < nv {
                     let nr = (nv - v).min(NR);
-                    match a {
-                        Lhs::Packed(a) => {
-                            let ap = &a[(p * k + k0) * MR..];
-                            tile(isa, ap, bk, ldb, n0 + v * LANES, kc, nr, &mut acc);
-                        }
-                        #[cfg(target_arch = "x86_64")]
-                        Lhs::Rows(a, lda) => {
-                            let ap = &a[p * MR * lda + k0..];
-                            let x0 = n0 + v * LANES;
-                            assert!(ap.len() >= (MR - 1) * lda + kc && x0 + nr * LANES <= ldb);
-                            // SAFETY: AVX-512 F and FMA were detected (the other ISAs took the
-                            // packed path above); the bounds were checked above and by the
-                            // operands' assertion.
-                            unsafe {
-                                match nr {
-                                    3 => avx512::tile_rows::<3>(ap, lda, bk, ldb, x0, kc, &mut acc),
-                                    2 => avx512::tile_rows::<2>(ap, lda, bk, ldb, x0, kc, &mut acc),
-                                    _ => avx512::tile_rows::<1>(ap, lda, bk, ldb, x0, kc, &mut acc),
+                    let x0 = n0 + v * LANES;
+                    let valid = (nc - v * LANES).min(nr * LANES);
+                    #[cfg(target_arch = "x86_64")]
+                    if isa.has_avx512() {
+                        // The register block starts from `C` (or zero) and ends in it: a
+                        // whole block straight from and to `C`, a partial one through `acc`.
+                        let whole = rows == MR && valid == nr * LANES;
+                        let at = p * MR * ldc + x0;
+                        let (dst, ld) = if whole {
+                            assert!(c.len() >= at + (MR - 1) * ldc + valid);
+                            (c[at..].as_mut_ptr(), ldc)
+                        } else {
+                            if add {
+                                for (r, accr) in acc.iter_mut().enumerate().take(rows) {
+                                    let at = at + r * ldc;
+                                    accr[..valid].copy_from_slice(&c[at..at + valid]);
                                 }
                             }
+                            (acc.as_mut_ptr().cast::<f32>(), NR * LANES)
+                        };
+                        let ap = match a {
+                            Lhs::Packed(a) => avx512::Weights::Packed(&a[(p * k + k0) * MR..]),
+                            Lhs::Rows(a, lda) => {
+                                let ap = &a[p * MR * lda + k0..];
+                                assert!(ap.len() >= (MR - 1) * lda + kc);
+                                avx512::Weights::Rows(ap, lda)
+                            }
+                        };
+                        assert!(x0 + nr * LANES <= ldb);
+                        // SAFETY: AVX-512 F and FMA were detected; the weights, `B`'s `kc`
+                        // rows (the operands' assertion) and the `MR` rows of `nr * LANES`
+                        // values at `dst`, `ld` apart (checked above, or `acc`), are in bounds.
+                        unsafe {
+                            match nr {
+                                3 => avx512::tile_into::<3>(ap, bk, ldb, x0, kc, dst, ld, add),
+                                2 => avx512::tile_into::<2>(ap, bk, ldb, x0, kc, dst, ld, add),
+                                _ => avx512::tile_into::<1>(ap, bk, ldb, x0, kc, dst, ld, add),
+                            }
                         }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        Lhs::Rows(..) => unreachable!("packed above"),
+                        if !whole {
+                            for (r, accr) in acc.iter().enumerate().take(rows) {
+                                let at = at + r * ldc;
+                                c[at..at + valid].copy_from_slice(&accr[..valid]);
+                            }
+                        }
+                        v += nr;
+                        continue;
                     }
-                    let valid = (nc - v * LANES).min(nr * LANES);
+                    let Lhs::Packed(a) = a else {
+                        unreachable!("packed above")
+                    };
+                    let ap = &a[(p * k + k0) * MR..];
+                    tile(isa, ap, bk, ldb, x0, kc, nr, &mut acc);
                     for (r, accr) in acc.iter().enumerate().take(rows) {
-                        let at = (p * MR + r) * ldc + n0 + v * LANES;
+                        let at = (p * MR + r) * ldc + x0;
                         let dst = &mut c[at..at + valid];
                         if add {
                             for (d, &s) in dst.iter_mut().zip(accr) {
@@ -376,62 +411,95 @@ mod avx512 {
         k: usize,
         acc: &mut [[f32; NR * LANES]; MR],
     ) {
-        let wp = w.as_ptr();
-        // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
-        let w_at = |j: usize| unsafe { *wp.add(j * MR).cast::<[f32; MR]>() };
-        // SAFETY: the caller's bounds on `col`.
-        unsafe { tile_by::<N>(w_at, col, stride, col0, k, acc) }
+        let dst = acc.as_mut_ptr().cast::<f32>();
+        // SAFETY: the caller's bounds; `acc` is `MR` rows of `NR * LANES >= N * LANES` values.
+        unsafe {
+            tile_into::<N>(
+                Weights::Packed(w),
+                col,
+                stride,
+                col0,
+                k,
+                dst,
+                NR * LANES,
+                false,
+            )
+        }
     }
 
-    /// [`tile`] with `w` row-major: row `r` at `w[r * lda..]`.
+    /// A register block's weights: packed `[k][MR]`, or `MR` rows `lda` apart.
+    #[derive(Clone, Copy)]
+    pub enum Weights<'a> {
+        Packed(&'a [f32]),
+        Rows(&'a [f32], usize),
+    }
+
+    /// `C[r][j] (+)= sum_k W[r][k] X[k][col0 + j]`, `j < N * LANES`, `C` row `r` at `c + r *
+    /// ldc`: the register block starts from `C` when `add` (zero otherwise), takes the products
+    /// in `k` order, and is stored back.
     ///
     /// # Safety
-    /// AVX-512 F and FMA; `w` holds `(MR - 1) * lda + k` values, `col` `k` rows of `stride >=
-    /// col0 + N * LANES` values.
+    /// AVX-512 F and FMA; the weights hold `k` fan-in values per row (`Packed`: `k * MR`
+    /// values; `Rows`: `(MR - 1) * lda + k`), `col` `k` rows of `stride >= col0 + N * LANES`
+    /// values, and `c + r * ldc .. + N * LANES` is writable for every `r < MR`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,fma")]
     #[inline]
-    pub unsafe fn tile_rows<const N: usize>(
-        w: &[f32],
-        lda: usize,
+    pub unsafe fn tile_into<const N: usize>(
+        w: Weights<'_>,
         col: &[f32],
         stride: usize,
         col0: usize,
         k: usize,
-        acc: &mut [[f32; NR * LANES]; MR],
-    ) {
-        let wp = w.as_ptr();
-        // SAFETY: `r * lda + j < (MR - 1) * lda + k <= w.len()`.
-        let w_at = |j: usize| std::array::from_fn(|r| unsafe { *wp.add(r * lda + j) });
-        // SAFETY: the caller's bounds on `col`.
-        unsafe { tile_by::<N>(w_at, col, stride, col0, k, acc) }
-    }
-
-    /// The register block of [`tile`] and [`tile_rows`]: `w_at(j)` is fan-in row `j`'s `MR`
-    /// weights.
-    ///
-    /// # Safety
-    /// AVX-512 F and FMA; `col` `k` rows of `stride >= col0 + N * LANES` values.
-    #[target_feature(enable = "avx512f,fma")]
-    #[inline]
-    unsafe fn tile_by<const N: usize>(
-        w_at: impl Fn(usize) -> [f32; MR],
-        col: &[f32],
-        stride: usize,
-        col0: usize,
-        k: usize,
-        acc: &mut [[f32; NR * LANES]; MR],
+        c: *mut f32,
+        ldc: usize,
+        add: bool,
     ) {
         let mut a = [[_mm512_setzero_ps(); N]; MR];
+        if add {
+            for (r, ar) in a.iter_mut().enumerate() {
+                for (v, av) in ar.iter_mut().enumerate() {
+                    // SAFETY: row `r < MR` of `C` has `N * LANES` values (the caller).
+                    *av = unsafe { _mm512_loadu_ps(c.add(r * ldc + v * LANES)) };
+                }
+            }
+        }
         let xp = col.as_ptr();
-        for j in 0..k {
+        let x_at = |j: usize| {
             let mut x = [_mm512_setzero_ps(); N];
             for (v, xv) in x.iter_mut().enumerate() {
                 // SAFETY: row `j < k` has `stride >= col0 + N * LANES` values.
                 *xv = unsafe { _mm512_loadu_ps(xp.add(j * stride + col0 + v * LANES)) };
             }
-            fma_rows(&mut a, &w_at(j), &x);
+            x
+        };
+        match w {
+            Weights::Packed(w) => {
+                let wp = w.as_ptr();
+                for j in 0..k {
+                    // SAFETY: `(j + 1) * MR <= k * MR <= w.len()`.
+                    fma_rows(
+                        &mut a,
+                        unsafe { &*wp.add(j * MR).cast::<[f32; MR]>() },
+                        &x_at(j),
+                    );
+                }
+            }
+            Weights::Rows(w, lda) => {
+                let wp = w.as_ptr();
+                for j in 0..k {
+                    // SAFETY: `r * lda + j < (MR - 1) * lda + k <= w.len()`.
+                    let wj = std::array::from_fn(|r| unsafe { *wp.add(r * lda + j) });
+                    fma_rows(&mut a, &wj, &x_at(j));
+                }
+            }
         }
-        store(&a, acc);
+        for (r, ar) in a.iter().enumerate() {
+            for (v, &av) in ar.iter().enumerate() {
+                // SAFETY: as the loads above.
+                unsafe { _mm512_storeu_ps(c.add(r * ldc + v * LANES), av) };
+            }
+        }
     }
 }
 
@@ -484,6 +552,59 @@ mod avx2 {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release -p nvcim --lib gemm_rate -- --ignored --nocapture`: one core's
+    /// multiply-adds per second in `gemm_nn` for the shapes of training's products.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn gemm_rate() {
+        let isa = Isa::detect();
+        for (m, k, n) in [
+            (64usize, 64usize, 64usize),
+            (128, 128, 64),
+            (256, 256, 64),
+            (512, 512, 64),
+            (64, 576, 512),
+            (256, 2304, 512),
+            (512, 4608, 512),
+            (64, 64, 1024),
+            (2304, 512, 512),
+            (288, 1024, 128),
+            (1152, 512, 256),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let mut packed = Vec::new();
+            pack_panels(&a, m, k, k, 1, &mut packed);
+            let ldb = n.next_multiple_of(LANES);
+            let b: Vec<f32> = (0..k * ldb).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut c = vec![0f32; m * n];
+            let reps = (2e9 / (m * k * n) as f64).ceil() as usize;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                gemm_nn(isa, &packed, m, k, &b, ldb, n, &mut c, n, false);
+            }
+            let s = t.elapsed().as_secs_f64();
+            let rows = Lhs::Rows(&a, k);
+            let t2 = std::time::Instant::now();
+            if m % MR == 0 {
+                for _ in 0..reps {
+                    gemm(isa, rows, m, k, &b, ldb, n, &mut c, n, false);
+                }
+            }
+            let s2 = t2.elapsed().as_secs_f64();
+            let g = |s: f64| (m * k * n * reps) as f64 / s / 1e9;
+            println!(
+                "{isa:?} m {m} k {k} n {n}: packed {:.1} GMAC/s, rows {:.1}",
+                g(s),
+                g(s2)
+            );
         }
     }
 }

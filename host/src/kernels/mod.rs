@@ -43,5 +43,6 @@ pub mod gemm;
 mod isa;
 mod lanes;
 pub mod pool;
+pub mod profile;
 
 pub use isa::Isa;
