@@ -165,7 +165,7 @@ impl NvKernels for Flex {
         };
         let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
         let (oh, ow) = g.out().expect("checked by geom");
-        let mut y = vec![0f32; g.n * g.o * oh * ow];
+        let mut y = super::zeros(g.n * g.o * oh * ow);
         profile::time(
             "conv forward",
             || conv_key(&g),
@@ -187,7 +187,7 @@ impl NvKernels for Flex {
             return Self::conv2d_x_backward(x, weight, output_grad, options(stride, padding));
         };
         let (weight, dy) = (weight.to_contiguous(), output_grad.to_contiguous());
-        let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+        let mut dx = super::zeros(g.n * g.c * g.h * g.w);
         profile::time(
             "conv input grad",
             || conv_key(&g),
@@ -294,7 +294,7 @@ impl NvKernels for Flex {
             return Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
         };
         let x = x.to_contiguous();
-        let mut y = vec![0f32; n * c * (h / 2) * (w / 2)];
+        let mut y = super::zeros(n * c * (h / 2) * (w / 2));
         profile::time(
             "pool forward",
             || bn_key(n, c, h * w),
@@ -308,7 +308,7 @@ impl NvKernels for Flex {
             return burn_max_pool2x2_backward::<Self>(x, output_grad);
         };
         let (x, dy) = (x.to_contiguous(), output_grad.to_contiguous());
-        let mut dx = vec![0f32; n * c * h * w];
+        let mut dx = super::zeros(n * c * h * w);
         profile::time(
             "pool backward",
             || bn_key(n, c, h * w),

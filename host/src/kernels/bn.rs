@@ -141,7 +141,7 @@ pub fn forward(
     let (mean, var) = stats(x, n, c, plane);
     let inv = inv_std(&var, epsilon);
     let isa = Isa::detect();
-    let mut y = vec![0f32; x.len()];
+    let mut y = super::zeros(x.len());
     if plane > 0 {
         y.par_chunks_mut(plane)
             .zip(x.par_chunks(plane))
@@ -188,7 +188,7 @@ pub fn backward(
     let m = (n * plane).max(1) as f32;
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = super::zeros(x.len());
     if plane > 0 {
         dx.par_chunks_mut(plane)
             .zip(x.par_chunks(plane).zip(dy.par_chunks(plane)))
