@@ -22,7 +22,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::ops::{ActivationOps, ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     Autodiff, AutodiffBackend, Backend, DType, Dispatch, Flex, TensorMetadata, backend_extension,
@@ -35,7 +35,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::Isa;
 use super::conv::{self, Geom};
-use super::{bn, pool, profile};
+use super::{act, bn, pool, profile};
 
 fn options(stride: usize, padding: usize) -> ConvOptions<2> {
     ConvOptions::new([stride; 2], [padding; 2], [1; 2], 1)
@@ -101,6 +101,17 @@ pub trait NvKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let r = Self::batch_norm_train_backward(x, gamma, mean, variance, epsilon, output_grad);
         (r.x_grad, r.gamma_grad, r.beta_grad)
+    }
+
+    /// `relu(x)`.
+    fn nv_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::relu(x)
+    }
+
+    /// The gradient of [`NvKernels::nv_relu`]: `grad` where its `output` is positive or NaN,
+    /// zero elsewhere.
+    fn nv_relu_backward(output: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::relu_backward(output, grad)
     }
 
     /// 2x2 max pooling with stride 2, no padding, floor mode (VGG-8's pool).
@@ -289,6 +300,49 @@ impl NvKernels for Flex {
         )
     }
 
+    fn nv_relu(mut x: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 {
+            return Self::relu(x);
+        }
+        // Unique storage: in place over all of it (values outside the view belong to no one
+        // else), the layout kept.
+        if let Some(v) = x.try_storage_mut::<f32>() {
+            let n = v.len();
+            profile::time("relu forward", || n.to_string(), || act::relu(v));
+            return x;
+        }
+        let x = x.to_contiguous();
+        let mut y = x.storage::<f32>().to_vec();
+        let n = y.len();
+        profile::time("relu forward", || n.to_string(), || act::relu(&mut y));
+        flex_out(y, x.shape())
+    }
+
+    fn nv_relu_backward(output: FlexTensor, mut grad: FlexTensor) -> FlexTensor {
+        let same = output.dtype() == DType::F32
+            && grad.dtype() == DType::F32
+            && output.shape() == grad.shape()
+            && output.as_slice::<f32>().is_some()
+            && grad.as_slice::<f32>().is_some();
+        if !same {
+            return Self::relu_backward(output, grad);
+        }
+        let out = output.as_slice::<f32>().expect("checked above");
+        let n = out.len();
+        let key = || n.to_string();
+        // Contiguous at offset 0 and unique: in place.
+        if grad.layout().start_offset() == 0
+            && let Some(g) = grad.try_storage_mut::<f32>()
+            && g.len() == n
+        {
+            profile::time("relu backward", key, || act::relu_grad(g, out));
+            return grad;
+        }
+        let mut g = grad.as_slice::<f32>().expect("checked above").to_vec();
+        profile::time("relu backward", key, || act::relu_grad(&mut g, out));
+        flex_out(g, grad.shape())
+    }
+
     fn nv_max_pool2x2(x: FlexTensor) -> FlexTensor {
         let Some([n, c, h, w]) = pool_geom(&x) else {
             return Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
@@ -451,6 +505,20 @@ impl<B: NvKernels, C: CheckpointStrategy> NvKernels for Autodiff<B, C> {
         }
     }
 
+    fn nv_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match ReluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::nv_relu(x.into_primitive());
+                prep.finish(y.clone(), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::nv_relu(x.into_primitive())),
+        }
+    }
+
     fn nv_max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
         match MaxPoolBackward
             .prepare::<C>([x.node()])
@@ -462,6 +530,27 @@ impl<B: NvKernels, C: CheckpointStrategy> NvKernels for Autodiff<B, C> {
                 prep.finish(xs, B::nv_max_pool2x2(x.into_primitive()))
             }
             OpsKind::UnTracked(prep) => prep.finish(B::nv_max_pool2x2(x.into_primitive())),
+        }
+    }
+}
+
+/// The backward step of [`NvKernels::nv_relu`] under autodiff (the output kept as its state).
+#[derive(Debug)]
+struct ReluBackward;
+
+impl<B: NvKernels> Backward<B, 1> for ReluBackward {
+    type State = B::FloatTensorPrimitive;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::nv_relu_backward(ops.state, grad));
         }
     }
 }
@@ -623,6 +712,15 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
             .detach(),
     );
     y
+}
+
+/// `relu(x)`, through [`NvKernels`] on Flex (in parallel; the same bits as Burn's), Burn's
+/// elsewhere or under `NVCIM_CONV=burn`.
+pub fn relu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if burn_kernels_only() || !on_flex(&x.device()) {
+        return burn::tensor::activation::relu(x);
+    }
+    Tensor::from_dispatch(<Dispatch as NvKernels>::nv_relu(x.into_dispatch()))
 }
 
 /// `pool.forward(x)` for VGG-8's 2x2 stride-2 pool, through [`NvKernels`] on Flex (any other
@@ -870,6 +968,57 @@ mod tests {
                 bits(max_pool2d(&pool, plain.clone())),
                 bits(pool.forward(plain)),
                 "{what}: without autodiff"
+            );
+        }
+    }
+
+    /// ReLU through the extension: Burn's output and gradient to the bit, with zeros, `-0.0`
+    /// and NaN in the input, in place (a unique input) and copied (a shared one), with and
+    /// without autodiff, on tensors larger than one parallel chunk.
+    #[test]
+    fn relu_matches_burns_exactly() {
+        let _rng = crate::burn_rng_guard();
+        let d = Device::flex().autodiff();
+        d.seed(11);
+        let bits = |t: Tensor<4>| -> Vec<u32> {
+            let v = t.into_data().try_to_vec::<f32>().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        for shape in [[2, 3, 5, 7], [4, 64, 32, 33]] {
+            let raw = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &d);
+            // Exact zeros, negative zeros and NaNs among the values.
+            let raw = raw
+                .clone()
+                .mask_fill(raw.clone().abs().lower_elem(0.05), -0.0);
+            let raw = raw.clone().mask_fill(raw.clone().greater_elem(2.5), 0.0);
+            let raw = raw
+                .clone()
+                .mask_fill(raw.clone().lower_elem(-2.5), f32::NAN);
+            let x = raw.detach().require_grad();
+            let gy = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &d);
+            let y1 = relu(x.clone() * 1.0);
+            let y2 = burn::tensor::activation::relu(x.clone() * 1.0);
+            let g1 = (y1.clone() * gy.clone()).sum().backward();
+            let g2 = (y2.clone() * gy).sum().backward();
+            assert_eq!(bits(y1), bits(y2), "{shape:?}: output");
+            assert_eq!(
+                bits(x.grad(&g1).unwrap()),
+                bits(x.grad(&g2).unwrap()),
+                "{shape:?}: input gradient"
+            );
+            let plain = x.clone().detach().inner();
+            let kept = plain.clone();
+            assert_eq!(
+                bits(relu(plain.clone()).into()),
+                bits(burn::tensor::activation::relu(plain).into()),
+                "{shape:?}: without autodiff, shared input"
+            );
+            assert!(
+                kept.into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap()
+                    .iter()
+                    .any(|v| *v < 0.0)
             );
         }
     }

@@ -35,6 +35,7 @@
 //! tier of [`Isa::available`]. A new instruction set is a new [`Isa`] tier, detected in
 //! [`Isa::detect`], with a method that the kernels that use it ask.
 
+pub mod act;
 pub mod backend;
 pub mod bn;
 pub mod conv;

@@ -29,7 +29,6 @@ use burn::module::{Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2dConfig, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -1028,8 +1027,8 @@ impl GraphNet {
                     Val::Flat(l.forward(a.flat()))
                 }
                 GraphOp::Relu => match a {
-                    Val::Map(t) => Val::Map(relu(t)),
-                    Val::Flat(t) => Val::Flat(relu(t)),
+                    Val::Map(t) => Val::Map(crate::kernels::backend::relu(t)),
+                    Val::Flat(t) => Val::Flat(crate::kernels::backend::relu(t)),
                 },
                 &GraphOp::Clip { min, max } => match a {
                     Val::Map(t) => Val::Map(t.clamp(min, max)),

@@ -30,7 +30,6 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::store::ModuleRecord;
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
@@ -263,7 +262,8 @@ impl ExitHead {
     /// `[n, c, h, w] -> [n, K]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let x = self.pool.forward(x).flatten::<2>(1, 3); // [n, c*s*s]
-        self.fc2.forward(relu(self.fc1.forward(x)))
+        self.fc2
+            .forward(crate::kernels::backend::relu(self.fc1.forward(x)))
     }
 }
 
