@@ -41,7 +41,12 @@ impl TrainingNoise {
 
     /// One perturbation `dw` of the weight tensor `w` (no gradient flows through it).
     pub fn sample<const D: usize>(&self, w: Tensor<D>) -> Tensor<D> {
-        let w = w.detach();
+        // Sampled on the inner backend: `detach` alone left the scale's `abs` and `max` in the
+        // autodiff graph, and every backward pass computed their (unused) gradients over every
+        // weight. The draws come from the same generator either way.
+        if w.is_autodiff() {
+            return self.sample(w.inner()).autodiff();
+        }
         let quant = self.cfg.quant();
         let max_mag = f32::from(quant.max_magnitude());
         let device = w.device();
