@@ -557,22 +557,20 @@ fn output_tiles<V: Lanes>(m: &[&[f32]; 16], out: &mut [&mut [f32]; 4], t: usize)
 fn forward_winograd(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
     let (c, o, plane_in) = (g.c, g.o, g.h * g.w);
     let tiles = g.h.div_ceil(2) * g.w.div_ceil(2);
-    let mut u = vec![0f32; 16 * o * c];
-    for oo in 0..o {
-        for ci in 0..c {
-            let t = kernel_transform(&w[(oo * c + ci) * 9..][..9]);
-            for (xi, &v) in t.iter().enumerate() {
-                u[(xi * o + oo) * c + ci] = v;
-            }
+    // The kernels' transforms, `[o][c][16]`, then packed per `xi`: both in parallel (they were
+    // a serial prologue of every call).
+    let mut u = super::zeros(16 * o * c);
+    u.par_chunks_mut(16 * c).enumerate().for_each(|(oo, row)| {
+        for (ci, t) in row.chunks_exact_mut(16).enumerate() {
+            t.copy_from_slice(&kernel_transform(&w[(oo * c + ci) * 9..][..9]));
         }
-    }
+    });
     let panel = o.div_ceil(gemm::MR) * c * gemm::MR;
-    let mut packed = Vec::with_capacity(16 * panel);
-    let mut tmp = Vec::new();
-    for xi in 0..16 {
-        gemm::pack_panels(&u[xi * o * c..(xi + 1) * o * c], o, c, c, 1, &mut tmp);
-        packed.extend_from_slice(&tmp);
-    }
+    let mut packed = super::zeros(16 * panel);
+    packed
+        .par_chunks_mut(panel)
+        .enumerate()
+        .for_each(|(xi, p)| gemm::pack_panels_into(&u[xi..], o, c, 16 * c, 16, p));
     let (out, inp) = ((y, o * plane_in), (x, c * plane_in));
     // Groups of about WINO_COLS tiles: a group's transformed tiles and products (`16 (c + o)`
     // rows) then stay in L2 between the transforms and the products.
@@ -655,14 +653,14 @@ pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32])
     if winograd(g) {
         // Stride 1, padding 1, 3x3: `dx = conv(dy, w')`, `w'` the kernels flipped with input and
         // output channels swapped, at the same padding.
-        let mut wt = vec![0f32; w.len()];
-        for oo in 0..o {
-            for ci in 0..g.c {
+        let mut wt = super::zeros(w.len());
+        wt.par_chunks_mut(o * 9).enumerate().for_each(|(ci, row)| {
+            for oo in 0..o {
                 for t in 0..9 {
-                    wt[(ci * o + oo) * 9 + 8 - t] = w[(oo * g.c + ci) * 9 + t];
+                    row[oo * 9 + 8 - t] = w[(oo * g.c + ci) * 9 + t];
                 }
             }
-        }
+        });
         let gt = Geom {
             c: o,
             h: oh,
@@ -850,13 +848,14 @@ pub fn backward_weight(isa: Isa, g: &Geom, x: &[f32], dy: &[f32], dw: &mut [f32]
             })
         })
         .collect();
-    for (rows, block) in parts.iter().zip(blocks) {
-        for (r, kk) in rows.clone().enumerate() {
-            for oo in 0..o {
-                dw[oo * k + kk] = block[r * ldo + oo];
+    // `dW` from the blocks of `dW^T`, its rows in parallel.
+    dw.par_chunks_mut(k).enumerate().for_each(|(oo, row)| {
+        for (rows, block) in parts.iter().zip(&blocks) {
+            for (r, kk) in rows.clone().enumerate() {
+                row[kk] = block[r * ldo + oo];
             }
         }
-    }
+    });
 }
 
 #[cfg(test)]

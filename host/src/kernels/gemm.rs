@@ -42,6 +42,25 @@ const NC: usize = 480;
 pub(crate) fn pack_panels(a: &[f32], m: usize, k: usize, rs: usize, cs: usize, out: &mut Vec<f32>) {
     out.clear();
     out.resize(m.div_ceil(MR) * k * MR, 0.0);
+    pack_panels_into(a, m, k, rs, cs, out);
+}
+
+/// [`pack_panels`] into `out` (`m.div_ceil(MR) * k * MR` values; the rows past `m` are zeroed).
+pub(crate) fn pack_panels_into(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    rs: usize,
+    cs: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), m.div_ceil(MR) * k * MR, "packed panel length");
+    for i in m..m.next_multiple_of(MR) {
+        let dst = &mut out[(i / MR) * k * MR + i % MR..];
+        for j in 0..k {
+            dst[j * MR] = 0.0;
+        }
+    }
     for i in 0..m {
         let dst = &mut out[(i / MR) * k * MR + i % MR..];
         if cs == 1 {
