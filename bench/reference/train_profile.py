@@ -6,7 +6,8 @@ Runs --warmup unprofiled steps, then --steps steps under the profiler, and appen
 --out: the step and its phases (forward with noise and loss, backward, optimizer; wall time per
 step, profiled) and, per shape, convolution forward, convolution backward (oneDNN computes the
 input and weight gradients in one call), batch norm forward and backward, max pool forward and
-backward (CPU time of the aten op and its children, per step). Shapes are written as nvcim
+backward, ReLU forward and backward (by element count) (CPU time of the aten op and its
+children, per step). Shapes are written as nvcim
 writes them: `n x c x h x w -> o, kh x kw / stride` for a convolution, `n x c x plane` for the
 others.
 """
@@ -25,6 +26,13 @@ def conv_key(x, w, stride):
     n, c, h, wd = x
     o, _, kh, kw = w
     return f"{n}x{c}x{h}x{wd} -> {o}, {kh}x{kw}/{stride}"
+
+
+def numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def plane_key(x):
@@ -97,6 +105,10 @@ def main():
             key = ("pool forward", plane_key(shapes[0]))
         elif e.name == "aten::max_pool2d_with_indices_backward" and len(shapes) >= 2:
             key = ("pool backward", plane_key(shapes[1]))
+        elif e.name in ("aten::relu", "aten::relu_") and shapes:
+            key = ("relu forward", str(numel(shapes[0])))
+        elif e.name == "aten::threshold_backward" and shapes:
+            key = ("relu backward", str(numel(shapes[0])))
         else:
             continue
         rows[key][0] += 1

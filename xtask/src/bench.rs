@@ -246,6 +246,187 @@ pub fn train(root: &Path) -> Result<()> {
     )
 }
 
+/// `cargo xtask bench layers`: where a training step's time goes, nvcim against PyTorch, per
+/// layer and phase, in one run: the `train_step` bench's profile mode (`NVCIM_BENCH_PROFILE`:
+/// every convolution, batch norm, pool and ReLU the extension routes, timed per shape, and the
+/// step's forward, backward and optimizer phases) and `bench/reference/train_profile.py`
+/// (torch.profiler, the same shapes), for VGG-8 at widths 0.25 and 1.0 and ResNet-18 at 0.25.
+/// Writes `target/bench/layers.json` (every row) and `layers.md` (the tables).
+///
+/// How to read it: nvcim's rows are wall times of its kernels, PyTorch's are CPU times of the
+/// aten ops under the profiler (which slows PyTorch's step: its profiled step is in the table
+/// beside the unprofiled one `bench train` measures); PyTorch computes a convolution's input
+/// and weight gradients in one call, so its row stands against the sum of nvcim's two.
+pub fn layers(root: &Path) -> Result<()> {
+    let python = bench_python(root, &["torch", "numpy"])?;
+    let script = root.join("bench/reference/train_profile.py");
+    let t = target_dir(root);
+    let dir = t.join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let (ours, theirs) = (
+        dir.join("layers_nvcim.jsonl"),
+        dir.join("layers_pytorch.jsonl"),
+    );
+    for f in [&ours, &theirs] {
+        if f.exists() {
+            fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
+        }
+    }
+    for (model, width) in LAYER_RUNS {
+        crate::step(
+            Command::new(&cargo)
+                .args(bench_args("train_step", &[]))
+                .env("NVCIM_BENCH_WIDTHS", width)
+                .env("NVCIM_BENCH_ARCH", model)
+                .env("NVCIM_BENCH_PROFILE", &ours),
+            &format!("nvcim's training step by layer ({model}, width {width})"),
+        )?;
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
+            .args(["--model", model, "--width", width, "--out"])
+            .arg(&theirs)
+            .current_dir(root.join("bench/reference"));
+        crate::step(
+            &mut cmd,
+            &format!("PyTorch's training step by op ({model}, width {width})"),
+        )?;
+    }
+    let read = |f: &Path| -> Result<Vec<serde_json::Value>> {
+        fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("{}: {l}", f.display())))
+            .collect()
+    };
+    let (ours, theirs) = (read(&ours)?, read(&theirs)?);
+    let (md, rows) = layer_tables(&ours, &theirs);
+    fs::write(dir.join("layers.md"), &md).context("writing target/bench/layers.md")?;
+    eprintln!("{md}");
+    record(
+        root,
+        "layers",
+        &format!(
+            "{{\"rows\": [{}], \"nvcim_unit\": \"wall ms per step\", \"pytorch_unit\": \"profiled CPU ms per step (aten op and children)\"}}",
+            rows.join(", ")
+        ),
+    )
+}
+
+/// The models and widths of [`layers`].
+const LAYER_RUNS: [(&str, &str); 3] = [("vgg8", "0.25"), ("vgg8", "1.0"), ("resnet18", "0.25")];
+
+/// [`layers`]' markdown tables and JSON rows from both sides' JSON lines (`model`, `width`,
+/// `op`, `shape`, `calls`, `ms`): per model and width, the phases, then one row per layer shape
+/// and operation, PyTorch's convolution backward against nvcim's input plus weight gradients.
+fn layer_tables(ours: &[serde_json::Value], theirs: &[serde_json::Value]) -> (String, Vec<String>) {
+    use std::collections::BTreeMap;
+    let key = |v: &serde_json::Value| {
+        (
+            v["model"].as_str().unwrap_or("?").to_string(),
+            v["width"].as_f64().unwrap_or(0.0),
+        )
+    };
+    let ms = |v: &serde_json::Value| v["ms"].as_f64().unwrap_or(0.0);
+    let mut md = String::new();
+    let mut rows = Vec::new();
+    let mut runs: Vec<(String, f64)> = ours.iter().map(key).collect();
+    runs.dedup();
+    for (model, width) in runs {
+        let mine: Vec<_> = ours
+            .iter()
+            .filter(|v| key(v) == (model.clone(), width))
+            .collect();
+        let pt: Vec<_> = theirs
+            .iter()
+            .filter(|v| key(v) == (model.clone(), width))
+            .collect();
+        // (op, shape) -> (nvcim ms, PyTorch ms, calls)
+        let mut table: BTreeMap<(String, String), (f64, f64, u64)> = BTreeMap::new();
+        for v in &mine {
+            let op = v["op"].as_str().unwrap_or("?");
+            let op = match op {
+                "conv input grad" | "conv weight grad" => "conv backward",
+                o => o,
+            };
+            let e = table
+                .entry((
+                    op.to_string(),
+                    v["shape"].as_str().unwrap_or("").to_string(),
+                ))
+                .or_default();
+            e.0 += ms(v);
+            e.2 = e.2.max(v["calls"].as_u64().unwrap_or(0));
+        }
+        for v in &pt {
+            let e = table
+                .entry((
+                    v["op"].as_str().unwrap_or("?").to_string(),
+                    v["shape"].as_str().unwrap_or("").to_string(),
+                ))
+                .or_default();
+            e.1 += ms(v);
+            e.2 = e.2.max(v["calls"].as_u64().unwrap_or(0));
+        }
+        // nvcim's split of each convolution's backward, for its own column.
+        let split = |op: &str, shape: &str| {
+            mine.iter()
+                .filter(|v| v["op"] == op && v["shape"] == shape)
+                .map(|v| ms(v))
+                .fold(0.0, |a, b| a + b)
+        };
+        md.push_str(&format!(
+            "\n#### {model} width {width}\n\n| op | shape | calls | nvcim ms | PyTorch ms (profiled) | nvcim / PyTorch |\n|---|---|---:|---:|---:|---:|\n"
+        ));
+        let order = |op: &str| match op {
+            "step" => 0,
+            o if o.starts_with("phase") => 1,
+            _ => 2,
+        };
+        let mut entries: Vec<_> = table.into_iter().collect();
+        entries.sort_by_key(|((op, shape), _)| (order(op), op.clone(), shape.clone()));
+        let mut totals: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for ((op, shape), (a, b, calls)) in &entries {
+            let ratio = if *a > 0.0 && *b > 0.0 {
+                format!("{:.2}", a / b)
+            } else {
+                "-".into()
+            };
+            let mine_txt = if op == "conv backward" {
+                format!(
+                    "{a:.2} ({:.2} + {:.2})",
+                    split("conv input grad", shape),
+                    split("conv weight grad", shape)
+                )
+            } else {
+                format!("{a:.2}")
+            };
+            md.push_str(&format!(
+                "| {op} | {shape} | {calls} | {mine_txt} | {b:.2} | {ratio} |\n"
+            ));
+            if order(op) == 2 {
+                let t = totals.entry(op.clone()).or_default();
+                t.0 += a;
+                t.1 += b;
+            }
+            rows.push(format!(
+                "{{\"model\": \"{model}\", \"width\": {width}, \"op\": \"{op}\", \"shape\": \"{shape}\", \"calls\": {calls}, \"nvcim_ms\": {a:.3}, \"pytorch_ms\": {b:.3}}}"
+            ));
+        }
+        for (op, (a, b)) in totals {
+            md.push_str(&format!(
+                "| **{op}, all layers** | | | {a:.2} | {b:.2} | {} |\n",
+                if b > 0.0 {
+                    format!("{:.2}", a / b)
+                } else {
+                    "-".into()
+                }
+            ));
+        }
+    }
+    (md, rows)
+}
+
 /// Monte Carlo runs and test images of `cargo xtask bench eval` (nvcim and PyTorch alike): an
 /// even number of runs, so that neither of nvcim's two `--jobs 2` workers idles through the last
 /// run while the other finishes it.

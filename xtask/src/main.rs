@@ -4,7 +4,7 @@
 //! cargo xtask setup          install what a fresh Debian machine lacks (apt, rustup target, venv)
 //! cargo xtask test           setup, fmt, clippy, the whole test suite, no_std and firmware builds
 //! cargo xtask demo           the main job: a small end-to-end experiment
-//! cargo xtask bench [WHAT]   benchmarks (variation, engine, train, eval, onnx, export, firmware, python)
+//! cargo xtask bench [WHAT]   benchmarks (variation, engine, train, layers, eval, onnx, export, firmware, python)
 //! cargo xtask cluster-test   nvcim sweep --emit slurm on a real one-node Slurm cluster
 //! cargo xtask wheel          the Python package's wheel (maturin), installed into .venv
 //! ```
@@ -26,7 +26,7 @@ mod python;
 mod setup;
 mod wheel;
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | cluster-test | wheel | bench [variation|engine|train|eval|onnx|export|firmware|python|all]>";
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | cluster-test | wheel | bench [variation|engine|train|layers|eval|onnx|export|firmware|python|all]>";
 
 fn main() -> ExitCode {
     match run() {
@@ -256,6 +256,7 @@ fn bench(root: &Path, what: &[String]) -> Result<()> {
         "variation" => bench::variation(root),
         "engine" => bench::engine(root),
         "train" => bench::train(root),
+        "layers" => bench::layers(root),
         "eval" => bench::eval(root),
         "onnx" => bench::onnx(root),
         "export" => bench::export(),
@@ -264,6 +265,7 @@ fn bench(root: &Path, what: &[String]) -> Result<()> {
         "all" => bench::variation(root)
             .and_then(|()| bench::engine(root))
             .and_then(|()| bench::train(root))
+            .and_then(|()| bench::layers(root))
             .and_then(|()| bench::eval(root))
             .and_then(|()| bench::onnx(root))
             .and_then(|()| bench::export())
