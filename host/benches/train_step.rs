@@ -28,6 +28,7 @@ fn bench(c: &mut Criterion) {
         .map(|s| s.split(',').filter_map(|w| w.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![0.25, 1.0]);
     nvcim::training::keep_freed_memory();
+    nvcim::kernels::Isa::log_choice();
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
     for width in widths {

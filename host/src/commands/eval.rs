@@ -61,6 +61,7 @@ pub struct EvalArgs {
 
 /// Runs `nvcim eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
+    crate::kernels::Isa::log_choice();
     let plan = args.eval.plan()?;
     let out = args.eval.output();
     if let Some(onnx) = &args.onnx {

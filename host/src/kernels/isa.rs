@@ -39,6 +39,31 @@ impl Isa {
         })
     }
 
+    /// The tier's name, as [`Isa::log_choice`] prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "AVX-512 with VNNI",
+            Isa::Avx512 => "AVX-512",
+            Isa::Avx2 => "AVX2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    /// Prints on stderr, once per process, the kernels this CPU gets: the tier comes from the
+    /// CPU's feature flags alone (never from a timing, so a result does not depend on the load),
+    /// and a log shows which paths a run took.
+    pub fn log_choice() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            eprintln!(
+                "kernels: {} (from this CPU's features; f32 micro-kernel {} rows x {} lanes)",
+                Isa::detect().name(),
+                super::gemm::MR,
+                super::gemm::NR * super::gemm::LANES
+            )
+        });
+    }
+
     /// The tiers a test should run on this CPU: [`Isa::Portable`], [`Isa::Avx2`], and the
     /// detected AVX-512 tier — every path of every kernel that this CPU has. (A kernel without
     /// a path of its own for a tier runs a lower one, so a test may run one path twice.)

@@ -681,6 +681,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     }
     let config_json = serde_json::to_value(cfg)?;
     let device = cfg.backend.device()?;
+    if cfg.backend == Backend::Flex {
+        crate::kernels::Isa::log_choice();
+    }
     let ad = device.clone().autodiff();
     let ckpt = checkpoint::Checkpoint::new(&opts.out);
 
