@@ -827,9 +827,15 @@ mod graph_tests {
         for ((gk, gv), (wk, wv)) in got.iter().zip(want) {
             assert_eq!(gk, wk, "{what}");
             let scale = wv.iter().fold(1f64, |m, v| m.max(v.abs()));
+            // Gradient sums are looser: the golden file was recorded before the AVX-512 `gemm`
+            // blocks changed their order of additions (2026-12-07), and ResNet-18's batch norms
+            // over a batch of 2 amplify that rounding through the backward pass (measured: up
+            // to 7.4e-5 of the scale in its deepest layers, VGG-8's under 1e-5). Outputs, taps
+            // and the initialization keep 1e-5 (measured: at most 8.5e-6).
+            let tol = if gk.contains("| grad ") { 2e-4 } else { 1e-5 };
             for (a, b) in gv.iter().zip(wv) {
                 assert!(
-                    (a - b).abs() <= 1e-5 * scale,
+                    (a - b).abs() <= tol * scale,
                     "{what}: {gk}: {a} vs {b} (scale {scale})"
                 );
             }
