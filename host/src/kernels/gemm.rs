@@ -4,13 +4,15 @@
 //!
 //! - `tile`: an `MR x (nr * LANES)` block `acc = W X` with `W` packed `[k][MR]` (one panel of
 //!   `pack_panels`) and `X` row-major (`k` rows of `stride` values) — the float engine's
-//!   im2col product and `gemm_nn`'s block;
+//!   im2col product, and `gemm_nn`'s block on AVX2 and portable;
 //! - `tile_direct`: the same block reading a padded image through tap offsets (the float
 //!   engine's direct convolution);
 //! - `gemm_nn`: `C (+)= A B` over whole matrices, `A` packed by `pack_panels`, blocked for
-//!   the caches (`KC` fan-in rows x `NC` columns of `B` per block);
-//! - [`gemm`]: the same with `A` packed or row-major (`Lhs`); the AVX-512 path reads rows in
-//!   place (`avx512::tile_rows`, broadcasting from `MR` rows), the others pack them first.
+//!   the caches (`KC` or `KC_WIDE` fan-in rows x `NC` columns of `B` per block);
+//! - [`gemm`]: the same with `A` packed or row-major (`Lhs`). On AVX-512 its register block
+//!   (`avx512::tile_into`) starts from `C` and ends in it, and reads `A`'s rows in place
+//!   (broadcasting from `MR` rows); the other paths pack the rows first, sum each block from
+//!   zero and add it to `C`.
 //!
 //! The sums run in another order than Burn's: results agree with it within `f32` rounding,
 //! which the float engine's and the training kernels' tests bound.
