@@ -11,7 +11,6 @@ children, per step). Shapes are written as nvcim
 writes them: `n x c x h x w -> o, kh x kw / stride` for a convolution, `n x c x plane` for the
 others.
 """
-import argparse
 import json
 import time
 from collections import defaultdict
@@ -41,22 +40,10 @@ def plane_key(x):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["vgg8", "resnet18"], default="vgg8")
-    ap.add_argument("--width", type=float, default=0.25)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = ts.arguments(warmup=10)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model = ts.Vgg8Exits(a.width) if a.model == "vgg8" else ts.ResNet18Exits(a.width)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(a.batch, 1, 32, 32)
-    y = torch.randint(0, 10, (a.batch,))
+    model, opt, x, y = ts.setup(a)
     phases = defaultdict(float)
 
     def step(timed):

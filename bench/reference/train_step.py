@@ -130,15 +130,20 @@ def nf_loss(out, outs, labels, alpha=0.1):
     return F.cross_entropy(nf / (len(outs) + 1), labels)
 
 
-def main():
+def arguments(warmup):
+    """The step's command line (this script's and `train_profile.py`'s)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["vgg8", "resnet18"], default="vgg8")
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=warmup)
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+    return ap
+
+
+def setup(a):
+    """The seeded model in training mode, its Adam, and one batch `(x, y)`."""
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = Vgg8Exits(a.width) if a.model == "vgg8" else ResNet18Exits(a.width)
@@ -146,6 +151,12 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(a.batch, 1, 32, 32)
     y = torch.randint(0, 10, (a.batch,))
+    return model, opt, x, y
+
+
+def main():
+    a = arguments(warmup=2).parse_args()
+    model, opt, x, y = setup(a)
     times = []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()

@@ -181,6 +181,14 @@ pub fn engine(root: &Path) -> Result<()> {
     )
 }
 
+/// The training steps of [`train`] and [`layers`]: model, width, and the criterion id of the
+/// `train_step` bench.
+const STEP_RUNS: [(&str, &str, &str); 3] = [
+    ("vgg8", "0.25", "vgg8_w0.25_b128_nft"),
+    ("vgg8", "1.0", "vgg8_w1_b128_nft"),
+    ("resnet18", "0.25", "resnet18_w0.25_b128_nft"),
+];
+
 /// `cargo xtask bench train`: nvcim's training step against PyTorch's, same model, loss and
 /// noise injection, batch 128: VGG-8 at the demo width and at width 1.0, ResNet-18 at width 0.25,
 /// in one run.
@@ -191,11 +199,7 @@ pub fn train(root: &Path) -> Result<()> {
     let dir = t.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rows = Vec::new();
-    for (model, width, id) in [
-        ("vgg8", "0.25", "vgg8_w0.25_b128_nft"),
-        ("vgg8", "1.0", "vgg8_w1_b128_nft"),
-        ("resnet18", "0.25", "resnet18_w0.25_b128_nft"),
-    ] {
+    for (model, width, id) in STEP_RUNS {
         // One process per width, so that each width's peak resident set is its own.
         let rss_file = t
             .join("bench")
@@ -273,7 +277,7 @@ pub fn layers(root: &Path) -> Result<()> {
             fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
         }
     }
-    for (model, width) in LAYER_RUNS {
+    for (model, width, _) in STEP_RUNS {
         crate::step(
             Command::new(&cargo)
                 .args(bench_args("train_step", &[]))
@@ -312,9 +316,6 @@ pub fn layers(root: &Path) -> Result<()> {
         ),
     )
 }
-
-/// The models and widths of [`layers`].
-const LAYER_RUNS: [(&str, &str); 3] = [("vgg8", "0.25"), ("vgg8", "1.0"), ("resnet18", "0.25")];
 
 /// [`layers`]' markdown tables and JSON rows from both sides' JSON lines (`model`, `width`,
 /// `op`, `shape`, `calls`, `ms`): per model and width, the phases, then one row per layer shape
