@@ -780,6 +780,8 @@ fn direct(
     let max_tap = s.taps.iter().max().copied().unwrap_or(0);
     // Every `tap_x = t % kw < MAX_KW`, which `tile_direct`'s mask lookups rely on.
     assert!(kw <= MAX_KW);
+    // `kk % taps % kw = kk % 3` when `kw = 3`: the taps come in rows of three.
+    let rows3 = kw == 3;
     let per_image = ih * iw;
     let total = nb * per_image;
     let vectors = total / LANES;
@@ -813,7 +815,7 @@ fn direct(
         for b in 0..channels.div_ceil(MR) {
             let wb = &w[b * k * MR..(b + 1) * k * MR];
             tile_direct(
-                isa, wb, &s.padded, &s.taps, &s.tap_x, max_tap, bases, &m, nr, &mut acc,
+                isa, wb, &s.padded, &s.taps, &s.tap_x, rows3, max_tap, bases, &m, nr, &mut acc,
             );
             for (r, a) in acc.iter().enumerate().take(MR.min(channels - b * MR)) {
                 let o = b * MR + r;
