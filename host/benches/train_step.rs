@@ -17,7 +17,7 @@ use std::time::Instant;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
-use nvcim::model::noise::TrainingNoise;
+use nvcim::model::noise::{DrawAhead, TrainingNoise};
 use nvcim::model::{Arch, ModelSpec, TrainModel};
 use nvcim::training::{Method, method, step_forward};
 use nvcim_shared::variation::VariationConfig;
@@ -57,7 +57,10 @@ fn bench(c: &mut Criterion) {
         let labels: Vec<i64> = (0..128).map(|i| i % 10).collect();
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [128]), &ad);
         let name = format!("{arch:?}").to_lowercase();
+        // As inside a training epoch: each step's noise is drawn while the step before runs.
+        let ahead = DrawAhead::scope();
         let mut step = |phases: &mut [f64; 3]| {
+            ahead.begin_step(true);
             let t0 = Instant::now();
             let (out, fb) = step_forward(&model, Method::Nft, &noise, x.clone()).expect("forward");
             let loss = method::loss(Method::Nft, out, &fb, y.clone(), 0.1, None);

@@ -13,9 +13,15 @@
 //! The numbers differ from `shared`'s PRNG streams (training does not need to replay them);
 //! evaluation uses `shared` number for number.
 
+use std::cell::RefCell;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Shape, Tensor};
 use nvcim_shared::variation::VariationConfig;
+
+use crate::kernels::backend::on_flex;
 
 /// Samples weight perturbations on the device of the weights.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,7 +83,7 @@ impl TrainingNoise {
             }
         };
         if !self.cfg.faults().any() {
-            let z = Tensor::<D>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let z = draw::<D>(shape, Distribution::Normal(0.0, 1.0), &device);
             let std = self.cfg.weight_std(out_band) as f32;
             return match per_weight(&|q| self.cfg.weight_std(q)) {
                 Some(stds) => z * stds * scale,
@@ -99,13 +105,13 @@ impl TrainingNoise {
             let unit = (1u32 << (j * n)) as f32;
             let shifted = magnitude.clone().div_scalar(unit).floor();
             let g = shifted.clone() - shifted.div_scalar(levels).floor().mul_scalar(levels);
-            let z = Tensor::<D>::random(shape.clone(), Distribution::Normal(0.0, 1.0), &device);
+            let z = draw::<D>(shape.clone(), Distribution::Normal(0.0, 1.0), &device);
             let programmed = match &device_sd {
                 Some(sd) => z * sd.clone(),
                 None => z.mul_scalar(sd0),
             };
             // One uniform per device: u < p_low stuck low, else u < p_low + p_high stuck high.
-            let u = Tensor::<D>::random(shape.clone(), Distribution::Uniform(0.0, 1.0), &device);
+            let u = draw::<D>(shape.clone(), Distribution::Uniform(0.0, 1.0), &device);
             let low = u.clone().lower_elem(p_low);
             let high = u.lower_elem(p_low + p_high);
             let d = programmed
@@ -231,6 +237,165 @@ impl WeightFn for Clip {
 /// (`--clip-weights`). Parameter ids are kept, so the optimizer's state follows them.
 pub fn clip_weights<M: Module>(module: M, k: f32) -> M {
     module.map(&mut WeightMapper::with(Clip(k)))
+}
+
+/// The training noise's random tensors of the next training step, drawn on a helper thread
+/// while this step runs (on Flex, the CPU backend).
+///
+/// Burn's CPU backend draws every value of `Tensor::random` one at a time from one generator
+/// under a lock: about 23 ns a value, 300 ms of VGG-8 w1.0's step, with both rayon workers idle.
+/// Its generator is Burn's, so the draws cannot be split or sped up without changing every
+/// seed's numbers; but they do not depend on the weights, only on their shapes. So the first
+/// step of a scope records the sequence of draws (elements and distribution), and from then on,
+/// as soon as a step has taken its last draw and another step follows, a helper thread draws
+/// the same sequence for the next step from the same generator, in the same order, while this
+/// step's backward pass and update run. The numbers are those of drawing in place: nothing else
+/// draws from the generator inside a scope (training draws only the noise), and the scope ends
+/// with no draw pending (the last step of an epoch says that no step follows).
+///
+/// Outside a scope, and on other backends, [`draw`] is `Tensor::random`.
+pub struct DrawAhead(());
+
+thread_local! {
+    /// [`DrawAhead`]'s state on the thread that runs the training steps: `Some` inside a scope.
+    static AHEAD: RefCell<Option<Ahead>> = const { RefCell::new(None) };
+}
+
+struct Ahead {
+    /// One step's draws in order: elements and distribution.
+    seq: Vec<(usize, Distribution)>,
+    /// Whether `seq` holds a whole step (the first step has ended).
+    known: bool,
+    /// Draws this step has taken.
+    pos: usize,
+    /// Whether another step follows this one (draw its noise ahead).
+    more: bool,
+    /// The device the noise is drawn on (Flex's).
+    device: Option<Device>,
+    /// This step's draws, taken ahead by `helper`.
+    ready: Option<mpsc::Receiver<Tensor<1>>>,
+    helper: Option<JoinHandle<()>>,
+}
+
+impl DrawAhead {
+    /// Starts a scope on this thread: until it is dropped, the noise this thread draws is drawn
+    /// one step ahead.
+    ///
+    /// # Panics
+    /// When this thread has a scope open already.
+    pub fn scope() -> Self {
+        AHEAD.with_borrow_mut(|g| {
+            assert!(g.is_none(), "one DrawAhead scope at a time");
+            *g = Some(Ahead {
+                seq: Vec::new(),
+                known: false,
+                pos: 0,
+                more: false,
+                device: None,
+                ready: None,
+                helper: None,
+            });
+        });
+        DrawAhead(())
+    }
+
+    /// Marks the start of a training step: `more` says whether another step follows it in this
+    /// scope with the same draws (the same model, method and noise).
+    pub fn begin_step(&self, more: bool) {
+        AHEAD.with_borrow_mut(|g| {
+            let a = g.as_mut().expect("inside the scope");
+            if a.pos > 0 && !a.known {
+                a.known = true;
+            }
+            assert!(
+                !a.known || a.pos == a.seq.len(),
+                "a training step took {} of its {} noise draws",
+                a.pos,
+                a.seq.len()
+            );
+            a.pos = 0;
+            a.more = more;
+            // The first step's draws are recorded, not known, until the second step begins.
+            if a.known && a.ready.is_none() {
+                a.launch();
+            }
+        });
+    }
+}
+
+impl Drop for DrawAhead {
+    fn drop(&mut self) {
+        // `try_with`: nothing to end when the thread's storage is gone already.
+        let a = AHEAD.try_with(|g| g.borrow_mut().take()).ok().flatten();
+        if let Some(mut a) = a {
+            // Whatever was drawn ahead is dropped; the helper ends before the generator is used
+            // again.
+            a.ready = None;
+            if let Some(h) = a.helper.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Ahead {
+    /// Starts drawing `seq` on a helper thread.
+    fn launch(&mut self) {
+        let Some(device) = self.device.clone() else {
+            return;
+        };
+        if let Some(h) = self.helper.take() {
+            let _ = h.join();
+        }
+        let (tx, rx) = mpsc::channel();
+        let seq = self.seq.clone();
+        self.helper = Some(std::thread::spawn(move || {
+            for (n, dist) in seq {
+                if tx.send(Tensor::<1>::random([n], dist, &device)).is_err() {
+                    break;
+                }
+            }
+        }));
+        self.ready = Some(rx);
+    }
+}
+
+/// `Tensor::random(shape, dist, device)`, taken from [`DrawAhead`]'s draws inside a scope.
+/// `Tensor::random` fills a tensor in row-major order whatever its shape, so the same number
+/// of elements drawn as one row are the same values.
+fn draw<const D: usize>(shape: Shape, dist: Distribution, device: &Device) -> Tensor<D> {
+    let n = shape.num_elements();
+    let taken = AHEAD.with_borrow_mut(|g| {
+        let a = g.as_mut().filter(|_| on_flex(device))?;
+        if !a.known {
+            a.seq.push((n, dist));
+            a.pos += 1;
+            a.device.get_or_insert_with(|| device.clone());
+            return Some(Tensor::<1>::random([n], dist, device));
+        }
+        assert!(
+            a.seq.get(a.pos) == Some(&(n, dist)),
+            "noise draw {} of a training step is not the one the step before took there",
+            a.pos
+        );
+        let t = a
+            .ready
+            .as_ref()
+            .and_then(|rx| rx.recv().ok())
+            .expect("the noise helper thread draws every value of the step");
+        a.pos += 1;
+        if a.pos == a.seq.len() {
+            a.ready = None;
+            if a.more {
+                a.launch();
+            }
+        }
+        Some(t)
+    });
+    match taken {
+        Some(t) => t.reshape(shape),
+        None => Tensor::<D>::random(shape, dist, device),
+    }
 }
 
 #[cfg(test)]

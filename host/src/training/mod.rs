@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Dataset, DatasetKind, tags};
 use crate::kernels::backend;
-use crate::model::noise::{NoiseMapper, TrainingNoise};
+use crate::model::noise::{DrawAhead, NoiseMapper, TrainingNoise};
 use crate::model::{Backbone, Init, ModelSpec, TrainModel, correct, load_backbone};
 pub use method::{BnStats, Method, Select};
 pub use recipe::Recipe;
@@ -765,9 +765,13 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         };
         let bar = progress(n_batches, epoch + 1, cfg.epochs, opts.quiet);
         let (mut loss_sum, mut right, mut seen) = (0f64, 0usize, 0usize);
+        // The noise of each step but the first is drawn while the step before runs; the scope
+        // ends with the epoch, before validation draws.
+        let ahead = DrawAhead::scope();
         for (step, chunk) in perm.chunks(cfg.batch_size).enumerate() {
             let batch = data::make_batch(train, chunk, aug.as_mut());
             let (x, y) = data::tensor::to_tensors(&batch, &ad);
+            ahead.begin_step(step + 1 < n_batches);
             let (next, value, out) = train_step(model, &mut optim, cfg, &noise, x, y, lr_at(step))?;
             model = next;
             if !value.is_finite() {
@@ -792,6 +796,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             bar.inc(1);
             crate::fsx::crash_point("train-step");
         }
+        drop(ahead);
         bar.finish_and_clear();
         model.backbone.sync_running_stats();
         let train_secs = t0.elapsed().as_secs_f64();
@@ -1242,6 +1247,66 @@ mod bn_stats_tests {
                     "the noisy pass's statistics differ from the clean pass's"
                 );
             }
+        }
+    }
+
+    /// Steps inside a [`DrawAhead`] scope (the noise of each step drawn on a helper thread while
+    /// the step before runs) give the bits of steps drawing in place, with and without stuck-at
+    /// faults (normal and uniform draws), and the generator ends where it would have.
+    #[test]
+    fn drawing_the_noise_ahead_gives_the_same_steps() {
+        use nvcim_shared::variation::{Faults, Profile, SigmaUnit};
+        let _rng = crate::burn_rng_guard();
+        let ad = Device::flex().autodiff();
+        let faults = VariationConfig::new(
+            nvcim_shared::quant::QuantConfig::DEFAULT,
+            0.3,
+            SigmaUnit::Range,
+            Profile::Uniform,
+            Faults::new(0.05, 0.02).unwrap(),
+        )
+        .unwrap();
+        for (method, variation) in [
+            (Method::Nft, VariationConfig::paper(0.4).unwrap()),
+            (Method::Noise, faults),
+        ] {
+            let mut cfg = config(method, BnStats::Noisy);
+            cfg.variation = variation;
+            let run = |ahead: bool| {
+                ad.seed(4);
+                let x = Tensor::<4>::random([4, 1, 16, 16], Distribution::Normal(0.0, 1.0), &ad);
+                let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 3, 5, 7], [4]), &ad);
+                let mut model = TrainModel {
+                    backbone: cfg.model.init_backbone(&ad),
+                    exits: cfg.model.init_exits(&ad),
+                };
+                let mut optim = AdamConfig::new().with_epsilon(ADAM_EPSILON).init();
+                let noise = TrainingNoise::new(cfg.variation);
+                let scope = ahead.then(DrawAhead::scope);
+                let steps = 4;
+                for step in 0..steps {
+                    if let Some(s) = &scope {
+                        s.begin_step(step + 1 < steps);
+                    }
+                    (model, _, _) =
+                        train_step(model, &mut optim, &cfg, &noise, x.clone(), y.clone(), 1e-2)
+                            .unwrap();
+                }
+                drop(scope);
+                let next = Tensor::<1>::random([8], Distribution::Default, &ad);
+                let bits = |v: Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+                    v.into_iter()
+                        .map(|l| l.iter().map(|x| x.to_bits()).collect())
+                        .collect()
+                };
+                (
+                    bits(model.backbone.weights()),
+                    next.into_data().try_to_vec::<f32>().unwrap(),
+                )
+            };
+            let (plain, ahead) = (run(false), run(true));
+            assert!(plain.0 == ahead.0, "{method:?}: the weights differ");
+            assert_eq!(plain.1, ahead.1, "{method:?}: the generator ends elsewhere");
         }
     }
 }
