@@ -401,6 +401,16 @@ per_isa! {
                             continue;
                         }
                         let src = &plane[iy * w..(iy + 1) * w];
+                        // `V::N == 16`: this body is the AVX-512 one.
+                        #[cfg(target_arch = "x86_64")]
+                        if V::N == 16 && w % 2 == 0 && w <= 32 {
+                            let at = [row(0), row(1), row(2), row(3)];
+                            // SAFETY: AVX-512 F (this body's features); `src` is `w <= 32`
+                            // values and each `at[q] + tw <= planes.len()` (`row(3) + tw <= 8
+                            // span`), `tw = w / 2`.
+                            unsafe { spread_row_avx512(src, planes, at) };
+                            continue;
+                        }
                         // Padded column 2 tx + q is image column 2 tx + q - 1: image columns
                         // 2k and 2k + 1 go to tx = k of planes 1 and 2, tx = k + 1 of plane 0 and
                         // tx = k - 1 of plane 3; the padding columns and past the image are zero.
@@ -447,6 +457,67 @@ per_isa! {
                     t += 1;
                 }
             }
+        }
+    }
+}
+
+/// One image row of [`input_transform`]'s spread, `w = src.len()` even and at most 32, `tw = w /
+/// 2`: `planes[at[q] + tx]` = padded column `2 tx + q` (image column `2 tx + q - 1`, zero outside
+/// the row), as the scalar loop writes them: the row in two (masked) loads, each plane's `tw`
+/// values picked from them by one two-register permute, zeroed lanes by its mask, one masked
+/// store.
+///
+/// # Safety
+/// AVX-512 F; `src.len()` even and at most 32; `at[q] + src.len() / 2 <= planes.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn spread_row_avx512(src: &[f32], planes: &mut [f32], at: [usize; 4]) {
+    use std::arch::x86_64::{
+        _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+        _mm512_maskz_permutex2var_ps,
+    };
+    /// Per plane `q`, lane `tx` takes row value `2 tx + q - 1` (lane 0 of plane 0 and the last
+    /// lane of plane 3 are masked to zero: the padding columns).
+    const IDX: [[i32; 16]; 4] = {
+        let mut t = [[0i32; 16]; 4];
+        let mut q = 0;
+        while q < 4 {
+            let mut tx = 0;
+            while tx < 16 {
+                let v = 2 * tx as i32 + q as i32 - 1;
+                t[q][tx] = if v < 0 {
+                    0
+                } else if v > 31 {
+                    31
+                } else {
+                    v
+                };
+                tx += 1;
+            }
+            q += 1;
+        }
+        t
+    };
+    let w = src.len();
+    let tw = w / 2;
+    let lanes = |n: usize| -> u16 { if n >= 16 { u16::MAX } else { (1u16 << n) - 1 } };
+    // SAFETY: the masked loads read `min(w, 16)` values from 0 and `w - 16` from 16.
+    let (lo, hi) = unsafe {
+        (
+            _mm512_maskz_loadu_ps(lanes(w), src.as_ptr()),
+            _mm512_maskz_loadu_ps(lanes(w.saturating_sub(16)), src.as_ptr().add(16.min(w))),
+        )
+    };
+    let all = lanes(tw);
+    // Plane 0's lane 0 is the left padding, plane 3's lane `tw - 1` the right padding.
+    let keep = [all & !1, all, all, all >> 1];
+    for q in 0..4 {
+        debug_assert!(at[q] + tw <= planes.len());
+        // SAFETY: `IDX[q]` is 16 `i32`s; the store writes `tw` values at `at[q]` (caller).
+        unsafe {
+            let idx = _mm512_loadu_si512(IDX[q].as_ptr().cast());
+            let v = _mm512_maskz_permutex2var_ps(keep[q], lo, idx, hi);
+            _mm512_mask_storeu_ps(planes.as_mut_ptr().add(at[q]), all, v);
         }
     }
 }
@@ -1039,6 +1110,43 @@ mod tests {
 
     /// The three passes give the same bits on one thread as on three (the weight gradient's
     /// sum order does not depend on the thread count).
+    /// The Winograd input transform gives the portable path's bits on every path the CPU has
+    /// (the AVX-512 body spreads rows of up to 32 values with permutes): every width 1 to 40,
+    /// even and odd, and heights 1 to 5, two images, two channels.
+    #[test]
+    fn input_transform_matches_the_portable_bits() {
+        for w in 1..=40usize {
+            for h in 1..=5usize {
+                let g = Geom {
+                    n: 2,
+                    c: 2,
+                    h,
+                    w,
+                    o: 16,
+                    kh: 3,
+                    kw: 3,
+                    stride: 1,
+                    pad: 1,
+                };
+                let x = values(g.n * g.c * h * w, (w * 8 + h) as u64);
+                let tiles = h.div_ceil(2) * w.div_ceil(2);
+                let ld = g.n * tiles + 3;
+                let run = |isa| {
+                    let mut v = vec![f32::NAN; 16 * g.c * ld];
+                    input_transform(isa, &g, &x, g.n, &mut v, ld, &mut Vec::new());
+                    let cols = g.n * tiles;
+                    v.chunks(ld)
+                        .flat_map(|r| r[..cols].iter().map(|x| x.to_bits()))
+                        .collect::<Vec<_>>()
+                };
+                let want = run(Isa::Portable);
+                for isa in Isa::available() {
+                    assert!(run(isa) == want, "{isa:?} {h}x{w}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         for g in [(5, 12, 10), (16, 20, 7)].map(|(c, o, h)| Geom {

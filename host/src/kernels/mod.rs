@@ -58,3 +58,26 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
     v.par_extend(rayon::iter::repeat_n(0f32, len));
     v
 }
+
+#[cfg(test)]
+mod tests {
+    /// `zeros` has the length asked for and every value `+0.0`, across the thread runs' edges,
+    /// also when the allocator hands back memory that held other values.
+    #[test]
+    fn zeros_are_zeros() {
+        for len in [
+            0usize,
+            1,
+            15,
+            (1 << 14) - 1,
+            1 << 14,
+            (1 << 14) + 1,
+            100_003,
+        ] {
+            drop(vec![f32::NAN; len]);
+            let z = super::zeros(len);
+            assert_eq!(z.len(), len);
+            assert!(z.iter().all(|v| v.to_bits() == 0), "len {len}");
+        }
+    }
+}
