@@ -6,29 +6,54 @@
 //! bits do not depend on the thread count); the elementwise passes run over `(image, channel)`
 //! planes in parallel.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::Isa;
 use super::lanes::per_isa;
 
 per_isa! {
-    /// `y = x s + b` (the loop compiled for the CPU's vectors; the same bits).
-    fn scale_shift<V>(y: &mut [f32], x: &[f32], s: f32, b: f32) {
+    /// `y = x s + b` (the loop compiled for the CPU's vectors; the same bits), written into
+    /// uninitialized memory: the output needs no zeroing pass first.
+    fn scale_shift<V>(y: &mut [MaybeUninit<f32>], x: &[f32], s: f32, b: f32) {
         for (d, &v) in y.iter_mut().zip(x) {
-            *d = v * s + b;
+            d.write(v * s + b);
         }
     }
 }
 
 per_isa! {
     /// `dx = k (g - mb - (x - mu) is mg)`, `c = [k, mb, mu, is, mg]` (the loop compiled for the
-    /// CPU's vectors; the same bits).
-    fn input_grad<V>(dx: &mut [f32], x: &[f32], g: &[f32], c: [f32; 5]) {
+    /// CPU's vectors; the same bits), written into uninitialized memory.
+    fn input_grad<V>(dx: &mut [MaybeUninit<f32>], x: &[f32], g: &[f32], c: [f32; 5]) {
         let [k, mb, mu, is, mg] = c;
         for ((d, &v), &g) in dx.iter_mut().zip(x).zip(g) {
-            *d = k * (g - mb - (v - mu) * is * mg);
+            d.write(k * (g - mb - (v - mu) * is * mg));
         }
     }
+}
+
+/// A vector of `len` values, each written by `fill` over `plane`-long pieces in parallel (piece
+/// `q` is plane `q` of the `[n][c]` planes): `fill` must write every value of its piece.
+fn planes_out(
+    len: usize,
+    plane: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if plane > 0 {
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(q, p)| fill(q, p));
+    }
+    // SAFETY: `len` is a multiple of `plane` (every caller's `n c plane`), so the pieces cover
+    // the first `len` values, and `fill` wrote every value of each piece (`scale_shift` and
+    // `input_grad` write one value per value of `x`, whose pieces are as long). With `plane ==
+    // 0`, `len == 0`.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// `f64` lanes of a plane's partial sums: value `j` of a plane goes to lane `j % L`, the lanes are
@@ -141,20 +166,14 @@ pub fn forward(
     let (mean, var) = stats(x, n, c, plane);
     let inv = inv_std(&var, epsilon);
     let isa = Isa::detect();
-    let mut y = super::zeros(x.len());
-    if plane > 0 {
-        y.par_chunks_mut(plane)
-            .zip(x.par_chunks(plane))
-            .enumerate()
-            .for_each(|(q, (yp, xp))| {
-                let ch = q % c;
-                let (s, b) = (
-                    inv[ch] * gamma[ch],
-                    beta[ch] - mean[ch] * inv[ch] * gamma[ch],
-                );
-                scale_shift(isa, yp, xp, s, b);
-            });
-    }
+    let y = planes_out(x.len(), plane, |q, yp| {
+        let ch = q % c;
+        let (s, b) = (
+            inv[ch] * gamma[ch],
+            beta[ch] - mean[ch] * inv[ch] * gamma[ch],
+        );
+        scale_shift(isa, yp, &x[q * plane..(q + 1) * plane], s, b);
+    });
     (y, mean, var)
 }
 
@@ -188,18 +207,13 @@ pub fn backward(
     let m = (n * plane).max(1) as f32;
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-    let mut dx = super::zeros(x.len());
-    if plane > 0 {
-        dx.par_chunks_mut(plane)
-            .zip(x.par_chunks(plane).zip(dy.par_chunks(plane)))
-            .enumerate()
-            .for_each(|(q, (dp, (xp, gp)))| {
-                let ch = q % c;
-                let (mu, is, k) = (mean[ch], inv[ch], gamma[ch] * inv[ch]);
-                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
-                input_grad(isa, dp, xp, gp, [k, mb, mu, is, mg]);
-            });
-    }
+    let dx = planes_out(x.len(), plane, |q, dp| {
+        let ch = q % c;
+        let (mu, is, k) = (mean[ch], inv[ch], gamma[ch] * inv[ch]);
+        let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+        let at = q * plane..(q + 1) * plane;
+        input_grad(isa, dp, &x[at.clone()], &dy[at], [k, mb, mu, is, mg]);
+    });
     (dx, dgamma, dbeta)
 }
 
