@@ -328,6 +328,11 @@ mod tests {
                     assert_eq!(got_mu as f32, mu as f32, "mean, {what}");
                     assert_eq!(got_var as f32, var as f32, "var, {what}");
                     assert_eq!(got_sd as f32, sd as f32, "dbeta, {what}");
+                    // `sum dy` in the one pass: the bits of `plane_sum` over each plane.
+                    let lanes: f64 = (0..n)
+                        .map(|i| plane_sum(&dy[(i * c + ch) * plane..][..plane], f64::from))
+                        .sum();
+                    assert_eq!(got_sd.to_bits(), lanes.to_bits(), "sum dy, {what}");
                     assert_eq!(got_sdx as f32, sdx as f32, "dgamma, {what}");
                     assert!((got_mu - mu).abs() <= 1e-14 * mu.abs().max(1.0), "{what}");
                 }
