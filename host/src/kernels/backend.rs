@@ -176,12 +176,16 @@ impl NvKernels for Flex {
         };
         let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
         let (oh, ow) = g.out().expect("checked by geom");
-        let mut y = super::zeros(g.n * g.o * oh * ow);
-        profile::time(
-            "conv forward",
-            || conv_key(&g),
-            || conv::forward(Isa::detect(), &g, x.storage(), weight.storage(), &mut y),
-        );
+        // SAFETY: `forward_uninit` writes every value of `y`.
+        let y = unsafe {
+            super::written(g.n * g.o * oh * ow, |y| {
+                profile::time(
+                    "conv forward",
+                    || conv_key(&g),
+                    || conv::forward_uninit(Isa::detect(), &g, x.storage(), weight.storage(), y),
+                )
+            })
+        };
         flex_out(y, [g.n, g.o, oh, ow])
     }
 
@@ -198,12 +202,24 @@ impl NvKernels for Flex {
             return Self::conv2d_x_backward(x, weight, output_grad, options(stride, padding));
         };
         let (weight, dy) = (weight.to_contiguous(), output_grad.to_contiguous());
-        let mut dx = super::zeros(g.n * g.c * g.h * g.w);
-        profile::time(
-            "conv input grad",
-            || conv_key(&g),
-            || conv::backward_input(Isa::detect(), &g, weight.storage(), dy.storage(), &mut dx),
-        );
+        // SAFETY: `backward_input_uninit` writes every value of `dx`.
+        let dx = unsafe {
+            super::written(g.n * g.c * g.h * g.w, |dx| {
+                profile::time(
+                    "conv input grad",
+                    || conv_key(&g),
+                    || {
+                        conv::backward_input_uninit(
+                            Isa::detect(),
+                            &g,
+                            weight.storage(),
+                            dy.storage(),
+                            dx,
+                        )
+                    },
+                )
+            })
+        };
         flex_out(dx, [g.n, g.c, g.h, g.w])
     }
 

@@ -35,8 +35,12 @@ per_isa! {
 }
 
 /// A vector of `len` values, each written by `fill` over `plane`-long pieces in parallel (piece
-/// `q` is plane `q` of the `[n][c]` planes): `fill` must write every value of its piece.
-fn planes_out(
+/// `q` is plane `q` of the `[n][c]` planes).
+///
+/// # Safety
+/// `len` is a multiple of `plane` (zero when `plane` is), and `fill` writes every value of each
+/// piece it gets.
+unsafe fn planes_out(
     len: usize,
     plane: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
@@ -48,10 +52,8 @@ fn planes_out(
             .enumerate()
             .for_each(|(q, p)| fill(q, p));
     }
-    // SAFETY: `len` is a multiple of `plane` (every caller's `n c plane`), so the pieces cover
-    // the first `len` values, and `fill` wrote every value of each piece (`scale_shift` and
-    // `input_grad` write one value per value of `x`, whose pieces are as long). With `plane ==
-    // 0`, `len == 0`.
+    // SAFETY: the pieces cover the first `len` values, and `fill` wrote every value of each
+    // (the caller's promises).
     unsafe { out.set_len(len) };
     out
 }
@@ -166,14 +168,18 @@ pub fn forward(
     let (mean, var) = stats(x, n, c, plane);
     let inv = inv_std(&var, epsilon);
     let isa = Isa::detect();
-    let y = planes_out(x.len(), plane, |q, yp| {
-        let ch = q % c;
-        let (s, b) = (
-            inv[ch] * gamma[ch],
-            beta[ch] - mean[ch] * inv[ch] * gamma[ch],
-        );
-        scale_shift(isa, yp, &x[q * plane..(q + 1) * plane], s, b);
-    });
+    // SAFETY: `x.len() = n c plane` (checked by `stats`), and `scale_shift` writes one value
+    // per value of its `plane`-long piece of `x`.
+    let y = unsafe {
+        planes_out(x.len(), plane, |q, yp| {
+            let ch = q % c;
+            let (s, b) = (
+                inv[ch] * gamma[ch],
+                beta[ch] - mean[ch] * inv[ch] * gamma[ch],
+            );
+            scale_shift(isa, yp, &x[q * plane..(q + 1) * plane], s, b);
+        })
+    };
     (y, mean, var)
 }
 
@@ -207,13 +213,17 @@ pub fn backward(
     let m = (n * plane).max(1) as f32;
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-    let dx = planes_out(x.len(), plane, |q, dp| {
-        let ch = q % c;
-        let (mu, is, k) = (mean[ch], inv[ch], gamma[ch] * inv[ch]);
-        let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
-        let at = q * plane..(q + 1) * plane;
-        input_grad(isa, dp, &x[at.clone()], &dy[at], [k, mb, mu, is, mg]);
-    });
+    // SAFETY: `x.len() = n c plane` (asserted above), and `input_grad` writes one value per
+    // value of its `plane`-long pieces of `x` and `dy`.
+    let dx = unsafe {
+        planes_out(x.len(), plane, |q, dp| {
+            let ch = q % c;
+            let (mu, is, k) = (mean[ch], inv[ch], gamma[ch] * inv[ch]);
+            let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+            let at = q * plane..(q + 1) * plane;
+            input_grad(isa, dp, &x[at.clone()], &dy[at], [k, mb, mu, is, mg]);
+        })
+    };
     (dx, dgamma, dbeta)
 }
 

@@ -25,6 +25,7 @@
 //! row buffers.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
@@ -149,9 +150,13 @@ fn group(plane: usize, images: usize, min_cols: usize) -> usize {
 /// `in_per` values per image) and, in each thread with its scratch, calls `f(s, out, inp, gn)`
 /// on consecutive groups of `gn` images: as many as make products of at least `min_cols`
 /// columns, `cols_per_image` per image.
+///
+/// `out` may be uninitialized: each group's part is zeroed just before `f` gets it, while it
+/// is about to be written and so in cache (zeroing the whole output first was a separate pass
+/// over memory). `out` is then initialized when this returns, if `out.len()` is `n * out_per`.
 fn by_image_groups(
     n: usize,
-    (out, out_per): (&mut [f32], usize),
+    (out, out_per): (&mut [MaybeUninit<f32>], usize),
     (inp, in_per): (&[f32], usize),
     (cols_per_image, min_cols): (usize, usize),
     f: impl Fn(&mut Scratch, &mut [f32], &[f32], usize) + Sync,
@@ -166,12 +171,30 @@ fn by_image_groups(
                 let mut i0 = 0;
                 while i0 < images {
                     let gn = gi.min(images - i0);
-                    let og = &mut oc[i0 * out_per..(i0 + gn) * out_per];
+                    let og = zeroed(&mut oc[i0 * out_per..(i0 + gn) * out_per]);
                     f(s, og, &ic[i0 * in_per..(i0 + gn) * in_per], gn);
                     i0 += gn;
                 }
             })
         });
+}
+
+/// `s` with every value `+0.0`, as initialized values.
+fn zeroed(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: `s` is `s.len()` writable values, and all-zero bytes are `0.0f32`; after that
+    // every value is initialized, and `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe {
+        std::ptr::write_bytes(s.as_mut_ptr(), 0, s.len());
+        &mut *(std::ptr::from_mut(s) as *mut [f32])
+    }
+}
+
+/// `s` as possibly uninitialized values, to write through ([`forward`] and [`backward_input`]
+/// take initialized outputs; the training backend hands them fresh memory).
+fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and the callees write only initialized
+    // values through it.
+    unsafe { &mut *(std::ptr::from_mut(s) as *mut [MaybeUninit<f32>]) }
 }
 
 /// The im2col matrix of `gn` images (`x`: `gn` images of `c x h x w`): row `(ci, ky, kx)`,
@@ -625,7 +648,7 @@ fn output_tiles<V: Lanes>(m: &[&[f32]; 16], out: &mut [&mut [f32]; 4], t: usize)
 }
 
 /// [`forward`] as Winograd F(2x2, 3x3) ([`winograd`] holds for `g`).
-fn forward_winograd(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
+fn forward_winograd(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {
     let (c, o, plane_in) = (g.c, g.o, g.h * g.w);
     let tiles = g.h.div_ceil(2) * g.w.div_ceil(2);
     // The kernels' transforms, `[o][c][16]`, then packed per `xi`: both in parallel (they were
@@ -674,6 +697,11 @@ fn forward_winograd(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
 
 /// `y = conv(x, w)`: `x` `[n][c][h][w]`, `w` `[o][c][kh][kw]`, `y` `[n][o][oh][ow]`.
 pub fn forward(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
+    forward_uninit(isa, g, x, w, as_uninit(y));
+}
+
+/// [`forward`] into uninitialized memory: every value of `y` is written (so initialized).
+pub fn forward_uninit(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {
     let (oh, ow) = check(g, x.len(), w.len(), y.len());
     let (k, p, o) = (g.fan_in(), oh * ow, g.o);
     if y.is_empty() {
@@ -712,13 +740,25 @@ pub fn forward(isa: Isa, g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) {
 /// The input gradient: `dx = conv(x, w)`'s gradient with respect to `x` for the output
 /// gradient `dy` (`dx` is overwritten).
 pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+    backward_input_uninit(isa, g, w, dy, as_uninit(dx));
+}
+
+/// [`backward_input`] into uninitialized memory: every value of `dx` is written (so
+/// initialized).
+pub fn backward_input_uninit(
+    isa: Isa,
+    g: &Geom,
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+) {
     let (oh, ow) = check(g, dx.len(), w.len(), dy.len());
     let (k, p, o) = (g.fan_in(), oh * ow, g.o);
     if dx.is_empty() {
         return;
     }
     if dy.is_empty() {
-        dx.fill(0.0);
+        zeroed(dx);
         return;
     }
     if winograd(g) {
@@ -756,7 +796,7 @@ pub fn backward_input(isa: Isa, g: &Geom, w: &[f32], dy: &[f32], dx: &mut [f32])
             gather_rows(dyg, o, p, gn, b, ld);
             let col = s.col.take(k * cols);
             gemm::gemm_nn(isa, &a, k, o, b, ld, cols, col, cols, false);
-            dxg.fill(0.0);
+            // `dxg` arrives zeroed (`by_image_groups`): col2im adds onto it.
             col2im(g, col, cols, gn, dxg);
         },
     );

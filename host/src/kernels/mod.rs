@@ -59,6 +59,21 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
     v
 }
 
+/// `len` values written by `fill` (a kernel's `_uninit` entry point): no zeroing pass before.
+///
+/// # Safety
+/// `fill` must write every value of the slice it gets.
+pub(crate) unsafe fn written(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` initialized the first `len` values (the caller's promise).
+    unsafe { v.set_len(len) };
+    v
+}
+
 #[cfg(test)]
 mod tests {
     /// `zeros` has the length asked for and every value `+0.0`, across the thread runs' edges,
