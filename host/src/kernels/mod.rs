@@ -76,8 +76,8 @@ pub(crate) unsafe fn written(
 
 #[cfg(test)]
 mod tests {
-    /// `zeros` has the length asked for and every value `+0.0`, across the thread runs' edges,
-    /// also when the allocator hands back memory that held other values.
+    /// `zeros` has the length asked for and every value `+0.0`, also when the allocator hands
+    /// back memory that held other values (the kernels that add into their output rely on it).
     #[test]
     fn zeros_are_zeros() {
         for len in [

@@ -253,7 +253,7 @@ pub fn clip_weights<M: Module>(module: M, k: f32) -> M {
 /// draws from the generator inside a scope (training draws only the noise), and the scope ends
 /// with no draw pending (the last step of an epoch says that no step follows).
 ///
-/// Outside a scope, and on other backends, [`draw`] is `Tensor::random`.
+/// Outside a scope, and on other backends, the noise is drawn by `Tensor::random` in place.
 pub struct DrawAhead(());
 
 thread_local! {
