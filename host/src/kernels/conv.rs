@@ -1148,8 +1148,6 @@ mod tests {
         }
     }
 
-    /// The three passes give the same bits on one thread as on three (the weight gradient's
-    /// sum order does not depend on the thread count).
     /// The Winograd input transform gives the portable path's bits on every path the CPU has
     /// (the AVX-512 body spreads rows of up to 32 values with permutes): every width 1 to 40,
     /// even and odd, and heights 1 to 5, two images, two channels.
@@ -1187,6 +1185,8 @@ mod tests {
         }
     }
 
+    /// The three passes give the same bits on one thread as on three (the weight gradient's
+    /// sum order does not depend on the thread count).
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         for g in [(5, 12, 10), (16, 20, 7)].map(|(c, o, h)| Geom {
