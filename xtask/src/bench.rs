@@ -189,6 +189,17 @@ const STEP_RUNS: [(&str, &str, &str); 3] = [
     ("resnet18", "0.25", "resnet18_w0.25_b128_nft"),
 ];
 
+/// `cargo bench ... --bench train_step` for one model and width ([`STEP_RUNS`]), the command
+/// [`train`] and [`layers`] add their output variable to.
+fn train_step_bench(model: &str, width: &str) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(bench_args("train_step", &[]))
+        .env("NVCIM_BENCH_WIDTHS", width)
+        .env("NVCIM_BENCH_ARCH", model);
+    cmd
+}
+
 /// Alternating rounds of nvcim and PyTorch in `cargo xtask bench train`, as in [`eval`]: this
 /// VM's speed drifts by +-15% (nvcim's own step by up to 30%) from minute to minute, so each
 /// side's best round is compared, and every round's own ratio is recorded too.
@@ -212,13 +223,8 @@ pub fn train(root: &Path) -> Result<()> {
             let rss_file = t
                 .join("bench")
                 .join(format!("train_step_{model}_w{width}_rss_mb.txt"));
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             crate::step(
-                Command::new(cargo)
-                    .args(bench_args("train_step", &[]))
-                    .env("NVCIM_BENCH_WIDTHS", width)
-                    .env("NVCIM_BENCH_ARCH", model)
-                    .env("NVCIM_BENCH_RSS_FILE", &rss_file),
+                train_step_bench(model, width).env("NVCIM_BENCH_RSS_FILE", &rss_file),
                 &format!("cargo bench train_step ({model}, width {width})"),
             )?;
             let ours_rss: f64 = fs::read_to_string(&rss_file)
@@ -304,7 +310,6 @@ pub fn layers(root: &Path) -> Result<()> {
     let t = target_dir(root);
     let dir = t.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let (ours, theirs) = (
         dir.join("layers_nvcim.jsonl"),
         dir.join("layers_pytorch.jsonl"),
@@ -316,11 +321,7 @@ pub fn layers(root: &Path) -> Result<()> {
     }
     for (model, width, _) in STEP_RUNS {
         crate::step(
-            Command::new(&cargo)
-                .args(bench_args("train_step", &[]))
-                .env("NVCIM_BENCH_WIDTHS", width)
-                .env("NVCIM_BENCH_ARCH", model)
-                .env("NVCIM_BENCH_PROFILE", &ours),
+            train_step_bench(model, width).env("NVCIM_BENCH_PROFILE", &ours),
             &format!("nvcim's training step by layer ({model}, width {width})"),
         )?;
         let mut cmd = Command::new(&python);

@@ -45,17 +45,17 @@ unsafe fn planes_out(
     plane: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    if plane > 0 {
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(q, p)| fill(q, p));
+    // SAFETY: the `plane`-long pieces cover the `len` values, and `fill` writes every value of
+    // each (the caller's promises).
+    unsafe {
+        super::written(len, |out| {
+            if plane > 0 {
+                out.par_chunks_mut(plane)
+                    .enumerate()
+                    .for_each(|(q, p)| fill(q, p));
+            }
+        })
     }
-    // SAFETY: the pieces cover the first `len` values, and `fill` wrote every value of each
-    // (the caller's promises).
-    unsafe { out.set_len(len) };
-    out
 }
 
 /// `f64` lanes of a plane's partial sums: value `j` of a plane goes to lane `j % L`, the lanes are
