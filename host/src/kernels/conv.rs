@@ -18,7 +18,10 @@
 //! gradient alike (`winograd`): each 4x4 input tile transformed (`B^T d B`), 16 products of the
 //! transformed kernels (`G k G^T`, `o x c`) by the transformed tiles on the same micro-kernel,
 //! each 2x2 output tile transformed back (`A^T m A`): 2.25x fewer multiplies, results within
-//! `f32` rounding of the direct sum (the transforms' coefficients are 0, +-1 and +-1/2).
+//! `f32` rounding of the direct sum (the transforms' coefficients are 0, +-1 and +-1/2). With at
+//! least 32 input channels and 16 tiles per image its weight gradient does too
+//! (`backward_weight_winograd`, the adjoint: `dk = G^T (sum over tiles (A dY A^T) . (B^T d B))
+//! G`).
 //!
 //! Scratch matrices are kept per thread from call to call: in steady state a step allocates only
 //! its output tensors, the per-call packed (and, for Winograd, transformed) weights and a few
@@ -949,7 +952,7 @@ per_isa! {
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let tiles = th * tw;
         let cols = gn * tiles;
-        assert!(py.len() >= gn * h * w * ld && wt.len() >= 16 * cols * ld && ld % V::N == 0);
+        assert!(py.len() >= gn * h * w * ld && wt.len() >= 16 * cols * ld && ld.is_multiple_of(V::N));
         let zero = vec![0f32; ld];
         for i in 0..gn {
             for ty in 0..th {
@@ -1307,7 +1310,10 @@ mod tests {
         let wino: Vec<bool> = shapes.iter().map(winograd).collect();
         assert_eq!(wino, [false, false, false, false, false, true, true, true]);
         let wino_weight: Vec<bool> = shapes.iter().map(winograd_weight).collect();
-        assert_eq!(wino_weight, [false, false, false, false, false, false, false, true]);
+        assert_eq!(
+            wino_weight,
+            [false, false, false, false, false, false, false, true]
+        );
         for isa in Isa::available() {
             for (t, g) in shapes.iter().enumerate() {
                 let (oh, ow) = g.out().unwrap();
