@@ -13,8 +13,8 @@
 //!   micro-kernel as the other two; each worker owns a range of fan-in rows and sums over the
 //!   whole batch in order (the same bits with any number of threads).
 //!
-//! A 3x3, stride-1, padding-1 convolution with at least 16 input and output channels (every
-//! VGG-8 convolution but the first) takes Winograd F(2x2, 3x3) instead, forward and input
+//! A 3x3, stride-1, padding-1 convolution with at least 16 input and output channels and images
+//! of at least 7x7 (every VGG-8 convolution but the first) takes Winograd F(2x2, 3x3) instead, forward and input
 //! gradient alike (`winograd`): each 4x4 input tile transformed (`B^T d B`), 16 products of the
 //! transformed kernels (`G k G^T`, `o x c`) by the transformed tiles on the same micro-kernel,
 //! each 2x2 output tile transformed back (`A^T m A`): 2.25x fewer multiplies, results within
@@ -369,8 +369,18 @@ const WINO_MIN: usize = 16;
 
 /// Whether [`forward`] and [`backward_input`] compute `g` as Winograd F(2x2, 3x3): 16 products
 /// of `o x c` by `c x tiles` instead of 9 of `o x c` by `c x 4 tiles`, 2.25x fewer multiplies.
+/// Images need at least 16 tiles (7 x 7 and up): the transforms run over an image's tiles in
+/// whole vectors, and ResNet-18's 4 x 4 images (4 tiles, all in the scalar tail) were faster as
+/// im2col products (forward 12.9-14.5 -> 9.8-10.7 ms, input gradient 13.9-14.5 -> 10.0-10.2 ms
+/// per step for its three 128-channel layers).
 pub(crate) fn winograd(g: &Geom) -> bool {
-    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1 && g.c >= WINO_MIN && g.o >= WINO_MIN
+    g.kh == 3
+        && g.kw == 3
+        && g.stride == 1
+        && g.pad == 1
+        && g.c >= WINO_MIN
+        && g.o >= WINO_MIN
+        && g.h.div_ceil(2) * g.w.div_ceil(2) >= 16
 }
 
 /// Input channels from which a [`winograd`] convolution's weight gradient takes the Winograd
@@ -379,12 +389,10 @@ pub(crate) fn winograd(g: &Geom) -> bool {
 /// (measured at width 0.25: 16 channels 7.2 -> 8.9 ms, 32 even, 64 and 128 faster).
 const WINO_WEIGHT_MIN: usize = 32;
 
-/// Whether [`backward_weight`] takes the Winograd path ([`backward_weight_winograd`]): at least
-/// [`WINO_WEIGHT_MIN`] input channels, and at least 16 tiles per image (images of 7 x 7 and up),
-/// since the input transform runs over an image's tiles in whole vectors (ResNet-18's 4 x 4
-/// images were slower: 11.2 -> 13.1 ms).
+/// Whether [`backward_weight`] takes the Winograd path ([`backward_weight_winograd`]): a
+/// [`winograd`] convolution with at least [`WINO_WEIGHT_MIN`] input channels.
 pub(crate) fn winograd_weight(g: &Geom) -> bool {
-    winograd(g) && g.c >= WINO_WEIGHT_MIN && g.h.div_ceil(2) * g.w.div_ceil(2) >= 16
+    winograd(g) && g.c >= WINO_WEIGHT_MIN
 }
 
 /// `G k G^T` of a 3x3 kernel `k` (row-major), `xi = 4 row + column`.
@@ -1268,12 +1276,13 @@ mod tests {
                 stride: 1,
                 pad: 2,
             },
-            // Winograd F(2x2, 3x3): odd sizes (partial tiles), channels on both sides of 16.
+            // Winograd F(2x2, 3x3): odd sizes (partial tiles), channels on both sides of 16, at
+            // least 16 tiles per image.
             Geom {
-                n: 2,
+                n: 1,
                 c: 16,
-                h: 5,
-                w: 7,
+                h: 7,
+                w: 9,
                 o: 17,
                 kh: 3,
                 kw: 3,
@@ -1281,10 +1290,10 @@ mod tests {
                 pad: 1,
             },
             Geom {
-                n: 3,
+                n: 2,
                 c: 18,
-                h: 4,
-                w: 2,
+                h: 8,
+                w: 7,
                 o: 16,
                 kh: 3,
                 kw: 3,
@@ -1309,6 +1318,12 @@ mod tests {
         // the last one's weight gradient too.
         let wino: Vec<bool> = shapes.iter().map(winograd).collect();
         assert_eq!(wino, [false, false, false, false, false, true, true, true]);
+        // 4 x 4 images (4 tiles) take the im2col products.
+        assert!(!winograd(&Geom {
+            h: 4,
+            w: 4,
+            ..shapes[7]
+        }));
         let wino_weight: Vec<bool> = shapes.iter().map(winograd_weight).collect();
         assert_eq!(
             wino_weight,
