@@ -67,15 +67,115 @@ const L: usize = 16;
 /// `sum f(v)` over one plane in [`L`] lanes.
 #[inline(always)]
 fn plane_sum(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    plane_sum_from(p, chunk_lanes(p, &f), f)
+}
+
+/// [`plane_sum`]'s lanes over the plane's whole chunks of [`L`] values.
+#[inline(always)]
+fn chunk_lanes(p: &[f32], f: impl Fn(f32) -> f64) -> [f64; L] {
     let mut a = [0f64; L];
-    let chunks = p.chunks_exact(L);
-    let rest = chunks.remainder();
-    for ch in chunks {
+    for ch in p.chunks_exact(L) {
         for (a, &v) in a.iter_mut().zip(ch) {
             *a += f(v);
         }
     }
+    a
+}
+
+/// [`plane_sum`] from its chunks' lanes `a`: their tree, then the values past the last chunk.
+#[inline(always)]
+fn plane_sum_from(p: &[f32], a: [f64; L], f: impl Fn(f32) -> f64) -> f64 {
+    let rest = p.chunks_exact(L).remainder();
     rest.iter().fold(tree_sum(a), |s, &v| s + f(v))
+}
+
+/// The lane loops of [`channel_sum`] and [`grad_sums`] on AVX-512 registers, each lane's
+/// operations the scalar loop's, in its order (so the same bits): the compiler had vectorized
+/// them two `f64` lanes at a time.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use std::arch::x86_64::{
+        __m512d, _mm256_loadu_ps, _mm512_add_pd, _mm512_cvtps_pd, _mm512_mul_pd, _mm512_set1_pd,
+        _mm512_setzero_pd, _mm512_storeu_pd, _mm512_sub_pd,
+    };
+
+    use super::L;
+
+    /// Values `at..at + 16` of `p` as two `f64` vectors (lanes 0-7, 8-15).
+    ///
+    /// # Safety
+    /// AVX-512 F; `at + 16 <= p.len()`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(p: &[f32], at: usize) -> [__m512d; 2] {
+        debug_assert!(at + L <= p.len());
+        // SAFETY: values `at..at + 16` are in `p` (the caller's promise).
+        unsafe {
+            [
+                _mm512_cvtps_pd(_mm256_loadu_ps(p.as_ptr().add(at))),
+                _mm512_cvtps_pd(_mm256_loadu_ps(p.as_ptr().add(at + 8))),
+            ]
+        }
+    }
+
+    fn lanes(a: [__m512d; 2]) -> [f64; L] {
+        let mut out = [0f64; L];
+        // SAFETY: `out` holds 16 values; two stores of 8.
+        unsafe {
+            _mm512_storeu_pd(out.as_mut_ptr(), a[0]);
+            _mm512_storeu_pd(out.as_mut_ptr().add(8), a[1]);
+        }
+        out
+    }
+
+    /// `chunk_lanes(p, f64::from)`, or with `mu`, `chunk_lanes(p, |v| (v - mu)^2)`.
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sum(p: &[f32], mu: Option<f64>) -> [f64; L] {
+        let mut a = [_mm512_setzero_pd(); 2];
+        let m = _mm512_set1_pd(mu.unwrap_or(0.0));
+        let mut at = 0;
+        while at + L <= p.len() {
+            // SAFETY: `at + 16 <= p.len()`.
+            let v = unsafe { load(p, at) };
+            for (a, v) in a.iter_mut().zip(v) {
+                *a = match mu {
+                    None => _mm512_add_pd(*a, v),
+                    Some(_) => {
+                        let d = _mm512_sub_pd(v, m);
+                        _mm512_add_pd(*a, _mm512_mul_pd(d, d))
+                    }
+                };
+            }
+            at += L;
+        }
+        lanes(a)
+    }
+
+    /// `(chunk_lanes(g, f64::from), chunk_lanes over (g, v) of g (v - mu) is)`.
+    ///
+    /// # Safety
+    /// AVX-512 F; `g.len() == v.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn grad(g: &[f32], v: &[f32], mu: f64, is: f64) -> ([f64; L], [f64; L]) {
+        assert_eq!(g.len(), v.len());
+        let (mut sd, mut sdx) = ([_mm512_setzero_pd(); 2], [_mm512_setzero_pd(); 2]);
+        let (m, k) = (_mm512_set1_pd(mu), _mm512_set1_pd(is));
+        let mut at = 0;
+        while at + L <= g.len() {
+            // SAFETY: `at + 16 <= g.len() = v.len()`.
+            let (gv, vv) = unsafe { (load(g, at), load(v, at)) };
+            for h in 0..2 {
+                sd[h] = _mm512_add_pd(sd[h], gv[h]);
+                let t = _mm512_mul_pd(_mm512_mul_pd(gv[h], _mm512_sub_pd(vv[h], m)), k);
+                sdx[h] = _mm512_add_pd(sdx[h], t);
+            }
+            at += L;
+        }
+        (lanes(sd), lanes(sdx))
+    }
 }
 
 /// The lanes of [`plane_sum`] added in their fixed tree (halves, then quarters, ...).
@@ -97,10 +197,21 @@ per_isa! {
     fn channel_sum<V>(x: &[f32], shape: (usize, usize, usize), ch: usize, mean: Option<f64>) -> f64 {
         let (n, c, plane) = shape;
         let planes = (0..n).map(|i| &x[(i * c + ch) * plane..][..plane]);
-        match mean {
-            None => planes.map(|p| plane_sum(p, f64::from)).sum(),
-            Some(mu) => planes.map(|p| plane_sum(p, |v| (f64::from(v) - mu).powi(2))).sum(),
-        }
+        let f = |v: f32| match mean {
+            None => f64::from(v),
+            Some(mu) => (f64::from(v) - mu).powi(2),
+        };
+        planes
+            .map(|p| {
+                // `V::N == 16`: this body is the AVX-512 one.
+                #[cfg(target_arch = "x86_64")]
+                if V::N == 16 {
+                    // SAFETY: AVX-512 F (this body's features).
+                    return plane_sum_from(p, unsafe { wide::sum(p, mean) }, f);
+                }
+                plane_sum(p, f)
+            })
+            .sum()
     }
 }
 
@@ -113,16 +224,27 @@ per_isa! {
         for i in 0..n {
             let at = (i * c + ch) * plane;
             let (g, v) = (&dy[at..at + plane], &x[at..at + plane]);
-            sd += plane_sum(g, f64::from);
-            // `dy (x - mu) is` pairs up `g` and `v`: summed in the same lanes over their zip.
-            let mut a = [0f64; L];
             let (gc, vc) = (g.chunks_exact(L), v.chunks_exact(L));
             let (gr, vr) = (gc.remainder(), vc.remainder());
-            for (gc, vc) in gc.zip(vc) {
-                for ((a, &g), &v) in a.iter_mut().zip(gc).zip(vc) {
-                    *a += f64::from(g) * (f64::from(v) - mu) * is;
+            // `V::N == 16`: this body is the AVX-512 one; both lane sums in one pass.
+            #[cfg(target_arch = "x86_64")]
+            let lanes = (V::N == 16).then(|| {
+                // SAFETY: AVX-512 F (this body's features); `g` and `v` are `plane` long.
+                unsafe { wide::grad(g, v, mu, is) }
+            });
+            #[cfg(not(target_arch = "x86_64"))]
+            let lanes = None;
+            let (sd_lanes, a) = lanes.unwrap_or_else(|| {
+                // `dy (x - mu) is` pairs up `g` and `v`: summed in the same lanes over their zip.
+                let mut a = [0f64; L];
+                for (gc, vc) in gc.zip(vc) {
+                    for ((a, &g), &v) in a.iter_mut().zip(gc).zip(vc) {
+                        *a += f64::from(g) * (f64::from(v) - mu) * is;
+                    }
                 }
-            }
+                (chunk_lanes(g, f64::from), a)
+            });
+            sd += plane_sum_from(g, sd_lanes, f64::from);
             sdx += gr
                 .iter()
                 .zip(vr)
@@ -294,6 +416,37 @@ mod tests {
             b[ch] -= h;
             let fd = (loss(&x, &gamma, &a) - loss(&x, &gamma, &b)) / f64::from(2.0 * h);
             assert!((fd - f64::from(dbeta[ch])).abs() < 1e-3, "dbeta[{ch}]");
+        }
+    }
+
+    /// Every path this CPU has gives the portable path's bits for the three sums (the AVX-512
+    /// lane loops are written out with intrinsics), for plane sizes around and well past the
+    /// lane count.
+    #[test]
+    fn lane_sums_are_the_same_bits_on_every_path() {
+        for (n, c, plane) in [(3, 2, 7), (2, 3, 16), (4, 2, 37), (2, 2, 64), (3, 1, 1030)] {
+            let x: Vec<f32> = (0..n * c * plane)
+                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0)
+                .collect();
+            let dy: Vec<f32> = (0..x.len())
+                .map(|i| ((i * 31 % 53) as f32 - 26.0) / 11.0)
+                .collect();
+            for ch in 0..c {
+                let run = |isa| {
+                    let mu = channel_sum(isa, &x, (n, c, plane), ch, None);
+                    let var = channel_sum(isa, &x, (n, c, plane), ch, Some(mu / 3.0));
+                    let (sd, sdx) = grad_sums(isa, &x, &dy, (n, c, plane), ch, [0.3, 1.7]);
+                    [mu, var, sd, sdx].map(f64::to_bits)
+                };
+                let want = run(Isa::Portable);
+                for isa in Isa::available() {
+                    assert_eq!(
+                        run(isa),
+                        want,
+                        "{isa:?} n {n} c {c} plane {plane} channel {ch}"
+                    );
+                }
+            }
         }
     }
 
