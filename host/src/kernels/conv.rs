@@ -13,15 +13,15 @@
 //!   micro-kernel as the other two; each worker owns a range of fan-in rows and sums over the
 //!   whole batch in order (the same bits with any number of threads).
 //!
-//! A 3x3, stride-1, padding-1 convolution with at least 16 input and output channels and images
-//! of at least 7x7 (every VGG-8 convolution but the first) takes Winograd F(2x2, 3x3) instead, forward and input
-//! gradient alike (`winograd`): each 4x4 input tile transformed (`B^T d B`), 16 products of the
-//! transformed kernels (`G k G^T`, `o x c`) by the transformed tiles on the same micro-kernel,
-//! each 2x2 output tile transformed back (`A^T m A`): 2.25x fewer multiplies, results within
-//! `f32` rounding of the direct sum (the transforms' coefficients are 0, +-1 and +-1/2). With at
-//! least 32 input channels and 16 tiles per image its weight gradient does too
-//! (`backward_weight_winograd`, the adjoint: `dk = G^T (sum over tiles (A dY A^T) . (B^T d B))
-//! G`).
+//! A 3x3, stride-1, padding-1 convolution with at least 16 input and output channels and 16
+//! tiles per image (images of 7x7 and up: every VGG-8 convolution but the first) takes Winograd
+//! F(2x2, 3x3) instead, forward and input gradient alike (`winograd`): each 4x4 input tile
+//! transformed (`B^T d B`), 16 products of the transformed kernels (`G k G^T`, `o x c`) by the
+//! transformed tiles on the same micro-kernel, each 2x2 output tile transformed back (`A^T m A`):
+//! 2.25x fewer multiplies, results within `f32` rounding of the direct sum (the transforms'
+//! coefficients are 0, +-1 and +-1/2). With at least 32 input channels its weight gradient does
+//! too (`backward_weight_winograd`, the adjoint: `dk = G^T (sum over tiles (A dY A^T) . (B^T d
+//! B)) G`).
 //!
 //! Scratch matrices are kept per thread from call to call: in steady state a step allocates only
 //! its output tensors, the per-call packed (and, for Winograd, transformed) weights and a few
@@ -468,7 +468,15 @@ per_isa! {
     /// values, `G[pr][q][r * tw + tx]` = padded pixel (row `2 r + pr`, column `2 tx + q`), so that
     /// the 16 values of tile `t = ty * tw + tx` are `G[j % 2][q][t + (j / 2) tw]`: the transform
     /// then runs over all of an image's tiles at unit stride.
-    fn input_transform<V>(g: &Geom, x: &[f32], gn: usize, chans: std::ops::Range<usize>, v: &mut [f32], ld: usize, buf: &mut Vec<f32>) {
+    fn input_transform<V>(
+        g: &Geom,
+        x: &[f32],
+        gn: usize,
+        chans: std::ops::Range<usize>,
+        v: &mut [f32],
+        ld: usize,
+        buf: &mut Vec<f32>,
+    ) {
         let (c, h, w) = (g.c, g.h, g.w);
         let block = v.len() / 16;
         assert!(chans.end <= c && chans.len() * ld <= block && x.len() >= gn * c * h * w);
@@ -1004,7 +1012,8 @@ per_isa! {
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let tiles = th * tw;
         let cols = gn * tiles;
-        assert!(py.len() >= gn * h * w * ld && wt.len() >= 16 * cols * ld && ld.is_multiple_of(V::N));
+        assert!(py.len() >= gn * h * w * ld && wt.len() >= 16 * cols * ld);
+        assert!(ld.is_multiple_of(V::N));
         let zero = vec![0f32; ld];
         for i in 0..gn {
             for ty in 0..th {
@@ -1012,7 +1021,11 @@ per_isa! {
                     let t = i * tiles + ty * tw + tx;
                     let px = |r: usize, q: usize| {
                         let (y, x) = (2 * ty + r, 2 * tx + q);
-                        if y < h && x < w { &py[(i * h * w + y * w + x) * ld..][..ld] } else { &zero[..] }
+                        if y < h && x < w {
+                            &py[(i * h * w + y * w + x) * ld..][..ld]
+                        } else {
+                            &zero[..]
+                        }
                     };
                     let d = [px(0, 0), px(0, 1), px(1, 0), px(1, 1)];
                     let mut rows = wt.chunks_exact_mut(cols * ld);
