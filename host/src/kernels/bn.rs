@@ -419,18 +419,24 @@ mod tests {
         }
     }
 
+    /// `len` activations and output gradients, spread over a few units, deterministic.
+    fn activations(len: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..len)
+            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0)
+            .collect();
+        let dy = (0..len)
+            .map(|i| ((i * 31 % 53) as f32 - 26.0) / 11.0)
+            .collect();
+        (x, dy)
+    }
+
     /// Every path this CPU has gives the portable path's bits for the three sums (the AVX-512
     /// lane loops are written out with intrinsics), for plane sizes around and well past the
     /// lane count.
     #[test]
     fn lane_sums_are_the_same_bits_on_every_path() {
         for (n, c, plane) in [(3, 2, 7), (2, 3, 16), (4, 2, 37), (2, 2, 64), (3, 1, 1030)] {
-            let x: Vec<f32> = (0..n * c * plane)
-                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0)
-                .collect();
-            let dy: Vec<f32> = (0..x.len())
-                .map(|i| ((i * 31 % 53) as f32 - 26.0) / 11.0)
-                .collect();
+            let (x, dy) = activations(n * c * plane);
             for ch in 0..c {
                 let run = |isa| {
                     let mu = channel_sum(isa, &x, (n, c, plane), ch, None);
@@ -456,12 +462,7 @@ mod tests {
     #[test]
     fn lane_sums_give_the_sequential_results() {
         for (n, c, plane) in [(3, 1, 7), (2, 3, 16), (4, 2, 37), (2, 2, 64)] {
-            let x: Vec<f32> = (0..n * c * plane)
-                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0)
-                .collect();
-            let dy: Vec<f32> = (0..x.len())
-                .map(|i| ((i * 31 % 53) as f32 - 26.0) / 11.0)
-                .collect();
+            let (x, dy) = activations(n * c * plane);
             let m = (n * plane) as f64;
             for ch in 0..c {
                 let planes = || (0..n).map(|i| &x[(i * c + ch) * plane..][..plane]);
